@@ -1,0 +1,153 @@
+"""The commands: each parses its options, calls one library function and renders the result."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dedupimg.cli.main import app, open_repo, repo_path
+from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
+from dedupimg.config import DEFAULT_CHUNK_SIZE, ChunkerParams
+from dedupimg.errors import UsageError
+from dedupimg.manifest import SnapshotRecord
+from dedupimg.repository import Repository
+from dedupimg.restore import restore as restore_snapshot
+from dedupimg.snapshot import take_snapshot
+
+
+@app.command(epilog=exit_codes_help(10))
+def init(
+    ctx: typer.Context,
+    chunk_size: Annotated[
+        int, typer.Option(help="Average chunk size in bytes (a power of two; min is 1/4, max 4x).")
+    ] = DEFAULT_CHUNK_SIZE,
+    pack_size: Annotated[int | None, typer.Option(hidden=True, help="Target pack size (tests).")] = None,
+) -> None:
+    """Create a new repository (readable by its owner only)."""
+    path = repo_path(ctx)
+    repo = Repository.init(path, ChunkerParams.for_average(chunk_size), pack_size)
+    repo.close()
+    stdout.print(f"created repository {repo.config.repo_id[:8]} at {path}")
+
+
+def _record_json(rec: SnapshotRecord) -> dict[str, object]:
+    return {
+        "id": rec.hex_id,
+        "short_id": rec.short_id,
+        "name": rec.name,
+        "time": rec.time,
+        "size": rec.size,
+        "tags": rec.tags,
+        "host": rec.host,
+        "source": rec.source,
+        "blake3": rec.image_hash.hex(),
+    }
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--time {value!r} is not an ISO 8601 time (like 2026-01-31T22:00:00+01:00)") from None
+
+
+@app.command(epilog=exit_codes_help(10, 12, 16, 18, 130))
+def snapshot(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="Image file, sparse file, block device, or - for stdin.")],
+    name: Annotated[str | None, typer.Option(help="Image name (default: the file's base name).")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Tag the snapshot (repeatable).")] = None,
+    time: Annotated[str | None, typer.Option(help="Record this time (ISO 8601) instead of now.")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Take a snapshot of an image and print its id."""
+    when = _parse_time(time)
+    with open_repo(ctx) as repo:
+        result = take_snapshot(repo, source, name=name, tags=tag or [], when=when, progress=progress_sink())
+    rec = result.record
+    if json:
+        doc = _record_json(rec)
+        doc.update(
+            bytes_read=result.bytes_read,
+            bytes_new=result.bytes_new,
+            bytes_stored=result.bytes_stored,
+            chunks_new=result.chunks_new,
+            seconds=round(result.seconds, 3),
+        )
+        print_json(doc)
+    else:
+        stdout.print(rec.hex_id)
+
+
+@app.command(epilog=exit_codes_help(10, 12))
+def snapshots(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Option(help="Only snapshots of this image name.")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """List snapshots, oldest first."""
+    with open_repo(ctx) as repo:
+        records = repo.snapshots(name)
+    if json:
+        print_json([_record_json(r) for r in records])
+        return
+    table = Table("id", "name", "time", "size", "tags", box=None, header_style="bold")
+    for r in records:
+        table.add_row(r.short_id, r.name, r.time, human_bytes(r.size), ",".join(r.tags))
+    stdout.print(table)
+    stdout.print(f"{len(records)} snapshots")
+
+
+@app.command(epilog=exit_codes_help(10, 12, 13, 14, 15, 16, 17, 18, 130))
+def restore(
+    ctx: typer.Context,
+    snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique id prefix, or 'latest'.")],
+    target: Annotated[str, typer.Argument(help="File path, block device, or - for stdout.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing file or overwrite a block device.")] = False,
+    name: Annotated[str | None, typer.Option(help="With 'latest': the newest snapshot of this name.")] = None,
+) -> None:
+    """Restore a snapshot bit-exact (verified against its recorded blake3)."""
+    with open_repo(ctx) as repo:
+        result = restore_snapshot(repo, snapshot, target, force=force, name=name, progress=progress_sink())
+    if target != "-":
+        stdout.print(f"restored {result.record.short_id} ({human_bytes(result.record.size)}) to {target}")
+
+
+@app.command(epilog=exit_codes_help(10, 12))
+def info(
+    ctx: typer.Context,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Repository size, deduplication and compression."""
+    with open_repo(ctx) as repo:
+        stats = repo.stats()
+        config = repo.config
+    dedup = stats.logical_bytes / stats.unique_bytes if stats.unique_bytes else 0.0
+    compression = stats.unique_bytes / stats.chunk_stored_bytes if stats.chunk_stored_bytes else 0.0
+    doc = {
+        "repo_id": config.repo_id,
+        "path": str(repo_path(ctx)),
+        "snapshots": stats.snapshots,
+        "logical_bytes": stats.logical_bytes,
+        "unique_bytes": stats.unique_bytes,
+        "stored_bytes": stats.pack_bytes,
+        "packs": stats.packs,
+        "chunks": stats.chunks,
+        "dedup_ratio": round(dedup, 3),
+        "compression_ratio": round(compression, 3),
+        "chunk_size": config.chunker.avg_size,
+    }
+    if json:
+        print_json(doc)
+        return
+    stdout.print(f"repository   {config.repo_id} at {doc['path']}")
+    stdout.print(f"snapshots    {stats.snapshots}")
+    stdout.print(f"logical      {human_bytes(stats.logical_bytes)}")
+    stdout.print(f"unique data  {human_bytes(stats.unique_bytes)} in {stats.chunks} chunks")
+    stdout.print(f"stored       {human_bytes(stats.pack_bytes)} in {stats.packs} packs")
+    stdout.print(f"dedup ratio  {dedup:.2f}x   compression ratio {compression:.2f}x")

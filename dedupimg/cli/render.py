@@ -1,0 +1,77 @@
+"""Rendering helpers for the CLI: sizes, tables, JSON, progress bars on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from dedupimg.errors import EXIT_CODES
+from dedupimg.progress import NoProgress
+from dedupimg.progress import Progress as ProgressSink
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False)
+
+
+def exit_codes_help(*codes: int) -> str:
+    listed = (0, 1, 2, *codes)
+    return "Exit codes: " + "; ".join(f"{c} {EXIT_CODES[c]}" for c in sorted(set(listed))) + "."
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+class BarProgress:
+    """Draws one rich progress bar per task on stderr."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=False,
+        )
+        self._task: TaskID | None = None
+
+    def start(self, task: str, total: int | None) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(task, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, n)
+
+    def finish(self) -> None:
+        self._progress.stop()
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+def progress_sink() -> ProgressSink:
+    """A bar when stderr is a terminal; silence otherwise (logs and pipes stay clean)."""
+    return BarProgress() if sys.stderr.isatty() else NoProgress()

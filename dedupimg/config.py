@@ -1,0 +1,113 @@
+"""The repository config file: format version and every parameter that shapes the stored data.
+
+It is JSON so that a person can read it. Parameters that decide chunk boundaries, hashing or segment cuts are
+format: they are fixed when the repository is created and never change afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dedupimg.errors import UnsupportedFormat, UsageError
+
+FORMAT_NAME = "dedupimg"
+FORMAT_VERSION = 1
+
+DEFAULT_CHUNK_SIZE = 16384
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class ChunkerParams:
+    """FastCDC 2020 as implemented by pyfastcdc (pinned: see docs/format.md)."""
+
+    algorithm: str = "fastcdc2020"
+    avg_size: int = DEFAULT_CHUNK_SIZE
+    min_size: int = DEFAULT_CHUNK_SIZE // 4
+    max_size: int = DEFAULT_CHUNK_SIZE * 4
+    normalized_chunking: int = 1
+    seed: int = 0
+
+    @classmethod
+    def for_average(cls, avg_size: int) -> ChunkerParams:
+        if avg_size & (avg_size - 1) or not MIN_CHUNK_SIZE <= avg_size <= MAX_CHUNK_SIZE:
+            raise UsageError(
+                f"chunk size must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}, got {avg_size}"
+            )
+        return cls(avg_size=avg_size, min_size=avg_size // 4, max_size=avg_size * 4)
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """How a snapshot's extent list is cut into content-addressed manifest segments."""
+
+    # Cut after a chunk extent whose id's last two bytes (little endian) & mask == 0: ~1 in (mask+1) extents.
+    cut_mask: int = 0x3FF
+    max_extents: int = 4096
+    # A zero run at least this long ends its segment, so holes act as stable segment separators.
+    zero_cut: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    repo_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    chunker: ChunkerParams = field(default_factory=ChunkerParams)
+    segments: SegmentParams = field(default_factory=SegmentParams)
+    compression: str = "zstd"
+    compression_level: int = 3
+    pack_size: int = 32 << 20
+    version: int = FORMAT_VERSION
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = {"format": FORMAT_NAME, "version": self.version, "hash": "blake3-256"}
+        doc.update(asdict(self))
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "config") -> Config:
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+                raise ValueError("not a dedupimg config")
+            version = doc.get("version")
+            if version != FORMAT_VERSION:
+                raise UnsupportedFormat(
+                    f"{where}: repository format version {version!r} is not supported "
+                    f"(this dedupimg reads version {FORMAT_VERSION})"
+                )
+            if doc.get("hash") != "blake3-256" or doc.get("compression") != "zstd":
+                raise ValueError("unknown hash or compression")
+            chunker = ChunkerParams(**doc["chunker"])
+            if chunker.algorithm != "fastcdc2020":
+                raise ValueError(f"unknown chunker {chunker.algorithm!r}")
+            config = cls(
+                repo_id=str(doc["repo_id"]),
+                chunker=chunker,
+                segments=SegmentParams(**doc["segments"]),
+                compression="zstd",
+                compression_level=int(doc["compression_level"]),
+                pack_size=int(doc["pack_size"]),
+                version=version,
+            )
+            _check_ranges(config)
+            return config
+        except UnsupportedFormat:
+            raise
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
+            raise UnsupportedFormat(f"{where}: damaged or unknown repository config ({exc})") from None
+
+
+def _check_ranges(config: Config) -> None:
+    c = config.chunker
+    if not (256 <= c.avg_size <= 4 << 20 and 64 <= c.min_size <= c.avg_size <= c.max_size <= 16 << 20):
+        raise ValueError("chunker sizes out of range")
+    if not 0 <= c.normalized_chunking <= 3:
+        raise ValueError("normalized_chunking out of range")
+    if not (1 <= config.segments.max_extents <= 1 << 20 and 0 <= config.segments.cut_mask < 1 << 16):
+        raise ValueError("segment parameters out of range")
+    if not (1 << 16 <= config.pack_size <= 1 << 30 and -7 <= config.compression_level <= 22):
+        raise ValueError("pack size or compression level out of range")

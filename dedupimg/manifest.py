@@ -1,0 +1,208 @@
+"""Manifests: a snapshot is a list of content-addressed segments, a segment a list of extents.
+
+An extent is ``(length, chunk id)`` or ``(length, None)`` for a run of zeros (holes and zero chunks).
+Segment boundaries are content-defined (see :class:`SegmentBuilder`), so an unchanged region of an image
+produces the very same segments in the next snapshot and costs no new metadata.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import msgpack
+
+from dedupimg.config import ChunkerParams, SegmentParams
+from dedupimg.errors import IntegrityError
+from dedupimg.pack import blob_id
+
+ID_LEN = 32
+SEGMENT_VERSION = 1
+SNAPSHOT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Segment:
+    lengths: list[int]
+    ids: list[bytes | None]
+
+    @property
+    def size(self) -> int:
+        return sum(self.lengths)
+
+    def extents(self) -> Iterator[tuple[int, bytes | None]]:
+        return zip(self.lengths, self.ids, strict=True)
+
+    def encode(self) -> bytes:
+        return encode_segment(self.lengths, self.ids)
+
+    def chunk_ids(self) -> list[bytes]:
+        return [i for i in self.ids if i is not None]
+
+    def starts(self) -> list[int]:
+        """Offset of each extent within the segment (for bisection)."""
+        out, pos = [], 0
+        for n in self.lengths:
+            out.append(pos)
+            pos += n
+        return out
+
+    def locate(self, offset: int, starts: list[int]) -> int:
+        return bisect.bisect_right(starts, offset) - 1
+
+
+def encode_segment(lengths: list[int], ids: list[bytes | None]) -> bytes:
+    flat: list[Any] = []
+    for n, i in zip(lengths, ids, strict=True):
+        flat.append(n)
+        flat.append(i)
+    return msgpack.packb([SEGMENT_VERSION, flat], use_bin_type=True)
+
+
+def decode_segment(raw: bytes) -> Segment:
+    try:
+        version, flat = msgpack.unpackb(raw, raw=False, use_list=True, max_array_len=1 << 22)
+        if version != SEGMENT_VERSION or not isinstance(flat, list) or len(flat) % 2:
+            raise ValueError("unknown segment version or shape")
+        lengths = flat[0::2]
+        ids = flat[1::2]
+        for n, i in zip(lengths, ids, strict=True):
+            if not isinstance(n, int) or n <= 0:
+                raise ValueError("bad extent length")
+            if i is not None and not (isinstance(i, bytes) and len(i) == ID_LEN):
+                raise ValueError("bad chunk id")
+        return Segment(lengths, ids)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise IntegrityError(f"damaged manifest segment ({exc})") from None
+
+
+class SegmentBuilder:
+    """Groups extents into segments and hands each finished segment to ``emit``.
+
+    A segment ends after a chunk extent whose id matches ``cut_mask`` (content-defined, so an insertion
+    shifts at most the segments around it), before the first chunk after a zero run of ``zero_cut`` bytes
+    or more, and after ``max_extents`` extents. Adjacent zero extents merge into one.
+    """
+
+    def __init__(self, params: SegmentParams, emit: Callable[[Segment], None]) -> None:
+        self._p = params
+        self._emit = emit
+        self._lengths: list[int] = []
+        self._ids: list[bytes | None] = []
+
+    def add_zero(self, length: int) -> None:
+        if length <= 0:
+            return
+        if self._ids and self._ids[-1] is None:
+            self._lengths[-1] += length
+            return
+        self._append(length, None)
+
+    def add_chunk(self, length: int, id_: bytes) -> None:
+        if self._ids and self._ids[-1] is None and self._lengths[-1] >= self._p.zero_cut:
+            self.flush()
+        self._append(length, id_)
+        if int.from_bytes(id_[-2:], "little") & self._p.cut_mask == 0:
+            self.flush()
+
+    def _append(self, length: int, id_: bytes | None) -> None:
+        self._lengths.append(length)
+        self._ids.append(id_)
+        if len(self._lengths) >= self._p.max_extents:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._lengths:
+            self._emit(Segment(self._lengths, self._ids))
+            self._lengths, self._ids = [], []
+
+
+@dataclass
+class SnapshotRecord:
+    name: str
+    time: str  # ISO 8601 with zone
+    size: int
+    image_hash: bytes  # blake3-256 of the whole image
+    segments: list[tuple[bytes, int]]  # (segment id, length)
+    source: str = ""
+    host: str = ""
+    tags: list[str] = field(default_factory=list)
+    chunker: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    id: bytes = b""  # blake3 of the encoded record; set by encode()/decode()
+
+    @property
+    def hex_id(self) -> str:
+        return self.id.hex()
+
+    @property
+    def short_id(self) -> str:
+        return self.id.hex()[:8]
+
+    @property
+    def datetime(self) -> datetime:
+        return datetime.fromisoformat(self.time)
+
+    def encode(self) -> bytes:
+        raw = msgpack.packb(
+            {
+                "v": SNAPSHOT_VERSION,
+                "name": self.name,
+                "time": self.time,
+                "size": self.size,
+                "hash": self.image_hash,
+                "segments": [[sid, n] for sid, n in self.segments],
+                "source": self.source,
+                "host": self.host,
+                "tags": list(self.tags),
+                "chunker": self.chunker,
+                "stats": self.stats,
+            },
+            use_bin_type=True,
+        )
+        self.id = blob_id(raw)
+        return raw
+
+    @classmethod
+    def decode(cls, raw: bytes) -> SnapshotRecord:
+        try:
+            doc = msgpack.unpackb(raw, raw=False, use_list=True, max_array_len=1 << 24)
+            if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
+                raise ValueError("unknown snapshot record version")
+            segments = [(bytes(sid), int(n)) for sid, n in doc["segments"]]
+            rec = cls(
+                name=str(doc["name"]),
+                time=str(doc["time"]),
+                size=int(doc["size"]),
+                image_hash=bytes(doc["hash"]),
+                segments=segments,
+                source=str(doc.get("source", "")),
+                host=str(doc.get("host", "")),
+                tags=[str(t) for t in doc.get("tags", [])],
+                chunker=dict(doc.get("chunker", {})),
+                stats=dict(doc.get("stats", {})),
+            )
+            datetime.fromisoformat(rec.time)
+            if sum(n for _, n in segments) != rec.size:
+                raise ValueError("segment lengths do not add up to the image size")
+        except (ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise IntegrityError(f"damaged snapshot record ({exc})") from None
+        rec.id = blob_id(raw)
+        return rec
+
+
+def chunker_dict(params: ChunkerParams) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(params)
+
+
+def segment_starts(segments: Iterable[tuple[bytes, int]]) -> list[int]:
+    out, pos = [], 0
+    for _, n in segments:
+        out.append(pos)
+        pos += n
+    return out

@@ -1,0 +1,228 @@
+"""Pack files: immutable, self-describing containers of blobs (chunks, manifest segments, snapshot records).
+
+Layout (docs/format.md has it byte for byte)::
+
+    header   8 bytes   b"DIMGPK\\x00\\x01"
+    blobs    each: 44-byte blob header (b"BL", type u8, codec u8, raw_len u32, stored_len u32, id 32 bytes)
+             followed by stored_len bytes of data
+    trailer  msgpack array of [type, codec, offset, raw_len, stored_len, id] (offset of the blob header)
+    footer   56 bytes: trailer_offset u64, trailer_len u32, blob_count u32, blake3(trailer) 32 bytes,
+             b"DIMGEND1"
+
+A pack is readable without LMDB: the footer finds the trailer, the trailer lists every blob. Every blob's id
+is the blake3-256 of its raw (uncompressed) bytes, so any blob read can be verified.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import msgpack
+import zstandard
+
+from dedupimg.errors import IntegrityError
+from dedupimg.fsutil import FILE_MODE, fsync_dir, raise_for_space
+
+PACK_MAGIC = b"DIMGPK\x00\x01"
+FOOTER_MAGIC = b"DIMGEND1"
+BLOB_HEADER = struct.Struct("<2sBBII32s")
+BLOB_MAGIC = b"BL"
+FOOTER = struct.Struct("<QII32s8s")
+
+# Blob types
+CHUNK = 0
+SEGMENT = 1
+SNAPSHOT = 2
+
+# Codecs
+RAW = 0
+ZSTD = 1
+
+MAX_BLOB = 64 << 20  # no blob is larger: refuse to allocate more when decoding damaged input
+# Keep the compressed form only when it saves at least this share: decompressing a barely smaller blob
+# costs more at restore time than the bytes it saves.
+MIN_SAVING = 1 / 32
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    type: int
+    codec: int
+    offset: int  # of the blob header within the pack
+    raw_len: int
+    stored_len: int
+    id: bytes
+
+    @property
+    def data_offset(self) -> int:
+        return self.offset + BLOB_HEADER.size
+
+
+def blob_id(raw: bytes | bytearray | memoryview) -> bytes:
+    return blake3.blake3(raw).digest()
+
+
+class Compressor:
+    def __init__(self, level: int) -> None:
+        self._zstd = zstandard.ZstdCompressor(level=level)
+
+    def encode(self, raw: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        packed = self._zstd.compress(raw)
+        if len(packed) <= len(raw) - len(raw) * MIN_SAVING:
+            return ZSTD, packed
+        return RAW, bytes(raw)
+
+
+_decompressor = zstandard.ZstdDecompressor()
+
+
+def decode_blob(codec: int, stored: bytes, raw_len: int) -> bytes:
+    if codec == RAW:
+        return stored
+    if codec == ZSTD:
+        try:
+            raw = _decompressor.decompress(stored, max_output_size=raw_len)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"blob does not decompress: {exc}") from None
+        if len(raw) != raw_len:
+            raise IntegrityError("blob decompresses to the wrong length")
+        return raw
+    raise IntegrityError(f"unknown codec {codec}")
+
+
+class PackWriter:
+    """Appends blobs to a temporary file; ``finish`` makes it a durable, named pack."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self._tmp = tmp_dir / f"{os.getpid()}-{os.urandom(8).hex()}.tmp"
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        self._hash = blake3.blake3()
+        self._offset = 0
+        self.entries: list[BlobEntry] = []
+        self._write(PACK_MAGIC)
+
+    @property
+    def size(self) -> int:
+        return self._offset
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise_for_space(exc, self._tmp)
+            raise
+        self._hash.update(data)
+        self._offset += len(data)
+
+    def add(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> BlobEntry:
+        entry = BlobEntry(type_, codec, self._offset, raw_len, len(stored), id_)
+        self._write(BLOB_HEADER.pack(BLOB_MAGIC, type_, codec, raw_len, len(stored), id_))
+        self._write(stored)
+        self.entries.append(entry)
+        return entry
+
+    def finish(self, packs_dir: Path) -> tuple[bytes, Path, int]:
+        """Write trailer and footer, fsync, rename to ``packs/xx/<id>.pack``, fsync the directory."""
+        trailer = msgpack.packb(
+            [[e.type, e.codec, e.offset, e.raw_len, e.stored_len, e.id] for e in self.entries],
+            use_bin_type=True,
+        )
+        footer = FOOTER.pack(self._offset, len(trailer), len(self.entries), blob_id(trailer), FOOTER_MAGIC)
+        self._write(trailer)
+        self._write(footer)
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise_for_space(exc, self._tmp)
+            raise
+        os.close(self._fd)
+        self._fd = -1
+        pack_id = self._hash.digest()
+        final = pack_path(packs_dir, pack_id)
+        os.replace(self._tmp, final)
+        fsync_dir(final.parent)
+        return pack_id, final, self._offset
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
+
+
+def pack_path(packs_dir: Path, pack_id: bytes) -> Path:
+    hex_id = pack_id.hex()
+    return packs_dir / hex_id[:2] / f"{hex_id}.pack"
+
+
+def read_blob(fd: int, entry_offset: int, expect_id: bytes, where: str) -> tuple[int, bytes]:
+    """Read and verify one blob at ``entry_offset``; returns (type, raw bytes)."""
+    header = os.pread(fd, BLOB_HEADER.size, entry_offset)
+    if len(header) != BLOB_HEADER.size:
+        raise IntegrityError(f"{where}: blob header at {entry_offset} is truncated")
+    magic, type_, codec, raw_len, stored_len, id_ = BLOB_HEADER.unpack(header)
+    if magic != BLOB_MAGIC or id_ != expect_id or raw_len > MAX_BLOB or stored_len > MAX_BLOB:
+        raise IntegrityError(f"{where}: blob header at {entry_offset} is damaged")
+    stored = os.pread(fd, stored_len, entry_offset + BLOB_HEADER.size)
+    if len(stored) != stored_len:
+        raise IntegrityError(f"{where}: blob at {entry_offset} is truncated")
+    raw = decode_blob(codec, stored, raw_len)
+    if blob_id(raw) != expect_id:
+        raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {entry_offset} fails its hash")
+    return type_, raw
+
+
+def read_trailer(path: Path) -> list[BlobEntry]:
+    """Parse a pack's footer and trailer, with every structural check; raises IntegrityError."""
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < len(PACK_MAGIC) + FOOTER.size:
+                raise IntegrityError(f"{where}: pack is truncated")
+            if f.read(len(PACK_MAGIC)) != PACK_MAGIC:
+                raise IntegrityError(f"{where}: not a pack (bad magic)")
+            f.seek(size - FOOTER.size)
+            t_off, t_len, count, t_hash, magic = FOOTER.unpack(f.read(FOOTER.size))
+            if magic != FOOTER_MAGIC or t_off + t_len + FOOTER.size != size:
+                raise IntegrityError(f"{where}: pack footer is damaged or the pack is truncated")
+            f.seek(t_off)
+            trailer = f.read(t_len)
+    except OSError as exc:
+        raise IntegrityError(f"{where}: cannot read pack: {exc.strerror}") from None
+    if blob_id(trailer) != t_hash:
+        raise IntegrityError(f"{where}: pack trailer fails its hash")
+    return parse_trailer(trailer, count, t_off, where)
+
+
+def parse_trailer(trailer: bytes, count: int, limit: int, where: str) -> list[BlobEntry]:
+    try:
+        rows = msgpack.unpackb(trailer, use_list=True, raw=False, max_array_len=max(count, 0) + 1)
+        if not isinstance(rows, list) or len(rows) != count:
+            raise ValueError("wrong blob count")
+        entries = []
+        for row in rows:
+            t, c, off, raw_len, stored_len, id_ = row
+            if not (isinstance(id_, bytes) and len(id_) == 32):
+                raise ValueError("bad blob id")
+            if not all(isinstance(v, int) and v >= 0 for v in (t, c, off, raw_len, stored_len)):
+                raise ValueError("bad blob field")
+            if off + BLOB_HEADER.size + stored_len > limit:
+                raise ValueError("blob extends past the trailer")
+            entries.append(BlobEntry(t, c, off, raw_len, stored_len, id_))
+        return entries
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise IntegrityError(f"{where}: pack trailer is damaged ({exc})") from None
+
+
+def iter_pack_paths(packs_dir: Path) -> Iterator[Path]:
+    for sub in sorted(packs_dir.iterdir()):
+        if sub.is_dir() and len(sub.name) == 2:
+            yield from sorted(sub.glob("*.pack"))

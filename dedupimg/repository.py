@@ -1,0 +1,269 @@
+"""The repository facade: open/init, chunk and segment storage, snapshot records.
+
+Callers deal in chunk ids and bytes; pack files, offsets and the LMDB layout stay behind this class. It also
+enforces the write ordering of docs/format.md: a pack is durable (fsynced and renamed, directory fsynced)
+before the index transaction that points at it commits, and a snapshot record commits in the same
+transaction as the last pack it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from dedupimg import pack
+from dedupimg.config import ChunkerParams, Config
+from dedupimg.errors import (
+    AmbiguousSnapshot,
+    IntegrityError,
+    NotARepository,
+    RepositoryExists,
+    RepositoryNotFound,
+    SnapshotNotFound,
+)
+from dedupimg.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
+from dedupimg.index import Index, NewBlob, NewSegment, NewSnapshot
+from dedupimg.manifest import Segment, SnapshotRecord, decode_segment
+
+CONFIG = "config"
+PACKS = "packs"
+TMP = "tmp"
+INDEX = "index"
+OPEN_PACKS = 64
+
+
+@dataclass(frozen=True)
+class RepoStats:
+    snapshots: int
+    logical_bytes: int
+    unique_bytes: int  # raw bytes of distinct chunks
+    chunk_stored_bytes: int  # those chunks as stored (compressed)
+    pack_bytes: int
+    packs: int
+    chunks: int
+
+
+class Repository:
+    def __init__(self, path: Path, config: Config) -> None:
+        self.path = path
+        self.config = config
+        self.packs_dir = path / PACKS
+        self.tmp_dir = path / TMP
+        self.index = Index(path / INDEX)
+        self._fds: OrderedDict[int, int] = OrderedDict()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: Path, chunker: ChunkerParams | None = None, pack_size: int | None = None) -> Repository:
+        path = Path(path)
+        if path.exists():
+            if not path.is_dir():
+                raise RepositoryExists(f"{path} exists and is not a directory")
+            if any(path.iterdir()):
+                raise RepositoryExists(f"{path} exists and is not empty; refusing to create a repository there")
+            os.chmod(path, DIR_MODE)
+        else:
+            make_dirs(path)
+        config = Config(chunker=chunker or ChunkerParams(), **({"pack_size": pack_size} if pack_size else {}))
+        for name in (PACKS, TMP, INDEX):
+            os.mkdir(path / name, DIR_MODE)
+        for i in range(256):
+            os.mkdir(path / PACKS / f"{i:02x}", DIR_MODE)
+            # The 256 entries are made durable by one fsync of packs/ below.
+        fsync_dir(path / PACKS)
+        Index(path / INDEX).close()
+        # The config is written last: a directory without it is not (yet) a repository.
+        fsync_dir(path)
+        atomic_write(path / CONFIG, config.to_bytes())
+        return cls(path, config)
+
+    @classmethod
+    def open(cls, path: Path) -> Repository:
+        path = Path(path)
+        if not path.exists():
+            raise RepositoryNotFound(f"repository {path} does not exist")
+        if not path.is_dir() or not (path / CONFIG).is_file():
+            raise NotARepository(f"{path} is not a dedupimg repository (no config file)")
+        try:
+            raw = (path / CONFIG).read_bytes()
+        except OSError as exc:
+            raise NotARepository(f"cannot read {path / CONFIG}: {exc.strerror}") from None
+        return cls(path, Config.from_bytes(raw, str(path / CONFIG)))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self.index.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def _pack_fd(self, pack_no: int) -> int:
+        fd = self._fds.get(pack_no)
+        if fd is not None:
+            self._fds.move_to_end(pack_no)
+            return fd
+        path = pack.pack_path(self.packs_dir, self.index.pack_id(pack_no))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise IntegrityError(f"pack {path.name} is missing or unreadable: {exc.strerror}") from None
+        self._fds[pack_no] = fd
+        if len(self._fds) > OPEN_PACKS:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def read_blobs(self, ids: list[bytes]) -> list[bytes]:
+        """Raw bytes of each blob, verified against its id; raises IntegrityError on any damage."""
+        out = []
+        for id_, loc in zip(ids, self.index.lookup_blobs(ids), strict=True):
+            if loc is None:
+                raise IntegrityError(f"blob {id_.hex()[:16]} is not in the index")
+            fd = self._pack_fd(loc.pack_no)
+            _, raw = pack.read_blob(fd, loc.offset, id_, f"pack #{loc.pack_no}")
+            out.append(raw)
+        return out
+
+    def segment(self, seg_id: bytes) -> Segment:
+        raw = self.index.get_segment(seg_id)
+        if raw is None:
+            raise IntegrityError(f"manifest segment {seg_id.hex()[:16]} is not in the index")
+        return decode_segment(bytes(raw))
+
+    def snapshots(self, name: str | None = None) -> list[SnapshotRecord]:
+        records = [SnapshotRecord.decode(bytes(raw)) for _, raw in self.index.snapshots()]
+        if name is not None:
+            records = [r for r in records if r.name == name]
+        return sorted(records, key=lambda r: (r.datetime, r.hex_id))
+
+    def resolve(self, ref: str, name: str | None = None) -> SnapshotRecord:
+        """A snapshot by full id, unique id prefix, ``latest`` or ``NAME@latest``."""
+        if ref.endswith("@latest"):
+            name, ref = ref[: -len("@latest")], "latest"
+        records = self.snapshots(name)
+        if ref == "latest":
+            if not records:
+                which = f" named {name!r}" if name else ""
+                raise SnapshotNotFound(f"no snapshot{which} in the repository")
+            return records[-1]
+        ref_l = ref.lower()
+        matches = [r for r in records if r.hex_id.startswith(ref_l)] if ref_l else []
+        if not matches:
+            raise SnapshotNotFound(f"no snapshot matches {ref!r}")
+        if len(matches) > 1:
+            raise AmbiguousSnapshot(
+                f"snapshot prefix {ref!r} is ambiguous: it matches {len(matches)} snapshots; give more digits"
+            )
+        return matches[0]
+
+    def stats(self) -> RepoStats:
+        unique = stored = chunks = 0
+        for _, loc in self.index.iter_blob_locations():
+            if loc.type == pack.CHUNK:
+                chunks += 1
+                unique += loc.raw_len
+                stored += loc.stored_len
+        packs = self.index.packs()
+        records = self.snapshots()
+        return RepoStats(
+            snapshots=len(records),
+            logical_bytes=sum(r.size for r in records),
+            unique_bytes=unique,
+            chunk_stored_bytes=stored,
+            pack_bytes=sum(size for _, _, size in packs),
+            packs=len(packs),
+            chunks=chunks,
+        )
+
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+
+class BlobWriter:
+    """Stores new chunks and segments in packs and commits them, one index transaction per durable pack."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+        self._compressor = pack.Compressor(repo.config.compression_level)
+        self._pack: pack.PackWriter | None = None
+        self._pending: set[bytes] = set()  # ids in the open pack (not yet in the index)
+        self._segments: list[NewSegment] = []
+        self.stored_bytes = 0  # bytes of the packs this writer made durable
+        self.new_chunks = 0
+        self.new_chunk_bytes = 0
+
+    def missing(self, ids: list[bytes]) -> list[bool]:
+        """For each id, True when neither the index nor the open pack has it (one read transaction)."""
+        known = self._repo.index.has_blobs(ids)
+        return [not k and i not in self._pending for i, k in zip(ids, known, strict=True)]
+
+    def _open_pack(self) -> pack.PackWriter:
+        if self._pack is None:
+            self._pack = pack.PackWriter(self._repo.tmp_dir)
+        return self._pack
+
+    def _add(self, type_: int, id_: bytes, raw: bytes | bytearray | memoryview) -> None:
+        if id_ in self._pending:
+            return  # the same blob twice in one pack: compress and store it once
+        codec, stored = self._compressor.encode(raw)
+        self.add_encoded(type_, id_, codec, stored, len(raw))
+
+    def add_encoded(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> None:
+        if id_ in self._pending:
+            return
+        writer = self._open_pack()
+        writer.add(type_, id_, codec, stored, raw_len)
+        self._pending.add(id_)
+        if type_ == pack.CHUNK:
+            self.new_chunks += 1
+            self.new_chunk_bytes += raw_len
+        if writer.size >= self._repo.config.pack_size:
+            self.flush()
+
+    def add_chunk(self, id_: bytes, raw: bytes | bytearray | memoryview) -> None:
+        self._add(pack.CHUNK, id_, raw)
+
+    def add_segment(self, segment: Segment) -> bytes:
+        """Store ``segment`` unless an identical one exists; returns its id."""
+        raw = segment.encode()
+        seg_id = pack.blob_id(raw)
+        if self.missing([seg_id])[0]:
+            self._segments.append(NewSegment(seg_id, raw, segment.chunk_ids()))
+            self._add(pack.SEGMENT, seg_id, raw)
+        return seg_id
+
+    def commit_snapshot(self, record: SnapshotRecord) -> None:
+        raw = record.encode()
+        self._add(pack.SNAPSHOT, record.id, raw)
+        self.flush(NewSnapshot(record.id, raw, [sid for sid, _ in record.segments]))
+
+    def flush(self, snapshot: NewSnapshot | None = None) -> None:
+        if self._pack is None:
+            return
+        writer = self._pack
+        pack_id, _path, size = writer.finish(self._repo.packs_dir)
+        self._pack = None
+        self.stored_bytes += size
+        blobs = [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id) for e in writer.entries]
+        seg_ids = {e.id for e in writer.entries if e.type == pack.SEGMENT}
+        segments = [s for s in self._segments if s.id in seg_ids]
+        self._segments = [s for s in self._segments if s.id not in seg_ids]
+        self._repo.index.commit_pack(pack_id, size, blobs, segments, snapshot)
+        self._pending.clear()
+
+    def abort(self) -> None:
+        """Drop the open pack; what was committed stays (unreferenced until a snapshot uses it)."""
+        if self._pack is not None:
+            self._pack.abort()
+            self._pack = None
+        self._pending.clear()
+        self._segments.clear()
