@@ -204,7 +204,7 @@ def read_trailer(path: Path) -> list[BlobEntry]:
 
 def parse_trailer(trailer: bytes, count: int, limit: int, where: str) -> list[BlobEntry]:
     try:
-        rows = msgpack.unpackb(trailer, use_list=True, raw=False, max_array_len=max(count, 0) + 1)
+        rows = msgpack.unpackb(trailer, use_list=True, raw=False, max_array_len=max(count, 6))
         if not isinstance(rows, list) or len(rows) != count:
             raise ValueError("wrong blob count")
         entries = []

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dedupimg.config import SegmentParams
+from dedupimg.errors import IntegrityError
+from dedupimg.manifest import Segment, SegmentBuilder, SnapshotRecord, decode_segment
+from dedupimg.pack import blob_id
+
+ids = st.binary(min_size=32, max_size=32)
+extents = st.lists(st.tuples(st.integers(1, 1 << 40), st.one_of(st.none(), ids)), max_size=50)
+
+
+@settings(max_examples=60, deadline=None)
+@given(extents)
+def test_segment_round_trip(ext):
+    seg = Segment([n for n, _ in ext], [i for _, i in ext])
+    back = decode_segment(seg.encode())
+    assert back == seg
+    assert back.size == sum(n for n, _ in ext)
+
+
+def test_segment_encoding_is_stable():
+    seg = Segment([4096, 100], [b"\x01" * 32, None])
+    # msgpack: [1, [4096, bin32, 100, nil]]: a change here is a format change.
+    assert seg.encode().hex() == "9201" + "94" + "cd1000" + "c420" + "01" * 32 + "64" + "c0"
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x00", b"\x92\x02\x90", b"\x92\x01\x91\x05", b"\x92\x01\x92\x00\xc0"])
+def test_damaged_segments_are_rejected(raw):
+    with pytest.raises(IntegrityError):
+        decode_segment(raw)
+
+
+def _collect(params: SegmentParams):
+    out: list[Segment] = []
+    return out, SegmentBuilder(params, out.append)
+
+
+def test_builder_merges_zero_runs_and_cuts_on_id_pattern():
+    out, b = _collect(SegmentParams(cut_mask=0xFF, max_extents=100, zero_cut=1000))
+    cut_id = b"\x00" * 32  # last two bytes & 0xFF == 0: cut after it
+    plain = b"\x01" * 32
+    b.add_chunk(10, plain)
+    b.add_zero(5)
+    b.add_zero(7)
+    b.add_chunk(10, cut_id)
+    b.add_chunk(3, plain)
+    b.flush()
+    assert [s.lengths for s in out] == [[10, 12, 10], [3]]
+    assert out[0].ids == [plain, None, cut_id]
+
+
+def test_builder_cuts_after_long_zero_runs_and_at_max_extents():
+    out, b = _collect(SegmentParams(cut_mask=0xFFFF, max_extents=3, zero_cut=1000))
+    plain = b"\x01" * 32
+    b.add_chunk(10, plain)
+    b.add_zero(2000)
+    b.add_chunk(10, plain)  # the long zero run ended the first segment
+    b.add_chunk(10, plain)
+    b.add_chunk(10, plain)
+    b.add_chunk(10, plain)  # three extents: forced cut before this one
+    b.flush()
+    assert [s.lengths for s in out] == [[10, 2000], [10, 10, 10], [10]]
+
+
+def test_snapshot_record_round_trip_and_id():
+    rec = SnapshotRecord(
+        name="vm1", time="2026-01-02T03:04:05+01:00", size=12, image_hash=b"\x02" * 32,
+        segments=[(b"\x03" * 32, 12)], tags=["a"], stats={"bytes_read": 12},
+    )
+    raw = rec.encode()
+    back = SnapshotRecord.decode(raw)
+    assert back.id == rec.id == blob_id(raw)
+    assert (back.name, back.time, back.size, back.segments, back.tags) == (rec.name, rec.time, 12, rec.segments, ["a"])
+
+
+def test_snapshot_record_rejects_inconsistent_sizes():
+    rec = SnapshotRecord(name="x", time="2026-01-02T03:04:05+00:00", size=13, image_hash=b"\x02" * 32,
+                         segments=[(b"\x03" * 32, 12)])
+    with pytest.raises(IntegrityError):
+        SnapshotRecord.decode(rec.encode())
