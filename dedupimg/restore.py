@@ -20,6 +20,7 @@ from dedupimg.repository import Repository
 from dedupimg.zeros import ZERO_BLOCK, hash_zeros
 
 READ_BATCH = 8 << 20  # bytes of chunks read and written per batch
+IOV_MAX = 512  # buffers per pwritev (Linux allows 1024)
 
 
 @dataclass(frozen=True)
@@ -79,25 +80,31 @@ class _Target:
 
     def write(self, offset: int, buffers: list[bytes]) -> None:
         try:
-            if self.seekable:
-                total = sum(len(b) for b in buffers)
-                done = os.pwritev(self.fd, buffers, offset)
-                if done != total:  # short write: finish it piece by piece
-                    data = b"".join(buffers)[done:]
-                    while data:
-                        n = os.pwrite(self.fd, data, offset + done)
-                        done += n
-                        data = data[n:]
-            else:
-                for b in buffers:
-                    view = memoryview(b)
-                    while view:
-                        view = view[os.write(self.fd, view) :]
+            for i in range(0, len(buffers), IOV_MAX):
+                group = buffers[i : i + IOV_MAX]
+                if self.seekable:
+                    offset += self._pwrite_all(group, offset)
+                else:
+                    for b in group:
+                        view = memoryview(b)
+                        while view:
+                            view = view[os.write(self.fd, view) :]
         except BrokenPipeError:
             raise TargetError("output pipe closed before the image was complete") from None
         except OSError as exc:
             raise_for_space(exc, self.spec)
             raise TargetError(f"cannot write target {self.spec}: {exc.strerror}") from None
+
+    def _pwrite_all(self, buffers: list[bytes], offset: int) -> int:
+        total = sum(len(b) for b in buffers)
+        done = os.pwritev(self.fd, buffers, offset)
+        if done != total:  # short write: finish it piece by piece
+            rest = memoryview(b"".join(buffers))[done:]
+            while rest:
+                n = os.pwrite(self.fd, rest, offset + done)
+                done += n
+                rest = rest[n:]
+        return total
 
     def write_zeros(self, offset: int, length: int) -> None:
         if self.sparse:

@@ -37,7 +37,9 @@ def take_snapshot(
 ) -> SnapshotResult:
     progress = progress or NoProgress()
     started = _time.monotonic()
-    when = (when or datetime.now()).astimezone()
+    when = when or datetime.now()
+    if when.tzinfo is None:  # a naive time is local time, as restic's --time reads it
+        when = when.astimezone()
     src = Source.open(source, name)
     writer = repo.writer()
     try:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dedupimg.errors import DedupimgError, UsageError
+from dedupimg.errors import DedupimgError, Interrupted, UsageError
 from dedupimg.repository import Repository
 
 app = typer.Typer(
@@ -51,14 +51,17 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _on_signal(signum: int, frame: Any) -> None:
+    # An ordinary exception, not KeyboardInterrupt: typer would turn that into a silent exit 130, and the
+    # operations' cleanup (dropping a half-written pack or restore target) runs for any exception.
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
 
 def main(argv: list[str] | None = None) -> None:
     from dedupimg.cli import commands  # noqa: F401  (registers the commands on ``app``)
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     debug = bool(os.environ.get("DEDUPIMG_DEBUG"))
     try:
         rv = app(args=argv, prog_name="dedupimg", standalone_mode=False)
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         _fail(f"{exc.format_message()} (see 'dedupimg --help')", exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        _fail("interrupted; nothing partial was kept", 130)
+        _fail("interrupted", 130)
     except OSError as exc:
         if debug:
             raise

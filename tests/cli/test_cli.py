@@ -1,0 +1,206 @@
+"""The installed command in a subprocess: every command, every documented error, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dedupimg.repository import Repository
+from dedupimg.snapshot import take_snapshot
+from tests.helpers import det_bytes, run_cli, text_bytes
+
+
+def ok(proc) -> str:
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def fails(proc, code: int, words: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == code, (proc.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one clear line, no traceback
+    assert "Traceback" not in err
+    assert words in lines[0], err
+
+
+@pytest.fixture
+def env(tmp_path: Path):
+    repo = tmp_path / "repo"
+    ok(run_cli("-r", repo, "init", "--chunk-size", "4096"))
+    image = tmp_path / "disk.img"
+    image.write_bytes(text_bytes(1, 300_000) + det_bytes(2, 200_000))
+    return repo, image
+
+
+def test_init_creates_owner_only_repository(tmp_path):
+    repo = tmp_path / "repo"
+    out = ok(run_cli("-r", repo, "init"))
+    assert "created repository" in out
+    assert stat.S_IMODE(repo.stat().st_mode) == 0o700
+    assert stat.S_IMODE((repo / "config").stat().st_mode) == 0o600
+    assert json.loads((repo / "config").read_text())["chunker"]["avg_size"] == 16384
+
+
+def test_init_refuses_non_empty_directory(tmp_path):
+    (tmp_path / "x").write_text("hi")
+    fails(run_cli("-r", tmp_path, "init"), 10, "not empty")
+
+
+def test_init_rejects_bad_chunk_size(tmp_path):
+    fails(run_cli("-r", tmp_path / "r", "init", "--chunk-size", "1000"), 2, "power of two")
+
+
+def test_repository_from_environment(tmp_path):
+    repo = tmp_path / "envrepo"
+    ok(run_cli("init", env={"DEDUPIMG_REPO": str(repo)}))
+    assert (repo / "config").is_file()
+
+
+def test_no_repository_given(tmp_path):
+    fails(run_cli("snapshots"), 2, "no repository given")
+
+
+def test_snapshot_list_restore_info(env, tmp_path):
+    repo, image = env
+    sid = ok(run_cli("-r", repo, "snapshot", image)).strip()
+    assert len(sid) == 64
+    doc = json.loads(ok(run_cli("-r", repo, "snapshot", image, "--name", "vm", "--tag", "nightly", "--tag", "a",
+                                "--time", "2026-01-02T03:04:05+01:00", "--json")))
+    for key in ("id", "name", "time", "size", "bytes_read", "bytes_new", "bytes_stored", "seconds"):
+        assert key in doc
+    assert doc["name"] == "vm" and doc["size"] == 500_000 and doc["bytes_read"] == 500_000
+    assert doc["bytes_new"] == 0  # same content as the first snapshot
+    assert doc["time"] == "2026-01-02T03:04:05+01:00"
+
+    listing = json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))
+    assert [s["name"] for s in listing] == ["vm", "disk.img"]  # oldest first: --time put vm in January
+    assert listing[0]["tags"] == ["a", "nightly"]
+    assert json.loads(ok(run_cli("-r", repo, "snapshots", "--name", "vm", "--json")))[0]["id"] == doc["id"]
+    table = ok(run_cli("-r", repo, "snapshots"))
+    assert doc["id"][:8] in table and sid[:8] in table and "2 snapshots" in table
+
+    out = tmp_path / "out.img"
+    ok(run_cli("-r", repo, "restore", doc["id"][:10], out))
+    assert out.read_bytes() == image.read_bytes()
+    ok(run_cli("-r", repo, "restore", "latest", out, "--force", "--name", "vm"))
+    assert out.read_bytes() == image.read_bytes()
+    piped = run_cli("-r", repo, "restore", "latest", "-")
+    assert piped.returncode == 0 and piped.stdout == image.read_bytes()
+
+    info = json.loads(ok(run_cli("-r", repo, "info", "--json")))
+    assert info["snapshots"] == 2 and info["logical_bytes"] == 1_000_000
+    assert info["dedup_ratio"] >= 1.9 and info["compression_ratio"] > 1.0
+    assert "dedup ratio" in ok(run_cli("-r", repo, "info"))
+
+
+def test_snapshot_from_stdin(env, tmp_path):
+    repo, image = env
+    doc = json.loads(ok(run_cli("-r", repo, "snapshot", "-", "--name", "piped", "--json", input=image.read_bytes())))
+    assert doc["size"] == image.stat().st_size
+    out = tmp_path / "o.img"
+    ok(run_cli("-r", repo, "restore", "piped@latest", out))
+    assert out.read_bytes() == image.read_bytes()
+
+
+def test_python_dash_m_and_help_lists_exit_codes():
+    out = ok(run_cli("restore", "--help"))
+    assert "Exit codes" in out and "15" in out
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+
+def test_missing_repository(tmp_path):
+    fails(run_cli("-r", tmp_path / "nope", "snapshots"), 10, "does not exist")
+
+
+def test_directory_that_is_not_a_repository(tmp_path):
+    fails(run_cli("-r", tmp_path, "snapshots"), 10, "not a dedupimg repository")
+
+
+def test_unsupported_format_version(env):
+    repo, _ = env
+    doc = json.loads((repo / "config").read_text())
+    doc["version"] = 7
+    (repo / "config").write_text(json.dumps(doc))
+    fails(run_cli("-r", repo, "snapshots"), 12, "version 7 is not supported")
+
+
+def test_garbage_config(env):
+    repo, _ = env
+    (repo / "config").write_bytes(b"\x00garbage")
+    fails(run_cli("-r", repo, "info"), 12, "damaged or unknown repository config")
+
+
+def test_unknown_snapshot(env, tmp_path):
+    repo, image = env
+    ok(run_cli("-r", repo, "snapshot", image))
+    fails(run_cli("-r", repo, "restore", "deadbeef", tmp_path / "o"), 13, "no snapshot matches")
+    fails(run_cli("-r", repo, "restore", "latest", tmp_path / "o", "--name", "other"), 13, "no snapshot named")
+
+
+def test_ambiguous_snapshot(env, tmp_path):
+    repo, image = env
+    with Repository.open(repo) as r:
+        from datetime import datetime, timedelta, timezone
+
+        t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        ids = [take_snapshot(r, str(image), when=t0 + timedelta(hours=i)).record.hex_id for i in range(17)]
+    first = [i[0] for i in ids]
+    dup = next(c for c in first if first.count(c) > 1)  # 17 ids, 16 hex digits: two share a first digit
+    fails(run_cli("-r", repo, "restore", dup, tmp_path / "o"), 14, "ambiguous")
+
+
+def test_existing_target(env, tmp_path):
+    repo, image = env
+    ok(run_cli("-r", repo, "snapshot", image))
+    target = tmp_path / "exists.img"
+    target.write_bytes(b"precious")
+    fails(run_cli("-r", repo, "restore", "latest", target), 15, "exists")
+    assert target.read_bytes() == b"precious"
+
+
+def test_missing_source(env, tmp_path):
+    repo, _ = env
+    fails(run_cli("-r", repo, "snapshot", tmp_path / "missing.img"), 16, "does not exist")
+
+
+def test_directory_as_source(env, tmp_path):
+    repo, _ = env
+    fails(run_cli("-r", repo, "snapshot", tmp_path), 16, "is a directory")
+
+
+def test_unreadable_source(env, tmp_path):
+    repo, _ = env
+    secret = tmp_path / "secret.img"
+    secret.write_bytes(b"x" * 1000)
+    os.chmod(secret, 0)
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # root reads anything: drop the capabilities that let it
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    proc = subprocess.run([*prefix, sys.executable, "-m", "dedupimg", "-r", str(repo), "snapshot", str(secret)],
+                          capture_output=True, timeout=60)
+    fails(proc, 16, "permission denied")
+
+
+def test_stdin_without_name(env):
+    repo, _ = env
+    fails(run_cli("-r", repo, "snapshot", "-", input=b"abc"), 2, "needs --name")
+
+
+def test_bad_time(env):
+    repo, image = env
+    fails(run_cli("-r", repo, "snapshot", image, "--time", "yesterday"), 2, "ISO 8601")
+
+
+def test_unknown_option_is_one_line(env):
+    repo, _ = env
+    fails(run_cli("-r", repo, "snapshots", "--bogus"), 2, "--bogus")
