@@ -112,13 +112,17 @@ class Index:
         return self._read(lambda txn: [txn.get(i, db=self._blobs) is not None for i in ids])
 
     def get_segment(self, seg_id: bytes) -> bytes | None:
-        return self._read(lambda txn: txn.get(seg_id, db=self._segments))
+        return self._get(seg_id, self._segments)
 
     def get_snapshot(self, snap_id: bytes) -> bytes | None:
-        return self._read(lambda txn: txn.get(snap_id, db=self._snapshots))
+        return self._get(snap_id, self._snapshots)
+
+    def _get(self, key: bytes, db: lmdb._Database) -> bytes | None:
+        v = self._read(lambda txn: txn.get(key, db=db))
+        return None if v is None else bytes(v)
 
     def snapshots(self) -> list[tuple[bytes, bytes]]:
-        return self._read(lambda txn: list(txn.cursor(db=self._snapshots).iternext()))
+        return self._read(lambda txn: [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._snapshots).iternext()])
 
     def pack_id(self, pack_no: int) -> bytes:
         v = self._read(lambda txn: txn.get(PACK_NO.pack(pack_no), db=self._packs))
@@ -139,7 +143,7 @@ class Index:
     def iter_blob_locations(self) -> Iterator[tuple[bytes, BlobLocation]]:
         rows = self._read(lambda txn: list(txn.cursor(db=self._blobs).iternext()))
         for k, v in rows:
-            yield k, BlobLocation(*BLOB_VALUE.unpack(v))
+            yield bytes(k), BlobLocation(*BLOB_VALUE.unpack(v))
 
     # -- writing -------------------------------------------------------------------------------------------
 
@@ -186,7 +190,7 @@ class Index:
         self._write(run)
 
 
-def _add_refs(txn: lmdb.Transaction, db: object, ids: Iterable[bytes], delta: int) -> None:
+def _add_refs(txn: lmdb.Transaction, db: lmdb._Database, ids: Iterable[bytes], delta: int) -> None:
     for i in ids:
         v = txn.get(i, db=db)
         if v is None:

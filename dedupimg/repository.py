@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dedupimg import pack
@@ -67,7 +67,9 @@ class Repository:
             os.chmod(path, DIR_MODE)
         else:
             make_dirs(path)
-        config = Config(chunker=chunker or ChunkerParams(), **({"pack_size": pack_size} if pack_size else {}))
+        config = Config(chunker=chunker or ChunkerParams())
+        if pack_size:
+            config = replace(config, pack_size=pack_size)
         for name in (PACKS, TMP, INDEX):
             os.mkdir(path / name, DIR_MODE)
         for i in range(256):

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -149,9 +150,9 @@ def test_unknown_snapshot(env, tmp_path):
 def test_ambiguous_snapshot(env, tmp_path):
     repo, image = env
     with Repository.open(repo) as r:
-        from datetime import datetime, timedelta, timezone
+        from datetime import datetime, timedelta
 
-        t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        t0 = datetime(2026, 1, 1, tzinfo=UTC)
         ids = [take_snapshot(r, str(image), when=t0 + timedelta(hours=i)).record.hex_id for i in range(17)]
     first = [i[0] for i in ids]
     dup = next(c for c in first if first.count(c) > 1)  # 17 ids, 16 hex digits: two share a first digit

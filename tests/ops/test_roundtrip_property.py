@@ -65,7 +65,7 @@ def test_versions_round_trip_bit_exact(base, versions, holes):
         t = Path(tmp)
         with small_repo(t / "repo") as repo:
             ids = []
-            for i, img in enumerate(images):
+            for img in images:
                 write_image(t / "disk.img", img, holes)
                 ids.append(take_snapshot(repo, str(t / "disk.img")).record.hex_id)
             for i, (sid, img) in enumerate(zip(ids, images, strict=True)):

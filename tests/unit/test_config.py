@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dedupimg.config import Config, ChunkerParams
+from dedupimg.config import ChunkerParams, Config
 from dedupimg.errors import EXIT_CODES, DedupimgError, UnsupportedFormat
 
 
