@@ -1,20 +1,42 @@
-"""Taking a snapshot: source regions -> chunks -> ids -> new chunks stored -> segments -> record."""
+"""Taking a snapshot: source regions -> chunks -> ids -> new chunks stored -> segments -> record.
+
+The work runs as a pipeline so that both cores stay busy: a reader thread reads and cuts buffers (both
+release the GIL), a small pool hashes the chunks of the next batches and compresses new chunks (blake3 and
+zstd release the GIL), and the calling thread does what must happen in image order: the whole-image hash,
+index lookups, segment building and pack writes. Queues are bounded, so memory does not grow with the image.
+"""
 
 from __future__ import annotations
 
+import os
+import queue
 import socket
+import threading
 import time as _time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
 import blake3
 
+from dedupimg import pack
+from dedupimg.buffers import PoolClosed
 from dedupimg.chunker import Batch, Chunker
-from dedupimg.manifest import SegmentBuilder, SnapshotRecord, chunker_dict
+from dedupimg.manifest import Segment, SegmentBuilder, SnapshotRecord, chunker_dict
 from dedupimg.progress import NoProgress, Progress
 from dedupimg.repository import BlobWriter, Repository
 from dedupimg.source import Source
 from dedupimg.zeros import hash_zeros, is_zero
+
+WORKERS = max(2, min(4, os.cpu_count() or 2))
+AHEAD = 3  # batches hashed ahead of the one being stored
+QUEUE = 2  # batches read and cut ahead of hashing
+PLANNED = 2  # batches being compressed ahead of the one being written
+# Buffers a snapshot may hold at once: queued, hashing, planned, one being filled and its tail. The reader
+# waits for a free one, which bounds memory (12 x 8 MiB) whatever the image size.
+BUFFERS = QUEUE + AHEAD + PLANNED + 5
 
 
 @dataclass(frozen=True)
@@ -44,31 +66,22 @@ def take_snapshot(
     writer = repo.writer()
     try:
         progress.start(f"snapshot {src.name}", src.size)
-        hasher = blake3.blake3()
-        segments: list[tuple[bytes, int]] = []
-        builder = SegmentBuilder(repo.config.segments, lambda s: segments.append((writer.add_segment(s), s.size)))
-        chunker = Chunker(repo.config.chunker)
-        bytes_read = 0
-        for region in src.regions():
-            if not region.is_data:
-                assert region.length is not None
-                builder.add_zero(region.length)
-                hash_zeros(hasher, region.length)
-                progress.advance(region.length)
-                continue
-            reader = src.reader(region)
-            for batch in chunker.batches(reader):
-                _store_batch(batch, writer, builder, hasher)
-                progress.advance(batch.cuts[-1][1] if batch.cuts else 0)
-            bytes_read += reader.bytes_read
-        builder.flush()
-        size = sum(n for _, n in segments)
+        store = _Store(repo, writer, progress)
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="dedupimg-snap") as pool:
+            reader = _Reader(src, Chunker(repo.config.chunker))
+            try:
+                store.run(reader, pool)
+                image_hash = store.hasher.digest()
+            finally:
+                reader.stop()
+                store.hasher.close()
+        bytes_read = reader.bytes_read
         record = SnapshotRecord(
             name=src.name,
             time=when.isoformat(),
-            size=size,
-            image_hash=hasher.digest(),
-            segments=segments,
+            size=store.size,
+            image_hash=image_hash,
+            segments=store.segments,
             source=src.description,
             host=socket.gethostname(),
             tags=sorted(set(tags or [])),
@@ -92,22 +105,207 @@ def take_snapshot(
     )
 
 
-def _store_batch(batch: Batch, writer: BlobWriter, builder: SegmentBuilder, hasher: blake3.blake3) -> None:
+_END = object()
+
+
+class _Reader:
+    """Reads and cuts the source on its own thread; yields batches, and ints for holes, in image order."""
+
+    def __init__(self, src: Source, chunker: Chunker) -> None:
+        self._src = src
+        self._chunker = chunker
+        self._queue: queue.Queue[object] = queue.Queue(QUEUE)
+        self._stopped = threading.Event()
+        self._pool = chunker.pool(BUFFERS)
+        self.bytes_read = 0
+        self._thread = threading.Thread(target=self._run, name="dedupimg-read", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        try:
+            for region in self._src.regions():
+                if not region.is_data:
+                    self._put(region.length)
+                    continue
+                readinto = self._src.reader(region)
+                # Two holders per batch: the image hasher and the stage that writes its new chunks.
+                for batch in self._chunker.batches(readinto, self._pool, holders=2):
+                    if self._stopped.is_set():
+                        return
+                    self._put(batch)
+                self.bytes_read += readinto.bytes_read
+            self._put(_END)
+        except PoolClosed:
+            return
+        except BaseException as exc:  # handed to the consuming thread, which raises it
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[Batch | int]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._pool.close()
+        self._thread.join()
+
+
+class _ImageHasher:
+    """blake3 of the whole image, on its own thread: it is one sequential pass that no other stage needs."""
+
+    def __init__(self) -> None:
+        self._hasher = blake3.blake3()
+        self._queue: queue.Queue[Batch | int | None] = queue.Queue(AHEAD + QUEUE + 2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dedupimg-imagehash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                if isinstance(item, int):
+                    hash_zeros(self._hasher, item)
+                else:
+                    self._hasher.update(memoryview(item.buf)[: item.length])
+                    item.release()
+        except BaseException as exc:  # pragma: no cover - blake3 does not fail on bytes
+            self._error = exc
+
+    def add(self, item: Batch | int) -> None:
+        self._queue.put(item)
+
+    def digest(self) -> bytes:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hasher.digest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
+def _chunk_ids(batch: Batch) -> list[bytes | None]:
+    """blake3 of each chunk, None for all-zero chunks (never hashed). Runs on a pool thread."""
     buf = batch.buf
     view = memoryview(buf)
-    if not batch.cuts:
-        return
-    hasher.update(view[: batch.cuts[-1][1]])
-    ids: list[bytes | None] = [
-        None if is_zero(buf, s, e) else blake3.blake3(view[s:e]).digest() for s, e in batch.cuts
-    ]
-    data_ids = [i for i in ids if i is not None]
-    missing = dict(zip(data_ids, writer.missing(data_ids), strict=True))
-    for (s, e), id_ in zip(batch.cuts, ids, strict=True):
-        if id_ is None:
-            builder.add_zero(e - s)
-            continue
-        if missing[id_]:
-            writer.add_chunk(id_, view[s:e])
-            missing[id_] = False
-        builder.add_chunk(e - s, id_)
+    return [None if is_zero(buf, s, e) else blake3.blake3(view[s:e]).digest() for s, e in batch.cuts]
+
+
+@dataclass
+class _Planned:
+    """A batch whose new chunks are being compressed on the pool, waiting for its turn to be written."""
+
+    batch: Batch | int  # int: a hole of that length
+    ids: list[bytes | None]
+    new: list[tuple[bytes, int, int]]  # (id, start, end) of chunks to store
+    encoded: list[Future[list[tuple[int, bytes]]]]
+
+
+class _Store:
+    """The in-order stages: image hash and index lookups (plan), then pack writes and segments (commit).
+
+    Planning runs a couple of batches ahead of committing, so compression of one batch overlaps the lookups
+    of the next; ids planned but not yet written are kept in ``_in_flight`` so they are stored once.
+    """
+
+    def __init__(self, repo: Repository, writer: BlobWriter, progress: Progress) -> None:
+        self._writer = writer
+        self._progress = progress
+        self._compressor = pack.Compressor(repo.config.compression_level)
+        self._in_flight: set[bytes] = set()
+        self.hasher = _ImageHasher()
+        self.segments: list[tuple[bytes, int]] = []
+        self.size = 0
+        self._builder = SegmentBuilder(repo.config.segments, self._emit_segment)
+
+    def _emit_segment(self, segment: Segment) -> None:
+        self.segments.append((self._writer.add_segment(segment), segment.size))
+
+    def run(self, reader: _Reader, pool: ThreadPoolExecutor) -> None:
+        hashing: deque[tuple[Batch | int, Future[list[bytes | None]] | None]] = deque()
+        planned: deque[_Planned] = deque()
+        for item in reader:
+            hashing.append((item, pool.submit(_chunk_ids, item) if isinstance(item, Batch) else None))
+            if len(hashing) > AHEAD:
+                planned.append(self._plan(*hashing.popleft(), pool))
+            if len(planned) >= PLANNED:
+                self._commit(planned.popleft())
+        while hashing:
+            planned.append(self._plan(*hashing.popleft(), pool))
+        while planned:
+            self._commit(planned.popleft())
+        self._builder.flush()
+
+    def _plan(self, item: Batch | int, ids_future: Future[list[bytes | None]] | None,
+              pool: ThreadPoolExecutor) -> _Planned:
+        self.hasher.add(item)
+        if isinstance(item, int):
+            return _Planned(item, [], [], [])
+        assert ids_future is not None
+        ids = ids_future.result()
+        view = memoryview(item.buf)
+        new = self._new_chunks(item, ids)
+        return _Planned(item, ids, new, self._compress(new, view, pool))
+
+    def _commit(self, p: _Planned) -> None:
+        builder = self._builder
+        if isinstance(p.batch, int):
+            builder.add_zero(p.batch)
+            self._advance(p.batch)
+            return
+        encoded = [enc for f in p.encoded for enc in f.result()]
+        for (id_, s, e), (codec, stored) in zip(p.new, encoded, strict=True):
+            self._writer.add_encoded(pack.CHUNK, id_, codec, stored, e - s)
+            self._in_flight.discard(id_)
+        for (s, e), cid in zip(p.batch.cuts, p.ids, strict=True):
+            if cid is None:
+                builder.add_zero(e - s)
+            else:
+                builder.add_chunk(e - s, cid)
+        p.batch.release()
+        self._advance(p.batch.length)
+
+    def _new_chunks(self, batch: Batch, ids: list[bytes | None]) -> list[tuple[bytes, int, int]]:
+        """Chunks of this batch that neither the repository nor an earlier batch or chunk has."""
+        data = [(i, c) for i, c in zip(ids, batch.cuts, strict=True) if i is not None]
+        missing = self._writer.missing([i for i, _ in data])
+        in_flight = self._in_flight
+        new = []
+        for (id_, (s, e)), m in zip(data, missing, strict=True):
+            if m and id_ not in in_flight:
+                in_flight.add(id_)
+                new.append((id_, s, e))
+        return new
+
+    def _compress(self, new: list[tuple[bytes, int, int]], view: memoryview,
+                  pool: ThreadPoolExecutor) -> list[Future[list[tuple[int, bytes]]]]:
+        """Compress on the pool in a few large tasks (one task per chunk would cost more than zstd)."""
+        encode = self._compressor.encode
+
+        def work(part: list[tuple[bytes, int, int]]) -> list[tuple[int, bytes]]:
+            return [encode(view[s:e]) for _, s, e in part]
+
+        if not new:
+            return []
+        step = -(-len(new) // WORKERS)
+        return [pool.submit(work, new[i : i + step]) for i in range(0, len(new), step)]
+
+    def _advance(self, n: int) -> None:
+        self.size += n
+        self._progress.advance(n)
