@@ -85,15 +85,18 @@ class Compressor:
         return RAW, bytes(raw)
 
 
-_decompressor = zstandard.ZstdDecompressor()
+_local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 
 def decode_blob(codec: int, stored: bytes, raw_len: int) -> bytes:
     if codec == RAW:
         return stored
     if codec == ZSTD:
+        decompressor = getattr(_local, "zstd", None)
+        if decompressor is None:
+            decompressor = _local.zstd = zstandard.ZstdDecompressor()
         try:
-            raw = _decompressor.decompress(stored, max_output_size=raw_len)
+            raw = decompressor.decompress(stored, max_output_size=raw_len)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"blob does not decompress: {exc}") from None
         if len(raw) != raw_len:

@@ -9,7 +9,10 @@ transaction as the last pack it needs.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,7 +55,7 @@ class Repository:
         self.packs_dir = path / PACKS
         self.tmp_dir = path / TMP
         self.index = Index(path / INDEX)
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._packs = _OpenPacks(self)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -96,9 +99,7 @@ class Repository:
         return cls(path, Config.from_bytes(raw, str(path / CONFIG)))
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._packs.close()
         self.index.close()
 
     def __enter__(self) -> Repository:
@@ -109,29 +110,14 @@ class Repository:
 
     # -- reading -------------------------------------------------------------------------------------------
 
-    def _pack_fd(self, pack_no: int) -> int:
-        fd = self._fds.get(pack_no)
-        if fd is not None:
-            self._fds.move_to_end(pack_no)
-            return fd
-        path = pack.pack_path(self.packs_dir, self.index.pack_id(pack_no))
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise IntegrityError(f"pack {path.name} is missing or unreadable: {exc.strerror}") from None
-        self._fds[pack_no] = fd
-        if len(self._fds) > OPEN_PACKS:
-            os.close(self._fds.popitem(last=False)[1])
-        return fd
-
     def read_blobs(self, ids: list[bytes]) -> list[bytes]:
         """Raw bytes of each blob, verified against its id; raises IntegrityError on any damage."""
         out = []
         for id_, loc in zip(ids, self.index.lookup_blobs(ids), strict=True):
             if loc is None:
                 raise IntegrityError(f"blob {id_.hex()[:16]} is not in the index")
-            fd = self._pack_fd(loc.pack_no)
-            _, raw = pack.read_blob(fd, loc.offset, id_, f"pack #{loc.pack_no}")
+            with self._packs.use(loc.pack_no) as fd:
+                _, raw = pack.read_blob(fd, loc.offset, id_, f"pack #{loc.pack_no}")
             out.append(raw)
         return out
 
@@ -188,6 +174,59 @@ class Repository:
 
     def writer(self) -> BlobWriter:
         return BlobWriter(self)
+
+
+class _OpenPacks:
+    """An LRU of open pack files shared by reader threads; an fd is closed only when no thread uses it."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+        self._lock = threading.Lock()
+        self._fds: OrderedDict[int, int] = OrderedDict()  # pack number -> fd, oldest first
+        self._users: dict[int, int] = {}  # fd -> threads reading it now
+        self._retired: set[int] = set()  # evicted fds still in use: closed by their last user
+
+    @contextmanager
+    def use(self, pack_no: int) -> Iterator[int]:
+        fd = self._acquire(pack_no)
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._users[fd] -= 1
+                if self._users[fd] == 0:
+                    del self._users[fd]
+                    if fd in self._retired:
+                        self._retired.discard(fd)
+                        os.close(fd)
+
+    def _acquire(self, pack_no: int) -> int:
+        with self._lock:
+            fd = self._fds.get(pack_no)
+            if fd is None:
+                path = pack.pack_path(self._repo.packs_dir, self._repo.index.pack_id(pack_no))
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise IntegrityError(f"pack {path.name} is missing or unreadable: {exc.strerror}") from None
+                self._fds[pack_no] = fd
+                if len(self._fds) > OPEN_PACKS:
+                    self._retire(self._fds.popitem(last=False)[1])
+            self._fds.move_to_end(pack_no)
+            self._users[fd] = self._users.get(fd, 0) + 1
+            return fd
+
+    def _retire(self, fd: int) -> None:
+        if fd in self._users:
+            self._retired.add(fd)
+        else:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                self._retire(fd)
+            self._fds.clear()
 
 
 class BlobWriter:

@@ -24,11 +24,12 @@ import blake3
 from dedupimg import pack
 from dedupimg.buffers import PoolClosed
 from dedupimg.chunker import Batch, Chunker
+from dedupimg.imagehash import ImageHasher
 from dedupimg.manifest import Segment, SegmentBuilder, SnapshotRecord, chunker_dict
 from dedupimg.progress import NoProgress, Progress
 from dedupimg.repository import BlobWriter, Repository
 from dedupimg.source import Source
-from dedupimg.zeros import hash_zeros, is_zero
+from dedupimg.zeros import is_zero
 
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 AHEAD = 3  # batches hashed ahead of the one being stored
@@ -163,43 +164,6 @@ class _Reader:
         self._thread.join()
 
 
-class _ImageHasher:
-    """blake3 of the whole image, on its own thread: it is one sequential pass that no other stage needs."""
-
-    def __init__(self) -> None:
-        self._hasher = blake3.blake3()
-        self._queue: queue.Queue[Batch | int | None] = queue.Queue(AHEAD + QUEUE + 2)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="dedupimg-imagehash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            while (item := self._queue.get()) is not None:
-                if isinstance(item, int):
-                    hash_zeros(self._hasher, item)
-                else:
-                    self._hasher.update(memoryview(item.buf)[: item.length])
-                    item.release()
-        except BaseException as exc:  # pragma: no cover - blake3 does not fail on bytes
-            self._error = exc
-
-    def add(self, item: Batch | int) -> None:
-        self._queue.put(item)
-
-    def digest(self) -> bytes:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._hasher.digest()
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-
 def _chunk_ids(batch: Batch) -> list[bytes | None]:
     """blake3 of each chunk, None for all-zero chunks (never hashed). Runs on a pool thread."""
     buf = batch.buf
@@ -229,7 +193,7 @@ class _Store:
         self._progress = progress
         self._compressor = pack.Compressor(repo.config.compression_level)
         self._in_flight: set[bytes] = set()
-        self.hasher = _ImageHasher()
+        self.hasher = ImageHasher(AHEAD + QUEUE + 2)
         self.segments: list[tuple[bytes, int]] = []
         self.size = 0
         self._builder = SegmentBuilder(repo.config.segments, self._emit_segment)
@@ -254,9 +218,10 @@ class _Store:
 
     def _plan(self, item: Batch | int, ids_future: Future[list[bytes | None]] | None,
               pool: ThreadPoolExecutor) -> _Planned:
-        self.hasher.add(item)
         if isinstance(item, int):
+            self.hasher.add_zeros(item)
             return _Planned(item, [], [], [])
+        self.hasher.add([memoryview(item.buf)[: item.length]], item.release)
         assert ids_future is not None
         ids = ids_future.result()
         view = memoryview(item.buf)

@@ -9,7 +9,7 @@ ZERO_BLOCK = bytes(16 << 20)
 _ZERO_VIEW = memoryview(ZERO_BLOCK)
 
 
-def is_zero(buf: bytearray, start: int, end: int) -> bool:
+def is_zero(buf: bytes | bytearray, start: int, end: int) -> bool:
     """True when ``buf[start:end]`` is all zero bytes (memcmp speed; at most 16 MiB)."""
     return buf.startswith(_ZERO_VIEW[: end - start], start, end)
 

@@ -110,12 +110,29 @@ def restore(
     target: Annotated[str, typer.Argument(help="File path, block device, or - for stdout.")],
     force: Annotated[bool, typer.Option(help="Replace an existing file or overwrite a block device.")] = False,
     name: Annotated[str | None, typer.Option(help="With 'latest': the newest snapshot of this name.")] = None,
+    delta: Annotated[
+        bool, typer.Option("--delta", help="Update an existing target in place: write only chunks that differ.")
+    ] = False,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object (not with target -).")] = False,
 ) -> None:
     """Restore a snapshot bit-exact (verified against its recorded blake3)."""
     with open_repo(ctx) as repo:
-        result = restore_snapshot(repo, snapshot, target, force=force, name=name, progress=progress_sink())
-    if target != "-":
-        stdout.print(f"restored {result.record.short_id} ({human_bytes(result.record.size)}) to {target}")
+        result = restore_snapshot(
+            repo, snapshot, target, force=force, name=name, delta=delta, progress=progress_sink()
+        )
+    rec = result.record
+    if target == "-":
+        return
+    if json:
+        doc = _record_json(rec)
+        doc.update(target=target, delta=delta, bytes_read=result.bytes_read, bytes_written=result.bytes_written,
+                   seconds=round(result.seconds, 3))
+        print_json(doc)
+    elif delta:
+        stdout.print(f"updated {target} to {rec.short_id}: read {human_bytes(result.bytes_read)}, "
+                     f"wrote {human_bytes(result.bytes_written)}")
+    else:
+        stdout.print(f"restored {rec.short_id} ({human_bytes(rec.size)}) to {target}")
 
 
 @app.command(epilog=exit_codes_help(10, 12))
