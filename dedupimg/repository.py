@@ -25,6 +25,7 @@ from dedupimg.errors import (
     RepositoryExists,
     RepositoryNotFound,
     SnapshotNotFound,
+    UsageError,
 )
 from dedupimg.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
 from dedupimg.index import Index, NewBlob, NewSegment, NewSnapshot
@@ -60,7 +61,13 @@ class Repository:
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     @classmethod
-    def init(cls, path: Path, chunker: ChunkerParams | None = None, pack_size: int | None = None) -> Repository:
+    def init(
+        cls,
+        path: Path,
+        chunker: ChunkerParams | None = None,
+        pack_size: int | None = None,
+        compression_level: int | None = None,
+    ) -> Repository:
         path = Path(path)
         if path.exists():
             if not path.is_dir():
@@ -73,6 +80,10 @@ class Repository:
         config = Config(chunker=chunker or ChunkerParams())
         if pack_size:
             config = replace(config, pack_size=pack_size)
+        if compression_level is not None:
+            if not -7 <= compression_level <= 22:
+                raise UsageError(f"compression level must be from -7 to 22, got {compression_level}")
+            config = replace(config, compression_level=compression_level)
         for name in (PACKS, TMP, INDEX):
             os.mkdir(path / name, DIR_MODE)
         for i in range(256):

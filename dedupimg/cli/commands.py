@@ -24,11 +24,14 @@ def init(
     chunk_size: Annotated[
         int, typer.Option(help="Average chunk size in bytes (a power of two; min is 1/4, max 4x).")
     ] = DEFAULT_CHUNK_SIZE,
+    compression_level: Annotated[
+        int | None, typer.Option(help="zstd level for new chunks (-7 fastest .. 22 smallest).")
+    ] = None,
     pack_size: Annotated[int | None, typer.Option(hidden=True, help="Target pack size (tests).")] = None,
 ) -> None:
     """Create a new repository (readable by its owner only)."""
     path = repo_path(ctx)
-    repo = Repository.init(path, ChunkerParams.for_average(chunk_size), pack_size)
+    repo = Repository.init(path, ChunkerParams.for_average(chunk_size), pack_size, compression_level)
     repo.close()
     stdout.print(f"created repository {repo.config.repo_id[:8]} at {path}")
 

@@ -101,6 +101,20 @@ def test_snapshot_list_restore_info(env, tmp_path):
     assert "dedup ratio" in ok(run_cli("-r", repo, "info"))
 
 
+def test_restore_delta_json(env, tmp_path):
+    repo, image = env
+    sid = ok(run_cli("-r", repo, "snapshot", image)).strip()
+    target = tmp_path / "t.img"
+    data = bytearray(image.read_bytes())
+    data[1000:1010] = b"0123456789"
+    target.write_bytes(bytes(data))
+    doc = json.loads(ok(run_cli("-r", repo, "restore", sid, target, "--delta", "--json")))
+    assert doc["id"] == sid and doc["delta"] is True
+    assert doc["bytes_read"] == len(data) and 0 < doc["bytes_written"] <= 8192
+    assert target.read_bytes() == image.read_bytes()
+    fails(run_cli("-r", repo, "restore", sid, "-", "--delta"), 2, "--delta needs a file")
+
+
 def test_snapshot_from_stdin(env, tmp_path):
     repo, image = env
     doc = json.loads(ok(run_cli("-r", repo, "snapshot", "-", "--name", "piped", "--json", input=image.read_bytes())))
