@@ -58,7 +58,7 @@ class Config:
     chunker: ChunkerParams = field(default_factory=ChunkerParams)
     segments: SegmentParams = field(default_factory=SegmentParams)
     compression: str = "zstd"
-    compression_level: int = 3
+    compression_level: int = 1  # at 16 KiB chunks, level 3 costs twice the CPU for ~1% (docs/performance.md)
     pack_size: int = 32 << 20
     version: int = FORMAT_VERSION
 

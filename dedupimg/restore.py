@@ -1,17 +1,19 @@
 """Restoring a snapshot to a file, a block device or standard output, verified against the image hash.
 
 A pool reads, decompresses and verifies runs of chunks ahead of the writer (pread, zstd and blake3 release
-the GIL); the calling thread writes runs in image order with large vectored writes, and the whole-image hash
-runs on its own thread. ``delta`` updates an existing target in place: each chunk's range is read from the
-target and hashed, and only chunks whose hash differs are fetched and written.
+the GIL). Files and devices are written by the same pool threads with large positional vectored writes;
+only standard output is written by the calling thread, in order. The whole-image hash runs on its own
+thread. ``delta`` updates an existing target in place: each chunk's range is read from the target and
+hashed, and only chunks whose hash differs are fetched, and only their 4 KiB blocks that differ written.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time as _time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -23,12 +25,13 @@ from dedupimg.manifest import SnapshotRecord
 from dedupimg.progress import NoProgress, Progress
 from dedupimg.repository import Repository
 from dedupimg.target import Target
-from dedupimg.zeros import is_zero
+from dedupimg.zeros import ZERO_BLOCK, is_zero
 
 READ_BATCH = 8 << 20  # bytes of image per run read, verified and written as one piece
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 AHEAD = 2 * WORKERS  # runs being read ahead of the writer
 DELTA_BLOCK = 4096  # granularity of delta writes
+_ZEROS = memoryview(ZERO_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,8 @@ class Run:
 @dataclass
 class RunResult:
     data: list[Buffer] | None  # the run's bytes in order (None for zeros), for the image hash
-    writes: list[tuple[int, list[Buffer]]]  # what to write where
-    zero_fill: bool = False  # a zero run whose target range is not zero yet
+    writes: list[tuple[int, list[Buffer]]]  # what is still to be written where (standard output only)
+    written: int = 0  # bytes the pool thread already wrote
     read: int = 0
 
 
@@ -77,16 +80,16 @@ def restore(
     try:
         progress.start(f"restore {record.short_id}", record.size)
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="dedupimg-restore") as pool:
-            for run, result in _pipelined(pool, plan_runs(repo, record), repo, out if delta else None):
+            task = functools.partial(_delta_run if delta else _full_run, repo, out)
+            for run, result in _pipelined(pool, plan_runs(repo, record), task):
                 if result.data is None:
                     hasher.add_zeros(run.length)
-                    if not delta or result.zero_fill:
-                        written += out.write_zeros(run.offset, run.length)
                 else:
                     hasher.add(result.data)
-                    for offset, buffers in result.writes:
-                        out.write(offset, buffers)
-                        written += sum(len(b) for b in buffers)
+                for offset, buffers in result.writes:
+                    out.write(offset, buffers)
+                    written += sum(len(b) for b in buffers)
+                written += result.written
                 read += result.read
                 progress.advance(run.length)
         if hasher.digest() != record.image_hash:
@@ -104,16 +107,13 @@ def restore(
     return RestoreResult(record, target, written, read, _time.monotonic() - started)
 
 
-def _pipelined(pool: ThreadPoolExecutor, runs: Iterator[Run], repo: Repository,
-               delta_target: Target | None) -> Iterator[tuple[Run, RunResult]]:
+def _pipelined(pool: ThreadPoolExecutor, runs: Iterator[Run],
+               task: Callable[[Run], RunResult]) -> Iterator[tuple[Run, RunResult]]:
     """Results in image order, with up to AHEAD runs in flight."""
     ahead: deque[tuple[Run, Future[RunResult]]] = deque()
     try:
         for run in runs:
-            if delta_target is not None:
-                ahead.append((run, pool.submit(_delta_run, repo, delta_target, run)))
-            else:
-                ahead.append((run, pool.submit(_full_run, repo, run)))
+            ahead.append((run, pool.submit(task, run)))
             if len(ahead) > AHEAD:
                 r, f = ahead.popleft()
                 yield r, f.result()
@@ -168,18 +168,34 @@ def _fetch(repo: Repository, run: Run, ids: list[bytes], lengths: list[int]) -> 
     return data
 
 
-def _full_run(repo: Repository, run: Run) -> RunResult:
+def _write_now(target: Target, writes: list[tuple[int, list[Buffer]]], result: RunResult) -> RunResult:
+    """Positional targets are written by the pool thread; standard output is left to the ordered writer."""
+    if target.seekable:
+        for offset, buffers in writes:
+            target.write(offset, buffers)
+            result.written += sum(len(b) for b in buffers)
+    else:
+        result.writes = writes
+    return result
+
+
+def _full_run(repo: Repository, target: Target, run: Run) -> RunResult:
     if run.ids is None:
-        return RunResult(None, [])
-    data = _fetch(repo, run, run.ids, run.lengths)
-    return RunResult(list(data), [(run.offset, list(data))])
+        if target.sparse:
+            return RunResult(None, [])
+        return RunResult(None, [], written=target.write_zeros(run.offset, run.length)) if target.seekable else \
+            RunResult(None, [(run.offset, [_ZEROS[: run.length]])])
+    data: list[Buffer] = list(_fetch(repo, run, run.ids, run.lengths))
+    return _write_now(target, [(run.offset, data)], RunResult(data, []))
 
 
 def _delta_run(repo: Repository, target: Target, run: Run) -> RunResult:
     current = target.read(run.offset, run.length)
     if run.ids is None:
-        return RunResult(None, [], zero_fill=not (len(current) == run.length and is_zero(current, 0, run.length)),
-                         read=len(current))
+        result = RunResult(None, [], read=len(current))
+        if not (len(current) == run.length and is_zero(current, 0, run.length)):
+            result.written = target.write_zeros(run.offset, run.length)
+        return result
     view = memoryview(current)
     pieces: list[Buffer] = []
     stale: list[int] = []
@@ -201,7 +217,7 @@ def _delta_run(repo: Repository, target: Target, run: Run) -> RunResult:
         for i, data in zip(stale, fetched, strict=True):
             pieces[i] = data
             _add_block_writes(writes, run.offset + starts[i], data, view[starts[i] : starts[i] + len(data)])
-    return RunResult(pieces, writes, read=len(current))
+    return _write_now(target, writes, RunResult(pieces, [], read=len(current)))
 
 
 def _add_block_writes(writes: list[tuple[int, list[Buffer]]], offset: int, new: bytes, old: memoryview) -> None:

@@ -135,7 +135,7 @@ class Target:
         """Make the restored image durable and, for a new file, move it into place."""
         try:
             if self.seekable:
-                os.fsync(self.fd)
+                os.fdatasync(self.fd)
         except OSError as exc:
             raise_for_space(exc, self.spec)
             raise TargetError(f"cannot flush target {self.spec}: {exc.strerror}") from None
