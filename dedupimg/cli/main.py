@@ -58,7 +58,8 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dedupimg.cli import commands  # noqa: F401  (registers the commands on ``app``)
+    # Importing the command modules registers their commands on ``app``.
+    from dedupimg.cli import commands, mount_cmd, serve_cmd  # noqa: F401
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)

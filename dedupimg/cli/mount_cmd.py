@@ -1,0 +1,1 @@
+"""`dedupimg mount`: registered on the app by import (see dedupimg/cli/main.py)."""

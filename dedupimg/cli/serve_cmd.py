@@ -1,0 +1,1 @@
+"""`dedupimg serve`: registered on the app by import (see dedupimg/cli/main.py)."""
