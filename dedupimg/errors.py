@@ -78,6 +78,18 @@ class Interrupted(DedupimgError):
     exit_code = 130
 
 
+class ListenError(DedupimgError):
+    """``serve`` cannot listen on the address asked for (port in use, not a local address, ...)."""
+
+    exit_code = 19
+
+
+class MountError(DedupimgError):
+    """``mount``: FUSE is not available on this machine (no /dev/fuse, no libfuse3), or the mount failed."""
+
+    exit_code = 20
+
+
 # The codes as documented; tests check that this table and the classes agree.
 EXIT_CODES: dict[int, str] = {
     0: "success",
@@ -92,5 +104,7 @@ EXIT_CODES: dict[int, str] = {
     16: "source or target cannot be read or written",
     17: "integrity error: stored data or a restored image does not match its hash",
     18: "no space left on the repository's or target's device",
+    19: "cannot listen on the address (port in use, not a local address)",
+    20: "FUSE is not available on this machine (no /dev/fuse or libfuse3), or the mount failed",
     130: "interrupted",
 }

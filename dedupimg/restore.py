@@ -24,7 +24,7 @@ from dedupimg.imagehash import Buffer, ImageHasher
 from dedupimg.manifest import SnapshotRecord
 from dedupimg.progress import NoProgress, Progress
 from dedupimg.repository import Repository
-from dedupimg.target import Target
+from dedupimg.target import NullTarget, Target
 from dedupimg.zeros import ZERO_BLOCK, is_zero
 
 READ_BATCH = 8 << 20  # bytes of image per run read, verified and written as one piece
@@ -70,15 +70,29 @@ def restore(
     delta: bool = False,
     progress: Progress | None = None,
 ) -> RestoreResult:
-    progress = progress or NoProgress()
     started = _time.monotonic()
     record = repo.resolve(ref, name)
     out = Target(target, record.size, force, in_place=delta)
+    written, read = _restore_into(repo, record, out, progress or NoProgress(), f"restore {record.short_id}")
+    return RestoreResult(record, target, written, read, _time.monotonic() - started)
+
+
+def verify(repo: Repository, ref: str, name: str | None = None, progress: Progress | None = None) -> RestoreResult:
+    """Read a snapshot's whole image, checking every chunk and the image's blake3; write nothing."""
+    started = _time.monotonic()
+    record = repo.resolve(ref, name)
+    _restore_into(repo, record, NullTarget(), progress or NoProgress(), f"verify {record.short_id}")
+    return RestoreResult(record, "", 0, 0, _time.monotonic() - started)
+
+
+def _restore_into(repo: Repository, record: SnapshotRecord, out: Target | NullTarget, progress: Progress,
+                  task_name: str) -> tuple[int, int]:
+    """Write the image into ``out`` and prove it against the recorded hash; returns (written, read)."""
     delta = out.readable
     hasher = ImageHasher(AHEAD + 2)
     written = read = 0
     try:
-        progress.start(f"restore {record.short_id}", record.size)
+        progress.start(task_name, record.size)
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="dedupimg-restore") as pool:
             task = functools.partial(_delta_run if delta else _full_run, repo, out)
             for run, result in _pipelined(pool, plan_runs(repo, record), task):
@@ -94,7 +108,7 @@ def restore(
                 progress.advance(run.length)
         if hasher.digest() != record.image_hash:
             raise IntegrityError(
-                f"restored image of snapshot {record.short_id} does not match its recorded blake3"
+                f"the image of snapshot {record.short_id} does not match its recorded blake3"
                 + ("; the target was not replaced" if out.tmp is not None else "")
             )
         out.commit()
@@ -104,7 +118,7 @@ def restore(
         out.abort()
         raise
     out.close()
-    return RestoreResult(record, target, written, read, _time.monotonic() - started)
+    return written, read
 
 
 def _pipelined(pool: ThreadPoolExecutor, runs: Iterator[Run],
@@ -168,7 +182,7 @@ def _fetch(repo: Repository, run: Run, ids: list[bytes], lengths: list[int]) -> 
     return data
 
 
-def _write_now(target: Target, writes: list[tuple[int, list[Buffer]]], result: RunResult) -> RunResult:
+def _write_now(target: Target | NullTarget, writes: list[tuple[int, list[Buffer]]], result: RunResult) -> RunResult:
     """Positional targets are written by the pool thread; standard output is left to the ordered writer."""
     if target.seekable:
         for offset, buffers in writes:
@@ -179,7 +193,7 @@ def _write_now(target: Target, writes: list[tuple[int, list[Buffer]]], result: R
     return result
 
 
-def _full_run(repo: Repository, target: Target, run: Run) -> RunResult:
+def _full_run(repo: Repository, target: Target | NullTarget, run: Run) -> RunResult:
     if run.ids is None:
         if target.sparse:
             return RunResult(None, [])
@@ -189,7 +203,7 @@ def _full_run(repo: Repository, target: Target, run: Run) -> RunResult:
     return _write_now(target, [(run.offset, data)], RunResult(data, []))
 
 
-def _delta_run(repo: Repository, target: Target, run: Run) -> RunResult:
+def _delta_run(repo: Repository, target: Target | NullTarget, run: Run) -> RunResult:
     current = target.read(run.offset, run.length)
     if run.ids is None:
         result = RunResult(None, [], read=len(current))

@@ -162,3 +162,30 @@ def _open(path: Path, flags: int, mode: int = FILE_MODE) -> int:
         return os.open(path, flags, mode)
     except OSError as exc:
         raise TargetError(f"cannot open target {path}: {exc.strerror}") from None
+
+
+class NullTarget:
+    """Discards the image: ``verify`` runs the restore pipeline (every check included) without writing."""
+
+    sparse = True
+    seekable = True
+    readable = False
+    tmp: Path | None = None
+
+    def read(self, offset: int, length: int) -> bytes:  # pragma: no cover - never readable
+        raise TargetError("nothing to read")
+
+    def write(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        pass
+
+    def write_zeros(self, offset: int, length: int) -> int:
+        return 0
+
+    def commit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass

@@ -15,6 +15,7 @@ from dedupimg.errors import UsageError
 from dedupimg.manifest import SnapshotRecord
 from dedupimg.repository import Repository
 from dedupimg.restore import restore as restore_snapshot
+from dedupimg.restore import verify as verify_snapshot
 from dedupimg.snapshot import take_snapshot
 
 
@@ -136,6 +137,20 @@ def restore(
                      f"wrote {human_bytes(result.bytes_written)}")
     else:
         stdout.print(f"restored {rec.short_id} ({human_bytes(rec.size)}) to {target}")
+
+
+@app.command(epilog=exit_codes_help(10, 12, 13, 14, 17, 130))
+def verify(
+    ctx: typer.Context,
+    snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique id prefix, 'latest' or NAME@latest.")],
+    name: Annotated[str | None, typer.Option(help="With 'latest': the newest snapshot of this name.")] = None,
+) -> None:
+    """Read a snapshot's whole image and check every chunk and the image's blake3 (writes nothing)."""
+    with open_repo(ctx) as repo:
+        result = verify_snapshot(repo, snapshot, name=name, progress=progress_sink())
+    rec = result.record
+    stdout.print(f"snapshot {rec.short_id} ({human_bytes(rec.size)}) verified: blake3 {rec.image_hash.hex()[:16]}... "
+                 f"matches, in {result.seconds:.1f} s")
 
 
 @app.command(epilog=exit_codes_help(10, 12))

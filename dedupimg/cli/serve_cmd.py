@@ -1,1 +1,38 @@
 """`dedupimg serve`: registered on the app by import (see dedupimg/cli/main.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from dedupimg.cli.main import app, open_repo
+from dedupimg.cli.render import exit_codes_help, stderr
+from dedupimg.errors import Interrupted
+from dedupimg.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer, parse_listen
+
+
+@app.command(epilog=exit_codes_help(10, 12, 13, 14, 19))
+def serve(
+    ctx: typer.Context,
+    snapshots: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="SNAPSHOT", help="Snapshots to export (id, unique prefix, latest, NAME@latest); default: all."
+        ),
+    ] = None,
+    listen: Annotated[
+        str, typer.Option("--listen", metavar="HOST:PORT", help="Address to listen on (port 0: any free port).")
+    ] = f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+) -> None:
+    """Serve snapshots read-only over NBD until Ctrl-C or SIGTERM (which exit 0)."""
+    host, port = parse_listen(listen)
+    with open_repo(ctx) as repo:
+        server = NbdServer(repo, snapshots or [], host, port)
+        try:
+            stderr.print(f"serving {len(server.records())} exports on {server.url}", soft_wrap=True)
+            server.serve_forever()
+        except Interrupted:
+            pass  # a signal is how a server is stopped: a normal exit, not an error
+        finally:
+            server.shutdown()

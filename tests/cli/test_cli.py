@@ -115,6 +115,22 @@ def test_restore_delta_json(env, tmp_path):
     fails(run_cli("-r", repo, "restore", sid, "-", "--delta"), 2, "--delta needs a file")
 
 
+def test_verify(env, tmp_path):
+    repo, image = env
+    sid = ok(run_cli("-r", repo, "snapshot", image)).strip()
+    assert "verified" in ok(run_cli("-r", repo, "verify", sid[:12]))
+    # Damage one stored chunk: verify names the image range and exits 17.
+    from dedupimg import pack
+
+    pack_file = next(p for p in (repo / "packs").rglob("*.pack")
+                     if any(e.type == pack.CHUNK for e in pack.read_trailer(p)))
+    entry = next(e for e in pack.read_trailer(pack_file) if e.type == pack.CHUNK)
+    data = bytearray(pack_file.read_bytes())
+    data[entry.data_offset + 10] ^= 0xFF
+    pack_file.write_bytes(bytes(data))
+    fails(run_cli("-r", repo, "verify", "latest"), 17, "damaged data in image range")
+
+
 def test_snapshot_from_stdin(env, tmp_path):
     repo, image = env
     doc = json.loads(ok(run_cli("-r", repo, "snapshot", "-", "--name", "piped", "--json", input=image.read_bytes())))

@@ -1,0 +1,601 @@
+"""A read-only NBD server for snapshots: ``dedupimg serve``.
+
+It speaks the fixed newstyle handshake of the NBD protocol (NetworkBlockDevice/nbd doc/proto.md; constants
+below are named as there): NBD_OPT_EXPORT_NAME, LIST, INFO, GO, ABORT, STRUCTURED_REPLY and the
+``base:allocation`` metadata context, so that clients (qemu, nbdcopy, nbdinfo) see zero extents as holes.
+In transmission it answers READ, FLUSH, BLOCK_STATUS and DISC; writes, trims and write-zeroes get EPERM.
+
+Each export is a snapshot, named by anything :meth:`Repository.resolve` accepts. Data comes from one
+:class:`SnapshotReader` per snapshot, shared by every connection; it verifies each chunk, so a damaged chunk
+becomes an EIO reply, never wrong bytes. One thread serves each connection; a client that breaks the
+protocol loses its own connection and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dedupimg.errors import DedupimgError, IntegrityError, ListenError, SnapshotNotFound, UsageError
+from dedupimg.manifest import SnapshotRecord
+from dedupimg.reader import SnapshotReader
+from dedupimg.repository import Repository
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 10809  # the IANA port for NBD
+
+# -- limits: what a client may ask of us before it is refused -----------------------------------------------
+MAX_OPTION_DATA = 64 << 10  # an option carries at most a few 4 KiB strings; more is garbage or an attack
+MAX_REQUEST = 32 << 20  # largest READ (and skipped WRITE payload): 2^25, the size proto.md says to allow
+MAX_STATUS_SPAN = 256 << 20  # BLOCK_STATUS answers at most this much per request (the spec allows less)
+NEGOTIATION_TIMEOUT = 60.0  # a client silent this long during the handshake holds a thread for nothing
+SHUTDOWN_GRACE = 5.0  # seconds connections get to finish the request in flight when the server stops
+KEEP_READERS = 16  # snapshot readers kept for new connections (each caches up to 64 MiB of chunks)
+
+# -- handshake ----------------------------------------------------------------------------------------------
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+NBD_REP_MAGIC = 0x0003E889045565A9
+NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
+NBD_FLAG_NO_ZEROES = 1 << 1
+NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0
+NBD_FLAG_C_NO_ZEROES = 1 << 1
+
+NBD_OPT_EXPORT_NAME = 1
+NBD_OPT_ABORT = 2
+NBD_OPT_LIST = 3
+NBD_OPT_INFO = 6
+NBD_OPT_GO = 7
+NBD_OPT_STRUCTURED_REPLY = 8
+NBD_OPT_LIST_META_CONTEXT = 9
+NBD_OPT_SET_META_CONTEXT = 10
+
+NBD_REP_ACK = 1
+NBD_REP_SERVER = 2
+NBD_REP_INFO = 3
+NBD_REP_META_CONTEXT = 4
+NBD_REP_ERR_UNSUP = (1 << 31) + 1
+NBD_REP_ERR_POLICY = (1 << 31) + 2
+NBD_REP_ERR_INVALID = (1 << 31) + 3
+NBD_REP_ERR_UNKNOWN = (1 << 31) + 6
+
+NBD_INFO_EXPORT = 0
+NBD_INFO_NAME = 1
+NBD_INFO_DESCRIPTION = 2
+NBD_INFO_BLOCK_SIZE = 3
+
+# Transmission flags. CAN_MULTI_CONN is true of a read-only export: every connection sees the same bytes.
+NBD_FLAG_HAS_FLAGS = 1 << 0
+NBD_FLAG_READ_ONLY = 1 << 1
+NBD_FLAG_SEND_FLUSH = 1 << 2
+NBD_FLAG_CAN_MULTI_CONN = 1 << 8
+TRANSMISSION_FLAGS = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH | NBD_FLAG_CAN_MULTI_CONN
+
+BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION_ID = 1  # our one metadata context's id (any value unique per connection would do)
+NBD_STATE_HOLE = 1 << 0
+NBD_STATE_ZERO = 1 << 1
+
+# -- transmission -------------------------------------------------------------------------------------------
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+NBD_STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+NBD_CMD_READ = 0
+NBD_CMD_WRITE = 1
+NBD_CMD_DISC = 2
+NBD_CMD_FLUSH = 3
+NBD_CMD_TRIM = 4
+NBD_CMD_WRITE_ZEROES = 6
+NBD_CMD_BLOCK_STATUS = 7
+
+NBD_CMD_FLAG_FUA = 1 << 0  # meaningless on a read-only export, but clients are known to set it anyway
+NBD_CMD_FLAG_REQ_ONE = 1 << 3
+
+NBD_REPLY_FLAG_DONE = 1 << 0
+NBD_REPLY_TYPE_NONE = 0
+NBD_REPLY_TYPE_OFFSET_DATA = 1
+NBD_REPLY_TYPE_OFFSET_HOLE = 2
+NBD_REPLY_TYPE_BLOCK_STATUS = 5
+NBD_REPLY_TYPE_ERROR = (1 << 15) + 1
+NBD_REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+
+# Error values are the protocol's own, not the host's errno (they agree on Linux, but need not).
+NBD_EPERM = 1
+NBD_EIO = 5
+NBD_EINVAL = 22
+
+GREETING = struct.Struct(">QQH")
+OPTION = struct.Struct(">QII")
+OPTION_REPLY = struct.Struct(">QIII")
+REQUEST = struct.Struct(">IHHQQI")
+SIMPLE_REPLY = struct.Struct(">IIQ")
+CHUNK = struct.Struct(">IHHQI")
+
+
+@dataclass(frozen=True)
+class Export:
+    name: str  # canonical: the snapshot's full id
+    record: SnapshotRecord
+    reader: SnapshotReader
+
+    @property
+    def description(self) -> str:
+        return _describe(self.record)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6ADDR]:PORT`` -> (host, port); UsageError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--listen {text!r} is not HOST:PORT (like {DEFAULT_HOST}:{DEFAULT_PORT})")
+    return host, int(port)
+
+
+class NbdServer:
+    """Serves snapshots of ``repo`` over NBD until :meth:`shutdown`.
+
+    With no ``refs`` every snapshot is exported, including those taken while serving; otherwise only the
+    snapshots ``refs`` resolve to now. Resolving and binding happen here, so a bad reference or a taken
+    port fails before anything is served (SnapshotNotFound, AmbiguousSnapshot, ListenError).
+    """
+
+    def __init__(
+        self, repo: Repository, refs: Sequence[str] = (), host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
+    ) -> None:
+        self.repo = repo
+        self._lock = threading.Lock()
+        self._exports: dict[bytes, Export] = {}  # by snapshot id, least recently asked for first
+        self._fixed: list[SnapshotRecord] | None = None
+        self._aliases: dict[str, SnapshotRecord] = {}  # refs as given: `latest` stays what it was at start
+        if refs:
+            self._fixed = []
+            for ref in refs:
+                rec = repo.resolve(ref)
+                self._aliases[ref] = rec
+                if all(r.id != rec.id for r in self._fixed):
+                    self._fixed.append(rec)
+        self._sessions: dict[socket.socket, threading.Thread] = {}
+        self._serving = self._closed = False
+        self._stopped = threading.Event()  # serve_forever has returned (or raised)
+        try:
+            self._tcp = _TCPServer(self, host, port)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+    # -- exports --------------------------------------------------------------------------------------------
+
+    def records(self) -> list[SnapshotRecord]:
+        """The exported snapshots as NBD_OPT_LIST shows them; the first is the default export.
+
+        Without refs, newest first: the default export is then the latest snapshot.
+        """
+        if self._fixed is not None:
+            return list(self._fixed)
+        return self.repo.snapshots()[::-1]
+
+    def lookup(self, name: str) -> Export:
+        """The export a client asks for by name; SnapshotNotFound or AmbiguousSnapshot if none."""
+        if name == "":
+            records = self.records()
+            if not records:
+                raise SnapshotNotFound("no snapshot to serve as the default export")
+            rec = records[0]
+        elif name in self._aliases:
+            rec = self._aliases[name]
+        else:
+            rec = self.repo.resolve(name)
+            if self._fixed is not None and all(r.id != rec.id for r in self._fixed):
+                raise SnapshotNotFound(f"snapshot {rec.short_id} is not exported by this server")
+        # Connections to one snapshot share its reader (and its cache). Only the most recent few are kept
+        # here; an evicted reader lives on as long as the connections that use it.
+        with self._lock:
+            export = self._exports.pop(rec.id, None) or Export(rec.hex_id, rec, SnapshotReader(self.repo, rec))
+            self._exports[rec.id] = export
+            while len(self._exports) > KEEP_READERS:
+                del self._exports[next(iter(self._exports))]
+        return export
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._tcp.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"nbd://[{host}]:{port}" if ":" in host else f"nbd://{host}:{port}"
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._serving = True
+        try:
+            self._tcp.serve_forever(poll_interval)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop accepting, let each connection finish the request in flight, close everything."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            serving = self._serving
+        if serving and not self._stopped.is_set():
+            self._tcp.shutdown()  # waits for the loop; must not be called when it never ran or has ended
+        self._tcp.server_close()
+        with self._lock:
+            sessions = dict(self._sessions)
+        # SHUT_RD: the next read of each connection sees end of file, while a reply being sent completes.
+        for sock in sessions:
+            _quietly(sock.shutdown, socket.SHUT_RD)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for sock, thread in sessions.items():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():  # stuck sending to a client that does not read
+                _quietly(sock.shutdown, socket.SHUT_RDWR)
+                thread.join(1.0)
+
+    def __enter__(self) -> NbdServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _register(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._sessions[sock] = threading.current_thread()
+            return True
+
+    def _unregister(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sessions.pop(sock, None)
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True  # a restarted server can bind while old connections sit in TIME_WAIT
+    daemon_threads = True  # NbdServer.shutdown joins them itself, with a deadline
+    block_on_close = False
+
+    def __init__(self, nbd: NbdServer, host: str, port: int) -> None:
+        self.nbd = nbd
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), _Handler)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.debug("connection from %s failed", client_address, exc_info=True)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _TCPServer
+    request: socket.socket
+
+    def handle(self) -> None:
+        nbd = self.server.nbd
+        if not nbd._register(self.request):
+            return
+        try:
+            _Session(nbd, self.request).run()
+        finally:
+            nbd._unregister(self.request)
+
+
+class _Close(Exception):
+    """The client broke the protocol or left: drop this connection (a 'hard disconnect')."""
+
+
+class _Invalid(Exception):
+    """Option data that does not parse: NBD_REP_ERR_INVALID."""
+
+
+class _CommandError(Exception):
+    def __init__(self, error: int, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+OptionHandler = Callable[["_Session", int, bytes], Export | None]
+CommandHandler = Callable[["_Session", Export, int, int, int, int], None]
+
+
+class _Session:
+    """One client connection: the handshake, then the transmission loop."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.rfile = sock.makefile("rb")
+        self.no_zeroes = False
+        self.structured = False
+        self.meta_for: bytes | None = None  # snapshot id base:allocation was selected for
+
+    def run(self) -> None:
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out whole, at once
+            export = self.handshake()
+            if export is not None:
+                self.transmit(export)
+        except (_Close, OSError):
+            pass  # the client left, was too slow, or broke the protocol: nothing to report
+        except Exception:  # noqa: BLE001  (a bug must cost one connection, not the server)
+            log.debug("NBD connection failed", exc_info=True)
+        finally:
+            _quietly(self.rfile.close)
+
+    # -- wire helpers ---------------------------------------------------------------------------------------
+
+    def recv(self, n: int) -> bytes:
+        data = self.rfile.read(n)
+        if data is None or len(data) != n:
+            raise _Close
+        return data
+
+    def send(self, *parts: bytes | memoryview) -> None:
+        self.sock.sendall(b"".join(parts))
+
+    def reply(self, option: int, reply_type: int, data: bytes = b"") -> None:
+        self.send(OPTION_REPLY.pack(NBD_REP_MAGIC, option, reply_type, len(data)), data)
+
+    # -- handshake ------------------------------------------------------------------------------------------
+
+    def handshake(self) -> Export | None:
+        self.sock.settimeout(NEGOTIATION_TIMEOUT)
+        self.send(GREETING.pack(NBDMAGIC, IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
+        (client_flags,) = struct.unpack(">I", self.recv(4))
+        if client_flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
+            raise _Close  # proto.md: the server MUST drop a client that sets flags it does not know
+        self.no_zeroes = bool(client_flags & NBD_FLAG_C_NO_ZEROES)
+        while True:
+            magic, option, length = OPTION.unpack(self.recv(OPTION.size))
+            if magic != IHAVEOPT or length > MAX_OPTION_DATA:
+                raise _Close  # garbage, or a length we will not buffer: no way to find the next option
+            data = self.recv(length)
+            handler = OPTION_HANDLERS.get(option)
+            if handler is None:
+                self.reply(option, NBD_REP_ERR_UNSUP, b"option not supported by dedupimg")
+                continue
+            export = handler(self, option, data)
+            if export is not None:
+                self.sock.settimeout(None)  # an idle client (a VM that reads nothing) is fine from here on
+                return export
+
+    def opt_export_name(self, option: int, data: bytes) -> Export:
+        try:
+            export = self.server.lookup(data.decode())
+        except (UnicodeDecodeError, DedupimgError):
+            raise _Close from None  # this option cannot carry an error: proto.md says end the session
+        zeroes = b"" if self.no_zeroes else bytes(124)
+        self.send(struct.pack(">QH", export.reader.size, TRANSMISSION_FLAGS), zeroes)
+        return export
+
+    def opt_abort(self, option: int, data: bytes) -> None:
+        _quietly(self.reply, option, NBD_REP_ACK)  # the client may not wait for it
+        raise _Close
+
+    def opt_list(self, option: int, data: bytes) -> None:
+        if data:
+            return self.reply(option, NBD_REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
+        try:
+            records = self.server.records()
+        except DedupimgError as exc:
+            return self.reply(option, NBD_REP_ERR_POLICY, str(exc).encode())
+        for rec in records:
+            name = rec.hex_id.encode()
+            self.reply(option, NBD_REP_SERVER, struct.pack(">I", len(name)) + name + _describe(rec).encode())
+        self.reply(option, NBD_REP_ACK)
+
+    def opt_info(self, option: int, data: bytes) -> Export | None:
+        """NBD_OPT_INFO and NBD_OPT_GO: the same replies; GO then enters transmission."""
+        try:
+            name, pos = _string(data, 0)
+            (count,) = struct.unpack_from(">H", data, pos)
+            if len(data) != pos + 2 + 2 * count:
+                raise _Invalid
+            requests = struct.unpack_from(f">{count}H", data, pos + 2)
+        except (_Invalid, struct.error, UnicodeDecodeError):
+            self.reply(option, NBD_REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO request")
+            return None
+        try:
+            export = self.server.lookup(name)
+        except DedupimgError as exc:
+            self.reply(option, NBD_REP_ERR_UNKNOWN, str(exc).encode())
+            return None
+        self.reply(option, NBD_REP_INFO, struct.pack(">HQH", NBD_INFO_EXPORT, export.reader.size, TRANSMISSION_FLAGS))
+        # Sent whether asked or not (allowed): it tells clients our request cap before they hit it.
+        self.reply(option, NBD_REP_INFO, struct.pack(">HIII", NBD_INFO_BLOCK_SIZE, 1, 4096, MAX_REQUEST))
+        if NBD_INFO_NAME in requests:
+            self.reply(option, NBD_REP_INFO, struct.pack(">H", NBD_INFO_NAME) + export.name.encode())
+        if NBD_INFO_DESCRIPTION in requests:
+            self.reply(option, NBD_REP_INFO, struct.pack(">H", NBD_INFO_DESCRIPTION) + export.description.encode())
+        self.reply(option, NBD_REP_ACK)
+        return export if option == NBD_OPT_GO else None
+
+    def opt_structured_reply(self, option: int, data: bytes) -> None:
+        if data:
+            return self.reply(option, NBD_REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
+        self.structured = True
+        self.reply(option, NBD_REP_ACK)
+
+    def opt_meta_context(self, option: int, data: bytes) -> None:
+        """LIST_META_CONTEXT and SET_META_CONTEXT: we know one context, base:allocation."""
+        setting = option == NBD_OPT_SET_META_CONTEXT
+        if setting:
+            self.meta_for = None  # proto.md: SET replaces the selection, even when it fails
+            if not self.structured:
+                return self.reply(option, NBD_REP_ERR_INVALID, b"negotiate structured replies first")
+        try:
+            name, pos = _string(data, 0)
+            (count,) = struct.unpack_from(">I", data, pos)
+            pos += 4
+            queries = []
+            for _ in range(count):
+                query, pos = _string(data, pos)
+                queries.append(query)
+            if pos != len(data):
+                raise _Invalid
+        except (_Invalid, struct.error, UnicodeDecodeError):
+            return self.reply(option, NBD_REP_ERR_INVALID, b"malformed meta context request")
+        try:
+            export = self.server.lookup(name)
+        except DedupimgError as exc:
+            return self.reply(option, NBD_REP_ERR_UNKNOWN, str(exc).encode())
+        if setting:
+            # `base:` alone selects nothing when setting; unknown namespaces and leaves are ignored.
+            found = BASE_ALLOCATION in queries
+            if found:
+                self.meta_for = export.record.id
+            context_id = BASE_ALLOCATION_ID
+        else:
+            found = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+            context_id = 0  # proto.md: ids in LIST replies are reserved, zero
+        if found:
+            self.reply(option, NBD_REP_META_CONTEXT, struct.pack(">I", context_id) + BASE_ALLOCATION.encode())
+        self.reply(option, NBD_REP_ACK)
+
+    # -- transmission ---------------------------------------------------------------------------------------
+
+    def transmit(self, export: Export) -> None:
+        while True:
+            magic, flags, command, handle, offset, length = REQUEST.unpack(self.recv(REQUEST.size))
+            if magic != NBD_REQUEST_MAGIC:
+                raise _Close  # lost framing: nothing after this can be trusted
+            if command == NBD_CMD_DISC:
+                return
+            if command == NBD_CMD_WRITE:
+                # The payload must be read to find the next request; one past the cap is treated as
+                # an attack (proto.md allows the hard disconnect) rather than skipped.
+                if length > MAX_REQUEST:
+                    raise _Close
+                self.skip(length)
+            handler = COMMAND_HANDLERS.get(command)
+            try:
+                if handler is None:
+                    raise _CommandError(NBD_EINVAL, f"unknown command {command}")
+                handler(self, export, flags, handle, offset, length)
+            except _CommandError as exc:
+                self.error(handle, exc.error, str(exc))
+            except IntegrityError as exc:
+                self.error(handle, NBD_EIO, str(exc))  # damaged data: an error, never wrong bytes
+
+    def skip(self, length: int) -> None:
+        while length:
+            length -= len(self.recv(min(length, 1 << 16)))
+
+    def chunk(self, flags: int, reply_type: int, handle: int, payload: bytes) -> bytes:
+        return CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, flags, reply_type, handle, len(payload)) + payload
+
+    def error(self, handle: int, error: int, message: str) -> None:
+        if self.structured:
+            text = message.encode()[:4096]
+            payload = struct.pack(">IH", error, len(text)) + text
+            self.send(self.chunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, handle, payload))
+        else:
+            self.send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, handle))
+
+    @staticmethod
+    def check(export: Export, flags: int, allowed: int, offset: int, length: int) -> None:
+        if flags & ~allowed:
+            raise _CommandError(NBD_EINVAL, f"unsupported command flags {flags:#x}")
+        if offset + length > export.reader.size:
+            raise _CommandError(NBD_EINVAL, f"request [{offset}, +{length}) is past the end ({export.reader.size})")
+
+    def cmd_read(self, export: Export, flags: int, handle: int, offset: int, length: int) -> None:
+        self.check(export, flags, NBD_CMD_FLAG_FUA, offset, length)
+        if length > MAX_REQUEST:
+            raise _CommandError(NBD_EINVAL, f"read of {length} bytes is over the {MAX_REQUEST} byte limit")
+        # All data is read (and verified) before the first byte of the reply goes out: an error found
+        # midway can still be a clean error reply instead of a hard disconnect.
+        data = memoryview(export.reader.read(offset, length))
+        if not self.structured:
+            return self.send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle), data)
+        if length == 0:
+            return self.send(self.chunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, handle, b""))
+        runs = export.reader.is_zero_range(offset, length)
+        parts = []
+        for i, (start, n, zero) in enumerate(runs):
+            done = NBD_REPLY_FLAG_DONE if i == len(runs) - 1 else 0
+            if zero:
+                parts.append(self.chunk(done, NBD_REPLY_TYPE_OFFSET_HOLE, handle, struct.pack(">QI", start, n)))
+            else:
+                rel = start - offset
+                payload = struct.pack(">Q", start) + data[rel : rel + n]
+                parts.append(self.chunk(done, NBD_REPLY_TYPE_OFFSET_DATA, handle, payload))
+        self.send(*parts)
+
+    def cmd_flush(self, export: Export, flags: int, handle: int, offset: int, length: int) -> None:
+        self.check(export, flags, NBD_CMD_FLAG_FUA, offset, length)
+        self.send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle))  # nothing is ever written
+
+    def cmd_refuse(self, export: Export, flags: int, handle: int, offset: int, length: int) -> None:
+        raise _CommandError(NBD_EPERM, "the export is read-only")
+
+    def cmd_block_status(self, export: Export, flags: int, handle: int, offset: int, length: int) -> None:
+        if not self.structured or self.meta_for != export.record.id:
+            raise _CommandError(NBD_EINVAL, "base:allocation was not selected for this export")
+        self.check(export, flags, NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE, offset, length)
+        if length == 0:
+            raise _CommandError(NBD_EINVAL, "block status of an empty range")
+        runs = export.reader.is_zero_range(offset, min(length, MAX_STATUS_SPAN))
+        if flags & NBD_CMD_FLAG_REQ_ONE:
+            runs = runs[:1]
+        payload = struct.pack(">I", BASE_ALLOCATION_ID) + b"".join(
+            struct.pack(">II", n, NBD_STATE_HOLE | NBD_STATE_ZERO if zero else 0) for _, n, zero in runs
+        )
+        self.send(self.chunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, handle, payload))
+
+
+OPTION_HANDLERS: dict[int, OptionHandler] = {
+    NBD_OPT_EXPORT_NAME: _Session.opt_export_name,
+    NBD_OPT_ABORT: _Session.opt_abort,
+    NBD_OPT_LIST: _Session.opt_list,
+    NBD_OPT_INFO: _Session.opt_info,
+    NBD_OPT_GO: _Session.opt_info,
+    NBD_OPT_STRUCTURED_REPLY: _Session.opt_structured_reply,
+    NBD_OPT_LIST_META_CONTEXT: _Session.opt_meta_context,
+    NBD_OPT_SET_META_CONTEXT: _Session.opt_meta_context,
+}
+
+COMMAND_HANDLERS: dict[int, CommandHandler] = {
+    NBD_CMD_READ: _Session.cmd_read,
+    NBD_CMD_WRITE: _Session.cmd_refuse,
+    NBD_CMD_FLUSH: _Session.cmd_flush,
+    NBD_CMD_TRIM: _Session.cmd_refuse,
+    NBD_CMD_WRITE_ZEROES: _Session.cmd_refuse,
+    NBD_CMD_BLOCK_STATUS: _Session.cmd_block_status,
+}
+
+
+def _string(data: bytes, pos: int) -> tuple[str, int]:
+    """A 32-bit length and that many UTF-8 bytes at ``pos``; returns the string and the position after it."""
+    (n,) = struct.unpack_from(">I", data, pos)
+    end = pos + 4 + n
+    if end > len(data) or n > 4096:  # proto.md: strings MUST be no longer than 4096 bytes
+        raise _Invalid
+    return data[pos + 4 : end].decode(), end
+
+
+def _describe(rec: SnapshotRecord) -> str:
+    return f"{rec.name} {rec.time} ({rec.size} bytes)"
+
+
+def _quietly(fn: Callable[..., object], *args: object) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass
