@@ -1,1 +1,34 @@
 """`dedupimg mount`: registered on the app by import (see dedupimg/cli/main.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dedupimg.cli.main import app, repo_path
+from dedupimg.cli.render import exit_codes_help, stdout
+from dedupimg.mount import mount as mount_snapshots
+
+
+@app.command(epilog=exit_codes_help(10, 12, 16, 17, 20, 130))
+def mount(
+    ctx: typer.Context,
+    mountpoint: Annotated[Path, typer.Argument(help="An empty directory.")],
+    foreground: Annotated[
+        bool, typer.Option("--foreground", "-f", help="Serve in this process until unmounted (Ctrl-C unmounts).")
+    ] = False,
+) -> None:
+    """Mount every snapshot read-only: NAME/TIME_ID.img, NAME/latest and by-id/ID.img.
+
+    Returns once the mount is up; a background process serves it until 'fusermount3 -u MOUNTPOINT'.
+    Loop-mount an image file (mount -o loop,ro IMAGE DIR) to browse the files inside it.
+    """
+    path = repo_path(ctx)
+
+    def ready() -> None:
+        how = "Ctrl-C or " if foreground else ""
+        stdout.print(f"mounted {path} at {mountpoint}; unmount with {how}fusermount3 -u {mountpoint}", markup=False)
+
+    mount_snapshots(path, mountpoint, foreground=foreground, ready=ready)
