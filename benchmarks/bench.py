@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[args.scale]
     work = args.work.resolve() / scale.name
     started = time.monotonic()
-    info = system_info([make_tool(n, work, args.dedupimg) for n in args.tools], scale.name)
+    info = system_info([make_tool(n, work, args.dedupimg) for n in args.tools], scale.name, work)
     log(f"scale {scale.name}, series {','.join(args.series)}, tools {','.join(args.tools)}, work {work}")
     results = []
     for name in args.series:

@@ -7,6 +7,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from measure import MB
 from results import SeriesResult, ToolRun
@@ -50,8 +51,29 @@ def ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def system_info(tools: list[Tool], scale: str) -> dict[str, object]:
+def disk_write_mbps(directory: Path, nbytes: int = 1 << 30) -> float:
+    """Sequential write of non-zero data then fdatasync, as a restore timed to ``sync`` does: the ceiling
+    that any tool's restore speed meets on this disk (holes in sparse images are not written, so a
+    restore of a sparse image can show more logical MB/s than this)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(8 << 20)
+    path = directory / "disk-ceiling.tmp"
+    started = time.monotonic()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(nbytes // len(block)):
+            os.write(fd, block)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+        elapsed = time.monotonic() - started
+        path.unlink()
+    return nbytes / MB / elapsed
+
+
+def system_info(tools: list[Tool], scale: str, work: Path) -> dict[str, object]:
     return {
+        "disk_write_mbps": round(disk_write_mbps(work), 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "scale": scale,
         "nproc": os.cpu_count(),
@@ -268,6 +290,8 @@ def render_markdown(info: dict[str, object], results: list[SeriesResult], elapse
         f"- date: {info['date']}; scale: **{info['scale']}**; whole run {elapsed / 60:.1f} min",
         f"- machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, Linux {info['kernel']}, "
         f"load average at start {info['loadavg_at_start']}",
+        f"- disk: sequential write + fdatasync of 1 GiB in the work directory {info['disk_write_mbps']} MB/s "
+        "(the ceiling for every tool's restore of allocated bytes)",
         "- tools: " + "; ".join(str(v) for v in tools.values()) + f"; Python {info['python']}",
         *(f"- **warning**: {w}" for w in info.get("warnings", [])),  # type: ignore[attr-defined]
         "",
