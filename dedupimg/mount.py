@@ -36,6 +36,7 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from dedupimg.errors import DedupimgError, MountError, TargetError
+from dedupimg.lock import LockMode
 from dedupimg.manifest import SnapshotRecord
 from dedupimg.reader import SnapshotReader
 from dedupimg.repository import Repository
@@ -306,7 +307,9 @@ def _mfusepy() -> ModuleType:
     return mfusepy
 
 
-def serve(repo_path: Path, mountpoint: Path, ready: Callable[[], None] | None = None) -> None:
+def serve(
+    repo_path: Path, mountpoint: Path, ready: Callable[[], None] | None = None, lock_wait: float = 0.0
+) -> None:
     """Mount and serve in this thread until unmounted (fusermount3 -u, SIGINT, SIGTERM or SIGHUP)."""
     # Absolute paths: libfuse changes the working directory to / once mounted.
     repo_path, mountpoint = Path(os.path.abspath(repo_path)), Path(os.path.abspath(mountpoint))
@@ -317,7 +320,8 @@ def serve(repo_path: Path, mountpoint: Path, ready: Callable[[], None] | None = 
         if ready is not None:
             ready()
 
-    with Repository.open(repo_path) as repo:
+    # The serving process holds the shared lock for as long as the mount is up (prune waits for it).
+    with Repository.open(repo_path, LockMode.SHARED, lock_wait, "mount") as repo:
         fs = SnapshotFS(repo, on_ready)
         fs.load()  # a damaged index fails here, with its exit code, and not at the first ls
         saved: dict[signal.Signals, Any] = {}
@@ -355,7 +359,11 @@ def _raise_read_ahead(mountpoint: Path) -> None:
 
 
 def mount(
-    repo_path: Path, mountpoint: Path, foreground: bool = False, ready: Callable[[], None] | None = None
+    repo_path: Path,
+    mountpoint: Path,
+    foreground: bool = False,
+    ready: Callable[[], None] | None = None,
+    lock_wait: float = 0.0,
 ) -> None:
     """Mount the repository's snapshots read-only at ``mountpoint``.
 
@@ -368,7 +376,7 @@ def mount(
     check_fuse()
     repo_path = Path(os.path.abspath(repo_path))  # the server runs in /
     if foreground:
-        serve(repo_path, mountpoint, ready)
+        serve(repo_path, mountpoint, ready, lock_wait)
         return
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -376,7 +384,7 @@ def mount(
         os.close(rfd)
         os.setsid()
         if os.fork() == 0:
-            _daemon(repo_path, mountpoint, wfd)
+            _daemon(repo_path, mountpoint, wfd, lock_wait)
         os._exit(0)
     os.close(wfd)
     os.waitpid(pid, 0)
@@ -388,7 +396,7 @@ def mount(
         ready()
 
 
-def _daemon(repo_path: Path, mountpoint: Path, wfd: int) -> NoReturn:
+def _daemon(repo_path: Path, mountpoint: Path, wfd: int, lock_wait: float) -> NoReturn:
     """The background server: tells the parent READY or its error (pickled) through ``wfd``, then serves."""
     status = os.fdopen(wfd, "wb")
     null = os.open(os.devnull, os.O_RDWR)
@@ -407,7 +415,7 @@ def _daemon(repo_path: Path, mountpoint: Path, wfd: int) -> NoReturn:
         os.chdir("/")
         os.dup2(null, 0)
         os.dup2(null, 1)
-        serve(repo_path, mountpoint, ready)
+        serve(repo_path, mountpoint, ready, lock_wait)
     except BaseException as exc:  # noqa: BLE001  (reported to the parent, whatever it is)
         code = 1
         if not isinstance(exc, DedupimgError):

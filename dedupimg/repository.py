@@ -29,6 +29,7 @@ from dedupimg.errors import (
 )
 from dedupimg.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
 from dedupimg.index import Index, NewBlob, NewSegment, NewSnapshot
+from dedupimg.lock import LockMode, RepositoryLock
 from dedupimg.manifest import Segment, SnapshotRecord, decode_segment
 
 CONFIG = "config"
@@ -58,6 +59,7 @@ class Repository:
         self.tmp_dir = path / TMP
         self.index = Index(path / INDEX)
         self._packs = _OpenPacks(self)
+        self._lock: RepositoryLock | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -98,7 +100,13 @@ class Repository:
         return cls(path, config)
 
     @classmethod
-    def open(cls, path: Path) -> Repository:
+    def open(cls, path: Path, lock: LockMode | None = None, lock_wait: float = 0.0, purpose: str = "") -> Repository:
+        """Open a repository; with ``lock``, hold that flock on REPO/lock until :meth:`close`.
+
+        snapshot, restore, mount and serve take a SHARED lock, forget and prune an EXCLUSIVE one; a conflicting
+        holder is waited for up to ``lock_wait`` seconds (RepositoryLocked then). ``purpose`` names the command
+        in lock messages.
+        """
         path = Path(path)
         if not path.exists():
             raise RepositoryNotFound(f"repository {path} does not exist")
@@ -108,11 +116,25 @@ class Repository:
             raw = (path / CONFIG).read_bytes()
         except OSError as exc:
             raise NotARepository(f"cannot read {path / CONFIG}: {exc.strerror}") from None
-        return cls(path, Config.from_bytes(raw, str(path / CONFIG)))
+        config = Config.from_bytes(raw, str(path / CONFIG))
+        held = RepositoryLock(path, lock, lock_wait, purpose) if lock is not None else None
+        if held is not None:
+            held.acquire()
+        try:
+            repo = cls(path, config)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
+        repo._lock = held
+        return repo
 
     def close(self) -> None:
         self._packs.close()
         self.index.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> Repository:
         return self

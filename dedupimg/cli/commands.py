@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dedupimg.cli.main import app, open_repo, repo_path
+from dedupimg.cli.main import LockWait, app, open_repo, repo_path
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
 from dedupimg.config import DEFAULT_CHUNK_SIZE, ChunkerParams
 from dedupimg.errors import UsageError
+from dedupimg.lock import LockMode
 from dedupimg.manifest import SnapshotRecord
 from dedupimg.repository import Repository
 from dedupimg.restore import restore as restore_snapshot
@@ -60,7 +61,7 @@ def _parse_time(value: str | None) -> datetime | None:
         raise UsageError(f"--time {value!r} is not an ISO 8601 time (like 2026-01-31T22:00:00+01:00)") from None
 
 
-@app.command(epilog=exit_codes_help(10, 12, 16, 18, 130))
+@app.command(epilog=exit_codes_help(10, 11, 12, 16, 18, 130))
 def snapshot(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="Image file, sparse file, block device, or - for stdin.")],
@@ -68,10 +69,11 @@ def snapshot(
     tag: Annotated[list[str] | None, typer.Option(help="Tag the snapshot (repeatable).")] = None,
     time: Annotated[str | None, typer.Option(help="Record this time (ISO 8601) instead of now.")] = None,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    lock_wait: LockWait = 0.0,
 ) -> None:
     """Take a snapshot of an image and print its id."""
     when = _parse_time(time)
-    with open_repo(ctx) as repo:
+    with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
         result = take_snapshot(repo, source, name=name, tags=tag or [], when=when, progress=progress_sink())
     rec = result.record
     if json:
@@ -107,7 +109,7 @@ def snapshots(
     stdout.print(f"{len(records)} snapshots")
 
 
-@app.command(epilog=exit_codes_help(10, 12, 13, 14, 15, 16, 17, 18, 130))
+@app.command(epilog=exit_codes_help(10, 11, 12, 13, 14, 15, 16, 17, 18, 130))
 def restore(
     ctx: typer.Context,
     snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique id prefix, or 'latest'.")],
@@ -118,9 +120,10 @@ def restore(
         bool, typer.Option("--delta", help="Update an existing target in place: write only chunks that differ.")
     ] = False,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object (not with target -).")] = False,
+    lock_wait: LockWait = 0.0,
 ) -> None:
     """Restore a snapshot bit-exact (verified against its recorded blake3)."""
-    with open_repo(ctx) as repo:
+    with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
         result = restore_snapshot(
             repo, snapshot, target, force=force, name=name, delta=delta, progress=progress_sink()
         )
@@ -139,14 +142,15 @@ def restore(
         stdout.print(f"restored {rec.short_id} ({human_bytes(rec.size)}) to {target}")
 
 
-@app.command(epilog=exit_codes_help(10, 12, 13, 14, 17, 130))
+@app.command(epilog=exit_codes_help(10, 11, 12, 13, 14, 17, 130))
 def verify(
     ctx: typer.Context,
     snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique id prefix, 'latest' or NAME@latest.")],
     name: Annotated[str | None, typer.Option(help="With 'latest': the newest snapshot of this name.")] = None,
+    lock_wait: LockWait = 0.0,
 ) -> None:
     """Read a snapshot's whole image and check every chunk and the image's blake3 (writes nothing)."""
-    with open_repo(ctx) as repo:
+    with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
         result = verify_snapshot(repo, snapshot, name=name, progress=progress_sink())
     rec = result.record
     stdout.print(f"snapshot {rec.short_id} ({human_bytes(rec.size)}) verified: blake3 {rec.image_hash.hex()[:16]}... "

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from dedupimg.errors import DedupimgError, Interrupted, UsageError
+from dedupimg.lock import LockMode
 from dedupimg.repository import Repository
 
 app = typer.Typer(
@@ -42,8 +43,16 @@ def repo_path(ctx: typer.Context) -> Path:
     return Path(path)
 
 
-def open_repo(ctx: typer.Context) -> Repository:
-    return Repository.open(repo_path(ctx))
+def open_repo(ctx: typer.Context, lock: LockMode | None = None, wait: float = 0.0) -> Repository:
+    """The repository of ``-r``; with ``lock``, holding that lock for the command (named in lock messages)."""
+    return Repository.open(repo_path(ctx), lock, wait, ctx.info_name or "")
+
+
+LockWait = Annotated[
+    float,
+    typer.Option("--lock-wait", metavar="SECONDS", min=0,
+                 help="Wait up to this long for a conflicting command's lock to go (default: fail at once)."),
+]
 
 
 def _fail(message: str, code: int) -> None:

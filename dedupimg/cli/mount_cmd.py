@@ -7,18 +7,19 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.main import app, repo_path
+from dedupimg.cli.main import LockWait, app, repo_path
 from dedupimg.cli.render import exit_codes_help, stdout
 from dedupimg.mount import mount as mount_snapshots
 
 
-@app.command(epilog=exit_codes_help(10, 12, 16, 17, 20, 130))
+@app.command(epilog=exit_codes_help(10, 11, 12, 16, 17, 20, 130))
 def mount(
     ctx: typer.Context,
     mountpoint: Annotated[Path, typer.Argument(help="An empty directory.")],
     foreground: Annotated[
         bool, typer.Option("--foreground", "-f", help="Serve in this process until unmounted (Ctrl-C unmounts).")
     ] = False,
+    lock_wait: LockWait = 0.0,
 ) -> None:
     """Mount every snapshot read-only: NAME/TIME_ID.img, NAME/latest and by-id/ID.img.
 
@@ -31,4 +32,4 @@ def mount(
         how = "Ctrl-C or " if foreground else ""
         stdout.print(f"mounted {path} at {mountpoint}; unmount with {how}fusermount3 -u {mountpoint}", markup=False)
 
-    mount_snapshots(path, mountpoint, foreground=foreground, ready=ready)
+    mount_snapshots(path, mountpoint, foreground=foreground, ready=ready, lock_wait=lock_wait)

@@ -6,13 +6,14 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.main import app, open_repo
+from dedupimg.cli.main import LockWait, app, open_repo
 from dedupimg.cli.render import exit_codes_help, stderr
 from dedupimg.errors import Interrupted
+from dedupimg.lock import LockMode
 from dedupimg.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer, parse_listen
 
 
-@app.command(epilog=exit_codes_help(10, 12, 13, 14, 19))
+@app.command(epilog=exit_codes_help(10, 11, 12, 13, 14, 19))
 def serve(
     ctx: typer.Context,
     snapshots: Annotated[
@@ -24,10 +25,11 @@ def serve(
     listen: Annotated[
         str, typer.Option("--listen", metavar="HOST:PORT", help="Address to listen on (port 0: any free port).")
     ] = f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+    lock_wait: LockWait = 0.0,
 ) -> None:
     """Serve snapshots read-only over NBD until Ctrl-C or SIGTERM (which exit 0)."""
     host, port = parse_listen(listen)
-    with open_repo(ctx) as repo:
+    with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
         server = NbdServer(repo, snapshots or [], host, port)
         try:
             stderr.print(f"serving {len(server.records())} exports on {server.url}", soft_wrap=True)

@@ -235,3 +235,43 @@ def test_bad_time(env):
 def test_unknown_option_is_one_line(env):
     repo, _ = env
     fails(run_cli("-r", repo, "snapshots", "--bogus"), 2, "--bogus")
+
+
+def test_commands_wait_for_an_exclusive_lock_then_fail_with_code_11(env, tmp_path):
+    from dedupimg.lock import LockMode, RepositoryLock
+
+    repo, image = env
+    ok(run_cli("-r", repo, "snapshot", image))
+    with RepositoryLock(repo, LockMode.EXCLUSIVE, what="prune"):
+        fails(run_cli("-r", repo, "snapshot", image), 11, "locked")
+        fails(run_cli("-r", repo, "restore", "latest", tmp_path / "out.img"), 11, "prune")
+        fails(run_cli("-r", repo, "verify", "latest", "--lock-wait", "0.3"), 11, "waited")
+    assert not (tmp_path / "out.img").exists()
+    ok(run_cli("-r", repo, "verify", "latest"))  # released: no stale lock
+
+
+def test_lock_wait_succeeds_once_the_holder_lets_go(env):
+    repo, image = env
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from dedupimg.lock import LockMode, RepositoryLock\n"
+         "with RepositoryLock(sys.argv[1], LockMode.EXCLUSIVE, what='prune'):\n"
+         "    print('held', flush=True); time.sleep(1.0)",
+         str(repo)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        ok(run_cli("-r", repo, "snapshot", image, "--lock-wait", "20"))
+    finally:
+        holder.wait(timeout=30)
+
+
+def test_shared_commands_run_side_by_side(env, tmp_path):
+    from dedupimg.lock import LockMode, RepositoryLock
+
+    repo, image = env
+    with RepositoryLock(repo, LockMode.SHARED, what="restore"):
+        ok(run_cli("-r", repo, "snapshot", image))
+        ok(run_cli("-r", repo, "restore", "latest", tmp_path / "out.img"))
+    assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
