@@ -7,8 +7,9 @@ format: they are fixed when the repository is created and never change afterward
 from __future__ import annotations
 
 import json
+import reprlib
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dedupimg.errors import UnsupportedFormat, UsageError
@@ -74,35 +75,59 @@ class Config:
             if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
                 raise ValueError("not a dedupimg config")
             version = doc.get("version")
-            if version != FORMAT_VERSION:
+            if type(version) is not int or version != FORMAT_VERSION:  # not true, not 1.0
                 raise UnsupportedFormat(
-                    f"{where}: repository format version {version!r} is not supported "
+                    f"{where}: repository format version {reprlib.repr(version)} is not supported "
                     f"(this dedupimg reads version {FORMAT_VERSION})"
                 )
             if doc.get("hash") != "blake3-256" or doc.get("compression") != "zstd":
                 raise ValueError("unknown hash or compression")
-            chunker = ChunkerParams(**doc["chunker"])
+            chunker = ChunkerParams(**_section(doc, "chunker", ChunkerParams))
             if chunker.algorithm != "fastcdc2020":
-                raise ValueError(f"unknown chunker {chunker.algorithm!r}")
+                raise ValueError(f"unknown chunker {reprlib.repr(chunker.algorithm)}")
             config = cls(
                 repo_id=str(doc["repo_id"]),
                 chunker=chunker,
-                segments=SegmentParams(**doc["segments"]),
+                segments=SegmentParams(**_section(doc, "segments", SegmentParams)),
                 compression="zstd",
-                compression_level=int(doc["compression_level"]),
-                pack_size=int(doc["pack_size"]),
+                compression_level=_int(doc["compression_level"], "compression_level"),
+                pack_size=_int(doc["pack_size"], "pack_size"),
                 version=version,
             )
             _check_ranges(config)
             return config
         except UnsupportedFormat:
             raise
-        except (ValueError, TypeError, KeyError, RecursionError) as exc:
-            raise UnsupportedFormat(f"{where}: damaged or unknown repository config ({exc})") from None
+        except KeyError as exc:
+            raise UnsupportedFormat(f"{where}: damaged repository config (no {exc} key)") from None
+        except (ValueError, TypeError, RecursionError) as exc:
+            message = " ".join(str(exc).split())  # on one line: messages may quote the damaged input
+            raise UnsupportedFormat(f"{where}: damaged or unknown repository config ({message})") from None
+
+
+def _section(doc: dict[str, Any], key: str, kind: type) -> dict[str, Any]:
+    """``doc[key]``: an object whose keys are fields of the dataclass ``kind`` (missing ones take defaults)."""
+    section = doc[key]
+    if not isinstance(section, dict):
+        raise ValueError(f"{key} is not an object")
+    unknown = set(section) - {f.name for f in fields(kind)}
+    if unknown:
+        raise ValueError(f"unknown {key} keys {reprlib.repr(sorted(unknown))}")
+    return section
+
+
+def _int(value: Any, name: str) -> int:
+    if type(value) is not int:  # not true/false, not a float (json reads 1e999 as inf)
+        raise ValueError(f"{name} is not an integer")
+    return value
 
 
 def _check_ranges(config: Config) -> None:
     c = config.chunker
+    for params in (c, config.segments):  # the int fields must be ints: not true/false, not 1.5 or inf
+        for f in fields(params):
+            if f.name != "algorithm" and type(getattr(params, f.name)) is not int:
+                raise ValueError(f"{f.name} is not an integer")
     if not (256 <= c.avg_size <= 4 << 20 and 64 <= c.min_size <= c.avg_size <= c.max_size <= 16 << 20):
         raise ValueError("chunker sizes out of range")
     if not 0 <= c.normalized_chunking <= 3:

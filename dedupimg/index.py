@@ -8,6 +8,10 @@ Named databases (docs/format.md gives each key and value byte for byte):
 ``segments``  segment id -> encoded segment (a copy of the blob, for fast reads)
 ``snapshots`` snapshot id -> encoded snapshot record
 ``meta``      b"next_pack" -> u32
+``dead``      blob id -> b"": every chunk or segment row with refcount 0, and every forgotten snapshot record's
+              row; what a prune starts from, so that its work follows what died, not the repository's size
+``garbage``   pack number -> u64: bytes of blobs in that pack that no row points at any more (a prune
+              dropped their rows but kept the pack; a second copy of an id already indexed)
 
 Reference counts: a segment's count is the number of times live snapshot records list it; a chunk's count is
 the number of times stored segments list it. Both change in the same transaction as the records that cause
@@ -29,7 +33,15 @@ from dedupimg.errors import IntegrityError, NoSpaceError, RepositoryLocked
 BLOB_VALUE = struct.Struct("<BBIQIII")
 PACK_NO = struct.Struct(">I")
 PACK_VALUE = struct.Struct("<32sQI")
+GARBAGE_VALUE = struct.Struct("<Q")
+BLOB_HEADER_SIZE = 44  # pack.BLOB_HEADER.size: a blob takes this plus its stored length in its pack
 INITIAL_MAP = 64 << 20
+DATA_FILE = "data.mdb"
+# Blob types whose rows are counted (pack.CHUNK, pack.SEGMENT), the record type, and the tombstone type
+# (pack.TOMBSTONE), whose rows hold a permanent count of 1: tombstones are never garbage.
+_COUNTED = (0, 1)
+_SNAPSHOT_TYPE = 2
+_TOMBSTONE_TYPE = 3
 T = TypeVar("T")
 
 
@@ -68,11 +80,24 @@ class NewSnapshot:
     segment_ids: list[bytes]
 
 
+@dataclass(frozen=True)
+class PackRow:
+    pack_no: int
+    id: bytes
+    size: int
+    blob_count: int
+
+
 class Index:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, create: bool = False) -> None:
+        if not create and not (path / DATA_FILE).is_file():
+            # LMDB would quietly make an empty index: every snapshot would seem gone.
+            raise IntegrityError(
+                f"index {path} is missing (no {DATA_FILE}); rebuild it from the packs with 'dedupimg repair index'"
+            )
         try:
             self._env = lmdb.open(
-                str(path), map_size=INITIAL_MAP, max_dbs=8, subdir=True, mode=0o600, create=True
+                str(path), map_size=INITIAL_MAP, max_dbs=12, subdir=True, mode=0o600, create=create
             )
         except lmdb.Error as exc:
             raise _translate(exc, path) from None
@@ -83,6 +108,8 @@ class Index:
         self._segments = self._env.open_db(b"segments")
         self._snapshots = self._env.open_db(b"snapshots")
         self._meta = self._env.open_db(b"meta")
+        self._dead = self._env.open_db(b"dead")
+        self._garbage = self._env.open_db(b"garbage")
 
     def close(self) -> None:
         self._env.close()
@@ -145,6 +172,55 @@ class Index:
         for k, v in rows:
             yield bytes(k), BlobLocation(*BLOB_VALUE.unpack(v))
 
+    def pack_rows(self) -> list[PackRow]:
+        def run(txn: lmdb.Transaction) -> list[PackRow]:
+            rows = []
+            for k, v in txn.cursor(db=self._packs).iternext():
+                pid, size, count = PACK_VALUE.unpack(v)
+                rows.append(PackRow(PACK_NO.unpack(k)[0], bytes(pid), size, count))
+            return rows
+
+        return self._read(run)
+
+    def pack_numbers(self, pack_ids: Iterable[bytes]) -> dict[bytes, int]:
+        """Pack number of each of ``pack_ids`` that the index lists."""
+
+        def run(txn: lmdb.Transaction) -> dict[bytes, int]:
+            out = {}
+            for pid in pack_ids:
+                v = txn.get(pid, db=self._pack_ids)
+                if v is not None:
+                    out[pid] = PACK_NO.unpack(v)[0]
+            return out
+
+        return self._read(run)
+
+    def dead_rows(self) -> list[tuple[bytes, BlobLocation | None]]:
+        """Every row in ``dead`` with its blob row (None if the blob row is gone, which check reports)."""
+
+        def run(txn: lmdb.Transaction) -> list[tuple[bytes, BlobLocation | None]]:
+            out: list[tuple[bytes, BlobLocation | None]] = []
+            for k in txn.cursor(db=self._dead).iternext(keys=True, values=False):
+                v = txn.get(k, db=self._blobs)
+                out.append((bytes(k), BlobLocation(*BLOB_VALUE.unpack(v)) if v is not None else None))
+            return out
+
+        return self._read(run)
+
+    def garbage_bytes(self) -> dict[int, int]:
+        return self._read(lambda txn: {
+            PACK_NO.unpack(k)[0]: GARBAGE_VALUE.unpack(v)[0] for k, v in txn.cursor(db=self._garbage).iternext()
+        })
+
+    def iter_segments(self) -> Iterator[tuple[bytes, bytes]]:
+        """(id, encoded segment) of every stored segment, from one read transaction held while iterating."""
+        with self._env.begin() as txn:
+            for k, v in txn.cursor(db=self._segments).iternext():
+                yield bytes(k), bytes(v)
+
+    def has_segments(self, ids: list[bytes]) -> list[bool]:
+        return self._read(lambda txn: [txn.get(i, db=self._segments) is not None for i in ids])
+
     # -- writing -------------------------------------------------------------------------------------------
 
     def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
@@ -171,33 +247,165 @@ class Index:
         """Register a durable pack, its blobs and segments, and optionally a snapshot, in one transaction."""
 
         def run(txn: lmdb.Transaction) -> None:
-            raw_no = txn.get(b"next_pack", db=self._meta)
-            pack_no = PACK_NO.unpack(raw_no)[0] if raw_no else 0
-            txn.put(b"next_pack", PACK_NO.pack(pack_no + 1), db=self._meta)
-            txn.put(PACK_NO.pack(pack_no), PACK_VALUE.pack(pack_id, pack_size, len(blobs)), db=self._packs)
-            txn.put(pack_id, PACK_NO.pack(pack_no), db=self._pack_ids)
-            for b in blobs:
-                value = BLOB_VALUE.pack(b.type, b.codec, pack_no, b.offset, b.stored_len, b.raw_len, 0)
-                # An id already indexed keeps its first location; this copy is dead space for prune.
-                txn.put(b.id, value, db=self._blobs, overwrite=False)
-            for seg in segments:
-                if txn.put(seg.id, seg.raw, db=self._segments, overwrite=False):
-                    _add_refs(txn, self._blobs, seg.chunk_ids, +1)
+            self._register_pack(txn, pack_id, pack_size, blobs)
+            self._store_segments(txn, segments)
             if snapshot is not None:
-                txn.put(snapshot.id, snapshot.raw, db=self._snapshots)
-                _add_refs(txn, self._blobs, snapshot.segment_ids, +1)
+                self._store_snapshot(txn, snapshot)
 
         self._write(run)
 
+    def add_references(self, segments: list[NewSegment], snapshots: list[NewSnapshot]) -> None:
+        """Store segments and snapshot records whose blobs are already registered (repair index)."""
 
-def _add_refs(txn: lmdb.Transaction, db: lmdb._Database, ids: Iterable[bytes], delta: int) -> None:
+        def run(txn: lmdb.Transaction) -> None:
+            self._store_segments(txn, segments)
+            for snap in snapshots:
+                self._store_snapshot(txn, snap)
+
+        self._write(run)
+
+    def mark_dead(self, ids: Iterable[bytes]) -> None:
+        """Record rows as garbage for the next prune (repair index: records that a tombstone forgets)."""
+
+        def run(txn: lmdb.Transaction) -> None:
+            for i in ids:
+                txn.put(i, b"", db=self._dead)
+
+        self._write(run)
+
+    def forget(self, tombstone_pack: tuple[bytes, int, list[NewBlob]], forgotten: list[NewSnapshot]) -> None:
+        """Register the pack holding the tombstone, and drop the snapshot records it names, in one transaction.
+
+        Each record's segments lose one reference per listing; segments that reach 0 and the records' own rows
+        go to ``dead``. Chunks are not touched: a prune cascades from dead segments (format.md §7.3).
+        """
+
+        def run(txn: lmdb.Transaction) -> None:
+            pack_id, size, blobs = tombstone_pack
+            self._register_pack(txn, pack_id, size, blobs)
+            for snap in forgotten:
+                if not txn.delete(snap.id, db=self._snapshots):
+                    continue  # forgotten already (a re-run after a crash)
+                _add_refs(txn, self._blobs, self._dead, snap.segment_ids, -1)
+                txn.put(snap.id, b"", db=self._dead)
+
+        self._write(run)
+
+    def apply_prune(
+        self,
+        new_packs: list[tuple[bytes, int, list[NewBlob]]],
+        dropped_segments: list[NewSegment],
+        dropped_blobs: list[bytes],
+        deleted_packs: list[int],
+        garbage: dict[int, int],
+    ) -> None:
+        """Everything a prune changes in the index, in one transaction (docs/format.md §8.3).
+
+        ``new_packs`` hold copies of live blobs: their rows move there, keeping their counts. Dropped segments
+        leave ``segments`` and take one reference from each chunk they list. Dropped blobs lose their rows; a
+        row that is still referenced at this point aborts the whole transaction (a chunk is never dropped
+        while something points at it). ``deleted_packs`` leave ``packs``; ``garbage`` adds bytes to packs that
+        stay.
+        """
+
+        def run(txn: lmdb.Transaction) -> None:
+            for seg in dropped_segments:
+                if txn.delete(seg.id, db=self._segments):
+                    _add_refs(txn, self._blobs, self._dead, seg.chunk_ids, -1)
+            for i in dropped_blobs:
+                v = txn.get(i, db=self._blobs)
+                if v is None:
+                    txn.delete(i, db=self._dead)
+                    continue
+                loc = BlobLocation(*BLOB_VALUE.unpack(v))
+                live = loc.refcount > 0 if loc.type in _COUNTED else (
+                    loc.type == _TOMBSTONE_TYPE or txn.get(i, db=self._snapshots) is not None
+                )
+                if live or (loc.type == 1 and txn.get(i, db=self._segments) is not None):
+                    raise IntegrityError(f"prune would drop blob {i.hex()[:16]}, which is still referenced")
+                txn.delete(i, db=self._blobs)
+                txn.delete(i, db=self._dead)
+            for pack_id, size, blobs in new_packs:
+                pack_no = self._next_pack_no(txn)
+                txn.put(PACK_NO.pack(pack_no), PACK_VALUE.pack(pack_id, size, len(blobs)), db=self._packs)
+                txn.put(pack_id, PACK_NO.pack(pack_no), db=self._pack_ids)
+                for b in blobs:
+                    v = txn.get(b.id, db=self._blobs)
+                    if v is None:
+                        raise IntegrityError(f"prune copied blob {b.id.hex()[:16]}, which has no row")
+                    refcount = BLOB_VALUE.unpack(v)[-1]
+                    txn.put(b.id, BLOB_VALUE.pack(b.type, b.codec, pack_no, b.offset, b.stored_len, b.raw_len,
+                                                  refcount), db=self._blobs)
+            for pack_no in deleted_packs:
+                key = PACK_NO.pack(pack_no)
+                v = txn.get(key, db=self._packs)
+                if v is not None:
+                    txn.delete(bytes(PACK_VALUE.unpack(v)[0]), db=self._pack_ids)
+                    txn.delete(key, db=self._packs)
+                txn.delete(key, db=self._garbage)
+            for pack_no, nbytes in garbage.items():
+                _add_garbage(txn, self._garbage, pack_no, nbytes)
+
+        self._write(run)
+
+    # -- shared steps of the writes ----------------------------------------------------------------------------
+
+    def _next_pack_no(self, txn: lmdb.Transaction) -> int:
+        raw_no = txn.get(b"next_pack", db=self._meta)
+        pack_no = PACK_NO.unpack(raw_no)[0] if raw_no else 0
+        txn.put(b"next_pack", PACK_NO.pack(pack_no + 1), db=self._meta)
+        return int(pack_no)
+
+    def _register_pack(self, txn: lmdb.Transaction, pack_id: bytes, pack_size: int, blobs: list[NewBlob]) -> int:
+        pack_no = self._next_pack_no(txn)
+        txn.put(PACK_NO.pack(pack_no), PACK_VALUE.pack(pack_id, pack_size, len(blobs)), db=self._packs)
+        txn.put(pack_id, PACK_NO.pack(pack_no), db=self._pack_ids)
+        duplicate_bytes = 0
+        for b in blobs:
+            refcount = 1 if b.type == _TOMBSTONE_TYPE else 0
+            value = BLOB_VALUE.pack(b.type, b.codec, pack_no, b.offset, b.stored_len, b.raw_len, refcount)
+            # An id already indexed keeps its first location; this copy is garbage in its pack.
+            if not txn.put(b.id, value, db=self._blobs, overwrite=False):
+                duplicate_bytes += BLOB_HEADER_SIZE + b.stored_len
+            elif b.type in _COUNTED:
+                txn.put(b.id, b"", db=self._dead)  # until a segment or a record references it
+        if duplicate_bytes:
+            _add_garbage(txn, self._garbage, pack_no, duplicate_bytes)
+        return pack_no
+
+    def _store_segments(self, txn: lmdb.Transaction, segments: list[NewSegment]) -> None:
+        for seg in segments:
+            if txn.put(seg.id, seg.raw, db=self._segments, overwrite=False):
+                _add_refs(txn, self._blobs, self._dead, seg.chunk_ids, +1)
+
+    def _store_snapshot(self, txn: lmdb.Transaction, snapshot: NewSnapshot) -> None:
+        if txn.put(snapshot.id, snapshot.raw, db=self._snapshots, overwrite=False):
+            _add_refs(txn, self._blobs, self._dead, snapshot.segment_ids, +1)
+            txn.delete(snapshot.id, db=self._dead)
+
+
+def _add_refs(txn: lmdb.Transaction, db: lmdb._Database, dead: lmdb._Database, ids: Iterable[bytes],
+              delta: int) -> None:
     for i in ids:
         v = txn.get(i, db=db)
         if v is None:
             raise IntegrityError(f"reference to blob {i.hex()[:16]} that is not indexed")
         fields = list(BLOB_VALUE.unpack(v))
-        fields[-1] += delta
+        before = fields[-1]
+        if before + delta < 0:
+            raise IntegrityError(f"reference count of blob {i.hex()[:16]} would go below zero")
+        fields[-1] = before + delta
         txn.put(i, BLOB_VALUE.pack(*fields), db=db)
+        if before == 0:
+            txn.delete(i, db=dead)
+        elif fields[-1] == 0:
+            txn.put(i, b"", db=dead)
+
+
+def _add_garbage(txn: lmdb.Transaction, db: lmdb._Database, pack_no: int, nbytes: int) -> None:
+    key = PACK_NO.pack(pack_no)
+    v = txn.get(key, db=db)
+    txn.put(key, GARBAGE_VALUE.pack((GARBAGE_VALUE.unpack(v)[0] if v else 0) + nbytes), db=db)
 
 
 def _translate(exc: lmdb.Error, path: Path) -> Exception:

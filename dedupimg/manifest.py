@@ -64,19 +64,23 @@ def encode_segment(lengths: list[int], ids: list[bytes | None]) -> bytes:
 
 def decode_segment(raw: bytes) -> Segment:
     try:
-        version, flat = msgpack.unpackb(raw, raw=False, use_list=True, max_array_len=1 << 22)
-        if version != SEGMENT_VERSION or not isinstance(flat, list) or len(flat) % 2:
+        # Bound arrays by the input (each item takes a byte), not by a length a damaged header claims.
+        doc = msgpack.unpackb(raw, raw=False, use_list=True, max_array_len=min(len(raw), 1 << 22))
+        if not (isinstance(doc, list) and len(doc) == 2):
+            raise ValueError("not a [version, extents] array")
+        version, flat = doc
+        if type(version) is not int or version != SEGMENT_VERSION or not isinstance(flat, list) or len(flat) % 2:
             raise ValueError("unknown segment version or shape")
         lengths = flat[0::2]
         ids = flat[1::2]
         for n, i in zip(lengths, ids, strict=True):
-            if not isinstance(n, int) or n <= 0:
+            if type(n) is not int or n <= 0:
                 raise ValueError("bad extent length")
             if i is not None and not (isinstance(i, bytes) and len(i) == ID_LEN):
                 raise ValueError("bad chunk id")
         return Segment(lengths, ids)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise IntegrityError(f"damaged manifest segment ({exc})") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise IntegrityError(f"damaged manifest segment ({_one_line(exc)})") from None
 
 
 class SegmentBuilder:
@@ -169,29 +173,64 @@ class SnapshotRecord:
     @classmethod
     def decode(cls, raw: bytes) -> SnapshotRecord:
         try:
-            doc = msgpack.unpackb(raw, raw=False, use_list=True, max_array_len=1 << 24)
-            if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
+            # Bound arrays by the input (each item takes a byte), not by a length a damaged header claims.
+            doc = msgpack.unpackb(raw, raw=False, use_list=True, max_array_len=min(len(raw), 1 << 24))
+            if not isinstance(doc, dict) or type(doc.get("v")) is not int or doc["v"] != SNAPSHOT_VERSION:
                 raise ValueError("unknown snapshot record version")
-            segments = [(bytes(sid), int(n)) for sid, n in doc["segments"]]
+            # Check every field's type before using it: bytes(n) of a damaged int would allocate n bytes.
+            segments = []
+            for pair in _field(doc, "segments", list):
+                if not (isinstance(pair, list) and len(pair) == 2):
+                    raise ValueError("a segment entry is not [id, length]")
+                sid, n = pair
+                if not (isinstance(sid, bytes) and len(sid) == ID_LEN) or type(n) is not int or n < 0:
+                    raise ValueError("bad segment id or length")
+                segments.append((sid, n))
+            tags = _field(doc, "tags", list, [])
+            if not all(isinstance(t, str) for t in tags):
+                raise ValueError("a tag is not a string")
             rec = cls(
-                name=str(doc["name"]),
-                time=str(doc["time"]),
-                size=int(doc["size"]),
-                image_hash=bytes(doc["hash"]),
+                name=_field(doc, "name", str),
+                time=_field(doc, "time", str),
+                size=_field(doc, "size", int),
+                image_hash=_field(doc, "hash", bytes),
                 segments=segments,
-                source=str(doc.get("source", "")),
-                host=str(doc.get("host", "")),
-                tags=[str(t) for t in doc.get("tags", [])],
-                chunker=dict(doc.get("chunker", {})),
-                stats=dict(doc.get("stats", {})),
+                source=_field(doc, "source", str, ""),
+                host=_field(doc, "host", str, ""),
+                tags=tags,
+                chunker=_field(doc, "chunker", dict, {}),
+                stats=_field(doc, "stats", dict, {}),
             )
-            datetime.fromisoformat(rec.time)
+            if rec.size < 0 or len(rec.image_hash) != ID_LEN:
+                raise ValueError("bad image size or hash")
+            if datetime.fromisoformat(rec.time).tzinfo is None:
+                raise ValueError("time has no UTC offset")  # naive and aware times do not sort together
             if sum(n for _, n in segments) != rec.size:
                 raise ValueError("segment lengths do not add up to the image size")
-        except (ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            raise IntegrityError(f"damaged snapshot record ({exc})") from None
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise IntegrityError(f"damaged snapshot record ({_one_line(exc)})") from None
         rec.id = blob_id(raw)
         return rec
+
+
+_MISSING: Any = object()
+
+
+def _field(doc: dict[Any, Any], key: str, kind: type, default: Any = _MISSING) -> Any:
+    """``doc[key]``, which must be of type ``kind`` (an int is not a bool); ``default`` if absent and allowed."""
+    if key not in doc:
+        if default is _MISSING:
+            raise ValueError(f"field {key!r} is missing")
+        return default
+    value = doc[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"field {key!r} is not {kind.__name__}")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (messages may quote damaged input)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def chunker_dict(params: ChunkerParams) -> dict[str, Any]:
@@ -206,3 +245,28 @@ def segment_starts(segments: Iterable[tuple[bytes, int]]) -> list[int]:
         out.append(pos)
         pos += n
     return out
+
+
+# -- tombstones -------------------------------------------------------------------------------------------------
+
+TOMBSTONE_VERSION = 1
+MAX_TOMBSTONE_IDS = 1 << 20  # far more snapshots than one forget removes; bounds decoding damaged input
+
+
+def encode_tombstone(snapshot_ids: list[bytes]) -> bytes:
+    """``[1, [id, ...]]``: the records that ``forget`` removed, so that ``repair index`` leaves them out."""
+    return msgpack.packb([TOMBSTONE_VERSION, list(snapshot_ids)], use_bin_type=True)
+
+
+def decode_tombstone(raw: bytes) -> list[bytes]:
+    try:
+        doc = msgpack.unpackb(raw, use_list=True, raw=False, max_array_len=MAX_TOMBSTONE_IDS, max_bin_len=32,
+                              max_str_len=0, max_map_len=0, max_ext_len=0)
+        if not (isinstance(doc, list) and len(doc) == 2 and doc[0] == TOMBSTONE_VERSION and isinstance(doc[1], list)):
+            raise ValueError("not a version 1 tombstone")
+        ids = doc[1]
+        if not all(isinstance(i, bytes) and len(i) == 32 for i in ids):
+            raise ValueError("bad snapshot id")
+        return ids
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise IntegrityError(f"tombstone is damaged ({_one_line(exc)})") from None

@@ -39,6 +39,8 @@ FOOTER = struct.Struct("<QII32s8s")
 CHUNK = 0
 SEGMENT = 1
 SNAPSHOT = 2
+TOMBSTONE = 3  # msgpack list of forgotten snapshot ids: repair index must not bring them back
+BLOB_TYPES = (CHUNK, SEGMENT, SNAPSHOT, TOMBSTONE)
 
 # Codecs
 RAW = 0
@@ -89,20 +91,29 @@ _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 
 def decode_blob(codec: int, stored: bytes | memoryview, raw_len: int) -> bytes:
+    if not 0 <= raw_len <= MAX_BLOB:
+        raise IntegrityError(f"blob raw length {raw_len} is out of range")
     if codec == RAW:
+        if len(stored) != raw_len:
+            raise IntegrityError(f"raw blob has {len(stored)} bytes, its header says {raw_len}")
         return bytes(stored)
     if codec == ZSTD:
         decompressor = getattr(_local, "zstd", None)
         if decompressor is None:
             decompressor = _local.zstd = zstandard.ZstdDecompressor()
         try:
+            # zstandard allocates the size a frame header claims, whatever max_output_size says: refuse a
+            # claim other than raw_len before decompressing (-1 = no size in the header: bounded by raw_len).
+            claimed = zstandard.frame_content_size(stored)
+            if claimed not in (-1, raw_len):
+                raise IntegrityError(f"blob's zstd frame claims {claimed} bytes, its header says {raw_len}")
             raw = decompressor.decompress(stored, max_output_size=raw_len)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"blob does not decompress: {exc}") from None
         if len(raw) != raw_len:
             raise IntegrityError("blob decompresses to the wrong length")
         return raw
-    raise IntegrityError(f"unknown codec {codec}")
+    raise IntegrityError(f"blob has unknown codec {codec}")
 
 
 class PackWriter:
@@ -196,6 +207,8 @@ def pack_path(packs_dir: Path, pack_id: bytes) -> Path:
 
 def read_blob(fd: int, entry_offset: int, expect_id: bytes, where: str) -> tuple[int, bytes]:
     """Read and verify one blob at ``entry_offset``; returns (type, raw bytes)."""
+    if entry_offset < 0:
+        raise IntegrityError(f"{where}: blob offset {entry_offset} is negative")
     header = os.pread(fd, BLOB_HEADER.size, entry_offset)
     if len(header) != BLOB_HEADER.size:
         raise IntegrityError(f"{where}: blob header at {entry_offset} is truncated")
@@ -208,6 +221,8 @@ def read_blob(fd: int, entry_offset: int, expect_id: bytes, where: str) -> tuple
 
 def read_blob_run(fd: int, start: int, length: int, blobs: list[tuple[int, bytes]], where: str) -> list[bytes]:
     """Read adjacent blobs with one pread: ``blobs`` are (offset, id) within ``[start, start+length)``."""
+    if start < 0 or length < 0:
+        raise IntegrityError(f"{where}: blob run at {start} (+{length}) is out of range")
     data = os.pread(fd, length, start)
     view = memoryview(data)
     return [parse_blob(view, offset - start, id_, where, offset)[1] for offset, id_ in blobs]
@@ -215,16 +230,25 @@ def read_blob_run(fd: int, start: int, length: int, blobs: list[tuple[int, bytes
 
 def parse_blob(view: memoryview, pos: int, expect_id: bytes, where: str, offset: int) -> tuple[int, bytes]:
     """Check and decode the blob whose header starts at ``view[pos]`` (``offset`` in the pack, for messages)."""
-    header = view[pos : pos + BLOB_HEADER.size]
+    header = view[pos : pos + BLOB_HEADER.size] if pos >= 0 else b""
     if len(header) != BLOB_HEADER.size:
         raise IntegrityError(f"{where}: blob header at {offset} is truncated")
     magic, type_, codec, raw_len, stored_len, id_ = BLOB_HEADER.unpack(header)
-    if magic != BLOB_MAGIC or id_ != expect_id or raw_len > MAX_BLOB or stored_len > MAX_BLOB:
+    if (
+        magic != BLOB_MAGIC
+        or id_ != expect_id
+        or type_ not in BLOB_TYPES
+        or raw_len > MAX_BLOB
+        or stored_len > MAX_BLOB
+    ):
         raise IntegrityError(f"{where}: blob header at {offset} is damaged")
     stored = view[pos + BLOB_HEADER.size : pos + BLOB_HEADER.size + stored_len]
     if len(stored) != stored_len:
         raise IntegrityError(f"{where}: blob at {offset} is truncated")
-    raw = decode_blob(codec, stored, raw_len)
+    try:
+        raw = decode_blob(codec, stored, raw_len)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset}: {_one_line(exc)}") from None
     if blob_id(raw) != expect_id:
         raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset} fails its hash")
     return type_, raw
@@ -255,22 +279,30 @@ def read_trailer(path: Path) -> list[BlobEntry]:
 
 def parse_trailer(trailer: bytes, count: int, limit: int, where: str) -> list[BlobEntry]:
     try:
-        rows = msgpack.unpackb(trailer, use_list=True, raw=False, max_array_len=max(count, 6))
+        # Every msgpack item takes at least a byte: no array can be longer than the trailer.
+        rows = msgpack.unpackb(trailer, use_list=True, raw=False, max_array_len=max(min(count, len(trailer)), 6))
         if not isinstance(rows, list) or len(rows) != count:
             raise ValueError("wrong blob count")
         entries = []
         for row in rows:
+            if not (isinstance(row, list) and len(row) == 6):
+                raise ValueError("a row is not 6 fields")
             t, c, off, raw_len, stored_len, id_ = row
             if not (isinstance(id_, bytes) and len(id_) == 32):
                 raise ValueError("bad blob id")
-            if not all(isinstance(v, int) and v >= 0 for v in (t, c, off, raw_len, stored_len)):
+            if not all(type(v) is int and v >= 0 for v in (t, c, off, raw_len, stored_len)):
                 raise ValueError("bad blob field")
             if off + BLOB_HEADER.size + stored_len > limit:
                 raise ValueError("blob extends past the trailer")
             entries.append(BlobEntry(t, c, off, raw_len, stored_len, id_))
         return entries
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise IntegrityError(f"{where}: pack trailer is damaged ({exc})") from None
+        raise IntegrityError(f"{where}: pack trailer is damaged ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (messages may quote damaged input)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def iter_pack_paths(packs_dir: Path) -> Iterator[Path]:

@@ -30,7 +30,7 @@ from dedupimg.errors import (
 from dedupimg.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
 from dedupimg.index import Index, NewBlob, NewSegment, NewSnapshot
 from dedupimg.lock import LockMode, RepositoryLock
-from dedupimg.manifest import Segment, SnapshotRecord, decode_segment
+from dedupimg.manifest import Segment, SnapshotRecord, decode_segment, encode_tombstone
 
 CONFIG = "config"
 PACKS = "packs"
@@ -93,7 +93,7 @@ class Repository:
             os.mkdir(path / PACKS / f"{i:02x}", DIR_MODE)
             # The 256 entries are made durable by one fsync of packs/ below.
         fsync_dir(path / PACKS)
-        Index(path / INDEX).close()
+        Index(path / INDEX, create=True).close()
         # The config is written last: a directory without it is not (yet) a repository.
         fsync_dir(path)
         atomic_write(path / CONFIG, config.to_bytes())
@@ -222,6 +222,27 @@ class Repository:
             packs=len(packs),
             chunks=chunks,
         )
+
+    def forget(self, records: list[SnapshotRecord]) -> None:
+        """Drop snapshot records (their data stays until a prune collects it).
+
+        A tombstone naming them is written to a new pack and made durable first, so that ``repair index``,
+        which rebuilds the index from packs, never brings them back; then one index transaction registers
+        that pack and drops the records (docs/format.md §8.2).
+        """
+        if not records:
+            return
+        raw = encode_tombstone([r.id for r in records])
+        writer = pack.PackWriter(self.tmp_dir)
+        try:
+            writer.add(pack.TOMBSTONE, pack.blob_id(raw), pack.RAW, raw, len(raw))
+            pack_id, _path, size = writer.finish(self.packs_dir)
+        except BaseException:
+            writer.abort()
+            raise
+        blobs = [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id) for e in writer.entries]
+        forgotten = [NewSnapshot(r.id, b"", [sid for sid, _ in r.segments]) for r in records]
+        self.index.forget((pack_id, size, blobs), forgotten)
 
     def writer(self) -> BlobWriter:
         return BlobWriter(self)

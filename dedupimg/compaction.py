@@ -1,0 +1,253 @@
+"""The pack-level half of prune: find what died, then delete and rewrite packs (part of the repository layer).
+
+Planning starts from the index's ``dead`` rows (every chunk or segment whose count fell to 0, every forgotten
+record), so its work follows what was forgotten, not the size of the repository:
+
+1. dead segments still stored in ``segments`` are dropped, and each takes one reference from the chunks it
+   lists; chunks that reach 0 die too (the cascade of docs/format.md §7.3);
+2. the packs holding dead blobs (or bytes already counted as garbage) are the only packs looked at: a pack's
+   trailer says what it holds, and a blob in it is live when the index points at exactly that copy and it is
+   not dying now;
+3. a pack with nothing live is deleted; a pack whose unused share is above ``max_unused`` is rewritten (its
+   live blobs copied, as stored, into new packs after checking each against its id); other packs stay, and
+   their dropped blobs become counted garbage.
+
+Execution keeps every instant safe (docs/format.md §8.3): new packs are written, fsynced and renamed; then one
+index transaction drops the dead rows, moves the copied rows to the new packs and unlists the old packs; only
+then are the old pack files deleted. A kill before the transaction leaves unlisted new packs, a kill after
+it unlisted old packs: the next prune deletes either as orphans. Both steps need the exclusive lock, which
+``prune`` holds, so no snapshot can add references between plan and execution.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dedupimg import pack
+from dedupimg.errors import IntegrityError
+from dedupimg.fsutil import fsync_dir
+from dedupimg.index import BlobLocation, NewBlob, NewSegment, PackRow
+from dedupimg.manifest import decode_segment
+from dedupimg.repository import Repository
+
+DEFAULT_MAX_UNUSED = 0.05
+
+
+@dataclass(frozen=True)
+class PackWork:
+    row: PackRow
+    path: Path
+    unused_bytes: int
+    live: list[pack.BlobEntry] = field(default_factory=list)  # blobs to copy when the pack is rewritten
+
+
+@dataclass
+class PrunePlan:
+    max_unused: float
+    delete: list[PackWork] = field(default_factory=list)
+    repack: list[PackWork] = field(default_factory=list)
+    keep: list[PackWork] = field(default_factory=list)  # affected packs that stay, with their new garbage
+    garbage: dict[int, int] = field(default_factory=dict)  # pack number -> dead bytes added by this prune
+    dropped_segments: list[NewSegment] = field(default_factory=list)
+    dropped_blobs: list[bytes] = field(default_factory=list)
+    dropped_by_type: Counter[int] = field(default_factory=Counter)
+    orphan_packs: list[Path] = field(default_factory=list)
+    tmp_files: list[Path] = field(default_factory=list)
+    orphan_bytes: int = 0
+    tmp_bytes: int = 0
+
+    @property
+    def repack_bytes(self) -> int:
+        """Bytes of live blobs that the rewrite copies."""
+        return sum(pack.BLOB_HEADER.size + e.stored_len for w in self.repack for e in w.live)
+
+    @property
+    def freed_estimate(self) -> int:
+        """Bytes the prune gives back: deleted packs, rewritten packs less what is copied, leftovers."""
+        return (sum(w.row.size for w in self.delete) + sum(w.row.size for w in self.repack) - self.repack_bytes
+                + self.orphan_bytes + self.tmp_bytes)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.delete or self.repack or self.garbage or self.dropped_blobs or self.dropped_segments
+                    or self.orphan_packs or self.tmp_files)
+
+
+@dataclass(frozen=True)
+class PruneOutcome:
+    packs_deleted: int
+    packs_rewritten: int
+    packs_written: int
+    bytes_freed: int  # on disk, measured: bytes of files removed minus bytes of packs written
+    bytes_written: int
+
+
+def plan(repo: Repository, max_unused: float = DEFAULT_MAX_UNUSED) -> PrunePlan:
+    if not 0.0 <= max_unused <= 1.0:
+        raise ValueError("max_unused is a fraction from 0 to 1")
+    result = PrunePlan(max_unused)
+    dead = {i: loc for i, loc in repo.index.dead_rows()}
+    _cascade(repo, dead, result)
+    for i, loc in dead.items():
+        result.dropped_blobs.append(i)
+        if loc is not None:
+            result.dropped_by_type[loc.type] += 1
+    _plan_packs(repo, dead, result)
+    _find_leftovers(repo, result)
+    return result
+
+
+def _cascade(repo: Repository, dead: dict[bytes, BlobLocation | None], result: PrunePlan) -> None:
+    """Drop dead segments that are still stored; chunks whose last reference they held die with them."""
+    lost: Counter[bytes] = Counter()
+    dead_segments = [i for i, loc in dead.items() if loc is not None and loc.type == pack.SEGMENT]
+    for seg_id, stored in zip(dead_segments, repo.index.has_segments(dead_segments), strict=True):
+        if not stored:
+            continue
+        raw = repo.index.get_segment(seg_id)
+        assert raw is not None
+        chunk_ids = decode_segment(raw).chunk_ids()
+        result.dropped_segments.append(NewSegment(seg_id, b"", chunk_ids))
+        lost.update(chunk_ids)
+    if not lost:
+        return
+    ids = list(lost)
+    for i, loc in zip(ids, repo.index.lookup_blobs(ids), strict=True):
+        if loc is None:
+            raise IntegrityError(f"a dead segment lists chunk {i.hex()[:16]}, which is not indexed; run check")
+        if loc.refcount < lost[i]:
+            raise IntegrityError(f"chunk {i.hex()[:16]} has fewer references than segments list it; run check")
+        if loc.refcount == lost[i]:
+            dead[i] = loc
+
+
+def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result: PrunePlan) -> None:
+    dead_bytes: defaultdict[int, int] = defaultdict(int)
+    for loc in dead.values():
+        if loc is not None:
+            dead_bytes[loc.pack_no] += pack.BLOB_HEADER.size + loc.stored_len
+    garbage = repo.index.garbage_bytes()
+    rows = {r.pack_no: r for r in repo.index.pack_rows()}
+    for pack_no in sorted(set(dead_bytes) | {p for p, n in garbage.items() if n}):
+        row = rows.get(pack_no)
+        if row is None:
+            raise IntegrityError(f"dead blobs name pack number {pack_no}, which the index does not list; run check")
+        path = pack.pack_path(repo.packs_dir, row.id)
+        entries = pack.read_trailer(path)
+        ids = [e.id for e in entries]
+        live = [
+            e for e, loc in zip(entries, repo.index.lookup_blobs(ids), strict=True)
+            if e.id not in dead and loc is not None and loc.pack_no == pack_no and loc.offset == e.offset
+        ]
+        live_bytes = sum(pack.BLOB_HEADER.size + e.stored_len for e in live)
+        work = PackWork(row, path, row.size - live_bytes, live)
+        if not live:
+            result.delete.append(work)
+        elif work.unused_bytes > result.max_unused * row.size:
+            result.repack.append(work)
+        else:
+            result.keep.append(work)
+            if dead_bytes.get(pack_no):
+                result.garbage[pack_no] = dead_bytes[pack_no]
+
+
+def _find_leftovers(repo: Repository, result: PrunePlan) -> None:
+    """Pack files the index does not list (a crash between rename and commit, or an interrupted prune) and
+    temporary files: garbage, since no writer can be running while prune holds the exclusive lock."""
+    paths = list(pack.iter_pack_paths(repo.packs_dir))
+    ids = {}
+    for p in paths:
+        try:
+            ids[bytes.fromhex(p.stem)] = p
+        except ValueError:
+            continue  # not a name dedupimg writes: leave it alone
+    listed = repo.index.pack_numbers(list(ids))
+    for pid, p in ids.items():
+        if pid not in listed:
+            result.orphan_packs.append(p)
+            result.orphan_bytes += _size(p)
+    for p in sorted(repo.tmp_dir.glob("*.tmp")):
+        result.tmp_files.append(p)
+        result.tmp_bytes += _size(p)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] | None = None) -> PruneOutcome:
+    """Carry out ``todo`` (made by :func:`plan` under the same exclusive lock)."""
+    advance = on_bytes or (lambda n: None)
+    new_packs, written = _rewrite(repo, todo.repack, advance)
+    repo.index.apply_prune(
+        new_packs,
+        todo.dropped_segments,
+        todo.dropped_blobs,
+        [w.row.pack_no for w in todo.delete + todo.repack],
+        todo.garbage,
+    )
+    freed = 0
+    dirs: set[Path] = set()
+    for w in todo.delete + todo.repack:
+        freed += _remove(w.path)
+        dirs.add(w.path.parent)
+    for p in todo.orphan_packs + todo.tmp_files:
+        freed += _remove(p)
+        dirs.add(p.parent)
+    for d in sorted(dirs):
+        fsync_dir(d)
+    return PruneOutcome(len(todo.delete), len(todo.repack), len(new_packs), freed - written, written)
+
+
+def _rewrite(
+    repo: Repository, work: list[PackWork], advance: Callable[[int], None]
+) -> tuple[list[tuple[bytes, int, list[NewBlob]]], int]:
+    """Copy the live blobs of ``work`` into new durable packs, checking each against its id on the way."""
+    out: list[tuple[bytes, int, list[NewBlob]]] = []
+    written = 0
+    writer: pack.PackWriter | None = None
+
+    def finish() -> None:
+        nonlocal writer, written
+        if writer is None:
+            return
+        pack_id, _path, size = writer.finish(repo.packs_dir)
+        out.append((pack_id, size, [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id)
+                                    for e in writer.entries]))
+        written += size
+        writer = None
+
+    try:
+        for w in work:
+            data = w.path.read_bytes()
+            view = memoryview(data)
+            for e in w.live:
+                pack.parse_blob(view, e.offset, e.id, str(w.path), e.offset)  # raises IntegrityError on damage
+                if writer is None:
+                    writer = pack.PackWriter(repo.tmp_dir)
+                writer.add(e.type, e.id, e.codec, bytes(view[e.data_offset : e.data_offset + e.stored_len]),
+                           e.raw_len)
+                if writer.size >= repo.config.pack_size:
+                    finish()
+            advance(w.row.size)
+        finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return out, written
+
+
+def _remove(path: Path) -> int:
+    size = _size(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size

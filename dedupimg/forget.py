@@ -1,0 +1,65 @@
+"""Forget: drop snapshot records by a retention policy (restic's semantics, see retention.py) or by id.
+
+Forget plans first (which records go, and for each kept one the rules that keep it), then removes the
+records in one step (Repository.forget: a tombstone pack, then one index transaction). The data of removed
+snapshots stays in the packs until ``prune`` collects what nothing else references.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dedupimg.errors import UsageError
+from dedupimg.manifest import SnapshotRecord
+from dedupimg.repository import Repository
+from dedupimg.retention import EMPTY_POLICY_MESSAGE, Decision, Policy, apply_policy, group_by_name
+
+
+@dataclass(frozen=True)
+class ForgetPlan:
+    """Per image name, every snapshot newest first with its verdict."""
+
+    groups: dict[str, list[Decision[SnapshotRecord]]]
+
+    @property
+    def remove(self) -> list[SnapshotRecord]:
+        return [d.item for ds in self.groups.values() for d in ds if not d.keep]
+
+    @property
+    def keep(self) -> list[SnapshotRecord]:
+        return [d.item for ds in self.groups.values() for d in ds if d.keep]
+
+
+def plan_policy(repo: Repository, policy: Policy, name: str | None = None) -> ForgetPlan:
+    """Apply ``policy`` to every image name (or only to ``name``); raises UsageError for an empty policy."""
+    if policy.empty():  # refused even in an empty repository, where apply_policy is never called
+        raise UsageError(EMPTY_POLICY_MESSAGE)
+    groups = group_by_name(repo.snapshots(name), lambda r: r.name)
+    return ForgetPlan({
+        group: apply_policy(records, policy, time_of=lambda r: r.datetime, tags_of=lambda r: r.tags)
+        for group, records in sorted(groups.items())
+    })
+
+
+def plan_ids(repo: Repository, refs: list[str]) -> ForgetPlan:
+    """Remove exactly the named snapshots (ids, unique prefixes, latest, NAME@latest); keep the rest."""
+    named = {repo.resolve(ref).id for ref in refs}  # every reference must resolve, or nothing is removed
+    groups = group_by_name(repo.snapshots(), lambda r: r.name)
+    return ForgetPlan({
+        group: [
+            Decision(r, r.id not in named, () if r.id in named else ("not named",))
+            for r in sorted(records, key=lambda r: r.datetime, reverse=True)
+        ]
+        for group, records in sorted(groups.items())
+    })
+
+
+def execute(repo: Repository, plan: ForgetPlan) -> list[SnapshotRecord]:
+    """Remove the plan's records; returns them."""
+    removed = plan.remove
+    repo.forget(removed)
+    return removed
+
+
+def forget_snapshots(repo: Repository, records: list[SnapshotRecord]) -> None:
+    repo.forget(records)
