@@ -185,21 +185,23 @@ def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] |
     """Carry out ``todo`` (made by :func:`plan` under the same exclusive lock)."""
     advance = on_bytes or (lambda n: None)
     new_packs, written = _rewrite(repo, todo.repack, advance)
+    # A rewrite names its pack by content, so it can land on the very file of an orphan (the same rewrite,
+    # made durable by a run that was killed before its index commit) or of a pack being dropped: that file
+    # now holds the new pack and must stay.
+    kept = {pack.pack_path(repo.packs_dir, pack_id) for pack_id, _, _ in new_packs}
     repo.index.apply_prune(
         new_packs,
         todo.dropped_segments,
         todo.dropped_blobs,
-        [w.row.pack_no for w in todo.delete + todo.repack],
+        [w.row.pack_no for w in todo.delete + todo.repack if w.path not in kept],
         todo.garbage,
     )
     freed = 0
     dirs: set[Path] = set()
-    for w in todo.delete + todo.repack:
-        freed += _remove(w.path)
-        dirs.add(w.path.parent)
-    for p in todo.orphan_packs + todo.tmp_files:
-        freed += _remove(p)
-        dirs.add(p.parent)
+    for p in [w.path for w in todo.delete + todo.repack] + todo.orphan_packs + todo.tmp_files:
+        if p not in kept:
+            freed += _remove(p)
+            dirs.add(p.parent)
     for d in sorted(dirs):
         fsync_dir(d)
     return PruneOutcome(len(todo.delete), len(todo.repack), len(new_packs), freed - written, written)

@@ -221,6 +221,67 @@ class Index:
     def has_segments(self, ids: list[bytes]) -> list[bool]:
         return self._read(lambda txn: [txn.get(i, db=self._segments) is not None for i in ids])
 
+    def entry_counts(self) -> dict[str, int]:
+        """Number of entries in each database (for progress totals; one read transaction)."""
+        dbs = {"blobs": self._blobs, "packs": self._packs, "segments": self._segments,
+               "snapshots": self._snapshots, "dead": self._dead}
+        return self._read(lambda txn: {name: int(txn.stat(db)["entries"]) for name, db in dbs.items()})
+
+    def iter_blob_rows(self) -> Iterator[tuple[bytes, BlobLocation]]:
+        """Every ``blobs`` row in id order, streamed from one read transaction held while iterating."""
+        with self._begin_read() as txn:
+            for k, v in txn.cursor(db=self._blobs).iternext():
+                yield bytes(k), BlobLocation(*BLOB_VALUE.unpack(v))
+
+    def scan(
+        self,
+        on_segment: Callable[[bytes, bytes], None],
+        on_snapshot: Callable[[bytes, bytes], None],
+        on_blob: Callable[[bytes, BlobLocation | None, bool], None],
+    ) -> tuple[list[PackRow], dict[bytes, int], int, dict[int, int]]:
+        """Everything ``check`` compares, from ONE read transaction, so that a concurrent commit cannot make
+        the counts disagree: calls ``on_segment(id, encoded)`` for every stored segment, then
+        ``on_snapshot(id, encoded)`` for every record, then ``on_blob(id, row or None, in_dead)`` for every id
+        in ``blobs`` or ``dead`` (the two merged in key order); returns the ``packs`` rows, ``pack_ids``
+        (pack id -> number), ``meta/next_pack`` and ``garbage`` (pack number -> bytes).
+        """
+        with self._begin_read() as txn:
+            packs = []
+            for k, v in txn.cursor(db=self._packs).iternext():
+                pid, size, count = PACK_VALUE.unpack(v)
+                packs.append(PackRow(PACK_NO.unpack(k)[0], bytes(pid), size, count))
+            pack_ids = {bytes(k): int(PACK_NO.unpack(v)[0]) for k, v in txn.cursor(db=self._pack_ids).iternext()}
+            raw_no = txn.get(b"next_pack", db=self._meta)
+            next_pack = int(PACK_NO.unpack(raw_no)[0]) if raw_no else 0
+            garbage = {int(PACK_NO.unpack(k)[0]): int(GARBAGE_VALUE.unpack(v)[0])
+                       for k, v in txn.cursor(db=self._garbage).iternext()}
+            for k, v in txn.cursor(db=self._segments).iternext():
+                on_segment(bytes(k), bytes(v))
+            for k, v in txn.cursor(db=self._snapshots).iternext():
+                on_snapshot(bytes(k), bytes(v))
+            dead = (bytes(k) for k in txn.cursor(db=self._dead).iternext(keys=True, values=False))
+            next_dead = next(dead, None)
+            for k, v in txn.cursor(db=self._blobs).iternext():
+                key = bytes(k)
+                while next_dead is not None and next_dead < key:
+                    on_blob(next_dead, None, True)
+                    next_dead = next(dead, None)
+                in_dead = next_dead == key
+                if in_dead:
+                    next_dead = next(dead, None)
+                on_blob(key, BlobLocation(*BLOB_VALUE.unpack(v)), in_dead)
+            while next_dead is not None:
+                on_blob(next_dead, None, True)
+                next_dead = next(dead, None)
+        return packs, pack_ids, next_pack, garbage
+
+    def _begin_read(self) -> lmdb.Transaction:
+        try:
+            return self._env.begin()
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)  # another process grew the map: adopt its size
+            return self._env.begin()
+
     # -- writing -------------------------------------------------------------------------------------------
 
     def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
@@ -326,9 +387,13 @@ class Index:
                 txn.delete(i, db=self._blobs)
                 txn.delete(i, db=self._dead)
             for pack_id, size, blobs in new_packs:
-                pack_no = self._next_pack_no(txn)
-                txn.put(PACK_NO.pack(pack_no), PACK_VALUE.pack(pack_id, size, len(blobs)), db=self._packs)
-                txn.put(pack_id, PACK_NO.pack(pack_no), db=self._pack_ids)
+                listed = txn.get(pack_id, db=self._pack_ids)
+                if listed is not None:  # the same content is listed already (same id): rows move onto it
+                    pack_no = PACK_NO.unpack(listed)[0]
+                else:
+                    pack_no = self._next_pack_no(txn)
+                    txn.put(PACK_NO.pack(pack_no), PACK_VALUE.pack(pack_id, size, len(blobs)), db=self._packs)
+                    txn.put(pack_id, PACK_NO.pack(pack_no), db=self._pack_ids)
                 for b in blobs:
                     v = txn.get(b.id, db=self._blobs)
                     if v is None:

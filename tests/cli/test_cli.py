@@ -275,3 +275,63 @@ def test_shared_commands_run_side_by_side(env, tmp_path):
         ok(run_cli("-r", repo, "snapshot", image))
         ok(run_cli("-r", repo, "restore", "latest", tmp_path / "out.img"))
     assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
+
+
+def _three_snapshots(repo, image):
+    for day in ("01", "02", "03"):
+        image.write_bytes(image.read_bytes()[:-1000] + det_bytes(int(day), 1000))
+        ok(run_cli("-r", repo, "snapshot", image, "--name", "disk", "--time", f"2026-11-{day}T22:00:00+00:00",
+                   *(["--tag", "gold"] if day == "01" else [])))
+    return json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))
+
+
+def test_forget_policy_lists_reasons_and_prune_frees_space(env):
+    repo, image = env
+    snaps = _three_snapshots(repo, image)
+    dry = json.loads(ok(run_cli("-r", repo, "forget", "--keep-last", "1", "--keep-tag", "gold", "--dry-run",
+                                "--json")))
+    (group,) = dry["groups"]
+    assert group["name"] == "disk" and dry["dry_run"] is True
+    assert [k["reasons"] for k in group["keep"]] == [["last snapshot"], ["has tags [gold]"]]
+    assert [r["id"] for r in group["remove"]] == [snaps[1]["id"]]
+    assert len(json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))) == 3  # dry run: nothing removed
+    out = ok(run_cli("-r", repo, "forget", "--keep-last", "1", "--keep-tag", "gold", "--prune"))
+    assert "removed 1 snapshots" in out and "pruned:" in out
+    left = json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))
+    assert [s["id"] for s in left] == [snaps[0]["id"], snaps[2]["id"]]
+
+
+def test_forget_by_id_then_prune_json(env):
+    repo, image = env
+    snaps = _three_snapshots(repo, image)
+    ok(run_cli("-r", repo, "forget", snaps[0]["id"][:12]))
+    report = json.loads(ok(run_cli("-r", repo, "prune", "--max-unused", "0%", "--json")))
+    assert report["records_dropped"] == 1 and report["bytes_freed"] >= 0
+    assert report["dry_run"] is False
+    for s in json.loads(ok(run_cli("-r", repo, "snapshots", "--json"))):
+        ok(run_cli("-r", repo, "verify", s["id"]))
+
+
+def test_forget_and_prune_bad_input(env):
+    repo, image = env
+    _three_snapshots(repo, image)
+    fails(run_cli("-r", repo, "forget"), 2, "no keep rule")
+    fails(run_cli("-r", repo, "forget", "abc", "--keep-last", "1"), 2, "not both")
+    fails(run_cli("-r", repo, "forget", "--keep-within", "3x"), 2, "3x")
+    fails(run_cli("-r", repo, "forget", "--keep-daily", "-2"), 2, "keep-daily")
+    fails(run_cli("-r", repo, "forget", "ffffffffffff"), 13, "ffffffffffff")
+    fails(run_cli("-r", repo, "prune", "--max-unused", "lots"), 2, "--max-unused")
+    fails(run_cli("-r", repo, "prune", "--max-unused", "150"), 2, "0 to 100")
+    assert len(json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))) == 3
+
+
+def test_prune_waits_for_shared_lock_holders(env):
+    from dedupimg.lock import LockMode, RepositoryLock
+
+    repo, image = env
+    _three_snapshots(repo, image)
+    with RepositoryLock(repo, LockMode.SHARED, what="restore"):
+        fails(run_cli("-r", repo, "prune"), 11, "locked")
+        fails(run_cli("-r", repo, "forget", "--keep-last", "1"), 11, "locked")
+    assert len(json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))) == 3
+    ok(run_cli("-r", repo, "prune"))
