@@ -12,7 +12,7 @@ record), so its work follows what was forgotten, not the size of the repository:
    live blobs copied, as stored, into new packs after checking each against its id); other packs stay, and
    their dropped blobs become counted garbage.
 
-Execution keeps every instant safe (docs/format.md §8.3): new packs are written, fsynced and renamed; then one
+Execution keeps every instant safe (docs/format.md §8.5): new packs are written, fsynced and renamed; then one
 index transaction drops the dead rows, moves the copied rows to the new packs and unlists the old packs; only
 then are the old pack files deleted. A kill before the transaction leaves unlisted new packs, a kill after
 it unlisted old packs: the next prune deletes either as orphans. Both steps need the exclusive lock, which

@@ -360,7 +360,7 @@ class Index:
         deleted_packs: list[int],
         garbage: dict[int, int],
     ) -> None:
-        """Everything a prune changes in the index, in one transaction (docs/format.md §8.3).
+        """Everything a prune changes in the index, in one transaction (docs/format.md §8.5).
 
         ``new_packs`` hold copies of live blobs: their rows move there, keeping their counts. Dropped segments
         leave ``segments`` and take one reference from each chunk they list. Dropped blobs lose their rows; a

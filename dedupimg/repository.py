@@ -228,7 +228,7 @@ class Repository:
 
         A tombstone naming them is written to a new pack and made durable first, so that ``repair index``,
         which rebuilds the index from packs, never brings them back; then one index transaction registers
-        that pack and drops the records (docs/format.md §8.2).
+        that pack and drops the records (docs/format.md §8.4).
         """
         if not records:
             return
