@@ -130,8 +130,9 @@ def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result
         if loc is not None:
             dead_bytes[loc.pack_no] += pack.BLOB_HEADER.size + loc.stored_len
     garbage = repo.index.garbage_bytes()
-    rows = {r.pack_no: r for r in repo.index.pack_rows()}
-    for pack_no in sorted(set(dead_bytes) | {p for p, n in garbage.items() if n}):
+    affected = sorted(set(dead_bytes) | {p for p, n in garbage.items() if n})
+    rows = repo.index.pack_rows_of(affected)
+    for pack_no in affected:
         row = rows.get(pack_no)
         if row is None:
             raise IntegrityError(f"dead blobs name pack number {pack_no}, which the index does not list; run check")

@@ -182,6 +182,20 @@ class Index:
 
         return self._read(run)
 
+    def pack_rows_of(self, pack_nos: Iterable[int]) -> dict[int, PackRow]:
+        """The ``packs`` rows of ``pack_nos`` that exist (one read transaction)."""
+
+        def run(txn: lmdb.Transaction) -> dict[int, PackRow]:
+            out = {}
+            for no in pack_nos:
+                v = txn.get(PACK_NO.pack(no), db=self._packs)
+                if v is not None:
+                    pid, size, count = PACK_VALUE.unpack(v)
+                    out[no] = PackRow(no, bytes(pid), size, count)
+            return out
+
+        return self._read(run)
+
     def pack_numbers(self, pack_ids: Iterable[bytes]) -> dict[bytes, int]:
         """Pack number of each of ``pack_ids`` that the index lists."""
 
