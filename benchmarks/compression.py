@@ -77,7 +77,8 @@ def rows_for(image: Path) -> list[list[str]]:
     rows = []
     for label, fn in ways:
         stored, cpu = timed(fn)
-        rows.append([f"{image.parent.name}/{image.name}", label, f"{stored / MB:,.1f}", f"{len(data) / stored:.2f}", f"{cpu:.2f}"])
+        name = f"{image.parent.name}/{image.name}"
+        rows.append([name, label, f"{stored / MB:,.1f}", f"{len(data) / stored:.2f}", f"{cpu:.2f}"])
     return rows
 
 

@@ -74,7 +74,7 @@ def forget(
             doc["prune"] = _prune_json(report)
         print_json(doc)
         return
-    _render_plan(todo, dry_run)
+    _render_plan(todo, dry_run, pruning=report is not None)
     if report is not None:
         _render_prune(report)
 
@@ -126,7 +126,7 @@ def _plan_json(todo: ForgetPlan) -> list[dict[str, object]]:
     ]
 
 
-def _render_plan(todo: ForgetPlan, dry_run: bool) -> None:
+def _render_plan(todo: ForgetPlan, dry_run: bool, pruning: bool) -> None:
     verb = "would remove" if dry_run else "removed"
     for group, decisions in todo.groups.items():
         kept = [d for d in decisions if d.keep]
@@ -140,7 +140,7 @@ def _render_plan(todo: ForgetPlan, dry_run: bool) -> None:
             table.add_row(*(Text(c) for c in cells))  # Text: "[tag]" in reasons is not rich markup
         stdout.print(table)
     total = sum(1 for ds in todo.groups.values() for d in ds if not d.keep)
-    stdout.print(f"{verb} {total} snapshots" + ("" if dry_run else "; run prune to free their space"))
+    stdout.print(f"{verb} {total} snapshots" + ("" if dry_run or pruning else "; run prune to free their space"))
 
 
 def _prune_json(r: PruneReport) -> dict[str, object]:
