@@ -70,6 +70,10 @@ class IntegrityError(DedupimgError):
     exit_code = 17
 
 
+class CheckFailed(IntegrityError):
+    """``check`` found something wrong (the findings are printed before this one-line summary)."""
+
+
 class NoSpaceError(DedupimgError):
     exit_code = 18
 
@@ -102,7 +106,8 @@ EXIT_CODES: dict[int, str] = {
     14: "snapshot reference is ambiguous",
     15: "restore target exists (use --force)",
     16: "source or target cannot be read or written",
-    17: "integrity error: stored data or a restored image does not match its hash",
+    17: "integrity error: stored data or a restored image does not match its hash; check found a problem; "
+        "the index is missing (run 'dedupimg repair index')",
     18: "no space left on the repository's or target's device",
     19: "cannot listen on the address (port in use, not a local address)",
     20: "FUSE is not available on this machine (no /dev/fuse or libfuse3), or the mount failed",

@@ -108,15 +108,7 @@ class Repository:
         in lock messages.
         """
         path = Path(path)
-        if not path.exists():
-            raise RepositoryNotFound(f"repository {path} does not exist")
-        if not path.is_dir() or not (path / CONFIG).is_file():
-            raise NotARepository(f"{path} is not a dedupimg repository (no config file)")
-        try:
-            raw = (path / CONFIG).read_bytes()
-        except OSError as exc:
-            raise NotARepository(f"cannot read {path / CONFIG}: {exc.strerror}") from None
-        config = Config.from_bytes(raw, str(path / CONFIG))
+        config = cls.read_config(path)
         held = RepositoryLock(path, lock, lock_wait, purpose) if lock is not None else None
         if held is not None:
             held.acquire()
@@ -128,6 +120,19 @@ class Repository:
             raise
         repo._lock = held
         return repo
+
+    @staticmethod
+    def read_config(path: Path) -> Config:
+        """The repository's config, checked; the index is not opened (repair works without it)."""
+        if not path.exists():
+            raise RepositoryNotFound(f"repository {path} does not exist")
+        if not path.is_dir() or not (path / CONFIG).is_file():
+            raise NotARepository(f"{path} is not a dedupimg repository (no config file)")
+        try:
+            raw = (path / CONFIG).read_bytes()
+        except OSError as exc:
+            raise NotARepository(f"cannot read {path / CONFIG}: {exc.strerror}") from None
+        return Config.from_bytes(raw, str(path / CONFIG))
 
     def close(self) -> None:
         self._packs.close()

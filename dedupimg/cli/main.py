@@ -68,7 +68,7 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     # Importing the command modules registers their commands on ``app``.
-    from dedupimg.cli import commands, forget_cmd, mount_cmd, serve_cmd  # noqa: F401
+    from dedupimg.cli import check_cmd, commands, forget_cmd, mount_cmd, serve_cmd  # noqa: F401
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)

@@ -10,12 +10,16 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from dedupimg.errors import EXIT_CODES
 from dedupimg.progress import NoProgress
@@ -42,15 +46,34 @@ def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
-class BarProgress:
-    """Draws one rich progress bar per task on stderr."""
+class _ByUnit(ProgressColumn):
+    """Renders a task with ``bytes`` or with ``items`` (its ``items`` field), as the task says."""
 
-    def __init__(self) -> None:
+    def __init__(self, for_bytes: ProgressColumn, for_items: ProgressColumn) -> None:
+        super().__init__()
+        self._bytes = for_bytes
+        self._items = for_items
+
+    def render(self, task: Task) -> Text:
+        column = self._items if task.fields.get("items") else self._bytes
+        rendered = column.render(task)
+        return rendered if isinstance(rendered, Text) else Text(str(rendered))
+
+
+class BarProgress:
+    """Draws one rich progress bar per task on stderr.
+
+    Tasks count bytes, except those whose name starts with one of ``item_tasks``: those count items (blobs,
+    packs) and show "done/total" instead of sizes and speeds.
+    """
+
+    def __init__(self, item_tasks: tuple[str, ...] = ()) -> None:
+        self._item_tasks = item_tasks
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
+            _ByUnit(DownloadColumn(binary_units=True), MofNCompleteColumn()),
+            _ByUnit(TransferSpeedColumn(), TextColumn("")),
             TimeRemainingColumn(),
             console=stderr,
             transient=False,
@@ -59,7 +82,7 @@ class BarProgress:
 
     def start(self, task: str, total: int | None) -> None:
         self._progress.start()
-        self._task = self._progress.add_task(task, total=total)
+        self._task = self._progress.add_task(task, total=total, items=task.startswith(self._item_tasks))
 
     def advance(self, n: int) -> None:
         if self._task is not None:
@@ -72,6 +95,6 @@ class BarProgress:
         self._progress.stop()
 
 
-def progress_sink() -> ProgressSink:
+def progress_sink(item_tasks: tuple[str, ...] = ()) -> ProgressSink:
     """A bar when stderr is a terminal; silence otherwise (logs and pipes stay clean)."""
-    return BarProgress() if sys.stderr.isatty() else NoProgress()
+    return BarProgress(item_tasks) if sys.stderr.isatty() else NoProgress()

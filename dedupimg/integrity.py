@@ -1,0 +1,217 @@
+"""Pack-level integrity helpers for ``check`` and ``repair index``: the parts that need pack offsets.
+
+Everything here reads pack files only (no index): a pack's identity and layout from its footer and trailer,
+its data read sequentially in large runs with every blob's header compared to its trailer row, and
+``tmp/`` leftovers. Messages name the pack file; they never contain raw damaged bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Container
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dedupimg import pack
+from dedupimg.errors import IntegrityError
+
+WINDOW = 16 << 20  # bytes of adjacent blobs read with one pread when reading a whole pack
+META_TYPES = (pack.SEGMENT, pack.SNAPSHOT, pack.TOMBSTONE)
+_PACK_NAME = re.compile(r"^[0-9a-f]{64}\.pack$")
+_TMP_NAME = re.compile(r"^(\d+)-[0-9a-f]{16}\.tmp$")
+REBUILD_PREFIX = "index-rebuild-"  # tmp/index-rebuild-<pid>/: a new index being built by repair
+OLD_PREFIX = "index-old-"  # tmp/index-old-<pid>/: the index a repair replaced, until it is deleted
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    """What a pack says about itself: its id (the footer's trailer hash), size and trailer rows."""
+
+    id: bytes
+    size: int
+    trailer_offset: int
+    entries: list[pack.BlobEntry]
+
+
+@dataclass
+class PackData:
+    """Result of reading a whole pack: problems by blob, and the raw bytes of verified metadata blobs."""
+
+    errors: list[tuple[pack.BlobEntry | None, str, bool]] = field(default_factory=list)  # (blob, problem, indexed)
+    meta: list[tuple[pack.BlobEntry, bytes]] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def pack_file_id(path: Path) -> bytes | None:
+    """The pack id a file's name claims, or None when the name is not ``<64 hex>.pack``."""
+    return bytes.fromhex(path.name[:64]) if _PACK_NAME.match(path.name) else None
+
+
+def read_pack_info(path: Path) -> PackInfo:
+    """Footer and trailer with every check of :func:`pack.read_trailer`; raises IntegrityError."""
+    entries = pack.read_trailer(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            t_off, _t_len, _count, t_hash, _magic = pack.FOOTER.unpack(os.pread(f.fileno(), pack.FOOTER.size,
+                                                                                 size - pack.FOOTER.size))
+    except OSError as exc:
+        raise IntegrityError(f"{path}: cannot read pack: {exc.strerror}") from None
+    return PackInfo(bytes(t_hash), size, t_off, entries)
+
+
+def layout_problems(info: PackInfo) -> list[str]:
+    """How the trailer rows fail to tile the pack as the writer lays it out (docs/format.md §4)."""
+    problems = []
+    pos = len(pack.PACK_MAGIC)
+    seen: set[bytes] = set()
+    for e in info.entries:
+        if e.offset != pos:
+            problems.append(f"blob {e.id.hex()[:16]} is at offset {e.offset}, expected {pos}")
+            break
+        if e.type not in pack.BLOB_TYPES or e.codec not in (pack.RAW, pack.ZSTD):
+            problems.append(f"blob {e.id.hex()[:16]} has unknown type {e.type} or codec {e.codec}")
+        if e.raw_len > pack.MAX_BLOB or e.stored_len > pack.MAX_BLOB:
+            problems.append(f"blob {e.id.hex()[:16]} claims an impossible length")
+        if e.id in seen:
+            problems.append(f"blob {e.id.hex()[:16]} is listed twice")
+        seen.add(e.id)
+        pos = e.offset + pack.BLOB_HEADER.size + e.stored_len
+    else:
+        if pos != info.trailer_offset:
+            problems.append(f"the trailer starts at {info.trailer_offset}, after the last blob at {pos}")
+    return problems
+
+
+def verify_pack_data(path: Path, info: PackInfo, full: Container[int]) -> PackData:
+    """Read the whole pack sequentially and check it.
+
+    Every blob's header must match its trailer row. Blobs whose offset is in ``full`` (those the index points
+    at) are also decoded and hashed against their id; the raw bytes of those that are segments, snapshot
+    records or tombstones are returned for the caller to compare with the index. Never raises IntegrityError:
+    problems are returned.
+    """
+    out = PackData()
+    where = path.name
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        out.errors.append((None, f"cannot open: {exc.strerror}", False))
+        return out
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        head = os.pread(fd, len(pack.PACK_MAGIC), 0)
+        if head != pack.PACK_MAGIC:
+            out.errors.append((None, "bad pack magic", False))
+        entries = sorted(info.entries, key=lambda e: e.offset)
+        i = 0
+        while i < len(entries):
+            start = entries[i].offset
+            j = i + 1
+            end = _blob_end(entries[i])
+            while j < len(entries) and entries[j].offset == end and _blob_end(entries[j]) - start <= WINDOW:
+                end = _blob_end(entries[j])
+                j += 1
+            try:
+                data = os.pread(fd, end - start, start)
+            except OSError as exc:
+                for e in entries[i:j]:
+                    out.errors.append((e, f"cannot read: {exc.strerror}", e.offset in full))
+                i = j
+                continue
+            out.bytes_read += len(data)
+            view = memoryview(data)
+            for e in entries[i:j]:
+                indexed = e.offset in full
+                problem = _check_blob(view, e.offset - start, e, indexed, where, out)
+                if problem:
+                    out.errors.append((e, problem, indexed))
+            i = j
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # a check should not evict the cache
+    finally:
+        os.close(fd)
+    return out
+
+
+def _blob_end(e: pack.BlobEntry) -> int:
+    return e.offset + pack.BLOB_HEADER.size + e.stored_len
+
+
+def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where: str, out: PackData) -> str:
+    header = view[pos : pos + pack.BLOB_HEADER.size]
+    if len(header) != pack.BLOB_HEADER.size:
+        return f"blob header at {e.offset} is truncated"
+    magic, type_, codec, raw_len, stored_len, id_ = pack.BLOB_HEADER.unpack(header)
+    if (magic, type_, codec, raw_len, stored_len, id_) != (pack.BLOB_MAGIC, e.type, e.codec, e.raw_len,
+                                                            e.stored_len, e.id):
+        return f"blob header at {e.offset} does not match the trailer (blob {e.id.hex()[:16]})"
+    if len(view) < pos + pack.BLOB_HEADER.size + stored_len:
+        return f"blob {e.id.hex()[:16]} at {e.offset} is truncated"
+    if not full:
+        return ""
+    try:
+        _type, raw = pack.parse_blob(view, pos, e.id, where, e.offset)
+    except IntegrityError as exc:
+        return str(exc).removeprefix(f"{where}: ")
+    if e.type in META_TYPES:
+        out.meta.append((e, raw))
+    return ""
+
+
+def read_blobs(path: Path, entries: list[pack.BlobEntry]) -> list[tuple[pack.BlobEntry, bytes | str]]:
+    """Each blob's verified raw bytes, or the reason it cannot be read (repair: the metadata blobs of a pack)."""
+    out: list[tuple[pack.BlobEntry, bytes | str]] = []
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        return [(e, f"cannot open {path.name}: {exc.strerror}") for e in entries]
+    try:
+        for e in entries:
+            try:
+                type_, raw = pack.read_blob(fd, e.offset, e.id, path.name)
+                out.append((e, raw) if type_ == e.type else (e, f"{path.name}: blob at {e.offset} has the wrong type"))
+            except IntegrityError as exc:
+                out.append((e, str(exc)))
+            except OSError as exc:
+                out.append((e, f"{path.name}: cannot read blob at {e.offset}: {exc.strerror}"))
+    finally:
+        os.close(fd)
+    return out
+
+
+def tmp_leftovers(tmp_dir: Path) -> list[tuple[Path, str]]:
+    """Entries of ``tmp/`` that no running process is writing, with what each one is."""
+    out = []
+    try:
+        names = sorted(os.listdir(tmp_dir))
+    except OSError:
+        return []
+    for name in names:
+        m = _TMP_NAME.match(name)
+        if m and _pid_alive(int(m.group(1))):
+            continue  # a pack being written right now
+        if m:
+            what = "a pack left by an interrupted snapshot"
+        elif name.startswith(REBUILD_PREFIX):
+            what = "a partial index left by an interrupted 'repair index'"
+        elif name.startswith(OLD_PREFIX):
+            what = "the old index a 'repair index' replaced"
+        else:
+            what = "an unknown file"
+        out.append((tmp_dir / name, what))
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,224 @@
+"""``repair index``: rebuild the whole LMDB index from the pack files alone.
+
+Packs are self-describing (docs/format.md §4): their trailers list every blob, segments and snapshot records
+are blobs too, and ``forget`` writes a tombstone blob naming the records it dropped. So the index
+(locations, segments, records, reference counts, the dead list, garbage) can be derived again:
+
+1. every pack's trailer is read and checked (a damaged pack is reported and skipped, never fatal) and the
+   pack registered with all its blobs (``commit_pack``, one transaction per pack);
+2. every segment, snapshot record and tombstone blob is read and verified; a segment all of whose chunks are
+   indexed is stored (which counts its chunk references), one transaction per pack;
+3. every record that no tombstone names and whose segments are all stored is listed (which counts its
+   segment references); records that name a missing or incomplete segment are reported and left out;
+   tombstoned records' rows go to the dead list.
+
+The new index is built in ``tmp/index-rebuild-<pid>/`` and swapped in crash-safely (see :func:`_swap_in`).
+The repair never opens the old index, which may be missing or damaged. Memory: one pack's trailer and
+metadata blobs at a time, plus the set of segment ids and the list of records.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time as _time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dedupimg import integrity, pack
+from dedupimg.config import Config
+from dedupimg.errors import IntegrityError
+from dedupimg.fsutil import DIR_MODE, fsync_dir
+from dedupimg.index import DATA_FILE, Index, NewBlob, NewSegment, NewSnapshot
+from dedupimg.lock import LockMode, RepositoryLock
+from dedupimg.manifest import SnapshotRecord, decode_segment, decode_tombstone
+from dedupimg.progress import NoProgress, Progress
+from dedupimg.repository import INDEX, PACKS, TMP, Repository
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A snapshot record found in a pack but not listed: its data is incomplete."""
+
+    id: bytes
+    name: str
+    time: str
+    reason: str
+
+
+@dataclass
+class RepairReport:
+    packs: int = 0  # packs registered
+    damaged_packs: list[tuple[str, str]] = field(default_factory=list)  # (file name, why skipped)
+    damaged_blobs: list[str] = field(default_factory=list)  # metadata blobs that could not be read
+    segments: int = 0
+    snapshots: int = 0  # records listed again
+    forgotten: int = 0  # records a tombstone names, left out
+    left_out: list[LeftOut] = field(default_factory=list)
+    leftovers_removed: list[str] = field(default_factory=list)  # tmp/ dirs of earlier interrupted repairs
+    seconds: float = 0.0
+
+
+def repair_index(path: Path, lock_wait: float = 0.0, progress: Progress | None = None) -> RepairReport:
+    """Rebuild ``path/index`` from ``path/packs`` under an EXCLUSIVE lock; returns what was found."""
+    started = _time.monotonic()
+    path = Path(path)
+    _read_config(path)
+    progress = progress or NoProgress()
+    with RepositoryLock(path, LockMode.EXCLUSIVE, lock_wait, "repair index"):
+        report = RepairReport()
+        tmp = path / TMP
+        # Under the exclusive lock no other repair runs: any rebuild or old index in tmp/ is a leftover.
+        for name in sorted(os.listdir(tmp)):
+            if name.startswith((integrity.REBUILD_PREFIX, integrity.OLD_PREFIX)):
+                _remove(tmp / name)
+                report.leftovers_removed.append(name)
+        work = tmp / f"{integrity.REBUILD_PREFIX}{os.getpid()}"
+        os.mkdir(work, DIR_MODE)
+        try:
+            index = Index(work, create=True)
+            try:
+                _rebuild(path, index, report, progress)
+            finally:
+                index.close()
+            _swap_in(path, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # gone after a successful swap
+    report.seconds = _time.monotonic() - started
+    return report
+
+
+def _read_config(path: Path) -> Config:
+    """The checks of Repository.open, without opening the index (it may be missing or damaged)."""
+    return Repository.read_config(path)
+
+
+def _rebuild(path: Path, index: Index, report: RepairReport, progress: Progress) -> None:
+    paths = list(pack.iter_pack_paths(path / PACKS))
+    metadata: list[tuple[Path, list[pack.BlobEntry]]] = []
+    progress.start("repair index: read pack trailers", len(paths))
+    for p in paths:
+        entries = _register(index, p, report)
+        if entries:
+            metadata.append((p, entries))
+        progress.advance(1)
+    progress.finish()
+
+    segments: set[bytes] = set()  # stored: every chunk they list is indexed
+    incomplete: set[bytes] = set()  # read, but listing a chunk that is not indexed
+    records: dict[bytes, tuple[SnapshotRecord, bytes]] = {}
+    forgotten: set[bytes] = set()
+    done: set[bytes] = set()
+    progress.start("repair index: read manifests", len(metadata))
+    for p, entries in metadata:
+        new_segments: list[NewSegment] = []
+        for entry, raw in integrity.read_blobs(p, [e for e in entries if e.id not in done]):
+            if isinstance(raw, str):
+                report.damaged_blobs.append(raw)
+                continue  # another copy, in another pack, may still read
+            done.add(entry.id)
+            try:
+                if entry.type == pack.SEGMENT:
+                    chunk_ids = decode_segment(raw).chunk_ids()
+                    if all(index.has_blobs(chunk_ids)):
+                        new_segments.append(NewSegment(entry.id, raw, chunk_ids))
+                        segments.add(entry.id)
+                    else:
+                        incomplete.add(entry.id)
+                elif entry.type == pack.SNAPSHOT:
+                    records[entry.id] = (SnapshotRecord.decode(raw), raw)
+                else:
+                    forgotten.update(decode_tombstone(raw))
+            except IntegrityError as exc:
+                report.damaged_blobs.append(f"{p.name}: blob {entry.id.hex()[:16]}: {exc}")
+        if new_segments:
+            index.add_references(new_segments, [])
+        progress.advance(1)
+    progress.finish()
+    report.segments = len(segments)
+
+    live: list[NewSnapshot] = []
+    for rec_id, (rec, raw) in sorted(records.items(), key=lambda kv: (kv[1][0].datetime, kv[0])):
+        if rec_id in forgotten:
+            report.forgotten += 1
+            continue
+        missing = [sid for sid, _ in rec.segments if sid not in segments]
+        if missing:
+            why = "lists a manifest segment that is " + (
+                "missing chunks" if any(s in incomplete for s in missing) else "not in any readable pack")
+            report.left_out.append(LeftOut(rec_id, rec.name, rec.time, why))
+            continue
+        live.append(NewSnapshot(rec_id, raw, [sid for sid, _ in rec.segments]))
+    index.add_references([], live)
+    report.snapshots = len(live)
+    dead = sorted(forgotten)
+    index.mark_dead([i for i, known in zip(dead, index.has_blobs(dead), strict=True) if known])
+
+
+def _register(index: Index, path: Path, report: RepairReport) -> list[pack.BlobEntry]:
+    """Register one pack with all its blobs; returns its metadata entries ([] when skipped as damaged)."""
+    try:
+        info = integrity.read_pack_info(path)
+    except IntegrityError as exc:
+        report.damaged_packs.append((path.name, str(exc).replace(f"{path}: ", "")))
+        return []
+    problems = integrity.layout_problems(info)
+    if info.id != integrity.pack_file_id(path):
+        problems.insert(0, "its trailer hash does not match its name")
+    if problems:
+        report.damaged_packs.append((path.name, "; ".join(problems)))
+        return []
+    blobs = [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id) for e in info.entries]
+    index.commit_pack(info.id, info.size, blobs, [])
+    report.packs += 1
+    return [e for e in info.entries if e.type in integrity.META_TYPES]
+
+
+def _swap_in(path: Path, work: Path) -> None:
+    """Replace ``path/index`` with the finished ``work`` index so that a crash at any step is harmless.
+
+    1. fsync the new environment's files and directory;
+    2. rename ``index/`` (if any) to ``tmp/index-old-<pid>``;
+    3. rename ``work`` to ``index/``;
+    4. fsync ``tmp/`` and the repository directory;
+    5. delete the old index.
+
+    A crash before 2 leaves the old index in place plus a partial or complete rebuild in ``tmp/``; between 2
+    and 3 (or before 4 made both renames durable) ``index/`` may be missing, which every command reports as
+    "run 'dedupimg repair index'" (Index refuses a missing data.mdb; it never creates an empty index), never
+    as an empty repository; after 3 the new index is in place and only ``tmp/index-old-*`` is left. Each
+    repair first deletes such leftovers (it holds the exclusive lock, so none is in use), so re-running it
+    always works.
+    """
+    for name in (DATA_FILE, "lock.mdb"):
+        f = work / name
+        if f.exists():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(work)
+    index_dir = path / INDEX
+    old = path / TMP / f"{integrity.OLD_PREFIX}{os.getpid()}"
+    moved = index_dir.exists() or index_dir.is_symlink()
+    if moved:
+        os.rename(index_dir, old)
+    try:
+        os.rename(work, index_dir)
+    except BaseException:
+        if moved:
+            os.rename(old, index_dir)  # put the old one back rather than leave none
+        raise
+    fsync_dir(path / TMP)
+    fsync_dir(path)
+    if moved:
+        _remove(old)
+        fsync_dir(path / TMP)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
