@@ -34,6 +34,7 @@ DEFAULT_PORT = 10809  # the IANA port for NBD
 
 # -- limits: what a client may ask of us before it is refused -----------------------------------------------
 MAX_OPTION_DATA = 64 << 10  # an option carries at most a few 4 KiB strings; more is garbage or an attack
+SEND_PIECES = 512  # buffers per sendmsg, under Linux's IOV_MAX of 1024
 MAX_REQUEST = 32 << 20  # largest READ (and skipped WRITE payload): 2^25, the size proto.md says to allow
 MAX_STATUS_SPAN = 256 << 20  # BLOCK_STATUS answers at most this much per request (the spec allows less)
 NEGOTIATION_TIMEOUT = 60.0  # a client silent this long during the handshake holds a thread for nothing
@@ -347,7 +348,16 @@ class _Session:
         return data
 
     def send(self, *parts: bytes | memoryview) -> None:
-        self.sock.sendall(b"".join(parts))
+        """Send the pieces in order, gathered by the kernel (sendmsg): image data is never joined first."""
+        pending = [memoryview(p).cast("B") for p in parts if len(p)]
+        while pending:
+            sent = self.sock.sendmsg(pending[:SEND_PIECES])
+            while sent and pending:
+                if sent >= len(pending[0]):
+                    sent -= len(pending.pop(0))
+                else:
+                    pending[0] = pending[0][sent:]
+                    sent = 0
 
     def reply(self, option: int, reply_type: int, data: bytes = b"") -> None:
         self.send(OPTION_REPLY.pack(NBD_REP_MAGIC, option, reply_type, len(data)), data)
@@ -521,21 +531,23 @@ class _Session:
             raise _CommandError(NBD_EINVAL, f"read of {length} bytes is over the {MAX_REQUEST} byte limit")
         # All data is read (and verified) before the first byte of the reply goes out: an error found
         # midway can still be a clean error reply instead of a hard disconnect.
-        data = memoryview(export.reader.read(offset, length))
+        data = export.reader.read_parts(offset, length)
         if not self.structured:
-            return self.send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle), data)
+            return self.send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle), *data)
         if length == 0:
             return self.send(self.chunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, handle, b""))
         runs = export.reader.is_zero_range(offset, length)
-        parts = []
+        pieces = _Pieces(data)
+        parts: list[bytes | memoryview] = []
         for i, (start, n, zero) in enumerate(runs):
             done = NBD_REPLY_FLAG_DONE if i == len(runs) - 1 else 0
             if zero:
+                pieces.skip(n)
                 parts.append(self.chunk(done, NBD_REPLY_TYPE_OFFSET_HOLE, handle, struct.pack(">QI", start, n)))
             else:
-                rel = start - offset
-                payload = struct.pack(">Q", start) + data[rel : rel + n]
-                parts.append(self.chunk(done, NBD_REPLY_TYPE_OFFSET_DATA, handle, payload))
+                parts.append(CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, done, NBD_REPLY_TYPE_OFFSET_DATA, handle, 8 + n))
+                parts.append(struct.pack(">Q", start))
+                parts.extend(pieces.take(n))
         self.send(*parts)
 
     def cmd_flush(self, export: Export, flags: int, handle: int, offset: int, length: int) -> None:
@@ -599,3 +611,28 @@ def _quietly(fn: Callable[..., object], *args: object) -> None:
         fn(*args)
     except OSError:
         pass
+
+
+class _Pieces:
+    """Consumes a list of buffers front to back, by byte counts, without copying."""
+
+    def __init__(self, parts: list[bytes | memoryview]) -> None:
+        self._parts = [memoryview(p).cast("B") for p in parts]
+        self._i = 0
+
+    def take(self, n: int) -> list[memoryview]:
+        out = []
+        while n:
+            head = self._parts[self._i]
+            if len(head) <= n:
+                out.append(head)
+                n -= len(head)
+                self._i += 1
+            else:
+                out.append(head[:n])
+                self._parts[self._i] = head[n:]
+                n = 0
+        return out
+
+    def skip(self, n: int) -> None:
+        self.take(n)
