@@ -115,13 +115,16 @@ def _cascade(repo: Repository, dead: dict[bytes, BlobLocation | None], result: P
     if not lost:
         return
     ids = list(lost)
-    for i, loc in zip(ids, repo.index.lookup_blobs(ids), strict=True):
-        if loc is None:
+    dying = []
+    for i, count in zip(ids, repo.index.refcounts(ids), strict=True):
+        if count is None:
             raise IntegrityError(f"a dead segment lists chunk {i.hex()[:16]}, which is not indexed; run check")
-        if loc.refcount < lost[i]:
+        if count < lost[i]:
             raise IntegrityError(f"chunk {i.hex()[:16]} has fewer references than segments list it; run check")
-        if loc.refcount == lost[i]:
-            dead[i] = loc
+        if count == lost[i]:
+            dying.append(i)
+    for i, loc in zip(dying, repo.index.lookup_blobs(dying), strict=True):
+        dead[i] = loc
 
 
 def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result: PrunePlan) -> None:

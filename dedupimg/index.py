@@ -21,6 +21,7 @@ them, so a prune can see what died without reading every snapshot.
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ BLOB_VALUE = struct.Struct("<BBIQIII")
 PACK_NO = struct.Struct(">I")
 PACK_VALUE = struct.Struct("<32sQI")
 GARBAGE_VALUE = struct.Struct("<Q")
+REFCOUNT_OFFSET = BLOB_VALUE.size - 4  # the refcount is the last field of a blobs row
 BLOB_HEADER_SIZE = 44  # pack.BLOB_HEADER.size: a blob takes this plus its stored length in its pack
 INITIAL_MAP = 64 << 20
 DATA_FILE = "data.mdb"
@@ -179,6 +181,18 @@ class Index:
                 pid, size, count = PACK_VALUE.unpack(v)
                 rows.append(PackRow(PACK_NO.unpack(k)[0], bytes(pid), size, count))
             return rows
+
+        return self._read(run)
+
+    def refcounts(self, ids: list[bytes]) -> list[int | None]:
+        """Reference count of each blob (None if not indexed): prune's cascade asks this of many chunks."""
+        def run(txn: lmdb.Transaction) -> list[int | None]:
+            out: list[int | None] = []
+            get = txn.get
+            for i in ids:
+                v = get(i, db=self._blobs)
+                out.append(None if v is None else int.from_bytes(v[REFCOUNT_OFFSET:], "little"))
+            return out
 
         return self._read(run)
 
@@ -384,9 +398,11 @@ class Index:
         """
 
         def run(txn: lmdb.Transaction) -> None:
+            lost: Counter[bytes] = Counter()
             for seg in dropped_segments:
                 if txn.delete(seg.id, db=self._segments):
-                    _add_refs(txn, self._blobs, self._dead, seg.chunk_ids, -1)
+                    lost.update(seg.chunk_ids)
+            _add_counts(txn, self._blobs, self._dead, lost, -1)
             for i in dropped_blobs:
                 v = txn.get(i, db=self._blobs)
                 if v is None:
@@ -465,20 +481,27 @@ class Index:
 
 def _add_refs(txn: lmdb.Transaction, db: lmdb._Database, dead: lmdb._Database, ids: Iterable[bytes],
               delta: int) -> None:
-    for i in ids:
-        v = txn.get(i, db=db)
+    _add_counts(txn, db, dead, Counter(ids), delta)
+
+
+def _add_counts(txn: lmdb.Transaction, db: lmdb._Database, dead: lmdb._Database, counts: Counter[bytes],
+                sign: int) -> None:
+    """Add ``sign * n`` to the count of each id (one read and write per distinct id); keeps ``dead`` exact."""
+    at = REFCOUNT_OFFSET
+    get, put = txn.get, txn.put
+    for i, n in counts.items():
+        v = get(i, db=db)
         if v is None:
             raise IntegrityError(f"reference to blob {i.hex()[:16]} that is not indexed")
-        fields = list(BLOB_VALUE.unpack(v))
-        before = fields[-1]
-        if before + delta < 0:
+        before = int.from_bytes(v[at:], "little")
+        after = before + sign * n
+        if after < 0:
             raise IntegrityError(f"reference count of blob {i.hex()[:16]} would go below zero")
-        fields[-1] = before + delta
-        txn.put(i, BLOB_VALUE.pack(*fields), db=db)
+        put(i, bytes(v[:at]) + after.to_bytes(4, "little"), db=db)  # the count is the row's last field, a u32
         if before == 0:
             txn.delete(i, db=dead)
-        elif fields[-1] == 0:
-            txn.put(i, b"", db=dead)
+        elif after == 0:
+            put(i, b"", db=dead)
 
 
 def _add_garbage(txn: lmdb.Transaction, db: lmdb._Database, pack_no: int, nbytes: int) -> None:
