@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The nightly use case on an example VM disk: snapshot it every "night", list the snapshots, restore one
-# and prove it bit-exact. Sets up its own environment (scripts/setup.sh) on a fresh Debian machine.
+# and prove it bit-exact, keep only the newest two and free the rest, then check the repository.
+# Sets up its own environment (scripts/setup.sh) on a fresh Debian machine.
 #   bash examples/nightly.sh            # work files go to examples/work/
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +25,6 @@ done
 SECOND=$(.venv/bin/dedupimg snapshots --json | $PY -c 'import json,sys; print(json.load(sys.stdin)[1]["id"])')
 .venv/bin/dedupimg restore "$SECOND" "$WORK/restored-night2.img"
 cmp "$WORK/restored-night2.img" "$WORK/night2-original.img" && echo "night 2 restored bit-exact"
+.venv/bin/dedupimg forget --keep-last 2 --prune    # retention: restic's rules, then free the space
+.venv/bin/dedupimg check                           # index, packs and reference counts agree
 .venv/bin/dedupimg info
