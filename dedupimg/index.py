@@ -159,21 +159,6 @@ class Index:
             raise IntegrityError(f"index names pack number {pack_no}, which it does not list")
         return bytes(PACK_VALUE.unpack(v)[0])
 
-    def packs(self) -> list[tuple[int, bytes, int]]:
-        def run(txn: lmdb.Transaction) -> list[tuple[int, bytes, int]]:
-            rows = []
-            for k, v in txn.cursor(db=self._packs).iternext():
-                pid, size, _count = PACK_VALUE.unpack(v)
-                rows.append((PACK_NO.unpack(k)[0], bytes(pid), size))
-            return rows
-
-        return self._read(run)
-
-    def iter_blob_locations(self) -> Iterator[tuple[bytes, BlobLocation]]:
-        rows = self._read(lambda txn: list(txn.cursor(db=self._blobs).iternext()))
-        for k, v in rows:
-            yield bytes(k), BlobLocation(*BLOB_VALUE.unpack(v))
-
     def pack_rows(self) -> list[PackRow]:
         def run(txn: lmdb.Transaction) -> list[PackRow]:
             rows = []
@@ -417,13 +402,7 @@ class Index:
                 txn.delete(i, db=self._blobs)
                 txn.delete(i, db=self._dead)
             for pack_id, size, blobs in new_packs:
-                listed = txn.get(pack_id, db=self._pack_ids)
-                if listed is not None:  # the same content is listed already (same id): rows move onto it
-                    pack_no = PACK_NO.unpack(listed)[0]
-                else:
-                    pack_no = self._next_pack_no(txn)
-                    txn.put(PACK_NO.pack(pack_no), PACK_VALUE.pack(pack_id, size, len(blobs)), db=self._packs)
-                    txn.put(pack_id, PACK_NO.pack(pack_no), db=self._pack_ids)
+                pack_no, _new = self._list_pack(txn, pack_id, size, len(blobs))  # rows move onto it either way
                 for b in blobs:
                     v = txn.get(b.id, db=self._blobs)
                     if v is None:
@@ -451,10 +430,22 @@ class Index:
         txn.put(b"next_pack", PACK_NO.pack(pack_no + 1), db=self._meta)
         return int(pack_no)
 
-    def _register_pack(self, txn: lmdb.Transaction, pack_id: bytes, pack_size: int, blobs: list[NewBlob]) -> int:
+    def _list_pack(self, txn: lmdb.Transaction, pack_id: bytes, size: int, blob_count: int) -> tuple[int, bool]:
+        """(pack number, newly listed). Pack ids name content, so a writer can make a pack that is already
+        listed (the same blobs in the same order): it is the same file, and must keep one number, or dropping
+        one number's row would delete the file the other still names."""
+        listed = txn.get(pack_id, db=self._pack_ids)
+        if listed is not None:
+            return PACK_NO.unpack(listed)[0], False
         pack_no = self._next_pack_no(txn)
-        txn.put(PACK_NO.pack(pack_no), PACK_VALUE.pack(pack_id, pack_size, len(blobs)), db=self._packs)
+        txn.put(PACK_NO.pack(pack_no), PACK_VALUE.pack(pack_id, size, blob_count), db=self._packs)
         txn.put(pack_id, PACK_NO.pack(pack_no), db=self._pack_ids)
+        return pack_no, True
+
+    def _register_pack(self, txn: lmdb.Transaction, pack_id: bytes, pack_size: int, blobs: list[NewBlob]) -> int:
+        pack_no, new = self._list_pack(txn, pack_id, pack_size, len(blobs))
+        if not new:
+            return pack_no  # its blobs are registered already, at these very offsets
         duplicate_bytes = 0
         for b in blobs:
             refcount = 1 if b.type == _TOMBSTONE_TYPE else 0

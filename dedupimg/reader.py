@@ -2,11 +2,8 @@
 
 Two bisections find the bytes: one over the snapshot's segment offsets, one over the extent offsets of the
 segment. Decoded segments and decompressed chunks live in LRU caches; zero extents are served without
-touching a pack. A reader that sees sequential access keeps the next few MiB of chunks being fetched on a
-background thread (pread, zstd and blake3 release the GIL), so a sequential scan finds its chunks decoded
-and its caller (a FUSE or NBD request) overlaps with the fetching; a read that needs a chunk already in
-flight waits for that fetch instead of starting another. Every chunk is verified against its id
-(IntegrityError otherwise, raised to the reader that needs the chunk).
+touching a pack; a reader that sees sequential access fetches the next chunks ahead, in one batch, so that
+a sequential scan costs few round trips. Every chunk is verified against its id (IntegrityError otherwise).
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dedupimg.errors import IntegrityError
@@ -25,20 +21,6 @@ from dedupimg.zeros import ZERO_BLOCK
 CHUNK_CACHE_BYTES = 64 << 20
 SEGMENT_CACHE = 64
 READ_AHEAD = 32  # chunks fetched in one batch when access is sequential
-PREFETCH_BYTES = 8 << 20  # image bytes kept in flight ahead of a sequential reader
-PREFETCH_WORKERS = 2
-
-_prefetch_pool: ThreadPoolExecutor | None = None
-_prefetch_pool_lock = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    """One pool per process, made on first use (after a mount's fork into the background, never before)."""
-    global _prefetch_pool
-    with _prefetch_pool_lock:
-        if _prefetch_pool is None:
-            _prefetch_pool = ThreadPoolExecutor(PREFETCH_WORKERS, thread_name_prefix="dedupimg-prefetch")
-        return _prefetch_pool
 
 
 @dataclass(frozen=True)
@@ -93,8 +75,6 @@ class SnapshotReader:
         self._segments = _LRU(SEGMENT_CACHE, weigh=False)
         self._chunks = _LRU(cache_bytes, weigh=True)
         self._last_end = -1  # end of the previous read: equal to the next offset means sequential
-        self._inflight: dict[bytes, tuple[Future[list[bytes]], int]] = {}  # id -> (batch fetch, index in it)
-        self._horizon = 0  # prefetching has been scheduled up to this image offset
 
     # -- mapping ----------------------------------------------------------------------------------------------
 
@@ -162,81 +142,28 @@ class SnapshotReader:
     def _chunks_for(self, extents: list[Extent], sequential: bool) -> dict[bytes, bytes]:
         found: dict[bytes, bytes] = {}
         missing: list[bytes] = []
-        waiting: dict[bytes, tuple[Future[list[bytes]], int]] = {}
         with self._lock:
             for ext in extents:
-                if ext.id is None or ext.id in found or ext.id in waiting:
-                    continue
-                data = self._chunks.get(ext.id)
-                if data is not None:
-                    found[ext.id] = data  # type: ignore[assignment]
-                elif ext.id in self._inflight:
-                    waiting[ext.id] = self._inflight[ext.id]
-                else:
-                    missing.append(ext.id)
-        end = extents[-1].offset + extents[-1].length if extents else 0
-        if missing:
-            fetch = list(dict.fromkeys(missing))
-            if sequential and not self._prefetching(end):
-                fetch += self._ahead(end, set(fetch))  # first sequential miss: fetch ahead in this batch
-            data = self.repo.read_blobs(fetch)
-            with self._lock:
-                for id_, raw in zip(fetch, data, strict=True):
-                    self._chunks.put(id_, raw)
-            found.update(zip(fetch, data, strict=True))
-        if sequential:
-            self._prefetch(end)
-        for id_, (future, i) in waiting.items():
-            found[id_] = future.result()[i]
+                if ext.id is not None and ext.id not in found:
+                    data = self._chunks.get(ext.id)
+                    if data is None:
+                        missing.append(ext.id)
+                    else:
+                        found[ext.id] = data  # type: ignore[assignment]
+        if not missing:
+            return found
+        fetch = list(dict.fromkeys(missing))
+        if sequential and extents:
+            fetch += self._ahead(extents[-1].offset + extents[-1].length, set(fetch))
+        data = self.repo.read_blobs(fetch)
+        with self._lock:
+            for id_, raw in zip(fetch, data, strict=True):
+                self._chunks.put(id_, raw)
+        found.update(zip(fetch, data, strict=True))
         return found
 
-    # -- prefetching ------------------------------------------------------------------------------------------
-
-    def _prefetching(self, end: int) -> bool:
-        with self._lock:
-            return self._horizon > end
-
-    def _prefetch(self, end: int) -> None:
-        """Keep ``[end, end + PREFETCH_BYTES)`` scheduled: fetch batches of READ_AHEAD chunks in the background."""
-        with self._lock:
-            start = max(self._horizon, end)
-            if start - end > PREFETCH_BYTES // 2:
-                return  # enough in flight already
-            self._horizon = end + PREFETCH_BYTES
-        batch: list[bytes] = []
-        seen: set[bytes] = set()
-        for ext in self.extents(start, end + PREFETCH_BYTES - start):
-            if ext.id is None or ext.id in seen:
-                continue
-            seen.add(ext.id)
-            with self._lock:
-                if self._chunks.get(ext.id) is not None or ext.id in self._inflight:
-                    continue
-            batch.append(ext.id)
-            if len(batch) == READ_AHEAD:
-                self._submit(batch)
-                batch = []
-        if batch:
-            self._submit(batch)
-
-    def _submit(self, ids: list[bytes]) -> None:
-        future = _pool().submit(self.repo.read_blobs, ids)
-        with self._lock:
-            for i, id_ in enumerate(ids):
-                self._inflight[id_] = (future, i)
-        future.add_done_callback(lambda f: self._landed(ids, f))
-
-    def _landed(self, ids: list[bytes], future: Future[list[bytes]]) -> None:
-        data = None if future.exception() is not None else future.result()
-        with self._lock:
-            for i, id_ in enumerate(ids):
-                if self._inflight.get(id_, (None, 0))[0] is future:
-                    del self._inflight[id_]
-                if data is not None:
-                    self._chunks.put(id_, data[i])
-
     def _ahead(self, offset: int, have: set[bytes]) -> list[bytes]:
-        """Ids of the next READ_AHEAD chunks after ``offset`` that are not cached or in flight."""
+        """Ids of the next READ_AHEAD chunks after ``offset`` that are not cached yet."""
         out: list[bytes] = []
         probe = offset
         while len(out) < READ_AHEAD and probe < self.size:
@@ -245,8 +172,7 @@ class SnapshotReader:
                 break
             with self._lock:
                 for ext in extents:
-                    if (ext.id is not None and ext.id not in have and ext.id not in self._inflight
-                            and self._chunks.get(ext.id) is None):
+                    if ext.id is not None and ext.id not in have and self._chunks.get(ext.id) is None:
                         have.add(ext.id)
                         out.append(ext.id)
             probe = extents[-1].offset + extents[-1].length

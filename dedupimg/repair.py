@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dedupimg import integrity, pack
-from dedupimg.config import Config
 from dedupimg.errors import IntegrityError
 from dedupimg.fsutil import DIR_MODE, fsync_dir
 from dedupimg.index import DATA_FILE, Index, NewBlob, NewSegment, NewSnapshot
@@ -63,7 +62,7 @@ def repair_index(path: Path, lock_wait: float = 0.0, progress: Progress | None =
     """Rebuild ``path/index`` from ``path/packs`` under an EXCLUSIVE lock; returns what was found."""
     started = _time.monotonic()
     path = Path(path)
-    _read_config(path)
+    Repository.read_config(path)  # a missing or non-repository path fails before any lock file is made
     progress = progress or NoProgress()
     with RepositoryLock(path, LockMode.EXCLUSIVE, lock_wait, "repair index"):
         report = RepairReport()
@@ -88,9 +87,6 @@ def repair_index(path: Path, lock_wait: float = 0.0, progress: Progress | None =
     return report
 
 
-def _read_config(path: Path) -> Config:
-    """The checks of Repository.open, without opening the index (it may be missing or damaged)."""
-    return Repository.read_config(path)
 
 
 def _rebuild(path: Path, index: Index, report: RepairReport, progress: Progress) -> None:

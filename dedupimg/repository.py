@@ -211,19 +211,19 @@ class Repository:
 
     def stats(self) -> RepoStats:
         unique = stored = chunks = 0
-        for _, loc in self.index.iter_blob_locations():
+        for _, loc in self.index.iter_blob_rows():
             if loc.type == pack.CHUNK:
                 chunks += 1
                 unique += loc.raw_len
                 stored += loc.stored_len
-        packs = self.index.packs()
+        packs = self.index.pack_rows()
         records = self.snapshots()
         return RepoStats(
             snapshots=len(records),
             logical_bytes=sum(r.size for r in records),
             unique_bytes=unique,
             chunk_stored_bytes=stored,
-            pack_bytes=sum(size for _, _, size in packs),
+            pack_bytes=sum(row.size for row in packs),
             packs=len(packs),
             chunks=chunks,
         )
