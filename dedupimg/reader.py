@@ -12,6 +12,7 @@ import bisect
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from dedupimg.errors import IntegrityError
 from dedupimg.manifest import Segment, SnapshotRecord
@@ -29,9 +30,11 @@ class _SegmentIndex:
     starts: list[int]  # offset of each extent within the segment
 
 
-@dataclass(frozen=True)
-class Extent:
-    """One extent of the image: ``[offset, offset+length)`` is zeros (id None) or the chunk ``id``."""
+class Extent(NamedTuple):
+    """One extent of the image: ``[offset, offset+length)`` is zeros (id None) or the chunk ``id``.
+
+    A named tuple, not a dataclass: reads make two per chunk, and a frozen dataclass costs several times more
+    to build."""
 
     offset: int
     length: int
