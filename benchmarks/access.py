@@ -22,7 +22,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -107,14 +106,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def dedupimg_mount_read(repo: Path, snap_id: str, mnt: Path) -> tuple[float, str]:
-    with fuse_mount([PY, "-m", "dedupimg", "-r", str(repo), "mount", str(mnt), "--foreground"], mnt):
+def workers_env(workers: int | None) -> dict[str, str] | None:
+    """The environment for dedupimg with ``workers`` read worker processes (None: its default)."""
+    return None if workers is None else {**os.environ, "DEDUPIMG_READ_WORKERS": str(workers)}
+
+
+def dedupimg_mount_read(repo: Path, snap_id: str, mnt: Path, workers: int | None = None) -> tuple[float, str]:
+    cmd = [PY, "-m", "dedupimg", "-r", str(repo), "mount", str(mnt), "--foreground"]
+    with fuse_mount(cmd, mnt, workers_env(workers)):
         return timed_read(mnt / "by-id" / f"{snap_id}.img")
 
 
-def dedupimg_nbdcopy(repo: Path, snap_id: str, out: Path) -> tuple[float, str]:
+def dedupimg_nbdcopy(repo: Path, snap_id: str, out: Path, workers: int | None = None) -> tuple[float, str]:
     port = free_port()
-    with background([PY, "-m", "dedupimg", "-r", str(repo), "serve", snap_id, "--listen", f"127.0.0.1:{port}"]):
+    cmd = [PY, "-m", "dedupimg", "-r", str(repo), "serve", snap_id, "--listen", f"127.0.0.1:{port}"]
+    with background(cmd, workers_env(workers)):
         url = f"nbd://127.0.0.1:{port}/{snap_id}"
         wait_for(lambda: subprocess.run(["nbdinfo", "--size", url], capture_output=True).returncode == 0, "nbd")
         start = time.perf_counter()
@@ -140,6 +146,8 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", type=Path, default=HERE / "work" / "access")
+    ap.add_argument("--in-process", action="store_true",
+                    help="also time dedupimg with its reads in the serving process (DEDUPIMG_READ_WORKERS=0)")
     args = ap.parse_args()
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
@@ -156,13 +164,19 @@ def main() -> None:
     sh("restic", "--repo", str(r_repo), "init", env=RESTIC_ENV)
     sh("restic", "--repo", str(r_repo), "backup", "--host", "bench", str(image.resolve()), env=RESTIC_ENV)
 
-    runs: dict[str, list[float]] = {"dedupimg mount": [], "dedupimg serve + nbdcopy": [], "restic mount": []}
+    mnt = work / "mnt"
+    cases = {
+        "dedupimg mount": lambda: dedupimg_mount_read(d_repo, snap_id, mnt),
+        "dedupimg serve + nbdcopy": lambda: dedupimg_nbdcopy(d_repo, snap_id, work / "copy.img"),
+        "restic mount": lambda: restic_mount_read(r_repo, image, mnt),
+    }
+    if args.in_process:
+        cases["dedupimg mount, reads in process"] = lambda: dedupimg_mount_read(d_repo, snap_id, mnt, 0)
+        cases["dedupimg serve + nbdcopy, reads in process"] = lambda: dedupimg_nbdcopy(
+            d_repo, snap_id, work / "copy.img", 0)
+    runs: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeat):
-        for name, fn in (
-            ("dedupimg mount", lambda: dedupimg_mount_read(d_repo, snap_id, work / "mnt")),
-            ("dedupimg serve + nbdcopy", lambda: dedupimg_nbdcopy(d_repo, snap_id, work / "copy.img")),
-            ("restic mount", lambda: restic_mount_read(r_repo, image, work / "mnt")),
-        ):
+        for name, fn in cases.items():
             subprocess.run(["sync"], check=True)
             seconds, digest = fn()
             if digest != want:
@@ -192,4 +206,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -230,16 +230,17 @@ class SnapshotFS:
         return fh
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return b"".join(self.read_parts(path, size, offset, fh))
+        buf = bytearray(size)
+        return bytes(buf[: self.read_into(path, buf, offset, fh)])
 
-    def read_parts(self, path: str, size: int, offset: int, fh: int) -> list[bytes | memoryview]:
+    def read_into(self, path: str, buf: bytearray | memoryview, offset: int, fh: int) -> int:
         reader = self._handles.get(fh)
         if reader is None:
             raise _fail(errno.EBADF)
         try:
-            return reader.read_parts(offset, size)
+            return reader.read_into(offset, buf)
         except Exception as exc:  # noqa: BLE001  (damage or any failure: EIO, never wrong bytes)
-            log.error("dedupimg mount: %s: read of %d bytes at %d failed: %s", path, size, offset, exc)
+            log.error("dedupimg mount: %s: read of %d bytes at %d failed: %s", path, len(buf), offset, exc)
             raise _fail(errno.EIO) from None
 
     def release(self, path: str, fh: int) -> int:
@@ -312,21 +313,15 @@ def _mfusepy() -> ModuleType:
 
 
 def _direct_read_fuse(fuse: ModuleType) -> Any:
-    """mfusepy's FUSE, but a read copies each cached piece straight into libfuse's buffer, instead of
-    returning joined bytes that mfusepy then copies again: one copy of every byte read fewer."""
+    """mfusepy's FUSE, but a read copies the snapshot's bytes straight into libfuse's buffer, instead of
+    returning bytes that mfusepy then copies again: one copy of every byte read fewer."""
 
     class DirectReadFUSE(fuse.FUSE):  # type: ignore[name-defined]
         def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
             name = None if path is None else path.decode(self.encoding, self.errors)
-            parts = self.operations.read_parts(name, size, offset, fip.contents.fh)
             address = ctypes.cast(buf, ctypes.c_void_p).value or 0
             dest = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
-            pos = 0
-            for part in parts:
-                n = len(part)
-                dest[pos : pos + n] = part
-                pos += n
-            return pos
+            return int(self.operations.read_into(name, dest, offset, fip.contents.fh))
 
     return DirectReadFUSE
 
@@ -346,6 +341,7 @@ def serve(
 
     # The serving process holds the shared lock for as long as the mount is up (prune waits for it).
     with Repository.open(repo_path, LockMode.SHARED, lock_wait, "mount") as repo:
+        repo.start_read_pool()  # worker processes decompress and verify for the FUSE thread (readpool.py)
         fs = SnapshotFS(repo, on_ready)
         fs.load()  # a damaged index fails here, with its exit code, and not at the first ls
         saved: dict[signal.Signals, Any] = {}

@@ -173,6 +173,7 @@ class NbdServer:
             self._tcp = _TCPServer(self, host, port)
         except OSError as exc:
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        repo.start_read_pool()  # worker processes decompress and verify for the connections (readpool.py)
 
     # -- exports --------------------------------------------------------------------------------------------
 
@@ -531,13 +532,15 @@ class _Session:
             raise _CommandError(NBD_EINVAL, f"read of {length} bytes is over the {MAX_REQUEST} byte limit")
         # All data is read (and verified) before the first byte of the reply goes out: an error found
         # midway can still be a clean error reply instead of a hard disconnect.
-        data = export.reader.read_parts(offset, length)
+        # Copied out of the shared chunk cache before sending: a slow client must not hold cache slots.
+        data = memoryview(bytearray(length))
+        export.reader.read_into(offset, data)
         if not self.structured:
-            return self.send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle), *data)
+            return self.send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle), data)
         if length == 0:
             return self.send(self.chunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, handle, b""))
         runs = export.reader.is_zero_range(offset, length)
-        pieces = _Pieces(data)
+        pieces = _Pieces([data])
         parts: list[bytes | memoryview] = []
         for i, (start, n, zero) in enumerate(runs):
             done = NBD_REPLY_FLAG_DONE if i == len(runs) - 1 else 0

@@ -12,11 +12,12 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dedupimg import pack
+from dedupimg import pack, readpool
 from dedupimg.config import ChunkerParams, Config
 from dedupimg.errors import (
     AmbiguousSnapshot,
@@ -31,6 +32,7 @@ from dedupimg.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
 from dedupimg.index import Index, NewBlob, NewSegment, NewSnapshot
 from dedupimg.lock import LockMode, RepositoryLock
 from dedupimg.manifest import Segment, SnapshotRecord, decode_segment, encode_tombstone
+from dedupimg.readpool import Landed, ReadPool
 
 CONFIG = "config"
 PACKS = "packs"
@@ -38,6 +40,18 @@ TMP = "tmp"
 INDEX = "index"
 OPEN_PACKS = 64
 MAX_READ = 16 << 20  # largest single pread of adjacent blobs
+POOL_RUN = 1 << 20  # a read worker's unit of work: a read-ahead window spreads over the workers
+
+
+@dataclass
+class _Run:
+    """Blobs that lie back to back in one pack: ``blobs`` are (offset, id) within [start, start+length)."""
+
+    pack_no: int
+    start: int
+    length: int
+    blobs: list[tuple[int, bytes]]
+    raw: int = 0  # raw bytes of its blobs
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,7 @@ class Repository:
         self.index = Index(path / INDEX)
         self._packs = _OpenPacks(self)
         self._lock: RepositoryLock | None = None
+        self._pool: ReadPool | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -135,6 +150,9 @@ class Repository:
         return Config.from_bytes(raw, str(path / CONFIG))
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         self._packs.close()
         self.index.close()
         if self._lock is not None:
@@ -156,26 +174,77 @@ class Repository:
         one pread, up to MAX_READ bytes.
         """
         out: list[bytes] = []
-        run: list[tuple[int, bytes]] = []  # (offset, id) of adjacent blobs in run_pack
-        run_pack = run_end = -1
+        for run in self._runs(ids, MAX_READ):
+            with self._packs.use(run.pack_no) as fd:
+                out.extend(pack.read_blob_run(fd, run.start, run.length, run.blobs, f"pack #{run.pack_no}"))
+        return out
 
-        def flush() -> None:
-            if run:
-                with self._packs.use(run_pack) as fd:
-                    out.extend(pack.read_blob_run(fd, run[0][0], run_end - run[0][0], run, f"pack #{run_pack}"))
-                run.clear()
+    # -- reading for servers: a pool of worker processes (readpool.py says why) --------------------------------
 
+    def start_read_pool(self, workers: int = readpool.WORKERS, cache_bytes: int = readpool.CACHE_BYTES) -> None:
+        """From now on :meth:`fetch_blobs` reads in ``workers`` processes, into a shared cache of about
+        ``cache_bytes``. Runs must fit a slot, so a slot holds at least the largest chunk."""
+        if self._pool is None and workers > 0:
+            slot = max(POOL_RUN, self.config.chunker.max_size)
+            self._pool = ReadPool(workers, slot, max(16, cache_bytes // slot))
+
+    @property
+    def parallel_reads(self) -> bool:
+        return self._pool is not None
+
+    def fetch_blobs(self, ids: list[bytes]) -> list[tuple[list[bytes], Future[Landed]]]:
+        """Start reading ``ids``: ``(some ids, future of their verified bytes)`` per run of adjacent blobs.
+
+        With a read pool the runs are read by its workers while the caller goes on, and land in its shared
+        cache (:meth:`pin` them before using the bytes); without one they are read here, and the futures are
+        done on return. A blob missing from the index raises IntegrityError here; damage inside a run is the
+        exception of its future.
+        """
+        out: list[tuple[list[bytes], Future[Landed]]] = []
+        pool = self._pool
+        for run in self._runs(ids, POOL_RUN if pool else MAX_READ, pool.slot_bytes if pool else None):
+            where = f"pack #{run.pack_no}"
+            if pool is not None:
+                path = pack.pack_path(self.packs_dir, self.index.pack_id(run.pack_no))
+                future = pool.submit(path, run.start, run.length, run.blobs, where)
+            else:
+                future = Future()
+                try:
+                    with self._packs.use(run.pack_no) as fd:
+                        future.set_result(Landed(None, 0, pack.read_blob_run(fd, run.start, run.length, run.blobs,
+                                                                             where)))
+                except IntegrityError as exc:
+                    future.set_exception(exc)
+            out.append(([id_ for _, id_ in run.blobs], future))
+        return out
+
+    def pin(self, runs: list[Landed]) -> bool:
+        """Keep the cached bytes of ``runs`` in place until :meth:`unpin`; False (nothing pinned) if any of
+        them has been replaced since it landed: fetch it again."""
+        return self._pool.pin(runs) if self._pool is not None else True
+
+    def unpin(self, runs: list[Landed]) -> None:
+        if self._pool is not None:
+            self._pool.unpin(runs)
+
+    def _runs(self, ids: list[bytes], max_run: int, max_raw: int | None = None) -> list[_Run]:
+        """``ids`` grouped into runs of blobs that lie back to back in one pack, in order, each at most
+        ``max_run`` bytes long (and holding at most ``max_raw`` raw bytes, or one blob); IntegrityError for an
+        id the index does not have."""
+        runs: list[_Run] = []
+        run: _Run | None = None
         for id_, loc in zip(ids, self.index.lookup_blobs(ids), strict=True):
             if loc is None:
                 raise IntegrityError(f"blob {id_.hex()[:16]} is not in the index")
             end = loc.offset + pack.BLOB_HEADER.size + loc.stored_len
-            if loc.pack_no != run_pack or loc.offset != run_end or end - run[0][0] > MAX_READ:
-                flush()
-                run_pack = loc.pack_no
-            run.append((loc.offset, id_))
-            run_end = end
-        flush()
-        return out
+            if run is None or loc.pack_no != run.pack_no or loc.offset != run.start + run.length \
+                    or end - run.start > max_run or (max_raw is not None and run.raw + loc.raw_len > max_raw):
+                run = _Run(loc.pack_no, loc.offset, 0, [])
+                runs.append(run)
+            run.blobs.append((loc.offset, id_))
+            run.length = end - run.start
+            run.raw += loc.raw_len
+        return runs
 
     def segment(self, seg_id: bytes) -> Segment:
         raw = self.index.get_segment(seg_id)

@@ -1,0 +1,337 @@
+"""Worker processes that read, decompress and verify runs of blobs into shared memory, for mount and serve.
+
+Why processes: a FUSE or NBD server spends most of its time per MiB in zstd and blake3, and threads do not
+overlap that here: both release the GIL, yet two threads decompressing and hashing 16-64 KiB chunks ran
+1.0-1.3x one thread on this 2-core machine (each short call hands the GIL back and forth), where two
+processes ran 1.9x. So the serving process keeps the cheap work (mapping offsets, the index, the FUSE or
+socket traffic) and gives each run of adjacent blobs to a worker, which verifies every blob against its
+id and writes the raw bytes into a slot of an arena shared with the server (a memfd both map). Nothing
+crosses a pipe but a short request and answer; the server copies from the arena straight into the FUSE
+buffer or the socket buffer.
+
+The arena is also the cache: a slot keeps its run until it is needed for another one, least recently used
+first. A reader *pins* the slots it copies from, so a slot is never refilled under a copy; slots are only
+pinned while copying, never while waiting for a fetch, so fetches always find a slot eventually.
+
+Protocol, over each worker's stdin and stdout (trusted: the worker is our own child):
+request  ``u32 n`` + msgpack ``[task, slot, pack path, start, length, [blob offsets], [blob ids], where]``
+answer   ``u32 n`` + msgpack ``[task, True, [raw lengths]]`` (the bytes are in the slot)
+      or ``u32 n`` + msgpack ``[task, False, message]`` when a blob is damaged (IntegrityError in the caller).
+A worker that dies fails its outstanding tasks (ReadPoolError, exit code 17 like damage: the read fails,
+never returns wrong bytes); later tasks go to the other workers, or run in the caller when none is left.
+Workers exit when their stdin closes, so they never outlive the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import struct
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from dedupimg import pack
+from dedupimg.errors import IntegrityError
+
+LENGTH = struct.Struct("<I")
+# DEDUPIMG_READ_WORKERS=0 reads in the serving process itself (as before the pool; for comparisons).
+WORKERS = int(os.environ.get("DEDUPIMG_READ_WORKERS", max(1, min(4, os.cpu_count() or 1))))
+# A worker allocates and frees a pread buffer of about a MiB per run; glibc would hand it back to the kernel
+# every time (brk and page faults were a fifth of a worker's time). These keep it in the heap.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+CACHE_BYTES = 64 << 20  # the shared cache of decompressed chunks, for all snapshots being read
+WORKER_PACKS = 64  # open pack files a worker keeps
+
+
+class ReadPoolError(IntegrityError):
+    """A read worker died with the task in flight."""
+
+
+@dataclass(frozen=True)
+class Landed:
+    """A run's verified blobs: views into arena slot ``slot`` (valid while it holds generation ``gen``), or,
+    read without a pool, plain bytes (``slot`` None: always valid)."""
+
+    slot: int | None
+    gen: int
+    blobs: list[bytes] | list[memoryview]
+
+
+# -- pipes ------------------------------------------------------------------------------------------------------
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    """``n`` bytes from ``fd``; None at end of file before the first byte."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        part = os.read(fd, n - got)
+        if not part:
+            if got == 0:
+                return None
+            raise EOFError("pipe closed in the middle of a message")
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _send(fd: int, obj: object) -> None:
+    body = msgpack.packb(obj)
+    data = memoryview(LENGTH.pack(len(body)) + body)
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _receive(fd: int) -> list[object] | None:
+    head = _read_exact(fd, LENGTH.size)
+    if head is None:
+        return None
+    body = _read_exact(fd, LENGTH.unpack(head)[0])
+    if body is None:
+        raise EOFError("pipe closed in the middle of a message")
+    msg = msgpack.unpackb(body)
+    if not isinstance(msg, list):
+        raise ValueError("malformed read pool message")
+    return msg
+
+
+# -- the worker side --------------------------------------------------------------------------------------------
+
+
+def worker_main(arena_fd: int, slot_bytes: int, slots: int, inp: int = 0, out: int = 1) -> None:
+    """Serve requests from ``inp`` until it closes, writing each run's raw bytes into its slot."""
+    arena = memoryview(mmap.mmap(arena_fd, slot_bytes * slots))
+    fds: OrderedDict[str, int] = OrderedDict()
+    while (msg := _receive(inp)) is not None:
+        task, slot, path, start, length, offsets, ids, where = msg
+        assert isinstance(path, str) and isinstance(slot, int) and isinstance(where, str)
+        assert isinstance(start, int) and isinstance(length, int)
+        assert isinstance(offsets, list) and isinstance(ids, list)
+        try:
+            fd = fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise IntegrityError(f"{where} is missing or unreadable: {exc.strerror}") from None
+                fds[path] = fd
+                if len(fds) > WORKER_PACKS:
+                    os.close(fds.popitem(last=False)[1])
+            fds.move_to_end(path)
+            raws = pack.read_blob_run(fd, start, length, list(zip(offsets, ids, strict=True)), where)
+            if sum(len(r) for r in raws) > slot_bytes:
+                raise IntegrityError(f"{where}: the blobs at {start} are larger than the index says")
+        except IntegrityError as exc:
+            _send(out, [task, False, str(exc)])
+            continue
+        except Exception as exc:  # noqa: BLE001  (the worker has no stderr: the server reports it)
+            _send(out, [task, False, f"read worker failed: {type(exc).__name__}: {exc}"])
+            continue
+        pos = slot * slot_bytes
+        for raw in raws:
+            arena[pos : pos + len(raw)] = raw
+            pos += len(raw)
+        _send(out, [task, True, [len(r) for r in raws]])
+
+
+# -- the serving side -------------------------------------------------------------------------------------------
+
+
+class _Worker:
+    """One worker process and the thread that takes its answers."""
+
+    def __init__(self, pool: ReadPool, arena_fd: int) -> None:
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, **WORKER_MALLOC,
+               "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        args = [str(arena_fd), str(pool.slot_bytes), str(pool.slots)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dedupimg.readpool", *args],
+            # No stderr: a background mount's caller waits for the end of the server's stderr, which a
+            # worker holding it open would postpone forever. Failures come back as answers instead.
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, pass_fds=(arena_fd,),
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.inp, self.out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        self.pending: dict[int, tuple[Future[Landed], int]] = {}  # task -> (its future, its slot)
+        self.alive = True
+        self.write_lock = threading.Lock()
+        self._pool = pool
+        self._thread = threading.Thread(target=self._answers, name="dedupimg-readpool", daemon=True)
+        self._thread.start()
+
+    def _answers(self) -> None:
+        pool = self._pool
+        try:
+            while (msg := _receive(self.out)) is not None:
+                task, ok, info = msg
+                with pool.lock:
+                    future, slot = self.pending.pop(task)  # type: ignore[call-overload]
+                    gen = pool.landed(slot, bool(ok))
+                if ok:
+                    assert isinstance(info, list)
+                    views: list[memoryview] = []
+                    pos = slot * pool.slot_bytes
+                    for n in info:
+                        views.append(pool.arena[pos : pos + n])
+                        pos += n
+                    future.set_result(Landed(slot, gen, views))
+                else:
+                    future.set_exception(IntegrityError(str(info)))
+        except (OSError, EOFError, ValueError, TypeError, KeyError, AssertionError):
+            pass  # a dead or confused worker: fail what it had
+        with pool.lock:
+            self.alive = False
+            orphans = list(self.pending.values())
+            self.pending.clear()
+            for _, slot in orphans:
+                pool.landed(slot, False)
+        for future, _ in orphans:
+            if not future.done():
+                future.set_exception(ReadPoolError("a read worker process died"))
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._thread.join(timeout=5)
+        self.proc.stdout.close()  # type: ignore[union-attr]
+
+
+class ReadPool:
+    """``workers`` processes filling an arena of ``slots`` slots of ``slot_bytes``.
+
+    :meth:`submit` takes the least recently used free slot (waiting while every slot is in flight or
+    pinned) and returns a future of the run's :class:`Landed` blobs. :meth:`pin` keeps landed slots from
+    being refilled until :meth:`unpin`.
+    """
+
+    def __init__(self, workers: int, slot_bytes: int, slots: int) -> None:
+        self.lock = threading.Lock()
+        self._slot_free = threading.Condition(self.lock)
+        self.slot_bytes, self.slots = slot_bytes, slots
+        self._gen = [0] * slots  # bumped each time a slot is given to a new run
+        self._pins = [0] * slots
+        self._idle: OrderedDict[int, None] = OrderedDict.fromkeys(range(slots))  # not in flight, LRU first
+        self._tasks = itertools.count()
+        arena_fd = os.memfd_create("dedupimg-readpool")
+        try:
+            os.ftruncate(arena_fd, slot_bytes * slots)
+            self._map = mmap.mmap(arena_fd, slot_bytes * slots)
+            self.arena = memoryview(self._map)
+            self._workers = [_Worker(self, arena_fd) for _ in range(workers)]
+        finally:
+            os.close(arena_fd)  # the mapping and the workers keep the memory
+
+    # -- slots (callers hold self.lock) ---------------------------------------------------------------------
+
+    def _take_slot(self) -> int | None:
+        """The least recently used slot that is neither in flight nor pinned; None while there is none."""
+        for slot in self._idle:
+            if not self._pins[slot]:
+                del self._idle[slot]
+                self._gen[slot] += 1
+                return slot
+        return None
+
+    def landed(self, slot: int, ok: bool) -> int:
+        """A run's answer came (or failed): the slot is idle again, most recently used if it holds data."""
+        self._idle[slot] = None
+        if not ok:
+            self._gen[slot] += 1  # nothing valid in it
+            self._idle.move_to_end(slot, last=False)
+        self._slot_free.notify()
+        return self._gen[slot]
+
+    def pin(self, runs: list[Landed]) -> bool:
+        """Pin the slots of ``runs``; False (and nothing pinned) if any was given to another run since."""
+        pooled = [r for r in runs if r.slot is not None]
+        with self.lock:
+            if any(self._gen[r.slot] != r.gen for r in pooled):  # type: ignore[index]
+                return False
+            for r in pooled:
+                self._pins[r.slot] += 1  # type: ignore[index]
+                self._idle.move_to_end(r.slot)  # type: ignore[arg-type]
+            return True
+
+    def unpin(self, runs: list[Landed]) -> None:
+        with self.lock:
+            for r in runs:
+                if r.slot is not None:
+                    self._pins[r.slot] -= 1
+            self._slot_free.notify_all()
+
+    # -- work -----------------------------------------------------------------------------------------------
+
+    def submit(self, path: Path, start: int, length: int, blobs: list[tuple[int, bytes]], where: str
+               ) -> Future[Landed]:
+        future: Future[Landed] = Future()
+        task = next(self._tasks)
+        with self.lock:
+            while True:
+                live = [w for w in self._workers if w.alive]
+                slot = self._take_slot() if live else None
+                if slot is not None or not live:
+                    break
+                self._slot_free.wait()
+            worker = min(live, key=lambda w: len(w.pending)) if slot is not None else None
+            if worker is not None and slot is not None:
+                worker.pending[task] = (future, slot)
+        if worker is None or slot is None:
+            return run_here(future, path, start, length, blobs, where)
+        try:
+            with worker.write_lock:  # requests from several threads must not interleave in the pipe
+                _send(worker.inp, [task, slot, str(path), start, length, [o for o, _ in blobs],
+                                   [i for _, i in blobs], where])
+        except OSError:
+            with self.lock:
+                worker.alive = False
+                if worker.pending.pop(task, None) is None:
+                    return future  # its answer thread has failed it already
+                self.landed(slot, False)
+            return run_here(future, path, start, length, blobs, where)
+        return future
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.close()
+        try:
+            self.arena.release()
+            self._map.close()
+        except BufferError:
+            pass  # views still held by callers: the mapping goes with them
+
+
+def run_here(future: Future[Landed], path: Path, start: int, length: int, blobs: list[tuple[int, bytes]],
+             where: str) -> Future[Landed]:
+    """A run read in the calling thread, as plain bytes (no worker is left)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        future.set_exception(IntegrityError(f"{where} is missing or unreadable: {exc.strerror}"))
+        return future
+    try:
+        future.set_result(Landed(None, 0, pack.read_blob_run(fd, start, length, blobs, where)))
+    except IntegrityError as exc:
+        future.set_exception(exc)
+    finally:
+        os.close(fd)
+    return future
+
+
+if __name__ == "__main__":
+    worker_main(*map(int, sys.argv[1:4]))
