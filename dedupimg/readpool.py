@@ -13,7 +13,8 @@ The arena is also the cache: a slot keeps its run until it is needed for another
 first. A reader *pins* the slots it copies from, so a slot is never refilled under a copy; slots are only
 pinned while copying, never while waiting for a fetch, so fetches always find a slot eventually.
 
-Protocol, over each worker's stdin and stdout (trusted: the worker is our own child):
+Protocol, over each worker's stdin and stdout (trusted: the worker is our own child); a worker starts by
+sending ``u32 n`` + msgpack ``["ready"]``, then answers requests in order:
 request  ``u32 n`` + msgpack ``[task, slot, pack path, start, length, [blob offsets], [blob ids], where]``
 answer   ``u32 n`` + msgpack ``[task, True, [raw lengths]]`` (the bytes are in the slot)
       or ``u32 n`` + msgpack ``[task, False, message]`` when a blob is damaged (IntegrityError in the caller).
@@ -49,6 +50,8 @@ WORKERS = int(os.environ.get("DEDUPIMG_READ_WORKERS", max(1, min(4, os.cpu_count
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 CACHE_BYTES = 64 << 20  # the shared cache of decompressed chunks, for all snapshots being read
 WORKER_PACKS = 64  # open pack files a worker keeps
+READY = "ready"  # a worker's first message
+START_TIMEOUT = 30.0
 
 
 class ReadPoolError(IntegrityError):
@@ -110,6 +113,7 @@ def worker_main(arena_fd: int, slot_bytes: int, slots: int, inp: int = 0, out: i
     """Serve requests from ``inp`` until it closes, writing each run's raw bytes into its slot."""
     arena = memoryview(mmap.mmap(arena_fd, slot_bytes * slots))
     fds: OrderedDict[str, int] = OrderedDict()
+    _send(out, [READY])
     while (msg := _receive(inp)) is not None:
         task, slot, path, start, length, offsets, ids, where = msg
         assert isinstance(path, str) and isinstance(slot, int) and isinstance(where, str)
@@ -163,6 +167,7 @@ class _Worker:
         self.inp, self.out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         self.pending: dict[int, tuple[Future[Landed], int]] = {}  # task -> (its future, its slot)
         self.alive = True
+        self.ready = threading.Event()
         self.write_lock = threading.Lock()
         self._pool = pool
         self._thread = threading.Thread(target=self._answers, name="dedupimg-readpool", daemon=True)
@@ -171,6 +176,8 @@ class _Worker:
     def _answers(self) -> None:
         pool = self._pool
         try:
+            if _receive(self.out) == [READY]:
+                self.ready.set()
             while (msg := _receive(self.out)) is not None:
                 task, ok, info = msg
                 with pool.lock:
@@ -188,6 +195,7 @@ class _Worker:
                     future.set_exception(IntegrityError(str(info)))
         except (OSError, EOFError, ValueError, TypeError, KeyError, AssertionError):
             pass  # a dead or confused worker: fail what it had
+        self.ready.set()  # (dead, if it never said so)
         with pool.lock:
             self.alive = False
             orphans = list(self.pending.values())
@@ -236,6 +244,10 @@ class ReadPool:
             self._workers = [_Worker(self, arena_fd) for _ in range(workers)]
         finally:
             os.close(arena_fd)  # the mapping and the workers keep the memory
+        # Wait until they have started (about 0.15 s of imports each), so that the first reads of a new mount
+        # do not share the CPU with them; one that does not start is treated as dead.
+        for worker in self._workers:
+            worker.ready.wait(START_TIMEOUT)
 
     # -- slots (callers hold self.lock) ---------------------------------------------------------------------
 
