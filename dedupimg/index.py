@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import lmdb
 
@@ -47,8 +47,10 @@ _TOMBSTONE_TYPE = 3
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class BlobLocation:
+class BlobLocation(NamedTuple):
+    """A blobs row. A named tuple, not a dataclass: every read of a chunk builds one, and a frozen
+    dataclass costs several times more to build."""
+
     type: int
     codec: int
     pack_no: int

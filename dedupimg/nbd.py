@@ -325,6 +325,7 @@ class _Session:
         self.rfile = sock.makefile("rb")
         self.no_zeroes = False
         self.structured = False
+        self._buf = bytearray()  # READ replies are assembled here: one buffer per connection, grown as needed
         self.meta_for: bytes | None = None  # snapshot id base:allocation was selected for
 
     def run(self) -> None:
@@ -532,8 +533,11 @@ class _Session:
             raise _CommandError(NBD_EINVAL, f"read of {length} bytes is over the {MAX_REQUEST} byte limit")
         # All data is read (and verified) before the first byte of the reply goes out: an error found
         # midway can still be a clean error reply instead of a hard disconnect.
-        # Copied out of the shared chunk cache before sending: a slow client must not hold cache slots.
-        data = memoryview(bytearray(length))
+        # Copied out of the shared chunk cache before sending: a slow client must not hold cache slots. The
+        # buffer is reused (a fresh one per request would cost page faults on every byte).
+        if len(self._buf) < length:
+            self._buf = bytearray(length)
+        data = memoryview(self._buf)[:length]
         export.reader.read_into(offset, data)
         if not self.structured:
             return self.send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle), data)
