@@ -184,7 +184,7 @@ class Repository:
     def start_read_pool(self, workers: int = readpool.WORKERS, cache_bytes: int = readpool.CACHE_BYTES) -> None:
         """From now on :meth:`fetch_blobs` reads in ``workers`` processes, into a shared cache of about
         ``cache_bytes``. Runs must fit a slot, so a slot holds at least the largest chunk."""
-        if self._pool is None and workers > 0:
+        if self._pool is None and workers > 0 and hasattr(os, "memfd_create"):  # Linux: else read in process
             slot = max(POOL_RUN, self.config.chunker.max_size)
             self._pool = ReadPool(workers, slot, max(16, cache_bytes // slot))
 
