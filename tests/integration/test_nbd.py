@@ -551,3 +551,36 @@ def test_cli_unknown_snapshot_fails_before_serving(served):
     err = proc.stderr.decode()
     assert proc.returncode == 13, err
     assert len(err.strip().splitlines()) == 1 and "no snapshot matches 'nosuch'" in err
+
+
+def test_read_workers_end_when_the_server_is_killed(tmp_path):
+    repo = small_repo(tmp_path / "repo")
+    data = build(tmp_path / "disk.img", V1_SIZE, V1_PIECES)
+    sid = take_snapshot(repo, str(tmp_path / "disk.img")).record.hex_id
+    repo.close()
+    env = {**os.environ, "DEDUPIMG_READ_WORKERS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "dedupimg", "-r", str(tmp_path / "repo"), "serve", "--listen",
+                             "127.0.0.1:0"], stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        line = proc.stderr.readline().decode()  # type: ignore[union-attr]
+        assert "serving 1 exports on nbd://" in line, line
+        uri = line.split(" on ", 1)[1].strip() + "/" + sid
+        out = tmp_path / "copy.img"
+        ok(tool("nbdcopy", uri, out))
+        assert out.read_bytes() == data
+        workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(workers) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def ended(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+
+    deadline = time.monotonic() + 10
+    while not all(ended(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(ended(p) for p in workers), "read workers outlived the killed server"
