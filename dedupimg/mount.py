@@ -50,11 +50,11 @@ FILE_MODE = stat.S_IFREG | 0o444
 LINK_MODE = stat.S_IFLNK | 0o777
 BLKSIZE = 1 << 20  # st_blksize: cp, cat and friends size their buffers by it
 # kernel_cache: snapshots never change, so the page cache may outlive an open file. default_permissions: the
-# kernel checks the modes below, so no access() round trips. max_threads 1: reads are CPU-bound Python, and
-# concurrent requests each fetch the same read-ahead chunks and contend for the GIL: a sequential dd read
-# ran at 430 MB/s with one worker against 250-310 MB/s with 2 or 4 (512 MiB VM-like image). The price: a
-# slow read delays other requests on this mount. max_idle_threads: libfuse 3.14's default (no limit) makes
-# it print a warning.
+# kernel checks the modes below, so no access() round trips. max_threads 1: the read workers (readpool.py)
+# do the heavy part, and the FUSE thread waits for them or copies; before they existed, 2 or 4 threads ran a
+# sequential read at 250-310 MB/s against 430 with one (GIL contention), and with them 2 threads measured
+# the same as one (657 vs 670 MB/s, medians of 5). The price: a slow read delays other requests on this
+# mount. max_idle_threads: libfuse 3.14's default (no limit) makes it print a warning.
 FUSE_OPTIONS: dict[str, Any] = {
     "ro": True,
     "subtype": "dedupimg",

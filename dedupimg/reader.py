@@ -1,9 +1,13 @@
 """Random access to a snapshot's image: any (offset, length), from any number of threads.
 
 Two bisections find the bytes: one over the snapshot's segment offsets, one over the extent offsets of the
-segment. Decoded segments and decompressed chunks live in LRU caches; zero extents are served without
-touching a pack; a reader that sees sequential access fetches the next chunks ahead, in one batch, so that
-a sequential scan costs few round trips. Every chunk is verified against its id (IntegrityError otherwise).
+segment. Zero extents are served without touching a pack. Every chunk is verified against its id before
+it is served (IntegrityError otherwise). A read that continues one of the recent sequential streams starts
+the fetch of the chunks ahead of it, so that a sequential scan costs few round trips.
+
+Where chunks come from: with the repository's read pool (mount, serve), worker processes fetch them into
+the pool's shared cache while the reader goes on, and a read pins the cache slots it copies from; without
+it, fetches happen in the calling thread and land in this reader's own LRU cache.
 """
 
 from __future__ import annotations

@@ -292,7 +292,7 @@ def read_blobs(data: bytes, base: BasePack) -> None:
             if got is not None:
                 # The id covers the raw bytes, not the header's type byte (a flipped one reads back as
                 # another valid type): the bytes must be the original ones.
-                assert got[1] == blob[1] and got[0] in (pack.CHUNK, pack.SEGMENT, pack.SNAPSHOT)
+                assert got[1] == blob[1] and got[0] in pack.BLOB_TYPES
         locs = [(e.offset, e.id) for e in base.entries]
         got = clean(pack.read_blob_run, fd, 8, base.trailer_offset - 8, locs, WHERE, about=WHERE)
         assert got is None or got == [raw for _, raw in base.blobs]
@@ -402,7 +402,7 @@ def test_read_blob_crafted_headers(type_: int, codec: int, raw_len: int, stored:
     try:
         got = clean(pack.read_blob, fd, 8, id_, WHERE, about=WHERE)
         if got is not None:
-            assert got[0] in (pack.CHUNK, pack.SEGMENT, pack.SNAPSHOT) and pack.blob_id(got[1]) == id_
+            assert got[0] in pack.BLOB_TYPES and pack.blob_id(got[1]) == id_
             assert len(got[1]) == raw_len
         clean(pack.read_blob, fd, at, id_, WHERE, about=WHERE)  # wrong or negative offsets
         run = clean(pack.read_blob_run, fd, 8, len(blob) + len(junk), [(8, id_), (8 + at, id_)], WHERE, about=WHERE)
