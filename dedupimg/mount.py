@@ -355,9 +355,11 @@ def serve(
             pass  # not the main thread: signals stay as they are
         fsname = f"dedupimg:{repo_path}".replace("\\", "\\\\").replace(",", "\\,")  # libfuse's -o escapes
         try:
-            # The multi-threaded loop, with one worker (FUSE_OPTIONS says why).
+            # The multi-threaded loop with two threads (FUSE_OPTIONS says why), or one when reads run in this
+            # process (no read workers), where more threads only contend for the GIL.
+            options = {**FUSE_OPTIONS, "max_threads": FUSE_OPTIONS["max_threads"] if repo.parallel_reads else 1}
             _direct_read_fuse(fuse)(fs, str(mountpoint), foreground=True, nothreads=False, fsname=fsname,
-                                    **FUSE_OPTIONS)
+                                    **options)
         except RuntimeError:
             # libfuse's loop ends with an error code when a signal stopped it; it has unmounted by then.
             if not fs.was_ready:
