@@ -233,6 +233,7 @@ class SnapshotFS:
         return fh
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        # mfusepy registers its read callback because this exists; DirectReadFUSE serves it with read_into.
         buf = bytearray(size)
         return bytes(buf[: self.read_into(path, buf, offset, fh)])
 

@@ -544,17 +544,15 @@ class _Session:
         if length == 0:
             return self.send(self.chunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, handle, b""))
         runs = export.reader.is_zero_range(offset, length)
-        pieces = _Pieces([data])
         parts: list[bytes | memoryview] = []
         for i, (start, n, zero) in enumerate(runs):
             done = NBD_REPLY_FLAG_DONE if i == len(runs) - 1 else 0
             if zero:
-                pieces.skip(n)
                 parts.append(self.chunk(done, NBD_REPLY_TYPE_OFFSET_HOLE, handle, struct.pack(">QI", start, n)))
             else:
                 parts.append(CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, done, NBD_REPLY_TYPE_OFFSET_DATA, handle, 8 + n))
                 parts.append(struct.pack(">Q", start))
-                parts.extend(pieces.take(n))
+                parts.append(data[start - offset : start - offset + n])
         self.send(*parts)
 
     def cmd_flush(self, export: Export, flags: int, handle: int, offset: int, length: int) -> None:
@@ -618,28 +616,3 @@ def _quietly(fn: Callable[..., object], *args: object) -> None:
         fn(*args)
     except OSError:
         pass
-
-
-class _Pieces:
-    """Consumes a list of buffers front to back, by byte counts, without copying."""
-
-    def __init__(self, parts: list[bytes | memoryview]) -> None:
-        self._parts = [memoryview(p).cast("B") for p in parts]
-        self._i = 0
-
-    def take(self, n: int) -> list[memoryview]:
-        out = []
-        while n:
-            head = self._parts[self._i]
-            if len(head) <= n:
-                out.append(head)
-                n -= len(head)
-                self._i += 1
-            else:
-                out.append(head[:n])
-                self._parts[self._i] = head[n:]
-                n = 0
-        return out
-
-    def skip(self, n: int) -> None:
-        self.take(n)

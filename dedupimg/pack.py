@@ -90,13 +90,6 @@ class Compressor:
 _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
-    decompressor = getattr(_local, "zstd", None)
-    if decompressor is None:
-        decompressor = _local.zstd = zstandard.ZstdDecompressor()
-    return decompressor
-
-
 def decode_blob(codec: int, stored: bytes | memoryview, raw_len: int) -> bytes:
     if not 0 <= raw_len <= MAX_BLOB:
         raise IntegrityError(f"blob raw length {raw_len} is out of range")
@@ -105,7 +98,9 @@ def decode_blob(codec: int, stored: bytes | memoryview, raw_len: int) -> bytes:
             raise IntegrityError(f"raw blob has {len(stored)} bytes, its header says {raw_len}")
         return bytes(stored)
     if codec == ZSTD:
-        decompressor = _decompressor()
+        decompressor = getattr(_local, "zstd", None)
+        if decompressor is None:
+            decompressor = _local.zstd = zstandard.ZstdDecompressor()
         try:
             # zstandard allocates the size a frame header claims, whatever max_output_size says: refuse a
             # claim other than raw_len before decompressing (-1 = no size in the header: bounded by raw_len).
@@ -225,42 +220,12 @@ def read_blob(fd: int, entry_offset: int, expect_id: bytes, where: str) -> tuple
 
 
 def read_blob_run(fd: int, start: int, length: int, blobs: list[tuple[int, bytes]], where: str) -> list[bytes]:
-    """Read adjacent blobs with one pread: ``blobs`` are (offset, id) within ``[start, start+length)``.
-
-    The loop is the hot path of every restore, mount and serve read (some 50 chunks per MiB), so it checks a
-    well-formed blob inline; anything unusual goes through :func:`parse_blob`, which names the damage.
-    """
+    """Read adjacent blobs with one pread: ``blobs`` are (offset, id) within ``[start, start+length)``."""
     if start < 0 or length < 0:
         raise IntegrityError(f"{where}: blob run at {start} (+{length}) is out of range")
     data = os.pread(fd, length, start)
     view = memoryview(data)
-    end = len(data)
-    unpack, header_size, hash_of, content_size = BLOB_HEADER.unpack_from, BLOB_HEADER.size, blake3.blake3, \
-        zstandard.frame_content_size
-    decompress = _decompressor().decompress
-    out: list[bytes] = []
-    for offset, expect_id in blobs:
-        pos = offset - start
-        if 0 <= pos <= end - header_size:
-            magic, type_, codec, raw_len, stored_len, id_ = unpack(data, pos)
-            pos += header_size
-            if magic == BLOB_MAGIC and id_ == expect_id and type_ in BLOB_TYPES and raw_len <= MAX_BLOB \
-                    and pos + stored_len <= end:
-                stored = view[pos : pos + stored_len]
-                raw = None
-                if codec == ZSTD:
-                    try:
-                        if content_size(stored) == raw_len:
-                            raw = decompress(stored, max_output_size=raw_len)
-                    except zstandard.ZstdError:
-                        pass
-                elif codec == RAW and stored_len == raw_len:
-                    raw = bytes(stored)
-                if raw is not None and len(raw) == raw_len and hash_of(raw).digest() == expect_id:
-                    out.append(raw)
-                    continue
-        out.append(parse_blob(view, offset - start, expect_id, where, offset)[1])  # names the damage, if any
-    return out
+    return [parse_blob(view, offset - start, id_, where, offset)[1] for offset, id_ in blobs]
 
 
 def parse_blob(view: memoryview, pos: int, expect_id: bytes, where: str, offset: int) -> tuple[int, bytes]:

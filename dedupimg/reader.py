@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from dedupimg.errors import IntegrityError
 from dedupimg.manifest import Segment, SnapshotRecord
@@ -53,26 +53,28 @@ class Extent(NamedTuple):
 
 
 class _LRU:
-    def __init__(self, capacity: int, weigh: bool) -> None:
-        self._items: OrderedDict[bytes, object] = OrderedDict()
+    """Least recently used entries, up to ``capacity`` in total size (each entry's size given when put)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: OrderedDict[bytes, tuple[object, int]] = OrderedDict()
         self._capacity = capacity
-        self._weigh = weigh
         self._size = 0
 
     def get(self, key: bytes) -> object | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
 
-    def put(self, key: bytes, value: object) -> None:
+    def put(self, key: bytes, value: object, size: int = 1) -> None:
         if key in self._items:
             return
-        self._items[key] = value
-        self._size += len(value) if self._weigh else 1  # type: ignore[arg-type]
+        self._items[key] = (value, size)
+        self._size += size
         while self._size > self._capacity and len(self._items) > 1:
-            _, old = self._items.popitem(last=False)
-            self._size -= len(old) if self._weigh else 1  # type: ignore[arg-type]
+            _, (_, old_size) = self._items.popitem(last=False)
+            self._size -= old_size
 
 
 class SnapshotReader:
@@ -86,8 +88,8 @@ class SnapshotReader:
             self._seg_starts.append(pos)
             pos += n
         self._lock = threading.Lock()
-        self._segments = _LRU(SEGMENT_CACHE, weigh=False)
-        self._chunks = _LRU(cache_bytes, weigh=True)
+        self._segments = _LRU(SEGMENT_CACHE)
+        self._chunks = _LRU(cache_bytes)  # chunks read without a read pool
         # Sequential streams: the end of a stream's last read -> how far its read-ahead has been started. A
         # read that starts where a stream ended continues it. Several, because NBD clients such as nbdcopy
         # read different parts of the image over parallel connections, each part front to back.
@@ -226,7 +228,7 @@ class SnapshotReader:
         if hit is not None:
             return hit
         data = self._chunks.get(id_)
-        return None if data is None else (Landed(None, 0, [data]), 0)  # type: ignore[arg-type]
+        return None if data is None else (Landed(None, 0, [cast(bytes, data)]), 0)
 
     def _plan_ahead(self, end: int, sequential: bool) -> list[bytes]:
         """Ids of the chunks in the read-ahead window after ``end`` (where a sequential read ended) that are
@@ -274,7 +276,7 @@ class SnapshotReader:
                 return
             if landed.slot is None:
                 for id_, raw in zip(ids, landed.blobs, strict=True):
-                    self._chunks.put(id_, raw)
+                    self._chunks.put(id_, raw, len(raw))
                 return
             # The pool refilled this slot: what this reader had in it is gone (entries for slots that other
             # readers refilled fail to pin, and go then, or here once this reader gets the slot back).

@@ -34,8 +34,8 @@ import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import msgpack
 
@@ -58,10 +58,10 @@ class ReadPoolError(IntegrityError):
     """A read worker died with the task in flight."""
 
 
-@dataclass(frozen=True)
-class Landed:
+class Landed(NamedTuple):
     """A run's verified blobs: views into arena slot ``slot`` (valid while it holds generation ``gen``), or,
-    read without a pool, plain bytes (``slot`` None: always valid)."""
+    read without a pool, plain bytes (``slot`` None: always valid). A named tuple: a read of cached chunks
+    builds one per chunk."""
 
     slot: int | None
     gen: int
@@ -290,7 +290,8 @@ class ReadPool:
     # -- work -----------------------------------------------------------------------------------------------
 
     def submit(self, path: Path, start: int, length: int, blobs: list[tuple[int, bytes]], where: str
-               ) -> Future[Landed]:
+               ) -> Future[Landed] | None:
+        """The run's future; None when no worker is left to take it (the caller reads it itself)."""
         future: Future[Landed] = Future()
         task = next(self._tasks)
         with self.lock:
@@ -304,7 +305,7 @@ class ReadPool:
             if worker is not None and slot is not None:
                 worker.pending[task] = (future, slot)
         if worker is None or slot is None:
-            return run_here(future, path, start, length, blobs, where)
+            return None
         try:
             with worker.write_lock:  # requests from several threads must not interleave in the pipe
                 _send(worker.inp, [task, slot, str(path), start, length, [o for o, _ in blobs],
@@ -315,7 +316,7 @@ class ReadPool:
                 if worker.pending.pop(task, None) is None:
                     return future  # its answer thread has failed it already
                 self.landed(slot, False)
-            return run_here(future, path, start, length, blobs, where)
+            return None
         return future
 
     def close(self) -> None:
@@ -326,23 +327,6 @@ class ReadPool:
             self._map.close()
         except BufferError:
             pass  # views still held by callers: the mapping goes with them
-
-
-def run_here(future: Future[Landed], path: Path, start: int, length: int, blobs: list[tuple[int, bytes]],
-             where: str) -> Future[Landed]:
-    """A run read in the calling thread, as plain bytes (no worker is left)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        future.set_exception(IntegrityError(f"{where} is missing or unreadable: {exc.strerror}"))
-        return future
-    try:
-        future.set_result(Landed(None, 0, pack.read_blob_run(fd, start, length, blobs, where)))
-    except IntegrityError as exc:
-        future.set_exception(exc)
-    finally:
-        os.close(fd)
-    return future
 
 
 if __name__ == "__main__":

@@ -173,11 +173,11 @@ class Repository:
         Blobs that lie back to back in one pack (chunks stored in image order usually do) are read with
         one pread, up to MAX_READ bytes.
         """
-        out: list[bytes] = []
-        for run in self._runs(ids, MAX_READ):
-            with self._packs.use(run.pack_no) as fd:
-                out.extend(pack.read_blob_run(fd, run.start, run.length, run.blobs, f"pack #{run.pack_no}"))
-        return out
+        return [raw for run in self._runs(ids, MAX_READ) for raw in self._read_run(run)]
+
+    def _read_run(self, run: _Run) -> list[bytes]:
+        with self._packs.use(run.pack_no) as fd:
+            return pack.read_blob_run(fd, run.start, run.length, run.blobs, f"pack #{run.pack_no}")
 
     # -- reading for servers: a pool of worker processes (readpool.py says why) --------------------------------
 
@@ -203,16 +203,14 @@ class Repository:
         out: list[tuple[list[bytes], Future[Landed]]] = []
         pool = self._pool
         for run in self._runs(ids, POOL_RUN if pool else MAX_READ, pool.slot_bytes if pool else None):
-            where = f"pack #{run.pack_no}"
+            future = None
             if pool is not None:
                 path = pack.pack_path(self.packs_dir, self.index.pack_id(run.pack_no))
-                future = pool.submit(path, run.start, run.length, run.blobs, where)
-            else:
+                future = pool.submit(path, run.start, run.length, run.blobs, f"pack #{run.pack_no}")
+            if future is None:  # no pool, or no worker left in it: read here
                 future = Future()
                 try:
-                    with self._packs.use(run.pack_no) as fd:
-                        future.set_result(Landed(None, 0, pack.read_blob_run(fd, run.start, run.length, run.blobs,
-                                                                             where)))
+                    future.set_result(Landed(None, 0, self._read_run(run)))
                 except IntegrityError as exc:
                     future.set_exception(exc)
             out.append(([id_ for _, id_ in run.blobs], future))
