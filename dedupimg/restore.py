@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from dedupimg.errors import IntegrityError
+from dedupimg.errors import DedupimgError, IntegrityError, Interrupted
 from dedupimg.imagehash import Buffer, ImageHasher
 from dedupimg.manifest import SnapshotRecord
 from dedupimg.progress import NoProgress, Progress
@@ -113,12 +113,27 @@ def _restore_into(repo: Repository, record: SnapshotRecord, out: Target | NullTa
             )
         out.commit()
         progress.finish()
-    except BaseException:
+    except BaseException as exc:
         hasher.close()
         out.abort()
+        if out.in_place and isinstance(exc, DedupimgError):
+            raise _left_partial(exc, out, record) from None
         raise
     out.close()
     return written, read
+
+
+def _left_partial(exc: DedupimgError, out: Target | NullTarget, record: SnapshotRecord) -> DedupimgError:
+    """The same error, saying that a target written in place (a device, ``--delta``) may now be half done.
+
+    Nothing is lost by re-running: a delta restore compares every chunk again and writes only what still
+    differs, and a full restore to a device rewrites it whole.
+    """
+    again = "run the same command again to finish it" if isinstance(exc, Interrupted) else \
+        "run the same command again once the cause is fixed"
+    name = out.shown if isinstance(out, Target) else ""
+    return type(exc)(f"{exc}; {name} was being written in place and may now hold neither its old content nor "
+                     f"snapshot {record.short_id}: {again}")
 
 
 def _pipelined(pool: ThreadPoolExecutor, runs: Iterator[Run],

@@ -2,11 +2,19 @@
 
 With ``in_place`` (delta restore) an existing file or device is opened for reading and writing and updated
 where it differs; there is no temporary copy, since writing only the differences is the point.
+
+What would destroy the wrong thing is refused: a symlink is followed and what it points at gets every rule
+(messages name both); character devices, FIFOs, sockets and directories are never written, ``--force`` or
+not; a block device is opened with O_EXCL, so a mounted or otherwise held one is refused (naming what holds
+it, as mkfs does); an existing entry, a dangling symlink included, needs ``--force``; a replaced file's owner,
+group and mode are kept.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import stat
 import sys
 from collections.abc import Sequence
@@ -25,6 +33,8 @@ _ZEROS = memoryview(ZERO_BLOCK)
 class Target:
     def __init__(self, spec: str, size: int, force: bool, in_place: bool = False) -> None:
         self.spec = spec
+        self.shown = spec  # the target as named in messages: "LINK (a symlink to PATH)" for a symlink
+        self.in_place = False  # writes go straight to the target (a device, --delta): a failure leaves it partial
         self.tmp: Path | None = None
         self.final: Path | None = None
         self.sparse = False  # zero extents need no writes (a fresh file is all holes)
@@ -39,42 +49,71 @@ class Target:
             self.fd = sys.stdout.buffer.fileno()
             self.seekable = False
             return
-        path = Path(spec)
+        path, self.shown, is_link = _follow(spec)
         try:
             st = os.stat(path)
         except FileNotFoundError:
             st = None
         except OSError as exc:
-            raise TargetError(f"cannot use target {spec}: {exc.strerror}") from None
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            raise TargetError(f"target {spec} is a directory; give a file path")
-        if st is not None and stat.S_ISBLK(st.st_mode):
+            raise TargetError(f"cannot use target {self.shown}: {exc.strerror}") from None
+        if st is None:
+            if is_link and not force:
+                raise TargetExists(f"target {self.shown} is dangling: nothing exists there; pass --force to "
+                                   f"create {path}")
+            self._open_temp(path, size, keep=None)
+            return
+        kind = _unwritable_kind(st.st_mode)
+        if kind:
+            raise TargetError(f"target {self.shown} is {kind}; give a file path or a block device")
+        if stat.S_ISBLK(st.st_mode):
             if not (force or in_place):
-                raise TargetExists(f"target {spec} is a block device; pass --force to overwrite it")
-            self._open_existing(path, size, device=True, in_place=in_place)
-        elif st is not None and in_place:
-            self._open_existing(path, size, device=False, in_place=True)
-        else:
-            if st is not None and not force:
-                raise TargetExists(f"target {spec} exists; pass --force to replace it (or --delta to update it)")
-            self._open_temp(path, size)
-
-    def _open_existing(self, path: Path, size: int, device: bool, in_place: bool) -> None:
-        self.fd = _open(path, os.O_RDWR if in_place else os.O_WRONLY)
-        self.readable = in_place
-        end = os.lseek(self.fd, 0, os.SEEK_END)
-        if device and end < size:
-            self.close()
-            raise TargetError(f"block device {self.spec} holds {end} bytes; the image needs {size}")
-        if not device:
+                raise TargetExists(f"target {self.shown} is a block device; pass --force to overwrite it")
+            self._open_device(path, st.st_rdev, size, in_place)
+        elif in_place:
+            self.fd = _open(path, os.O_RDWR, self.shown)
+            self.readable = self.in_place = True
             self._truncate(size)
+        else:
+            if not force:
+                raise TargetExists(
+                    f"target {self.shown} exists; pass --force to replace it (or --delta to update it)"
+                )
+            self._open_temp(path, size, keep=st)
 
-    def _open_temp(self, path: Path, size: int) -> None:
+    def _open_device(self, path: Path, rdev: int, size: int, in_place: bool) -> None:
+        """Open a block device exclusively (O_EXCL), as mkfs does: a mounted or held device is refused."""
+        try:
+            self.fd = os.open(path, (os.O_RDWR if in_place else os.O_WRONLY) | os.O_EXCL)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise TargetError(
+                    f"block device {self.shown} is in use ({device_users(rdev)}); refusing to write to it"
+                ) from None
+            raise TargetError(f"cannot open target {self.shown}: {exc.strerror}") from None
+        self.readable = in_place
+        self.in_place = True
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        if end < size:
+            self.close()
+            raise TargetError(f"block device {self.shown} holds {end} bytes; the image needs {size}")
+
+    def _open_temp(self, path: Path, size: int, keep: os.stat_result | None) -> None:
+        """A new file under a temporary name; ``keep``: the file it will replace, whose owner and mode it gets."""
         if not path.parent.is_dir():
-            raise TargetError(f"directory {path.parent} of target {self.spec} does not exist")
+            raise TargetError(f"directory {path.parent} of target {self.shown} does not exist")
         self.final = path
         self.tmp = temp_name(path)
-        self.fd = _open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        self.fd = _open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        if keep is not None:
+            try:
+                os.fchown(self.fd, keep.st_uid, keep.st_gid)  # before chmod: chown clears set-id bits
+                os.fchmod(self.fd, stat.S_IMODE(keep.st_mode))
+            except OSError as exc:
+                self.abort()
+                raise TargetError(
+                    f"cannot give the new {self.shown} the owner {keep.st_uid}:{keep.st_gid} and mode "
+                    f"{stat.S_IMODE(keep.st_mode):o} of the file it replaces: {exc.strerror}"
+                ) from None
         self.sparse = True
         self._truncate(size)  # zero extents stay holes
 
@@ -157,11 +196,116 @@ class Target:
             self.tmp = None
 
 
-def _open(path: Path, flags: int, mode: int = FILE_MODE) -> int:
+def _open(path: Path, flags: int, shown: str | None = None) -> int:
     try:
-        return os.open(path, flags, mode)
+        return os.open(path, flags, FILE_MODE)
     except OSError as exc:
-        raise TargetError(f"cannot open target {path}: {exc.strerror}") from None
+        raise TargetError(f"cannot open target {shown or path}: {exc.strerror}") from None
+
+
+def _follow(spec: str) -> tuple[Path, str, bool]:
+    """The path to write (a symlink followed to its end), the target as messages name it, and if it is a link.
+
+    ``/dev/disk/by-id/...`` links are the normal way to name a disk, so a link is never replaced: what it
+    points at is the target, and gets every rule.
+    """
+    try:
+        if not stat.S_ISLNK(os.lstat(spec).st_mode):
+            return Path(spec), spec, False
+    except FileNotFoundError:
+        return Path(spec), spec, False
+    except OSError as exc:
+        raise TargetError(f"cannot use target {spec}: {exc.strerror}") from None
+    try:
+        real = os.path.realpath(spec, strict=True)
+    except FileNotFoundError:
+        real = os.path.realpath(spec)  # dangling: where the last link points
+    except OSError as exc:  # a loop of links
+        raise TargetError(f"cannot follow symlink {spec}: {exc.strerror}") from None
+    return Path(real), f"{spec} (a symlink to {real})", True
+
+
+def _unwritable_kind(mode: int) -> str | None:
+    """What a target is that no restore may write, ``--force`` or not (None: a file or a block device)."""
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file or block device"
+
+
+def _unescape(field: str) -> str:
+    """A path from /proc/self/mountinfo or /proc/swaps (space, tab, newline and backslash are octal escapes)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def device_users(rdev: int) -> str:
+    """What holds a block device (or one of its partitions), as a phrase: mounts, swap, device-mapper, md."""
+    sysfs = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    devices = {f"{os.major(rdev)}:{os.minor(rdev)}": ""}  # maj:min -> "" (the device) or "partition NAME "
+    dirs = [sysfs]
+    try:
+        for part in sysfs.iterdir():
+            if (part / "partition").exists():
+                devices[(part / "dev").read_text().strip()] = f"partition {part.name} "
+                dirs.append(part)
+    except OSError:
+        pass
+    found: list[str] = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                source = fields[fields.index("-") + 2] if "-" in fields else ""
+                which = devices.get(fields[2])
+                if which is None and source.startswith("/dev/"):
+                    try:  # btrfs and others report an anonymous device number: match the source instead
+                        which = devices.get(_majmin(os.stat(source)))
+                    except OSError:
+                        pass
+                if which is not None:
+                    found.append(f"{which}mounted on {_unescape(fields[4])}")
+    except OSError:
+        pass
+    try:
+        with open("/proc/swaps") as f:
+            for line in list(f)[1:]:
+                try:
+                    which = devices.get(_majmin(os.stat(_unescape(line.split()[0]))))
+                except (OSError, IndexError):
+                    continue
+                if which is not None:
+                    found.append(f"{which}used as swap")
+    except OSError:
+        pass
+    for d in dirs:
+        try:
+            holders = sorted(h.name for h in (d / "holders").iterdir())
+        except OSError:
+            continue
+        which = "" if d == sysfs else f"partition {d.name} "
+        for h in holders:
+            try:
+                h += f" ({(d / 'holders' / h / 'dm' / 'name').read_text().strip()})"
+            except OSError:
+                pass
+            found.append(f"{which}held by {h}")
+    found = list(dict.fromkeys(found))  # a bind mount lists the same mount point's device again
+    if not found:
+        return "opened exclusively by another program"
+    return ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+
+
+def _majmin(st: os.stat_result) -> str:
+    if not stat.S_ISBLK(st.st_mode):
+        return ""
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
 class NullTarget:
@@ -170,6 +314,7 @@ class NullTarget:
     sparse = True
     seekable = True
     readable = False
+    in_place = False
     tmp: Path | None = None
 
     def read(self, offset: int, length: int) -> bytes:  # pragma: no cover - never readable
