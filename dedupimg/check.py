@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 import blake3
 
 from dedupimg import integrity, pack
-from dedupimg.errors import IntegrityError
+from dedupimg.errors import IntegrityError, UsageError
 from dedupimg.index import BlobLocation, PackRow
 from dedupimg.manifest import SnapshotRecord, decode_segment, decode_tombstone
 from dedupimg.progress import NoProgress, Progress
@@ -138,7 +138,7 @@ def check(repo: Repository, read_data: float = 0.0, progress: Progress | None = 
     (0 none, 1.0 all), chosen by a hash of ``seed`` and the pack id (default seed: the repository id and
     today's UTC date, so reruns on one day read the same packs and days rotate)."""
     if not 0.0 <= read_data <= 1.0:
-        raise ValueError(f"read_data must be within 0..1, not {read_data}")
+        raise UsageError(f"the share of packs to read must be within 0..1, not {read_data}")
     return _Checker(repo, progress or NoProgress()).run(read_data, seed)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dedupimg import pack
-from dedupimg.errors import IntegrityError
+from dedupimg.errors import IntegrityError, UsageError
 from dedupimg.fsutil import fsync_dir
 from dedupimg.index import BlobLocation, NewBlob, NewSegment, PackRow
 from dedupimg.manifest import decode_segment
@@ -87,7 +87,7 @@ class PruneOutcome:
 
 def plan(repo: Repository, max_unused: float = DEFAULT_MAX_UNUSED) -> PrunePlan:
     if not 0.0 <= max_unused <= 1.0:
-        raise ValueError("max_unused is a fraction from 0 to 1")
+        raise UsageError(f"max_unused is a fraction from 0 to 1, not {max_unused}")
     result = PrunePlan(max_unused)
     dead = {i: loc for i, loc in repo.index.dead_rows()}
     _cascade(repo, dead, result)

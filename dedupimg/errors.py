@@ -2,7 +2,9 @@
 
 Every error the library raises on purpose derives from :class:`DedupimgError` and carries its process exit
 code, so that the CLI has exactly one place that turns an exception into an exit (``dedupimg.cli.main``).
-Codes are documented in README.md and in each command's help; keep them unique per class.
+Each class's docstring is what its code means to a script; EXIT_CODES below is the table by code, the same as
+README.md's and each command's ``--help`` (tests/cli/test_errors.py checks that the three agree). Classes share
+a code only where a script has nothing to tell apart: the message says which case it was.
 """
 
 from __future__ import annotations
@@ -21,34 +23,50 @@ class UsageError(DedupimgError):
 
 
 class RepositoryNotFound(DedupimgError):
+    """There is no repository at the path given: it does not exist (``init`` makes one)."""
+
     exit_code = 10
 
 
 class NotARepository(DedupimgError):
+    """There is no repository at the path given: it exists but is not a dedupimg repository (no config)."""
+
     exit_code = 10
 
 
 class RepositoryExists(DedupimgError):
-    exit_code = 10
+    """``init``: the path is taken (a file, a non-empty directory, a repository) or lies inside a repository."""
+
+    exit_code = 21
 
 
 class RepositoryLocked(DedupimgError):
+    """Another process holds a conflicting lock on the repository (``--lock-wait`` waits for it)."""
+
     exit_code = 11
 
 
 class UnsupportedFormat(DedupimgError):
+    """The repository's format version is not supported by this dedupimg, or its config is damaged."""
+
     exit_code = 12
 
 
 class SnapshotNotFound(DedupimgError):
+    """No snapshot matches the id, prefix, ``latest`` or ``NAME@latest`` given."""
+
     exit_code = 13
 
 
 class AmbiguousSnapshot(DedupimgError):
+    """The snapshot reference matches more than one snapshot (a short prefix; ``latest`` over several names)."""
+
     exit_code = 14
 
 
 class TargetExists(DedupimgError):
+    """The restore target exists (``--force`` replaces it)."""
+
     exit_code = 15
 
 
@@ -59,13 +77,20 @@ class SourceError(DedupimgError):
 
 
 class TargetError(DedupimgError):
-    """The restore target cannot be written."""
+    """The restore target (or mount point) cannot be used: not writable, the wrong kind of file, busy, ..."""
+
+    exit_code = 16
+
+
+class PermissionDenied(DedupimgError):
+    """A file of the repository (its config, index or packs) cannot be read or written: permission denied."""
 
     exit_code = 16
 
 
 class IntegrityError(DedupimgError):
-    """Stored data does not match its hash, or a pack or record is damaged."""
+    """Stored data does not match its hash, a pack or record is damaged, or the index is missing or damaged
+    (the message then says to run ``dedupimg repair index``, which rebuilds it from the packs)."""
 
     exit_code = 17
 
@@ -75,10 +100,14 @@ class CheckFailed(IntegrityError):
 
 
 class NoSpaceError(DedupimgError):
+    """No space left on the device of the repository or of the restore target."""
+
     exit_code = 18
 
 
 class Interrupted(DedupimgError):
+    """SIGINT or SIGTERM ended the command; nothing partial is kept (a stopped ``serve`` exits 0)."""
+
     exit_code = 130
 
 
@@ -94,22 +123,25 @@ class MountError(DedupimgError):
     exit_code = 20
 
 
-# The codes as documented; tests check that this table and the classes agree.
+# The codes by number, as README.md documents them and each command's --help lists them; tests check that this
+# table, README's and the classes agree.
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected error",
     2: "usage error (bad arguments, stdin without --name, ...)",
-    10: "repository missing, not a repository, or already exists",
+    10: "no repository at the path (missing, or not a dedupimg repository)",
     11: "repository locked by another process",
     12: "unsupported repository format version or damaged config",
     13: "no such snapshot",
     14: "snapshot reference is ambiguous",
     15: "restore target exists (use --force)",
-    16: "source or target cannot be read or written",
+    16: "a path cannot be read or written: the source, the target or mount point, or the repository's files "
+        "(permission denied, missing, the wrong kind of file)",
     17: "integrity error: stored data or a restored image does not match its hash; check found a problem; "
-        "the index is missing (run 'dedupimg repair index')",
+        "the index is missing or damaged (run 'dedupimg repair index')",
     18: "no space left on the repository's or target's device",
     19: "cannot listen on the address (port in use, not a local address)",
     20: "FUSE is not available on this machine (no /dev/fuse or libfuse3), or the mount failed",
+    21: "init: the path is taken (a file, a non-empty directory, a repository) or inside a repository",
     130: "interrupted",
 }

@@ -29,7 +29,7 @@ from typing import NamedTuple, TypeVar
 
 import lmdb
 
-from dedupimg.errors import IntegrityError, NoSpaceError, RepositoryLocked
+from dedupimg.errors import IntegrityError, NoSpaceError, PermissionDenied, RepositoryLocked
 
 BLOB_VALUE = struct.Struct("<BBIQIII")
 PACK_NO = struct.Struct(">I")
@@ -509,4 +509,6 @@ def _translate(exc: lmdb.Error, path: Path) -> Exception:
         return NoSpaceError(f"no space left on device for the index at {path}")
     if "Resource temporarily unavailable" in text:
         return RepositoryLocked(f"index at {path} is locked")
+    if "Permission denied" in text or "Operation not permitted" in text:
+        return PermissionDenied(f"cannot open the index at {path}: permission denied")
     return IntegrityError(f"index at {path}: {text}")

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from dedupimg.errors import NotARepository, RepositoryLocked, RepositoryNotFound
+from dedupimg.errors import NotARepository, RepositoryLocked, RepositoryNotFound, UsageError
 
 LOCK_FILE = "lock"
 LOCK_FILE_MODE = 0o644
@@ -73,7 +73,7 @@ class RepositoryLock:
 
     def __init__(self, repo_path: Path, mode: LockMode, wait: float = 0.0, what: str = "") -> None:
         if wait < 0:
-            raise ValueError(f"wait must be >= 0, not {wait}")
+            raise UsageError(f"lock wait must be 0 or more seconds, not {wait}")
         self.repo_path = Path(repo_path)
         self.path = self.repo_path / LOCK_FILE
         self.mode = mode

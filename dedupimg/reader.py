@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
-from dedupimg.errors import IntegrityError
+from dedupimg.errors import IntegrityError, UsageError
 from dedupimg.manifest import Segment, SnapshotRecord
 from dedupimg.readpool import Landed
 from dedupimg.repository import Repository
@@ -140,7 +140,7 @@ class SnapshotReader:
     def read(self, offset: int, length: int) -> bytes:
         """The image's bytes ``[offset, offset+length)``; short at the end of the image, empty past it."""
         if offset < 0 or length < 0:
-            raise ValueError("negative offset or length")
+            raise UsageError(f"negative offset or length ({offset}, {length})")
         buf = bytearray(max(0, min(length, self.size - offset)))
         self.read_into(offset, buf)
         return bytes(buf)
@@ -152,7 +152,7 @@ class SnapshotReader:
         pool they are pinned in its shared cache for just that copy."""
         view = memoryview(buf).cast("B")
         if offset < 0:
-            raise ValueError("negative offset")
+            raise UsageError(f"negative offset ({offset})")
         end = min(offset + len(view), self.size)
         if offset >= end:
             return 0

@@ -23,6 +23,7 @@ from dedupimg.errors import (
     AmbiguousSnapshot,
     IntegrityError,
     NotARepository,
+    PermissionDenied,
     RepositoryExists,
     RepositoryNotFound,
     SnapshotNotFound,
@@ -41,6 +42,22 @@ INDEX = "index"
 OPEN_PACKS = 64
 MAX_READ = 16 << 20  # largest single pread of adjacent blobs
 POOL_RUN = 1 << 20  # a read worker's unit of work: a read-ahead window spreads over the workers
+
+
+def _is_repository(path: Path) -> bool:
+    """Whether ``path`` looks like a repository: a config file beside a packs directory."""
+    try:
+        return (path / CONFIG).is_file() and (path / PACKS).is_dir()
+    except OSError:
+        return False
+
+
+def _enclosing_repository(path: Path) -> Path | None:
+    """The repository that ``path`` (followed through symlinks) would lie inside, if any."""
+    for parent in Path(path).resolve().parents:
+        if _is_repository(parent):
+            return parent
+    return None
 
 
 @dataclass
@@ -71,7 +88,11 @@ class Repository:
         self.config = config
         self.packs_dir = path / PACKS
         self.tmp_dir = path / TMP
-        self.index = Index(path / INDEX)
+        try:
+            self.index = Index(path / INDEX)
+        except PermissionError as exc:  # index/ itself unreadable (lmdb's own refusals: index._translate)
+            where = exc.filename or path / INDEX
+            raise PermissionDenied(f"cannot open the index at {where}: permission denied") from None
         self._packs = _OpenPacks(self)
         self._lock: RepositoryLock | None = None
         self._pool: ReadPool | None = None
@@ -87,9 +108,15 @@ class Repository:
         compression_level: int | None = None,
     ) -> Repository:
         path = Path(path)
+        outer = _enclosing_repository(path)
+        if outer is not None:
+            raise RepositoryExists(f"{path} is inside the dedupimg repository {outer}; refusing to create a "
+                                   f"repository there")
         if path.exists():
             if not path.is_dir():
                 raise RepositoryExists(f"{path} exists and is not a directory")
+            if _is_repository(path):
+                raise RepositoryExists(f"{path} is a dedupimg repository already")
             if any(path.iterdir()):
                 raise RepositoryExists(f"{path} exists and is not empty; refusing to create a repository there")
             os.chmod(path, DIR_MODE)
@@ -139,12 +166,14 @@ class Repository:
     @staticmethod
     def read_config(path: Path) -> Config:
         """The repository's config, checked; the index is not opened (repair works without it)."""
-        if not path.exists():
-            raise RepositoryNotFound(f"repository {path} does not exist")
-        if not path.is_dir() or not (path / CONFIG).is_file():
-            raise NotARepository(f"{path} is not a dedupimg repository (no config file)")
         try:
+            if not path.exists():
+                raise RepositoryNotFound(f"repository {path} does not exist")
+            if not path.is_dir() or not (path / CONFIG).is_file():
+                raise NotARepository(f"{path} is not a dedupimg repository (no config file)")
             raw = (path / CONFIG).read_bytes()
+        except PermissionError:
+            raise PermissionDenied(f"cannot read repository {path}: permission denied") from None
         except OSError as exc:
             raise NotARepository(f"cannot read {path / CONFIG}: {exc.strerror}") from None
         return Config.from_bytes(raw, str(path / CONFIG))

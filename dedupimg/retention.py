@@ -279,7 +279,7 @@ def apply_policy(
     times = [time_of(item) for item in items]
     for t in times:
         if t.tzinfo is None or t.utcoffset() is None:
-            raise ValueError(f"snapshot time {t.isoformat()} has no time zone")
+            raise UsageError(f"snapshot time {t.isoformat()} has no time zone")
     order = sorted(range(len(items)), key=times.__getitem__, reverse=True)  # stable: ties keep input order
     if not order:
         return []

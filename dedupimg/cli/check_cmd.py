@@ -8,7 +8,7 @@ import typer
 
 from dedupimg.check import CheckReport
 from dedupimg.check import check as check_repository
-from dedupimg.cli.main import LockWait, app, open_repo, repo_path
+from dedupimg.cli.main import LockWait, RepoOption, app, open_repo, repo_path
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
 from dedupimg.errors import CheckFailed, UsageError
 from dedupimg.lock import LockMode
@@ -30,7 +30,7 @@ def _percent(value: str) -> float:
     return percent / 100
 
 
-@app.command(epilog=exit_codes_help(10, 11, 12, 17, 130))
+@app.command(epilog=exit_codes_help(11))
 def check(
     ctx: typer.Context,
     read_data: Annotated[
@@ -43,6 +43,7 @@ def check(
     ] = None,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Check the repository's structure (index against packs, reference counts), optionally its data.
 
@@ -96,11 +97,12 @@ def _print_report(report: CheckReport) -> None:
                  f"({human_bytes(c.pack_bytes)}){read}: {verdict}", markup=False)
 
 
-@repair_app.command("index", epilog=exit_codes_help(10, 11, 12, 18, 130))
+@repair_app.command("index", epilog=exit_codes_help(10, 11, 12, 16, 18, opens_repository=False))
 def repair_index_cmd(
     ctx: typer.Context,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Rebuild the whole index (chunk locations, manifests, snapshot list, reference counts) from the packs.
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dedupimg.cli.main import LockWait, app, open_repo, repo_path
+from dedupimg.cli.main import LockWait, RepoOption, app, open_repo, repo_path
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
 from dedupimg.config import DEFAULT_CHUNK_SIZE, ChunkerParams
 from dedupimg.errors import UsageError
@@ -20,7 +20,7 @@ from dedupimg.restore import verify as verify_snapshot
 from dedupimg.snapshot import take_snapshot
 
 
-@app.command(epilog=exit_codes_help(10))
+@app.command(epilog=exit_codes_help(16, 18, 21, opens_repository=False))
 def init(
     ctx: typer.Context,
     chunk_size: Annotated[
@@ -30,6 +30,7 @@ def init(
         int | None, typer.Option(help="zstd level for new chunks (-7 fastest .. 22 smallest).")
     ] = None,
     pack_size: Annotated[int | None, typer.Option(hidden=True, help="Target pack size (tests).")] = None,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Create a new repository (readable by its owner only)."""
     path = repo_path(ctx)
@@ -61,7 +62,7 @@ def _parse_time(value: str | None) -> datetime | None:
         raise UsageError(f"--time {value!r} is not an ISO 8601 time (like 2026-01-31T22:00:00+01:00)") from None
 
 
-@app.command(epilog=exit_codes_help(10, 11, 12, 16, 18, 130))
+@app.command(epilog=exit_codes_help(11, 18))
 def snapshot(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="Image file, sparse file, block device, or - for stdin.")],
@@ -70,6 +71,7 @@ def snapshot(
     time: Annotated[str | None, typer.Option(help="Record this time (ISO 8601) instead of now.")] = None,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Take a snapshot of an image and print its id."""
     when = _parse_time(time)
@@ -90,11 +92,12 @@ def snapshot(
         stdout.print(rec.hex_id)
 
 
-@app.command(epilog=exit_codes_help(10, 12))
+@app.command(epilog=exit_codes_help())
 def snapshots(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Option(help="Only snapshots of this image name.")] = None,
     json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    repo_dir: RepoOption = None,
 ) -> None:
     """List snapshots, oldest first."""
     with open_repo(ctx) as repo:
@@ -109,7 +112,7 @@ def snapshots(
     stdout.print(f"{len(records)} snapshots")
 
 
-@app.command(epilog=exit_codes_help(10, 11, 12, 13, 14, 15, 16, 17, 18, 130))
+@app.command(epilog=exit_codes_help(11, 13, 14, 15, 18))
 def restore(
     ctx: typer.Context,
     snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique id prefix, or 'latest'.")],
@@ -121,6 +124,7 @@ def restore(
     ] = False,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object (not with target -).")] = False,
     lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Restore a snapshot bit-exact (verified against its recorded blake3)."""
     with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
@@ -142,12 +146,13 @@ def restore(
         stdout.print(f"restored {rec.short_id} ({human_bytes(rec.size)}) to {target}")
 
 
-@app.command(epilog=exit_codes_help(10, 11, 12, 13, 14, 17, 130))
+@app.command(epilog=exit_codes_help(11, 13, 14))
 def verify(
     ctx: typer.Context,
     snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique id prefix, 'latest' or NAME@latest.")],
     name: Annotated[str | None, typer.Option(help="With 'latest': the newest snapshot of this name.")] = None,
     lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Read a snapshot's whole image and check every chunk and the image's blake3 (writes nothing)."""
     with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
@@ -157,10 +162,11 @@ def verify(
                  f"matches, in {result.seconds:.1f} s")
 
 
-@app.command(epilog=exit_codes_help(10, 12))
+@app.command(epilog=exit_codes_help())
 def info(
     ctx: typer.Context,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Repository size, deduplication and compression."""
     with open_repo(ctx) as repo:

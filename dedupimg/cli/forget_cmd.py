@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from dedupimg.cli.main import LockWait, app, open_repo
+from dedupimg.cli.main import LockWait, RepoOption, app, open_repo
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
 from dedupimg.compaction import DEFAULT_MAX_UNUSED
 from dedupimg.errors import UsageError
@@ -22,7 +22,7 @@ def _count(help_text: str) -> typer.models.OptionInfo:
     return typer.Option(metavar="N", help=help_text + " (-1: unlimited).")
 
 
-@app.command(epilog=exit_codes_help(10, 11, 12, 13, 14, 17, 18, 130))
+@app.command(epilog=exit_codes_help(11, 13, 14, 18))
 def forget(
     ctx: typer.Context,
     snapshot_ids: Annotated[
@@ -47,6 +47,7 @@ def forget(
     and_prune: Annotated[bool, typer.Option("--prune", help="Run prune afterwards (same lock).")] = False,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Remove snapshots by a retention policy (restic forget's rules, per image name) or by id.
 
@@ -79,7 +80,7 @@ def forget(
         _render_prune(report)
 
 
-@app.command(name="prune", epilog=exit_codes_help(10, 11, 12, 17, 18, 130))
+@app.command(name="prune", epilog=exit_codes_help(11, 18))
 def prune_cmd(
     ctx: typer.Context,
     max_unused: Annotated[
@@ -89,6 +90,7 @@ def prune_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Delete packs that hold no live data, rewrite mostly-dead ones, and report the space freed.
 

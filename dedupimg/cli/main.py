@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dedupimg.errors import DedupimgError, Interrupted, UsageError
+from dedupimg.errors import DedupimgError, Interrupted, PermissionDenied, UsageError
 from dedupimg.lock import LockMode
 from dedupimg.repository import Repository
 
@@ -30,10 +30,33 @@ def root(
     ctx: typer.Context,
     repo: Annotated[
         Path | None,
-        typer.Option("-r", "--repo", envvar="DEDUPIMG_REPO", help="Repository directory (or $DEDUPIMG_REPO)."),
+        # readable=False: an unreadable repository is reported by the command (exit 16), not as a usage error.
+        typer.Option("-r", "--repo", envvar="DEDUPIMG_REPO", readable=False,
+                     help="Repository directory (or $DEDUPIMG_REPO); also accepted after the command."),
     ] = None,
 ) -> None:
     ctx.obj = repo
+
+
+def _repo_after_command(ctx: typer.Context, value: Path | None) -> None:
+    """``dedupimg CMD -r PATH`` means ``dedupimg -r PATH CMD``; it overrides $DEDUPIMG_REPO, as ``-r`` does."""
+    if value is None:
+        return
+    root_ctx = ctx.find_root()
+    before = root_ctx.obj
+    source = root_ctx.get_parameter_source("repo")
+    if before is not None and source is not None and source.name == "COMMANDLINE" and Path(before) != value:
+        raise UsageError(f"two repositories given: -r {before} before the command and -r {value} after it")
+    root_ctx.obj = value
+
+
+# Every command that takes a repository declares this parameter (its value reaches ``repo_path`` through the
+# root context; the function's own argument stays None), so that ``-r`` is accepted after the command too.
+RepoOption = Annotated[
+    Path | None,
+    typer.Option("-r", "--repo", callback=_repo_after_command, expose_value=False, readable=False,
+                 show_default=False, help="Repository directory (also accepted before the command)."),
+]
 
 
 def repo_path(ctx: typer.Context) -> Path:
@@ -93,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             _fail(f"no space left on device ({exc.filename or 'repository'})", 18)
+        if exc.errno in (errno.EACCES, errno.EPERM):  # any path the library did not name better itself
+            _fail(f"{exc.strerror}{f': {exc.filename}' if exc.filename else ''}", PermissionDenied.exit_code)
         _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
     except Exception as exc:  # noqa: BLE001  (the last line of defence: one line, not a traceback)
         if debug:

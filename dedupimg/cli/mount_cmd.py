@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.main import LockWait, app, repo_path
+from dedupimg.cli.main import LockWait, RepoOption, app, repo_path
 from dedupimg.cli.render import exit_codes_help, stdout
 from dedupimg.mount import mount as mount_snapshots
 
 
-@app.command(epilog=exit_codes_help(10, 11, 12, 16, 17, 20, 130))
+@app.command(epilog=exit_codes_help(11, 20))
 def mount(
     ctx: typer.Context,
     mountpoint: Annotated[Path, typer.Argument(help="An empty directory.")],
@@ -20,6 +20,7 @@ def mount(
         bool, typer.Option("--foreground", "-f", help="Serve in this process until unmounted (Ctrl-C unmounts).")
     ] = False,
     lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Mount every snapshot read-only: NAME/TIME_ID.img, NAME/latest and by-id/ID.img.
 

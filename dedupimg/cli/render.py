@@ -29,8 +29,17 @@ stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False)
 
 
-def exit_codes_help(*codes: int) -> str:
-    listed = (0, 1, 2, *codes)
+# Codes every command can return (success, unexpected error, usage error, interrupted), and those of every
+# command that opens a repository: none there, its config damaged or too new, a file of it not readable
+# (permission denied), its index missing or damaged ("run repair index").
+ANY_COMMAND_CODES = (0, 1, 2, 130)
+OPENS_REPOSITORY_CODES = (10, 12, 16, 17)
+
+
+def exit_codes_help(*codes: int, opens_repository: bool = True) -> str:
+    """The epilog of a command's help: ``codes`` plus those every command, and every command that opens a
+    repository (unless ``opens_repository`` is False: init, repair), can return."""
+    listed = (*ANY_COMMAND_CODES, *(OPENS_REPOSITORY_CODES if opens_repository else ()), *codes)
     return "Exit codes: " + "; ".join(f"{c} {EXIT_CODES[c]}" for c in sorted(set(listed))) + "."
 
 

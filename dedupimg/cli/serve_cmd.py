@@ -6,14 +6,14 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.main import LockWait, app, open_repo
+from dedupimg.cli.main import LockWait, RepoOption, app, open_repo
 from dedupimg.cli.render import exit_codes_help, stderr
 from dedupimg.errors import Interrupted
 from dedupimg.lock import LockMode
 from dedupimg.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer, parse_listen
 
 
-@app.command(epilog=exit_codes_help(10, 11, 12, 13, 14, 19))
+@app.command(epilog=exit_codes_help(11, 13, 14, 19))
 def serve(
     ctx: typer.Context,
     snapshots: Annotated[
@@ -26,6 +26,7 @@ def serve(
         str, typer.Option("--listen", metavar="HOST:PORT", help="Address to listen on (port 0: any free port).")
     ] = f"{DEFAULT_HOST}:{DEFAULT_PORT}",
     lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
 ) -> None:
     """Serve snapshots read-only over NBD until Ctrl-C or SIGTERM (which exit 0)."""
     host, port = parse_listen(listen)

@@ -51,7 +51,7 @@ def test_init_creates_owner_only_repository(tmp_path):
 
 def test_init_refuses_non_empty_directory(tmp_path):
     (tmp_path / "x").write_text("hi")
-    fails(run_cli("-r", tmp_path, "init"), 10, "not empty")
+    fails(run_cli("-r", tmp_path, "init"), 21, "not empty")
 
 
 def test_init_rejects_bad_chunk_size(tmp_path):

@@ -476,7 +476,7 @@ def test_bad_policies_are_usage_errors(kwargs):
 
 
 def test_naive_times_are_rejected():
-    with pytest.raises(ValueError, match="time zone"):
+    with pytest.raises(UsageError, match="time zone"):
         apply_policy([datetime(2024, 1, 1)], Policy(last=1), time_of=lambda t: t, tags_of=lambda t: ())
 
 

@@ -1,0 +1,288 @@
+"""Errors that say exactly what happened (issue 11 §5, and §4b's init inside a repository), through the CLI.
+
+Exit codes: README's table, ``errors.EXIT_CODES`` and the error classes agree; every command's ``--help`` lists
+the codes every command, every repository-opening and every locking command can return; an unreadable
+repository or index is "permission denied" (16); ``-r`` works after the command as before it; ``init`` refuses
+a path inside another repository; library argument checks raise UsageError, not ValueError.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer
+
+from dedupimg import errors
+from dedupimg.errors import EXIT_CODES, DedupimgError, UsageError
+from tests.helpers import ROOT, det_bytes, run_cli, small_repo
+
+
+def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def fails(proc: subprocess.CompletedProcess[bytes], code: int, words: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == code, (proc.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err  # one clear line
+    assert words in lines[0], err
+
+
+# -- the tables ------------------------------------------------------------------------------------------------
+
+
+def _error_classes() -> list[type[DedupimgError]]:
+    return [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, DedupimgError)]
+
+
+def _readme_codes() -> dict[int, str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    return {int(m[1]): m[2] for m in re.finditer(r"^\| (\d+) \| (.+) \|$", section, re.M)}
+
+
+def test_readme_table_exit_codes_and_classes_agree():
+    readme = _readme_codes()
+    assert sorted(readme) == sorted(EXIT_CODES), "README's exit code table and errors.EXIT_CODES differ"
+    classes = _error_classes()
+    for cls in classes:
+        assert cls.exit_code in EXIT_CODES, f"{cls.__name__}: exit code {cls.exit_code} is not documented"
+        # Each class says what its code means, in its own docstring (not inherited).
+        assert (cls.__dict__.get("__doc__") or "").strip(), f"{cls.__name__} has no docstring of its own"
+    used = {cls.exit_code for cls in classes}
+    # Every documented failure code belongs to a class (0 is success; 16 and 18 are also what main makes of
+    # a raw EACCES/ENOSPC, but they have classes too).
+    assert set(EXIT_CODES) - {0} <= used, f"codes without a class: {sorted(set(EXIT_CODES) - {0} - used)}"
+
+
+def test_a_code_is_shared_only_by_classes_of_one_meaning():
+    # A script tells codes apart, not classes: where classes share a code, the table says so by listing them
+    # here, and adding a class to a code is a decision this test makes visible.
+    by_code: dict[int, set[str]] = {}
+    for cls in _error_classes():
+        by_code.setdefault(cls.exit_code, set()).add(cls.__name__)
+    shared = {code: names for code, names in by_code.items() if len(names) > 1}
+    assert shared == {
+        10: {"RepositoryNotFound", "NotARepository"},  # no repository at the path
+        16: {"SourceError", "TargetError", "PermissionDenied"},  # a path cannot be read or written
+        17: {"IntegrityError", "CheckFailed"},  # damage found (the index's: "run repair index")
+    }, shared
+    assert by_code[21] == {"RepositoryExists"}  # init's refusals, apart from "no repository here" (10)
+
+
+def test_library_modules_raise_usage_error_not_value_error():
+    # ValueError is raised only inside the decoders, which turn it into their own errors before returning.
+    internal = {"config.py", "pack.py", "manifest.py", "readpool.py"}
+    offenders = []
+    for path in sorted((ROOT / "dedupimg").rglob("*.py")):
+        if path.name in internal:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                target = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(target, ast.Name) and target.id == "ValueError":
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def test_library_argument_checks_are_usage_errors(tmp_path):
+    from dedupimg.check import check
+    from dedupimg.compaction import plan
+    from dedupimg.lock import LockMode, RepositoryLock
+
+    with small_repo(tmp_path / "repo") as repo:
+        with pytest.raises(UsageError, match="max_unused"):
+            plan(repo, 1.5)
+        with pytest.raises(UsageError, match="share of packs"):
+            check(repo, 2.0)
+    with pytest.raises(UsageError, match="lock wait"):
+        RepositoryLock(tmp_path / "repo", LockMode.SHARED, -1)
+
+
+# -- every command's help --------------------------------------------------------------------------------------
+
+
+def _commands() -> Iterator[tuple[str, ...]]:
+    from dedupimg.cli import check_cmd, commands, forget_cmd, mount_cmd, serve_cmd  # noqa: F401  (register)
+    from dedupimg.cli.main import app
+
+    def walk(cmd: object, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        subs = getattr(cmd, "commands", None)
+        if subs is None:
+            yield path
+            return
+        for name, sub in subs.items():
+            yield from walk(sub, (*path, name))
+
+    yield from walk(typer.main.get_command(app), ())
+
+
+LOCKING = {("snapshot",), ("restore",), ("verify",), ("mount",), ("serve",), ("check",), ("forget",),
+           ("prune",), ("repair", "index")}
+NOT_OPENING = {("init",)}  # makes a repository
+NO_INDEX = {("init",), ("repair", "index")}  # repair rebuilds a missing or damaged index: no "run repair index"
+
+
+def test_every_command_help_lists_the_codes_it_can_return():
+    commands = set(_commands())
+    assert commands >= {("init",), ("snapshot",), ("snapshots",), ("restore",), ("verify",), ("info",),
+                        ("forget",), ("prune",), ("check",), ("repair", "index"), ("mount",), ("serve",)}
+    for command in sorted(commands):
+        out = ok(run_cli(*command, "--help", env={"COLUMNS": "200"}))
+        text = " ".join(out.split())
+        assert "Exit codes: " in text, (command, out)
+        epilog = text.split("Exit codes: ", 1)[1]
+        listed = {int(c) for c in re.findall(r"(?:^|; )(\d+) ", epilog)}
+        assert listed <= set(EXIT_CODES), (command, listed)
+        expected = {0, 1, 2, 130}
+        if command not in NOT_OPENING:
+            expected |= {10, 12, 16}  # no repository there, a damaged config, permission denied
+        if command not in NO_INDEX:
+            expected |= {17}  # "run repair index" (and damage found)
+        if command in LOCKING:
+            expected |= {11}
+        assert expected <= listed, (command, sorted(expected - listed))
+        assert "--repo" in text, (command, "no -r/--repo after the command")
+    restore = " ".join(ok(run_cli("restore", "--help", env={"COLUMNS": "200"})).split())
+    assert all(f"{c} " in restore.split("Exit codes: ", 1)[1] for c in (13, 14, 15, 18))
+    assert "21 init" in " ".join(ok(run_cli("init", "--help", env={"COLUMNS": "200"})).split())
+
+
+# -- -r after the command -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def repo_with_snapshot(tmp_path: Path) -> tuple[Path, Path]:
+    repo = tmp_path / "repo"
+    ok(run_cli("init", "-r", repo, "--chunk-size", "4096"))
+    image = tmp_path / "disk.img"
+    image.write_bytes(det_bytes(1, 100_000))
+    ok(run_cli("snapshot", image, "-r", repo))
+    return repo, image
+
+
+def test_repo_option_after_the_command(repo_with_snapshot, tmp_path):
+    repo, image = repo_with_snapshot
+    assert "1 snapshots" in ok(run_cli("snapshots", "-r", repo))
+    assert '"name": "disk.img"' in ok(run_cli("snapshots", f"--repo={repo}", "--json"))
+    assert "snapshots    1" in ok(run_cli("info", "--repo", repo))
+    ok(run_cli("snapshot", "--name", "disk.img", "--repo", repo, image))
+    ok(run_cli("snapshot", "--name", "disk.img", image, "-r", repo))
+    # restore's positional arguments around the option, and after "--"
+    ok(run_cli("restore", "latest", "-r", repo, tmp_path / "a.img"))
+    assert (tmp_path / "a.img").read_bytes() == image.read_bytes()
+    ok(run_cli("restore", "-r", repo, "--", "latest", tmp_path / "b.img"))
+    assert (tmp_path / "b.img").read_bytes() == image.read_bytes()
+    restored = subprocess.run(
+        [sys.executable, "-m", "dedupimg", "restore", "latest", "-", "-r", str(repo)],
+        capture_output=True, env={k: v for k, v in os.environ.items() if k != "DEDUPIMG_REPO"}, timeout=600,
+    )
+    assert restored.returncode == 0 and restored.stdout == image.read_bytes(), restored.stderr
+    ok(run_cli("verify", "latest", "-r", repo))
+    ok(run_cli("check", "-r", repo))
+    ok(run_cli("forget", "--keep-last", "1", "-r", repo))
+    ok(run_cli("prune", "--dry-run", "-r", repo))
+    ok(run_cli("repair", "index", "-r", repo))
+    assert "1 snapshots" in ok(run_cli("snapshots", "-r", repo))
+
+
+def test_repo_option_after_the_command_overrides_the_environment(repo_with_snapshot, tmp_path):
+    repo, _ = repo_with_snapshot
+    assert "1 snapshots" in ok(run_cli("snapshots", "-r", repo, env={"DEDUPIMG_REPO": str(tmp_path / "none")}))
+    # The same path before and after is fine; two different ones are a usage error.
+    assert "1 snapshots" in ok(run_cli("-r", repo, "snapshots", "-r", repo))
+    fails(run_cli("-r", tmp_path / "other", "snapshots", "-r", repo), 2, "two repositories given")
+    # A "-r" given as an option's value is that value, not a repository.
+    out = ok(run_cli("snapshots", "--name", "-r", "-r", repo))
+    assert "0 snapshots" in out
+
+
+# -- permission denied ---------------------------------------------------------------------------------------------
+
+
+OTHER_UID = 1234
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory another user can reach (pytest's own tmp_path is root's alone)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the CLI as another user")
+    path = Path(tempfile.mkdtemp(prefix="dedupimg-perm-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def as_other_user(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DEDUPIMG_REPO", "DEDUPIMG_DEBUG")}
+    return subprocess.run(
+        ["setpriv", "--reuid", str(OTHER_UID), "--regid", str(OTHER_UID), "--clear-groups",
+         sys.executable, "-m", "dedupimg", *map(str, args)],
+        capture_output=True, env=env, cwd="/", timeout=600,
+    )
+
+
+def test_unreadable_repository_or_index_is_permission_denied(shared_tmp):
+    repo = shared_tmp / "repo"
+    ok(run_cli("init", "-r", repo))
+    image = shared_tmp / "disk.img"
+    image.write_bytes(det_bytes(2, 50_000))
+    ok(run_cli("snapshot", "-r", repo, image))
+
+    # The repository is its owner's alone (0700): another user cannot read it.
+    fails(as_other_user("-r", repo, "snapshots"), 16, "permission denied")
+    fails(as_other_user("info", "-r", repo), 16, "permission denied")
+
+    # Everything readable but the index directory.
+    for dirpath, dirnames, filenames in os.walk(repo):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666)
+    repo.chmod(0o777)
+    assert "1 snapshots" in ok(as_other_user("-r", repo, "snapshots"))
+    (repo / "index").chmod(0o000)
+    for command in (["snapshots"], ["info"], ["check"], ["verify", "latest"], ["snapshot", image]):
+        fails(as_other_user("-r", repo, *command), 16, "permission denied")
+
+    # The index directory readable, its data file not.
+    (repo / "index").chmod(0o777)
+    (repo / "index" / "data.mdb").chmod(0o000)
+    for command in (["snapshots"], ["info"], ["restore", "latest", shared_tmp / "out.img"]):
+        fails(as_other_user("-r", repo, *command), 16, "permission denied")
+    assert not (shared_tmp / "out.img").exists()
+
+
+# -- init inside a repository ---------------------------------------------------------------------------------------
+
+
+def test_init_inside_another_repository_is_refused(tmp_path):
+    repo = tmp_path / "repo"
+    ok(run_cli("init", "-r", repo))
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    fails(run_cli("init", "-r", repo / "packs" / "x"), 21, f"is inside the dedupimg repository {repo}")
+    fails(run_cli("init", "-r", repo / "sub" / "deeper"), 21, f"is inside the dedupimg repository {repo}")
+    fails(run_cli("init", "-r", repo / "packs" / ".." / "y"), 21, "is inside the dedupimg repository")
+    (tmp_path / "link").symlink_to(repo)
+    fails(run_cli("init", "-r", tmp_path / "link" / "z"), 21, "is inside the dedupimg repository")
+    fails(run_cli("init", "-r", repo), 21, "is a dedupimg repository already")
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before  # nothing made inside it
+
+    (tmp_path / "file").write_text("x")
+    fails(run_cli("init", "-r", tmp_path / "file"), 21, "not a directory")
+    # Beside a repository is fine.
+    ok(run_cli("init", "-r", tmp_path / "second"))
