@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import blake3
 
@@ -411,7 +412,8 @@ class _Checker:
 
     def _check_files(self, indexed: set[bytes]) -> None:
         """Pack files the index does not list (orphans: hints, unless damaged), and tmp/ leftovers."""
-        for path in pack.iter_pack_paths(self.repo.packs_dir):
+        skipped: list[Path] = []
+        for path in pack.iter_pack_paths(self.repo.packs_dir, skipped):
             pid = integrity.pack_file_id(path)
             if pid is None:
                 self.hints.append(Hint("stray-file", f"{path} is not named like a pack"))
@@ -429,6 +431,9 @@ class _Checker:
             what = f", holding {records} snapshot record(s) that 'repair index' would list" if records else ""
             self.hints.append(Hint("orphan-pack", f"orphan pack {path.name} ({info.size} bytes, not in the index: "
                                    f"left by an interrupted snapshot{what}); prune removes it"))
+        for path in skipped:  # one named like a listed pack is a problem found by _check_pack
+            if integrity.pack_file_id(path) not in indexed:
+                self.hints.append(Hint("stray-dir", f"{path} is a directory, not a pack; prune leaves it alone"))
         for path, what in integrity.tmp_leftovers(self.repo.tmp_dir):
             self.hints.append(Hint("tmp-leftover", f"{path}: {what}; safe to delete"))
 

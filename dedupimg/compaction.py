@@ -29,7 +29,7 @@ from pathlib import Path
 from dedupimg import pack
 from dedupimg.errors import IntegrityError, UsageError
 from dedupimg.fsutil import fsync_dir
-from dedupimg.index import BlobLocation, NewBlob, NewSegment, PackRow
+from dedupimg.index import BlobLocation, NewSegment, PackRow, SealedPack
 from dedupimg.manifest import decode_segment
 from dedupimg.repository import Repository
 
@@ -56,6 +56,7 @@ class PrunePlan:
     dropped_by_type: Counter[int] = field(default_factory=Counter)
     orphan_packs: list[Path] = field(default_factory=list)
     tmp_files: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # directories named like packs or temp files: left alone
     orphan_bytes: int = 0
     tmp_bytes: int = 0
 
@@ -161,7 +162,7 @@ def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result
 def _find_leftovers(repo: Repository, result: PrunePlan) -> None:
     """Pack files the index does not list (a crash between rename and commit, or an interrupted prune) and
     temporary files: garbage, since no writer can be running while prune holds the exclusive lock."""
-    paths = list(pack.iter_pack_paths(repo.packs_dir))
+    paths = list(pack.iter_pack_paths(repo.packs_dir, result.skipped))  # directories: reported, never removed
     ids = {}
     for p in paths:
         try:
@@ -169,13 +170,52 @@ def _find_leftovers(repo: Repository, result: PrunePlan) -> None:
         except ValueError:
             continue  # not a name dedupimg writes: leave it alone
     listed = repo.index.pack_numbers(list(ids))
-    for pid, p in ids.items():
-        if pid not in listed:
-            result.orphan_packs.append(p)
-            result.orphan_bytes += _size(p)
+    orphans = [p for pid, p in ids.items() if pid not in listed]
+    _refuse_if_index_lost_snapshots(repo, orphans, bool(ids))
+    for p in orphans:
+        result.orphan_packs.append(p)
+        result.orphan_bytes += _size(p)
     for p in sorted(repo.tmp_dir.glob("*.tmp")):
+        if p.is_dir():
+            result.skipped.append(p)
+            continue
         result.tmp_files.append(p)
         result.tmp_bytes += _size(p)
+
+
+def _refuse_if_index_lost_snapshots(repo: Repository, orphans: list[Path], any_packs: bool) -> None:
+    """Raise IntegrityError (nothing deleted) when the index looks like it lost snapshots (issue 11 §1b).
+
+    An index that was damaged or replaced by an empty one takes every pack for an orphan; deleting them would
+    destroy every snapshot, and ``repair index`` could not bring them back. So before any orphan is deleted:
+    every snapshot record in an orphan pack must be known to the index (listed, a forgotten row, or named
+    by a tombstone: a crash can leave a prune's old pack, which holds such records, as an orphan); and an
+    index that lists no snapshot must account for every record row it has. A crash between a snapshot's
+    last rename and its commit leaves an orphan with an unknown record too: then ``repair index`` lists that
+    snapshot (all its data is there), after which prune runs again.
+    """
+    unknown: list[tuple[Path, bytes]] = []
+    for p in orphans:
+        try:
+            entries = pack.read_trailer(p)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc}; an unreadable pack the index does not list may hold snapshots, so prune "
+                                 "deletes nothing: run 'dedupimg repair index' (or move the file away)") from None
+        records = [e.id for e in entries if e.type == pack.SNAPSHOT]
+        known = repo.index.has_blobs(records)
+        unknown += [(p, i) for i, k in zip(records, known, strict=True) if not k]
+    if unknown:
+        tombstoned = repo.tombstoned_ids()
+        unknown = [(p, i) for p, i in unknown if i not in tombstoned]
+    if unknown:
+        p, rec_id = unknown[0]
+        raise IntegrityError(
+            f"pack {p.name} is not in the index but holds snapshot record {rec_id.hex()[:8]} "
+            f"({len(unknown)} such record(s) in all): the index is missing snapshots, so prune deletes nothing; "
+            "run 'dedupimg repair index' first")
+    if any_packs and not repo.index.snapshots() and repo.index.has_unforgotten_records():
+        raise IntegrityError("the index lists no snapshot, yet holds snapshot records that were never forgotten: "
+                             "it is damaged, so prune deletes nothing; run 'dedupimg repair index' first")
 
 
 def _size(path: Path) -> int:
@@ -192,7 +232,7 @@ def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] |
     # A rewrite names its pack by content, so it can land on the very file of an orphan (the same rewrite,
     # made durable by a run that was killed before its index commit) or of a pack being dropped: that file
     # now holds the new pack and must stay.
-    kept = {pack.pack_path(repo.packs_dir, pack_id) for pack_id, _, _ in new_packs}
+    kept = {pack.pack_path(repo.packs_dir, sealed.id) for sealed in new_packs}
     repo.index.apply_prune(
         new_packs,
         todo.dropped_segments,
@@ -213,9 +253,12 @@ def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] |
 
 def _rewrite(
     repo: Repository, work: list[PackWork], advance: Callable[[int], None]
-) -> tuple[list[tuple[bytes, int, list[NewBlob]]], int]:
-    """Copy the live blobs of ``work`` into new durable packs, checking each against its id on the way."""
-    out: list[tuple[bytes, int, list[NewBlob]]] = []
+) -> tuple[list[SealedPack], int]:
+    """Copy the live blobs of ``work`` into new durable packs, checking each against its id on the way.
+
+    Every new pack commits in the one transaction of ``apply_prune``, so where its boundaries fall does not
+    matter: a record and its segments move together or not at all."""
+    out: list[SealedPack] = []
     written = 0
     writer: pack.PackWriter | None = None
 
@@ -223,15 +266,14 @@ def _rewrite(
         nonlocal writer, written
         if writer is None:
             return
-        pack_id, _path, size = writer.finish(repo.packs_dir)
-        out.append((pack_id, size, [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id)
-                                    for e in writer.entries]))
-        written += size
+        sealed = repo.seal(writer)
         writer = None
+        out.append(sealed)
+        written += sealed.size
 
     try:
         for w in work:
-            data = w.path.read_bytes()
+            data = pack.read_pack_file(w.path)
             view = memoryview(data)
             for e in w.live:
                 pack.parse_blob(view, e.offset, e.id, str(w.path), e.offset)  # raises IntegrityError on damage

@@ -20,12 +20,15 @@ them, so a prune can see what died without reading every snapshot.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import lmdb
 
@@ -71,6 +74,38 @@ class NewBlob:
 
 
 @dataclass(frozen=True)
+class SealedPack:
+    """A durable pack (fsynced, renamed, directory fsynced) and the rows of every blob in it: what an index
+    transaction registers. Made only by ``Repository.seal`` (or, for repair, from a checked trailer)."""
+
+    id: bytes
+    size: int
+    blobs: list[NewBlob]
+
+    @classmethod
+    def from_entries(cls, pack_id: bytes, size: int, entries: Iterable[BlobEntryLike]) -> SealedPack:
+        return cls(pack_id, size, [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id)
+                                   for e in entries])
+
+
+class BlobEntryLike(Protocol):
+    """A pack trailer entry (pack.BlobEntry), without importing pack."""
+
+    @property
+    def type(self) -> int: ...
+    @property
+    def codec(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def stored_len(self) -> int: ...
+    @property
+    def raw_len(self) -> int: ...
+    @property
+    def id(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
 class NewSegment:
     id: bytes
     raw: bytes
@@ -92,28 +127,90 @@ class PackRow:
     blob_count: int
 
 
+DATABASES = (b"blobs", b"packs", b"pack_ids", b"segments", b"snapshots", b"meta", b"dead", b"garbage")
+MIN_DATA_FILE = 2 * 4096  # LMDB's two meta pages: anything shorter is not an index
+
+
+def _damaged(path: Path, why: str) -> IntegrityError:
+    return IntegrityError(f"index {path} is damaged ({why}); rebuild it from the packs with 'dedupimg repair index'")
+
+
 class Index:
+    """The LMDB environment in ``path``.
+
+    ``create`` (init and repair only) makes a new environment and its databases. Every other open refuses
+    anything but a complete index: a missing, empty or truncated ``data.mdb`` or a missing database is damage
+    (exit 17, "run repair index"), never an empty repository, since a prune would then take every pack for
+    garbage (issue 11 §1b). A directory this process cannot write (read-only media, a read-only bind mount,
+    a user with read access only) is opened read-only, so that snapshots, restore, verify, mount, serve and
+    check still work there.
+    """
+
     def __init__(self, path: Path, create: bool = False) -> None:
-        if not create and not (path / DATA_FILE).is_file():
-            # LMDB would quietly make an empty index: every snapshot would seem gone.
-            raise IntegrityError(
-                f"index {path} is missing (no {DATA_FILE}); rebuild it from the packs with 'dedupimg repair index'"
-            )
-        try:
-            self._env = lmdb.open(
-                str(path), map_size=INITIAL_MAP, max_dbs=12, subdir=True, mode=0o600, create=create
-            )
-        except lmdb.Error as exc:
-            raise _translate(exc, path) from None
         self._path = path
-        self._blobs = self._env.open_db(b"blobs")
-        self._packs = self._env.open_db(b"packs")
-        self._pack_ids = self._env.open_db(b"pack_ids")
-        self._segments = self._env.open_db(b"segments")
-        self._snapshots = self._env.open_db(b"snapshots")
-        self._meta = self._env.open_db(b"meta")
-        self._dead = self._env.open_db(b"dead")
-        self._garbage = self._env.open_db(b"garbage")
+        data = path / DATA_FILE
+        readonly = False
+        if not create:
+            try:
+                st = os.stat(data)
+            except FileNotFoundError:
+                # LMDB would quietly make an empty index: every snapshot would seem gone.
+                raise IntegrityError(
+                    f"index {path} is missing (no {DATA_FILE}); rebuild it from the packs with "
+                    "'dedupimg repair index'"
+                ) from None
+            except PermissionError:
+                raise PermissionDenied(f"cannot open the index at {path}: permission denied") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise _damaged(path, f"{DATA_FILE} is not a regular file")
+            if st.st_size < MIN_DATA_FILE:
+                raise _damaged(path, f"{DATA_FILE} is {st.st_size} bytes long")
+            readonly = not (os.access(path, os.W_OK) and os.access(data, os.W_OK))
+        self.readonly = readonly
+        self._env = self._open_env(create, readonly)
+        try:
+            if not create:
+                self._check_size(data)
+            self._dbs = [self._open_db(name, create) for name in DATABASES]
+        except BaseException:
+            self._env.close()
+            raise
+        (self._blobs, self._packs, self._pack_ids, self._segments, self._snapshots, self._meta, self._dead,
+         self._garbage) = self._dbs
+
+    def _open_env(self, create: bool, readonly: bool) -> lmdb.Environment:
+        path = self._path
+        try:
+            return lmdb.open(str(path), map_size=INITIAL_MAP, max_dbs=12, subdir=True, mode=0o600,
+                             create=create, readonly=readonly)
+        except lmdb.Error as exc:
+            if readonly and _cannot_write(exc):
+                # The lock file cannot be opened for writing: read without LMDB's reader table. The
+                # repository's shared flock still keeps prune and forget out while this process reads.
+                try:
+                    return lmdb.open(str(path), max_dbs=12, subdir=True, create=False, readonly=True, lock=False)
+                except lmdb.Error as exc2:
+                    raise _translate(exc2, path) from None
+            raise _translate(exc, path) from None
+
+    def _check_size(self, data: Path) -> None:
+        """A data file shorter than the pages its meta page claims would fault (SIGBUS) when one is read."""
+        try:
+            info, psize = self._env.info(), self._env.stat()["psize"]
+        except lmdb.Error as exc:
+            raise _damaged(self._path, _one_line(exc)) from None
+        needed = (int(info["last_pgno"]) + 1) * int(psize)
+        size = os.stat(data).st_size
+        if size < needed:
+            raise _damaged(self._path, f"{DATA_FILE} is {size} bytes long, its pages need {needed}")
+
+    def _open_db(self, name: bytes, create: bool) -> lmdb._Database:
+        try:
+            return self._env.open_db(name, create=create)
+        except lmdb.NotFoundError:
+            raise _damaged(self._path, f"its {name.decode()!r} database is missing") from None
+        except lmdb.Error as exc:
+            raise _damaged(self._path, _one_line(exc)) from None
 
     def close(self) -> None:
         self._env.close()
@@ -242,6 +339,22 @@ class Index:
                "snapshots": self._snapshots, "dead": self._dead}
         return self._read(lambda txn: {name: int(txn.stat(db)["entries"]) for name, db in dbs.items()})
 
+    def has_unforgotten_records(self) -> bool:
+        """Whether a snapshot record's row is neither listed in ``snapshots`` nor in ``dead`` (damage)."""
+
+        def run(txn: lmdb.Transaction) -> bool:
+            for k, v in txn.cursor(db=self._blobs).iternext():
+                if v[0] == _SNAPSHOT_TYPE and txn.get(k, db=self._snapshots) is None \
+                        and txn.get(k, db=self._dead) is None:
+                    return True
+            return False
+
+        return self._read(run)
+
+    def tombstone_ids(self) -> list[bytes]:
+        return self._read(lambda txn: [bytes(k) for k, v in txn.cursor(db=self._blobs).iternext()
+                                       if v[0] == _TOMBSTONE_TYPE])
+
     def iter_blob_rows(self) -> Iterator[tuple[bytes, BlobLocation]]:
         """Every ``blobs`` row in id order, streamed from one read transaction held while iterating."""
         with self._begin_read() as txn:
@@ -313,17 +426,12 @@ class Index:
                 raise _translate(exc, self._path) from None
 
     def commit_pack(
-        self,
-        pack_id: bytes,
-        pack_size: int,
-        blobs: list[NewBlob],
-        segments: list[NewSegment],
-        snapshot: NewSnapshot | None = None,
+        self, sealed: SealedPack, segments: list[NewSegment], snapshot: NewSnapshot | None = None
     ) -> None:
         """Register a durable pack, its blobs and segments, and optionally a snapshot, in one transaction."""
 
         def run(txn: lmdb.Transaction) -> None:
-            self._register_pack(txn, pack_id, pack_size, blobs)
+            self._register_pack(txn, sealed)
             self._store_segments(txn, segments)
             if snapshot is not None:
                 self._store_snapshot(txn, snapshot)
@@ -349,7 +457,7 @@ class Index:
 
         self._write(run)
 
-    def forget(self, tombstone_pack: tuple[bytes, int, list[NewBlob]], forgotten: list[NewSnapshot]) -> None:
+    def forget(self, tombstone_pack: SealedPack, forgotten: list[NewSnapshot]) -> None:
         """Register the pack holding the tombstone, and drop the snapshot records it names, in one transaction.
 
         Each record's segments lose one reference per listing; segments that reach 0 and the records' own rows
@@ -357,8 +465,7 @@ class Index:
         """
 
         def run(txn: lmdb.Transaction) -> None:
-            pack_id, size, blobs = tombstone_pack
-            self._register_pack(txn, pack_id, size, blobs)
+            self._register_pack(txn, tombstone_pack)
             for snap in forgotten:
                 if not txn.delete(snap.id, db=self._snapshots):
                     continue  # forgotten already (a re-run after a crash)
@@ -369,7 +476,7 @@ class Index:
 
     def apply_prune(
         self,
-        new_packs: list[tuple[bytes, int, list[NewBlob]]],
+        new_packs: list[SealedPack],
         dropped_segments: list[NewSegment],
         dropped_blobs: list[bytes],
         deleted_packs: list[int],
@@ -403,9 +510,9 @@ class Index:
                     raise IntegrityError(f"prune would drop blob {i.hex()[:16]}, which is still referenced")
                 txn.delete(i, db=self._blobs)
                 txn.delete(i, db=self._dead)
-            for pack_id, size, blobs in new_packs:
-                pack_no, _new = self._list_pack(txn, pack_id, size, len(blobs))  # rows move onto it either way
-                for b in blobs:
+            for sealed in new_packs:
+                pack_no, _new = self._list_pack(txn, sealed.id, sealed.size, len(sealed.blobs))  # rows move there
+                for b in sealed.blobs:
                     v = txn.get(b.id, db=self._blobs)
                     if v is None:
                         raise IntegrityError(f"prune copied blob {b.id.hex()[:16]}, which has no row")
@@ -444,12 +551,12 @@ class Index:
         txn.put(pack_id, PACK_NO.pack(pack_no), db=self._pack_ids)
         return pack_no, True
 
-    def _register_pack(self, txn: lmdb.Transaction, pack_id: bytes, pack_size: int, blobs: list[NewBlob]) -> int:
-        pack_no, new = self._list_pack(txn, pack_id, pack_size, len(blobs))
+    def _register_pack(self, txn: lmdb.Transaction, sealed: SealedPack) -> int:
+        pack_no, new = self._list_pack(txn, sealed.id, sealed.size, len(sealed.blobs))
         if not new:
             return pack_no  # its blobs are registered already, at these very offsets
         duplicate_bytes = 0
-        for b in blobs:
+        for b in sealed.blobs:
             refcount = 1 if b.type == _TOMBSTONE_TYPE else 0
             value = BLOB_VALUE.pack(b.type, b.codec, pack_no, b.offset, b.stored_len, b.raw_len, refcount)
             # An id already indexed keeps its first location; this copy is garbage in its pack.
@@ -501,6 +608,17 @@ def _add_garbage(txn: lmdb.Transaction, db: lmdb._Database, pack_no: int, nbytes
     key = PACK_NO.pack(pack_no)
     v = txn.get(key, db=db)
     txn.put(key, GARBAGE_VALUE.pack((GARBAGE_VALUE.unpack(v)[0] if v else 0) + nbytes), db=db)
+
+
+def _cannot_write(exc: lmdb.Error) -> bool:
+    """py-lmdb keeps only the message (strerror), not the errno."""
+    text = str(exc)
+    return isinstance(exc, lmdb.ReadonlyError) or any(
+        os.strerror(code) in text for code in (errno.EACCES, errno.EROFS, errno.EPERM))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _translate(exc: lmdb.Error, path: Path) -> Exception:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,13 +52,15 @@ def pack_file_id(path: Path) -> bytes | None:
 def read_pack_info(path: Path) -> PackInfo:
     """Footer and trailer with every check of :func:`pack.read_trailer`; raises IntegrityError."""
     entries = pack.read_trailer(path)
+    fd = pack.open_pack(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            t_off, _t_len, _count, t_hash, _magic = pack.FOOTER.unpack(os.pread(f.fileno(), pack.FOOTER.size,
-                                                                                 size - pack.FOOTER.size))
-    except OSError as exc:
-        raise IntegrityError(f"{path}: cannot read pack: {exc.strerror}") from None
+        size = os.fstat(fd).st_size
+        t_off, _t_len, _count, t_hash, _magic = pack.FOOTER.unpack(os.pread(fd, pack.FOOTER.size,
+                                                                             size - pack.FOOTER.size))
+    except (OSError, struct.error) as exc:
+        raise IntegrityError(f"{path}: cannot read pack: {getattr(exc, 'strerror', None) or exc}") from None
+    finally:
+        os.close(fd)
     return PackInfo(bytes(t_hash), size, t_off, entries)
 
 
@@ -95,9 +98,9 @@ def verify_pack_data(path: Path, info: PackInfo, full: Container[int]) -> PackDa
     out = PackData()
     where = path.name
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        out.errors.append((None, f"cannot open: {exc.strerror}", False))
+        fd = pack.open_pack(path, where)
+    except IntegrityError as exc:
+        out.errors.append((None, str(exc).removeprefix(f"{where}: "), False))
         return out
     try:
         if hasattr(os, "posix_fadvise"):
@@ -165,9 +168,9 @@ def read_blobs(path: Path, entries: list[pack.BlobEntry]) -> list[tuple[pack.Blo
     """Each blob's verified raw bytes, or the reason it cannot be read (repair: the metadata blobs of a pack)."""
     out: list[tuple[pack.BlobEntry, bytes | str]] = []
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        return [(e, f"cannot open {path.name}: {exc.strerror}") for e in entries]
+        fd = pack.open_pack(path, path.name)
+    except IntegrityError as exc:
+        return [(e, str(exc)) for e in entries]
     try:
         for e in entries:
             try:

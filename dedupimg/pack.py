@@ -16,6 +16,7 @@ is the blake3-256 of its raw (uncompressed) bytes, so any blob read can be verif
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import threading
 from collections.abc import Iterator
@@ -254,11 +255,60 @@ def parse_blob(view: memoryview, pos: int, expect_id: bytes, where: str, offset:
     return type_, raw
 
 
+def open_pack(path: Path | str, where: str | None = None) -> int:
+    """Open a pack file for reading: a descriptor of a regular file, or IntegrityError naming ``where``.
+
+    Every reader of pack files opens them here. O_NONBLOCK keeps a FIFO named like a pack from blocking
+    open() until some writer appears (a hang no signal ends while it lasts); fstat then refuses anything but
+    a regular file (FIFO, device, socket, directory) before a byte is read. O_NONBLOCK changes nothing for
+    reads of a regular file. A symlink is followed and the file it names gets the same checks (dedupimg
+    never makes one, but an admin who moved packs elsewhere may have).
+    """
+    where = str(path) if where is None else where
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise IntegrityError(f"{where}: the pack file is missing") from None
+    except OSError as exc:
+        raise IntegrityError(f"{where}: cannot open the pack file: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        raise IntegrityError(f"{where}: cannot read pack: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise IntegrityError(f"{where}: is {_file_kind(mode)}, not a pack file")
+    return fd
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def read_pack_file(path: Path | str, where: str | None = None) -> bytes:
+    """A whole pack's bytes (prune's rewrite), opened with the checks of :func:`open_pack`."""
+    where = str(path) if where is None else where
+    fd = open_pack(path, where)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as exc:
+        raise IntegrityError(f"{where}: cannot read pack: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def read_trailer(path: Path) -> list[BlobEntry]:
     """Parse a pack's footer and trailer, with every structural check; raises IntegrityError."""
     where = str(path)
+    fd = open_pack(path, where)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < len(PACK_MAGIC) + FOOTER.size:
                 raise IntegrityError(f"{where}: pack is truncated")
@@ -305,7 +355,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def iter_pack_paths(packs_dir: Path) -> Iterator[Path]:
+def iter_pack_paths(packs_dir: Path, skipped: list[Path] | None = None) -> Iterator[Path]:
+    """Entries ``packs/xx/*.pack`` in order, but for directories (a pack is a file): those are appended to
+    ``skipped`` for the caller to report, and never yielded, so no command tries to read or delete one.
+    Other odd entries (a FIFO, a device) are yielded: opening one fails in :func:`open_pack`."""
     for sub in sorted(packs_dir.iterdir()):
         if sub.is_dir() and len(sub.name) == 2:
-            yield from sorted(sub.glob("*.pack"))
+            for path in sorted(sub.glob("*.pack")):
+                if path.is_dir():
+                    if skipped is not None:
+                        skipped.append(path)
+                    continue
+                yield path

@@ -7,6 +7,7 @@ only valid while no snapshot can add references. ``dry_run`` plans and reports w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from dedupimg import compaction, pack
 from dedupimg.compaction import DEFAULT_MAX_UNUSED, PruneOutcome
@@ -29,6 +30,7 @@ class PruneReport:
     orphan_packs: int
     tmp_files: int
     outcome: PruneOutcome | None  # None for a dry run
+    skipped: tuple[Path, ...] = ()  # directories named like packs or temporary files: reported, left alone
 
     @property
     def bytes_freed(self) -> int:
@@ -63,4 +65,5 @@ def prune(
         orphan_packs=len(todo.orphan_packs),
         tmp_files=len(todo.tmp_files),
         outcome=outcome,
+        skipped=tuple(todo.skipped),
     )

@@ -185,7 +185,11 @@ class SnapshotReader:
                         view[at:stop] = _ZEROS[: stop - at]
                 else:
                     landed, i = found[ext.id]
-                    view[pos : pos + n] = landed.blobs[i][lo:hi]
+                    chunk = landed.blobs[i]
+                    if len(chunk) != ext.length:  # the check restore makes: a chunk fills its extent exactly
+                        raise IntegrityError(f"chunk {ext.id.hex()[:16]} is {len(chunk)} bytes long, its extent at "
+                                             f"{ext.offset} {ext.length}")
+                    view[pos : pos + n] = chunk[lo:hi]
                 pos += n
         finally:
             self.repo.unpin(runs)

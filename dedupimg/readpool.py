@@ -122,10 +122,7 @@ def worker_main(arena_fd: int, slot_bytes: int, slots: int, inp: int = 0, out: i
         try:
             fd = fds.get(path)
             if fd is None:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError as exc:
-                    raise IntegrityError(f"{where} is missing or unreadable: {exc.strerror}") from None
+                fd = pack.open_pack(path, where)  # IntegrityError: missing, unreadable, not a file
                 fds[path] = fd
                 if len(fds) > WORKER_PACKS:
                     os.close(fds.popitem(last=False)[1])

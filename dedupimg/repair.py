@@ -28,7 +28,7 @@ from pathlib import Path
 from dedupimg import integrity, pack
 from dedupimg.errors import IntegrityError
 from dedupimg.fsutil import DIR_MODE, fsync_dir
-from dedupimg.index import DATA_FILE, Index, NewBlob, NewSegment, NewSnapshot
+from dedupimg.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack
 from dedupimg.lock import LockMode, RepositoryLock
 from dedupimg.manifest import SnapshotRecord, decode_segment, decode_tombstone
 from dedupimg.progress import NoProgress, Progress
@@ -164,8 +164,7 @@ def _register(index: Index, path: Path, report: RepairReport) -> list[pack.BlobE
     if problems:
         report.damaged_packs.append((path.name, "; ".join(problems)))
         return []
-    blobs = [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id) for e in info.entries]
-    index.commit_pack(info.id, info.size, blobs, [])
+    index.commit_pack(SealedPack.from_entries(info.id, info.size, info.entries), [])
     report.packs += 1
     return [e for e in info.entries if e.type in integrity.META_TYPES]
 

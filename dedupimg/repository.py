@@ -30,9 +30,9 @@ from dedupimg.errors import (
     UsageError,
 )
 from dedupimg.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
-from dedupimg.index import Index, NewBlob, NewSegment, NewSnapshot
+from dedupimg.index import Index, NewSegment, NewSnapshot, SealedPack
 from dedupimg.lock import LockMode, RepositoryLock
-from dedupimg.manifest import Segment, SnapshotRecord, decode_segment, encode_tombstone
+from dedupimg.manifest import Segment, SnapshotRecord, decode_segment, decode_tombstone, encode_tombstone
 from dedupimg.readpool import Landed, ReadPool
 
 CONFIG = "config"
@@ -277,6 +277,11 @@ class Repository:
         raw = self.index.get_segment(seg_id)
         if raw is None:
             raise IntegrityError(f"manifest segment {seg_id.hex()[:16]} is not in the index")
+        # The index's copy is checked against its id, like every blob read from a pack: an altered copy that
+        # kept its total length would otherwise map the image wrongly for every reader (issue 11 §1c).
+        if pack.blob_id(raw) != seg_id:
+            raise IntegrityError(f"the index's copy of manifest segment {seg_id.hex()[:16]} does not match its id; "
+                                 "run 'dedupimg repair index'")
         return decode_segment(bytes(raw))
 
     def snapshots(self, name: str | None = None) -> list[SnapshotRecord]:
@@ -294,6 +299,13 @@ class Repository:
             if not records:
                 which = f" named {name!r}" if name else ""
                 raise SnapshotNotFound(f"no snapshot{which} in the repository")
+            names = sorted({r.name for r in records})
+            if len(names) > 1:  # the newest of any image would restore (or serve) another machine's disk
+                listed = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+                raise AmbiguousSnapshot(
+                    f"'latest' is ambiguous: the repository holds {len(names)} image names ({listed}); "
+                    "give --name NAME or NAME@latest"
+                )
             return records[-1]
         ref_l = ref.lower()
         matches = [r for r in records if r.hex_id.startswith(ref_l)] if ref_l else []
@@ -335,15 +347,27 @@ class Repository:
             return
         raw = encode_tombstone([r.id for r in records])
         writer = pack.PackWriter(self.tmp_dir)
+        writer.add(pack.TOMBSTONE, pack.blob_id(raw), pack.RAW, raw, len(raw))
+        forgotten = [NewSnapshot(r.id, b"", [sid for sid, _ in r.segments]) for r in records]
+        self.index.forget(self.seal(writer), forgotten)
+
+    def seal(self, writer: pack.PackWriter) -> SealedPack:
+        """The one way a pack is finished: trailer and footer written, fsynced, renamed into ``packs/``, the
+        directory fsynced (docs/format.md §8). Only the returned value may be handed to an index transaction,
+        so no transaction can point at a pack that is not durable. On any error the temp file is removed."""
         try:
-            writer.add(pack.TOMBSTONE, pack.blob_id(raw), pack.RAW, raw, len(raw))
             pack_id, _path, size = writer.finish(self.packs_dir)
         except BaseException:
             writer.abort()
             raise
-        blobs = [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id) for e in writer.entries]
-        forgotten = [NewSnapshot(r.id, b"", [sid for sid, _ in r.segments]) for r in records]
-        self.index.forget((pack_id, size, blobs), forgotten)
+        return SealedPack.from_entries(pack_id, size, writer.entries)
+
+    def tombstoned_ids(self) -> set[bytes]:
+        """Ids of every snapshot record a tombstone names (forgotten), read from the packs."""
+        out: set[bytes] = set()
+        for raw in self.read_blobs(self.index.tombstone_ids()):
+            out.update(decode_tombstone(raw))
+        return out
 
     def writer(self) -> BlobWriter:
         return BlobWriter(self)
@@ -378,10 +402,7 @@ class _OpenPacks:
             fd = self._fds.get(pack_no)
             if fd is None:
                 path = pack.pack_path(self._repo.packs_dir, self._repo.index.pack_id(pack_no))
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError as exc:
-                    raise IntegrityError(f"pack {path.name} is missing or unreadable: {exc.strerror}") from None
+                fd = pack.open_pack(path, f"pack {path.name}")  # IntegrityError: missing, not a file, ...
                 self._fds[pack_no] = fd
                 if len(self._fds) > OPEN_PACKS:
                     self._retire(self._fds.popitem(last=False)[1])
@@ -434,14 +455,18 @@ class BlobWriter:
     def add_encoded(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> None:
         if id_ in self._pending:
             return
+        if self._pack is not None and self._pack.size >= self._repo.config.pack_size:
+            # A full pack is committed only here, before the next blob goes in, never right after an add:
+            # so the blob added last (a snapshot record) is always in the open pack when commit_snapshot
+            # commits that pack together with the record's listing (the bug of issue 11 §1 was a flush
+            # after the record's add, which committed the record's pack without its listing).
+            self._commit_open_pack(None)
         writer = self._open_pack()
         writer.add(type_, id_, codec, stored, raw_len)
         self._pending.add(id_)
         if type_ == pack.CHUNK:
             self.new_chunks += 1
             self.new_chunk_bytes += raw_len
-        if writer.size >= self._repo.config.pack_size:
-            self.flush()
 
     def add_chunk(self, id_: bytes, raw: bytes | bytearray | memoryview) -> None:
         self._add(pack.CHUNK, id_, raw)
@@ -456,23 +481,39 @@ class BlobWriter:
         return seg_id
 
     def commit_snapshot(self, record: SnapshotRecord) -> None:
+        """Store the record as the last blob of the open pack and commit that pack and the record's listing
+        in one index transaction: the snapshot is listed exactly when everything it needs is indexed."""
         raw = record.encode()
-        self._add(pack.SNAPSHOT, record.id, raw)
-        self.flush(NewSnapshot(record.id, raw, [sid for sid, _ in record.segments]))
-
-    def flush(self, snapshot: NewSnapshot | None = None) -> None:
-        if self._pack is None:
+        if self._repo.index.has_blobs([record.id])[0]:
+            # The very same record (same image, name, time, tags and statistics) was stored before.
+            if self._repo.index.get_snapshot(record.id) is None:
+                raise UsageError("this exact snapshot (same image, name, tags and --time) was taken and "
+                                 "forgotten before; give another --time")
+            if self._pack is not None:
+                self._commit_open_pack(None)
             return
+        self._add(pack.SNAPSHOT, record.id, raw)
+        self._commit_open_pack(NewSnapshot(record.id, raw, [sid for sid, _ in record.segments]))
+
+    def flush(self) -> None:
+        """Commit the open pack, if any, with no snapshot record (what an interrupted snapshot leaves)."""
+        if self._pack is not None:
+            self._commit_open_pack(None)
+
+    def _commit_open_pack(self, snapshot: NewSnapshot | None) -> None:
         writer = self._pack
-        pack_id, _path, size = writer.finish(self._repo.packs_dir)
+        if writer is None:
+            raise AssertionError("no open pack to commit")  # commit_snapshot always leaves its record there
         self._pack = None
-        self.stored_bytes += size
-        blobs = [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id) for e in writer.entries]
-        seg_ids = {e.id for e in writer.entries if e.type == pack.SEGMENT}
+        try:
+            sealed = self._repo.seal(writer)
+        finally:
+            self._pending.clear()
+        self.stored_bytes += sealed.size
+        seg_ids = {b.id for b in sealed.blobs if b.type == pack.SEGMENT}
         segments = [s for s in self._segments if s.id in seg_ids]
         self._segments = [s for s in self._segments if s.id not in seg_ids]
-        self._repo.index.commit_pack(pack_id, size, blobs, segments, snapshot)
-        self._pending.clear()
+        self._repo.index.commit_pack(sealed, segments, snapshot)
 
     def abort(self) -> None:
         """Drop the open pack; what was committed stays (unreferenced until a snapshot uses it)."""
