@@ -11,15 +11,26 @@ from __future__ import annotations
 
 
 class DedupimgError(Exception):
-    """Base class: ``str(err)`` is the one line shown to the user."""
+    """Base class: ``str(err)`` is the one line shown to the user (after ``dedupimg: {label}:``)."""
 
     exit_code = 1
+    label = "error"
 
 
 class UsageError(DedupimgError):
     """The command line asks for something that cannot be done as asked."""
 
     exit_code = 2
+
+
+class SourceChanged(DedupimgError):
+    """The snapshot was stored, but its source changed while it was read (restic's "incomplete snapshot").
+
+    Raised by the CLI after it printed the snapshot's id: the image may match no single moment of the disk.
+    """
+
+    exit_code = 3
+    label = "warning"
 
 
 class RepositoryNotFound(DedupimgError):
@@ -129,6 +140,7 @@ EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected error",
     2: "usage error (bad arguments, stdin without --name, ...)",
+    3: "snapshot stored, but its source changed while it was read (it may match no moment of the disk)",
     10: "no repository at the path (missing, or not a dedupimg repository)",
     11: "repository locked by another process",
     12: "unsupported repository format version or damaged config",

@@ -136,6 +136,8 @@ class SnapshotRecord:
     tags: list[str] = field(default_factory=list)
     chunker: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    # The source (a regular file) changed while it was read: the image may match no moment of the disk.
+    changed_during_read: bool = False
     id: bytes = b""  # blake3 of the encoded record; set by encode()/decode()
 
     @property
@@ -151,22 +153,22 @@ class SnapshotRecord:
         return datetime.fromisoformat(self.time)
 
     def encode(self) -> bytes:
-        raw = msgpack.packb(
-            {
-                "v": SNAPSHOT_VERSION,
-                "name": self.name,
-                "time": self.time,
-                "size": self.size,
-                "hash": self.image_hash,
-                "segments": [[sid, n] for sid, n in self.segments],
-                "source": self.source,
-                "host": self.host,
-                "tags": list(self.tags),
-                "chunker": self.chunker,
-                "stats": self.stats,
-            },
-            use_bin_type=True,
-        )
+        doc: dict[str, Any] = {
+            "v": SNAPSHOT_VERSION,
+            "name": self.name,
+            "time": self.time,
+            "size": self.size,
+            "hash": self.image_hash,
+            "segments": [[sid, n] for sid, n in self.segments],
+            "source": self.source,
+            "host": self.host,
+            "tags": list(self.tags),
+            "chunker": self.chunker,
+            "stats": self.stats,
+        }
+        if self.changed_during_read:  # only then: other records keep their exact bytes (and ids)
+            doc["changed_during_read"] = True
+        raw = msgpack.packb(doc, use_bin_type=True)
         self.id = blob_id(raw)
         return raw
 
@@ -200,6 +202,7 @@ class SnapshotRecord:
                 tags=tags,
                 chunker=_field(doc, "chunker", dict, {}),
                 stats=_field(doc, "stats", dict, {}),
+                changed_during_read=_field(doc, "changed_during_read", bool, False),
             )
             if rec.size < 0 or len(rec.image_hash) != ID_LEN:
                 raise ValueError("bad image size or hash")

@@ -17,18 +17,19 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import blake3
 
 from dedupimg import pack
 from dedupimg.buffers import PoolClosed
 from dedupimg.chunker import Batch, Chunker
+from dedupimg.errors import UsageError
 from dedupimg.imagehash import ImageHasher
 from dedupimg.manifest import Segment, SegmentBuilder, SnapshotRecord, chunker_dict
 from dedupimg.progress import NoProgress, Progress
 from dedupimg.repository import BlobWriter, Repository
-from dedupimg.source import Source
+from dedupimg.source import ReadCancelled, Source
 from dedupimg.zeros import is_zero
 
 WORKERS = max(2, min(4, os.cpu_count() or 2))
@@ -48,6 +49,8 @@ class SnapshotResult:
     bytes_stored: int  # bytes of new pack files
     chunks_new: int
     seconds: float
+    # What changed while a regular-file source was read ("mtime, ctime"), or None; the record is marked.
+    changed_during_read: str | None = None
 
 
 def take_snapshot(
@@ -60,10 +63,15 @@ def take_snapshot(
 ) -> SnapshotResult:
     progress = progress or NoProgress()
     started = _time.monotonic()
-    when = when or datetime.now()
-    if when.tzinfo is None:  # a naive time is local time, as restic's --time reads it
-        when = when.astimezone()
+    when = _checked_time(when or datetime.now())
+    host = socket.gethostname()
     src = Source.open(source, name)
+    try:
+        if name is None:
+            _check_default_name(repo, src, host)
+    except BaseException:
+        src.close()
+        raise
     writer = repo.writer()
     try:
         progress.start(f"snapshot {src.name}", src.size)
@@ -77,6 +85,7 @@ def take_snapshot(
                 reader.stop()
                 store.hasher.close()
         bytes_read = reader.bytes_read
+        changed = src.changes()  # raises SourceError if the file shrank: its end was never read
         record = SnapshotRecord(
             name=src.name,
             time=when.isoformat(),
@@ -84,10 +93,11 @@ def take_snapshot(
             image_hash=image_hash,
             segments=store.segments,
             source=src.description,
-            host=socket.gethostname(),
+            host=host,
             tags=sorted(set(tags or [])),
             chunker=chunker_dict(repo.config.chunker),
             stats={"bytes_read": bytes_read, "bytes_new": writer.new_chunk_bytes, "chunks_new": writer.new_chunks},
+            changed_during_read=changed is not None,
         )
         writer.commit_snapshot(record)
         progress.finish()
@@ -103,7 +113,44 @@ def take_snapshot(
         bytes_stored=writer.stored_bytes,
         chunks_new=writer.new_chunks,
         seconds=_time.monotonic() - started,
+        changed_during_read=changed,
     )
+
+
+# Times a record may carry: from the Unix epoch to the end of year 9999 (UTC). mount turns each record's time
+# into UTC for a timestamp and a file name; a time that overflows there (0001-01-01T00:00+01:00 is year 0 in
+# UTC) would break the view of the whole repository.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+def _checked_time(when: datetime) -> datetime:
+    """``when`` with a UTC offset (a naive time is local time, as restic's --time reads it), or UsageError."""
+    try:
+        if when.tzinfo is None:
+            when = when.astimezone()
+        utc = when.astimezone(UTC)
+    except (OverflowError, ValueError, OSError):
+        utc = None
+    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise UsageError(f"time {when.isoformat()} is out of range: give a time from "
+                         f"{EARLIEST.date()} to {LATEST.date()} (UTC)")
+    return when
+
+
+def _check_default_name(repo: Repository, src: Source, host: str) -> None:
+    """Refuse a default name (the file's base name) that already names snapshots of another source or host.
+
+    ``vms/a/disk.img`` and ``vms/b/disk.img`` would both be ``disk.img``, and forget would then treat two
+    machines as one series. The same file under another path (a symlink to it, or the resolved path that
+    records of earlier versions hold) is the same source.
+    """
+    paths = {src.description, src.resolved}
+    for rec in repo.snapshots(src.name):
+        if rec.host != host or (rec.source not in paths and os.path.realpath(rec.source) != src.resolved):
+            raise UsageError(f"the name {src.name!r} already belongs to snapshots of {rec.source} on host "
+                             f"{rec.host}, not of {src.description} on {host}: give --name NAME for this image "
+                             f"(or --name {src.name!r} to add it to that series anyway)")
 
 
 _END = object()
@@ -136,7 +183,7 @@ class _Reader:
                 if not region.is_data:
                     self._put(region.length)
                     continue
-                readinto = self._src.reader(region)
+                readinto = self._src.reader(region, self._stopped)
                 # Two holders per batch: the image hasher and the stage that writes its new chunks.
                 for batch in self._chunker.batches(readinto, self._pool, holders=2):
                     if self._stopped.is_set():
@@ -144,7 +191,7 @@ class _Reader:
                     self._put(batch)
                 self.bytes_read += readinto.bytes_read
             self._put(_END)
-        except PoolClosed:
+        except (PoolClosed, ReadCancelled):
             return
         except BaseException as exc:  # handed to the consuming thread, which raises it
             self._put(exc)

@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import stat
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from dedupimg.errors import SourceError, UsageError
+
+
+@dataclass(frozen=True)
+class FileState:
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileState:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,9 @@ class Source:
         self.kind = kind  # "file", "block" or "stdin"
         self.name = name
         self.size = size  # None for stdin
-        self.description = description
+        self.description = description  # absolute path as given (symlinks not resolved), or <stdin>
+        self.resolved = description  # the path with symlinks resolved
+        self.before: FileState | None = None  # a regular file's state when opened
 
     @classmethod
     def open(cls, spec: str, name: str | None = None) -> Source:
@@ -40,7 +55,8 @@ class Source:
             return cls(sys.stdin.buffer.fileno(), "stdin", name, None, "<stdin>")
         path = Path(spec)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO without a writer would block until one came; it is refused below.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise SourceError(f"source {spec} does not exist") from None
         except PermissionError:
@@ -48,6 +64,8 @@ class Source:
         except OSError as exc:
             raise SourceError(f"cannot open source {spec}: {exc.strerror}") from None
         st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode):
+            os.set_blocking(fd, True)
         if stat.S_ISDIR(st.st_mode):
             os.close(fd)
             raise SourceError(f"source {spec} is a directory, not an image file or block device")
@@ -56,10 +74,36 @@ class Source:
             os.lseek(fd, 0, os.SEEK_SET)
         elif stat.S_ISREG(st.st_mode):
             size, kind = st.st_size, "file"
+        elif stat.S_ISFIFO(st.st_mode):
+            os.close(fd)
+            raise SourceError(f"source {spec} is a FIFO (named pipe), not an image file or block device; "
+                              f"to snapshot a stream, pipe it in: dedupimg snapshot - --name NAME < {spec}")
         else:
             os.close(fd)
             raise SourceError(f"source {spec} is not a regular file or block device")
-        return cls(fd, kind, name or path.name, size, str(path.resolve()))
+        # The path as given is the stable one: /dev/vg0/db or /dev/disk/by-id/... may resolve to another
+        # /dev/dm-N or /dev/sdX after a reboot.
+        src = cls(fd, kind, name or path.name, size, os.path.abspath(spec))
+        src.resolved = str(path.resolve())
+        src.before = FileState.of(st) if kind == "file" else None
+        return src
+
+    def changes(self) -> str | None:
+        """How a regular-file source changed since it was opened (size, mtime, ctime), or None.
+
+        A source that shrank raises SourceError: its end was read as zeros or not at all, as when a dense
+        file ends early. Devices and stdin are not checked (a device's mtime says nothing about its data).
+        """
+        if self.before is None:
+            return None
+        now = FileState.of(os.fstat(self.fd))
+        if now.size < self.before.size:
+            raise SourceError(f"source {self.description} shrank from {self.before.size} to {now.size} bytes "
+                              f"while it was read (truncated?)")
+        what = [label for label, a, b in (("size", self.before.size, now.size),
+                                          ("mtime", self.before.mtime_ns, now.mtime_ns),
+                                          ("ctime", self.before.ctime_ns, now.ctime_ns)) if a != b]
+        return ", ".join(what) or None
 
     def close(self) -> None:
         if self.kind != "stdin":
@@ -74,8 +118,9 @@ class Source:
             return
         yield from _sparse_regions(self.fd, self.size)
 
-    def reader(self, region: Region) -> ReadInto:
-        return ReadInto(self.fd, region.offset, region.length, seekable=self.kind != "stdin")
+    def reader(self, region: Region, stop: threading.Event | None = None) -> ReadInto:
+        """Reads one region; a read from stdin waits at most ~0.1 s at a time for data, then checks ``stop``."""
+        return ReadInto(self.fd, region.offset, region.length, seekable=self.kind != "stdin", stop=stop)
 
 
 def _sparse_regions(fd: int, size: int) -> Iterator[Region]:
@@ -84,32 +129,66 @@ def _sparse_regions(fd: int, size: int) -> Iterator[Region]:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+            if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole, unless the file shrank
+                _check_size(fd, size)
                 yield Region(pos, size - pos, False)
                 return
             if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # filesystem without SEEK_DATA
                 yield Region(pos, size - pos, True)
                 return
-            raise
+            raise SourceError(f"cannot find the data regions of the source at offset {pos}: {exc.strerror}") from None
         data = min(data, size)
         if data > pos:
             yield Region(pos, data - pos, False)
         if data >= size:
             return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        try:
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        except OSError as exc:  # ENXIO: data is now past the end of the file
+            _check_size(fd, size)
+            raise SourceError(f"cannot find the data regions of the source at offset {data}: {exc.strerror}") from None
         yield Region(data, hole - data, True)
         pos = hole
 
 
-class ReadInto:
-    """``readinto`` over one region: pread at an offset (files, devices) or plain reads (stdin)."""
+def _check_size(fd: int, size: int) -> None:
+    now = os.fstat(fd).st_size
+    if now < size:
+        raise SourceError(f"source shrank from {size} to {now} bytes while it was read (truncated?)")
 
-    def __init__(self, fd: int, offset: int, length: int | None, seekable: bool) -> None:
+
+class ReadCancelled(Exception):
+    """A read from a stream was given up because ``stop`` was set (the snapshot is being interrupted)."""
+
+
+class ReadInto:
+    """``readinto`` over one region: pread at an offset (files, devices) or plain reads (stdin).
+
+    A stream read first polls for data with a short timeout, so that a stalled writer (``ssh`` hanging, a
+    pipe nobody writes to) cannot keep an interrupted snapshot waiting: when ``stop`` is set the read raises
+    :class:`ReadCancelled`.
+    """
+
+    def __init__(self, fd: int, offset: int, length: int | None, seekable: bool,
+                 stop: threading.Event | None = None) -> None:
         self._fd = fd
         self._pos = offset
         self._left = length
         self._seekable = seekable
+        self._stop = stop
         self.bytes_read = 0
+
+    def _wait_readable(self) -> None:
+        stop = self._stop
+        if stop is None:
+            return
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN | select.POLLPRI)
+        while not poller.poll(100):  # readable, at EOF (POLLHUP) or in error: readv tells which
+            if stop.is_set():
+                raise ReadCancelled
+        if stop.is_set():
+            raise ReadCancelled
 
     def __call__(self, out: memoryview) -> int:
         want = len(out) if self._left is None else min(len(out), self._left)
@@ -119,6 +198,7 @@ class ReadInto:
             if self._seekable:
                 n = os.preadv(self._fd, [out[:want]], self._pos)
             else:
+                self._wait_readable()
                 n = os.readv(self._fd, [out[:want]])
         except OSError as exc:
             raise SourceError(f"read error at offset {self._pos}: {exc.strerror}") from None

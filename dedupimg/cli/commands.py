@@ -11,7 +11,7 @@ from rich.table import Table
 from dedupimg.cli.main import LockWait, RepoOption, app, open_repo, repo_path
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
 from dedupimg.config import DEFAULT_CHUNK_SIZE, ChunkerParams
-from dedupimg.errors import UsageError
+from dedupimg.errors import SourceChanged, UsageError
 from dedupimg.lock import LockMode
 from dedupimg.manifest import SnapshotRecord
 from dedupimg.repository import Repository
@@ -50,6 +50,7 @@ def _record_json(rec: SnapshotRecord) -> dict[str, object]:
         "host": rec.host,
         "source": rec.source,
         "blake3": rec.image_hash.hex(),
+        "changed_during_read": rec.changed_during_read,
     }
 
 
@@ -62,21 +63,32 @@ def _parse_time(value: str | None) -> datetime | None:
         raise UsageError(f"--time {value!r} is not an ISO 8601 time (like 2026-01-31T22:00:00+01:00)") from None
 
 
-@app.command(epilog=exit_codes_help(11, 18))
+def split_tags(values: list[str] | None) -> list[str]:
+    """``--tag a,b --tag c``: tags a, b and c (restic splits each value on commas); blanks are dropped."""
+    return [t for v in values or [] for t in (part.strip() for part in v.split(",")) if t]
+
+
+@app.command(epilog=exit_codes_help(3, 11, 18))
 def snapshot(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="Image file, sparse file, block device, or - for stdin.")],
     name: Annotated[str | None, typer.Option(help="Image name (default: the file's base name).")] = None,
-    tag: Annotated[list[str] | None, typer.Option(help="Tag the snapshot (repeatable).")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option(metavar="TAG[,TAG...]", help="Tag the snapshot (repeatable; a,b is two tags).")
+    ] = None,
     time: Annotated[str | None, typer.Option(help="Record this time (ISO 8601) instead of now.")] = None,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     lock_wait: LockWait = 0.0,
     repo_dir: RepoOption = None,
 ) -> None:
-    """Take a snapshot of an image and print its id."""
+    """Take a snapshot of an image and print its id.
+
+    A regular file that changes while it is read (size, mtime or ctime) is still stored, marked
+    changed_during_read, with a warning and exit 3: snapshot a frozen filesystem or an LVM snapshot instead.
+    """
     when = _parse_time(time)
     with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
-        result = take_snapshot(repo, source, name=name, tags=tag or [], when=when, progress=progress_sink())
+        result = take_snapshot(repo, source, name=name, tags=split_tags(tag), when=when, progress=progress_sink())
     rec = result.record
     if json:
         doc = _record_json(rec)
@@ -90,6 +102,10 @@ def snapshot(
         print_json(doc)
     else:
         stdout.print(rec.hex_id)
+    if result.changed_during_read:
+        raise SourceChanged(f"snapshot {rec.short_id} stored, but {source} changed while it was read "
+                            f"({result.changed_during_read} differ): it may match no moment of the disk; "
+                            f"snapshot a frozen or LVM snapshot source (see README)")
 
 
 @app.command(epilog=exit_codes_help())
@@ -105,9 +121,11 @@ def snapshots(
     if json:
         print_json([_record_json(r) for r in records])
         return
-    table = Table("id", "name", "time", "size", "tags", box=None, header_style="bold")
+    noted = any(r.changed_during_read for r in records)
+    table = Table("id", "name", "time", "size", "tags", *(["note"] if noted else []), box=None, header_style="bold")
     for r in records:
-        table.add_row(r.short_id, r.name, r.time, human_bytes(r.size), ",".join(r.tags))
+        note = ["changed during read" if r.changed_during_read else ""] if noted else []
+        table.add_row(r.short_id, r.name, r.time, human_bytes(r.size), ",".join(r.tags), *note)
     stdout.print(table)
     stdout.print(f"{len(records)} snapshots")
 

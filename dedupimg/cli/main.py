@@ -78,8 +78,8 @@ LockWait = Annotated[
 ]
 
 
-def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"dedupimg: error: {message}\n")
+def _fail(message: str, code: int, label: str = "error") -> None:
+    sys.stderr.write(f"dedupimg: {label}: {message}\n")
     sys.exit(code)
 
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     except DedupimgError as exc:
         if debug:
             raise
-        _fail(str(exc), exc.exit_code)
+        _fail(str(exc), exc.exit_code, exc.label)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:

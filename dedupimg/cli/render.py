@@ -25,8 +25,10 @@ from dedupimg.errors import EXIT_CODES
 from dedupimg.progress import NoProgress
 from dedupimg.progress import Progress as ProgressSink
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False)
+# No markup and no emoji codes: names, tags, paths and messages are user text, printed as given ("[bold]" or
+# ":smile:" in an image name stays literal; "[/x]" would otherwise raise MarkupError after the work was done).
+stdout = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 # Codes every command can return (success, unexpected error, usage error, interrupted), and those of every
@@ -79,7 +81,7 @@ class BarProgress:
     def __init__(self, item_tasks: tuple[str, ...] = ()) -> None:
         self._item_tasks = item_tasks
         self._progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # the description holds the image name
             BarColumn(),
             _ByUnit(DownloadColumn(binary_units=True), MofNCompleteColumn()),
             _ByUnit(TransferSpeedColumn(), TextColumn("")),

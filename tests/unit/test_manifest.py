@@ -77,6 +77,25 @@ def test_snapshot_record_round_trip_and_id():
     assert (back.name, back.time, back.size, back.segments, back.tags) == (rec.name, rec.time, 12, rec.segments, ["a"])
 
 
+def test_changed_during_read_is_backward_compatible():
+    """Written only when true: an unchanged source's record has the 11 keys (and id) it always had, a record
+    without the key decodes as unchanged, and a marked one round-trips."""
+    import msgpack
+
+    fields = dict(name="vm1", time="2026-01-02T03:04:05+01:00", size=12, image_hash=b"\x02" * 32,
+                  segments=[(b"\x03" * 32, 12)])
+    plain = SnapshotRecord(**fields).encode()
+    doc = msgpack.unpackb(plain, raw=False)
+    assert len(doc) == 11 and "changed_during_read" not in doc and plain[0] == 0x8B
+    assert SnapshotRecord.decode(plain).changed_during_read is False
+    marked = SnapshotRecord(**fields, changed_during_read=True).encode()
+    assert marked[0] == 0x8C and msgpack.unpackb(marked, raw=False)["changed_during_read"] is True
+    assert SnapshotRecord.decode(marked).changed_during_read is True
+    bad = msgpack.packb({**doc, "changed_during_read": 1}, use_bin_type=True)  # an int is not a bool
+    with pytest.raises(IntegrityError):
+        SnapshotRecord.decode(bad)
+
+
 def test_snapshot_record_rejects_inconsistent_sizes():
     rec = SnapshotRecord(name="x", time="2026-01-02T03:04:05+00:00", size=13, image_hash=b"\x02" * 32,
                          segments=[(b"\x03" * 32, 12)])
