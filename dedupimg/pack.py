@@ -27,7 +27,7 @@ import blake3
 import msgpack
 import zstandard
 
-from dedupimg.errors import IntegrityError
+from dedupimg.errors import IntegrityError, PermissionDenied
 from dedupimg.fsutil import FILE_MODE, fsync_dir, raise_for_space
 
 PACK_MAGIC = b"DIMGPK\x00\x01"
@@ -269,6 +269,8 @@ def open_pack(path: Path | str, where: str | None = None) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise IntegrityError(f"{where}: the pack file is missing") from None
+    except PermissionError:  # not damage: repair must not leave out the snapshots it holds, check must not pass
+        raise PermissionDenied(f"{where}: cannot open the pack file: permission denied") from None
     except OSError as exc:
         raise IntegrityError(f"{where}: cannot open the pack file: {exc.strerror}") from None
     try:

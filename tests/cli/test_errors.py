@@ -267,6 +267,27 @@ def test_unreadable_repository_or_index_is_permission_denied(shared_tmp):
     assert not (shared_tmp / "out.img").exists()
 
 
+def test_unreadable_pack_is_permission_denied_not_damage(shared_tmp):
+    # Taken for damage, an unreadable pack would make check exit 17 and repair leave out its snapshots.
+    repo = shared_tmp / "repo"
+    ok(run_cli("init", "-r", repo))
+    image = shared_tmp / "disk.img"
+    image.write_bytes(det_bytes(3, 50_000))
+    ok(run_cli("snapshot", "-r", repo, image))
+    for dirpath, dirnames, filenames in os.walk(repo):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666)
+    repo.chmod(0o777)
+    for p in (repo / "packs").rglob("*.pack"):
+        p.chmod(0o000)
+    for command in (["verify", "latest"], ["check", "--read-data"], ["repair", "index"]):
+        fails(as_other_user("-r", repo, *command), 16, "permission denied")
+    assert "1 snapshots" in ok(run_cli("-r", repo, "snapshots"))  # repair gave up without touching the index
+    ok(run_cli("-r", repo, "check", "--read-data"))
+
+
 # -- init inside a repository ---------------------------------------------------------------------------------------
 
 
