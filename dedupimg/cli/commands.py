@@ -133,12 +133,19 @@ def snapshots(
 @app.command(epilog=exit_codes_help(11, 13, 14, 15, 18))
 def restore(
     ctx: typer.Context,
-    snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique id prefix, or 'latest'.")],
-    target: Annotated[str, typer.Argument(help="File path, block device, or - for stdout.")],
-    force: Annotated[bool, typer.Option(help="Replace an existing file or overwrite a block device.")] = False,
+    snapshot: Annotated[str, typer.Argument(help="Snapshot id, unique id prefix, 'latest' or NAME@latest.")],
+    target: Annotated[
+        str, typer.Argument(help="File path, block device (not mounted or in use), or - for stdout; a symlink is "
+                                 "followed.")
+    ],
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing file (its owner and mode are kept) or a dangling symlink's "
+                                "target, or overwrite a block device.")
+    ] = False,
     name: Annotated[str | None, typer.Option(help="With 'latest': the newest snapshot of this name.")] = None,
     delta: Annotated[
-        bool, typer.Option("--delta", help="Update an existing target in place: write only chunks that differ.")
+        bool, typer.Option("--delta", help="Update an existing target in place: write only chunks that differ "
+                                           "(if interrupted, the same command finishes it).")
     ] = False,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object (not with target -).")] = False,
     lock_wait: LockWait = 0.0,

@@ -92,7 +92,7 @@ def test_snapshot_list_restore_info(env, tmp_path):
     assert out.read_bytes() == image.read_bytes()
     ok(run_cli("-r", repo, "restore", "latest", out, "--force", "--name", "vm"))
     assert out.read_bytes() == image.read_bytes()
-    piped = run_cli("-r", repo, "restore", "latest", "-")
+    piped = run_cli("-r", repo, "restore", "disk.img@latest", "-")  # `latest` alone: two names, ambiguous
     assert piped.returncode == 0 and piped.stdout == image.read_bytes()
 
     info = json.loads(ok(run_cli("-r", repo, "info", "--json")))
