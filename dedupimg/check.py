@@ -427,10 +427,14 @@ class _Checker:
                 self.add("pack-damaged", f"pack {path.name}, which the index does not list, is damaged: {problem}")
                 continue
             self.counts.orphan_packs += 1
-            records = sum(1 for e in info.entries if e.type == pack.SNAPSHOT)
-            what = f", holding {records} snapshot record(s) that 'repair index' would list" if records else ""
+            records = len(self.repo.unknown_records([e.id for e in info.entries if e.type == pack.SNAPSHOT]))
+            if records:  # what prune does with it: it stops (compaction._refuse_if_index_lost_snapshots)
+                self.hints.append(Hint("orphan-pack", f"orphan pack {path.name} ({info.size} bytes) holds {records} "
+                                       "snapshot record(s) the index does not know: prune deletes nothing until "
+                                       "'dedupimg repair index' lists them"))
+                continue
             self.hints.append(Hint("orphan-pack", f"orphan pack {path.name} ({info.size} bytes, not in the index: "
-                                   f"left by an interrupted snapshot{what}); prune removes it"))
+                                   "left by an interrupted snapshot or prune); prune removes it"))
         for path in skipped:  # one named like a listed pack is a problem found by _check_pack
             if integrity.pack_file_id(path) not in indexed:
                 self.hints.append(Hint("stray-dir", f"{path} is a directory, not a pack; prune leaves it alone"))

@@ -621,9 +621,22 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+LOW_SPACE = 4 << 20  # free bytes below which an I/O error while writing the index is taken for a full disk
+
+
+def _low_space(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE
+
+
 def _translate(exc: lmdb.Error, path: Path) -> Exception:
     text = str(exc)
-    if "No space left" in text or "MDB_MAP_FULL" in text:
+    if "No space left" in text or "MDB_MAP_FULL" in text or (os.strerror(errno.EIO) in text and _low_space(path)):
+        # A full disk often shows as EIO, not ENOSPC: ext4 with delayed allocation fails the fdatasync of the
+        # commit when writeback finds no room. The transaction did not commit (its meta page was not written).
         return NoSpaceError(f"no space left on device for the index at {path}")
     if "Resource temporarily unavailable" in text:
         return RepositoryLocked(f"index at {path} is locked")

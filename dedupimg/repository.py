@@ -21,6 +21,7 @@ from dedupimg import pack, readpool
 from dedupimg.config import ChunkerParams, Config
 from dedupimg.errors import (
     AmbiguousSnapshot,
+    DedupimgError,
     IntegrityError,
     NotARepository,
     PermissionDenied,
@@ -362,12 +363,27 @@ class Repository:
             raise
         return SealedPack.from_entries(pack_id, size, writer.entries)
 
-    def tombstoned_ids(self) -> set[bytes]:
-        """Ids of every snapshot record a tombstone names (forgotten), read from the packs."""
-        out: set[bytes] = set()
-        for raw in self.read_blobs(self.index.tombstone_ids()):
-            out.update(decode_tombstone(raw))
-        return out
+    def discard_unlisted(self, sealed: SealedPack) -> None:
+        """Delete a sealed pack whose commit failed, unless the index lists that very file (same content)."""
+        try:
+            if self.index.pack_numbers([sealed.id]):
+                return
+            pack.pack_path(self.packs_dir, sealed.id).unlink(missing_ok=True)
+            fsync_dir(pack.pack_path(self.packs_dir, sealed.id).parent)
+        except (OSError, DedupimgError):
+            pass  # best effort: what is left is an orphan, which check reports and prune handles
+
+    def unknown_records(self, record_ids: list[bytes]) -> list[bytes]:
+        """Those of ``record_ids`` (snapshot records found in packs the index does not list) that the index
+        knows nothing of: not listed, no forgotten row, named by no tombstone. Such a record is a snapshot
+        the index lost, or one whose last commit never happened (a crash); ``repair index`` lists either."""
+        unknown = [i for i, k in zip(record_ids, self.index.has_blobs(record_ids), strict=True) if not k]
+        if unknown:
+            forgotten: set[bytes] = set()
+            for raw in self.read_blobs(self.index.tombstone_ids()):
+                forgotten.update(decode_tombstone(raw))
+            unknown = [i for i in unknown if i not in forgotten]
+        return unknown
 
     def writer(self) -> BlobWriter:
         return BlobWriter(self)
@@ -513,7 +529,13 @@ class BlobWriter:
         seg_ids = {b.id for b in sealed.blobs if b.type == pack.SEGMENT}
         segments = [s for s in self._segments if s.id in seg_ids]
         self._segments = [s for s in self._segments if s.id not in seg_ids]
-        self._repo.index.commit_pack(sealed, segments, snapshot)
+        try:
+            self._repo.index.commit_pack(sealed, segments, snapshot)
+        except BaseException:
+            # Not committed (a full disk, say): remove the pack so that it is not left as an orphan holding a
+            # record the index does not know, which would make prune stop until 'repair index'.
+            self._repo.discard_unlisted(sealed)
+            raise
 
     def abort(self) -> None:
         """Drop the open pack; what was committed stays (unreferenced until a snapshot uses it)."""
