@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from dedupimg.errors import NotARepository, RepositoryLocked, RepositoryNotFound, UsageError
+from dedupimg.errors import NotARepository, PermissionDenied, RepositoryLocked, RepositoryNotFound, UsageError
 
 LOCK_FILE = "lock"
 LOCK_FILE_MODE = 0o644
@@ -140,7 +140,8 @@ class RepositoryLock:
         except OSError as exc:
             if exc.errno == errno.ENOENT and self.mode is LockMode.SHARED:
                 return None, False
-            raise RepositoryLocked(self._cannot_open(first)) from None
+            # Not a lock held by anyone: this process cannot write here (exit 16, not 11).
+            raise PermissionDenied(self._cannot_open(first)) from None
 
     def _cannot_open(self, exc: OSError) -> str:
         need = ""

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             _fail(f"no space left on device ({exc.filename or 'repository'})", 18)
-        if exc.errno in (errno.EACCES, errno.EPERM):  # any path the library did not name better itself
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # any path the library did not name better itself
             _fail(f"{exc.strerror}{f': {exc.filename}' if exc.filename else ''}", PermissionDenied.exit_code)
         _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
     except Exception as exc:  # noqa: BLE001  (the last line of defence: one line, not a traceback)

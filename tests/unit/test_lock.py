@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dedupimg import lock as lock_mod
-from dedupimg.errors import RepositoryLocked, RepositoryNotFound
+from dedupimg.errors import PermissionDenied, RepositoryLocked, RepositoryNotFound
 from dedupimg.lock import LockMode, RepositoryLock
 from tests.helpers import ROOT
 
@@ -263,6 +263,6 @@ def test_read_only_repository_without_lock_file(repo: Path, monkeypatch: pytest.
     read_only(monkeypatch, code)
     with RepositoryLock(repo, SHARED, what="restore") as lock:
         assert not lock.locked  # read-only media: proceed unlocked
-    with pytest.raises(RepositoryLocked, match=f"cannot open {repo / 'lock'}: .*prune needs write access"):
+    with pytest.raises(PermissionDenied, match=f"cannot open {repo / 'lock'}: .*prune needs write access"):
         RepositoryLock(repo, EXCLUSIVE, what="prune").acquire()
     assert not (repo / "lock").exists()
