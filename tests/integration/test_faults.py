@@ -105,7 +105,7 @@ def busy_repo(tmp_path: Path):
 def test_ctrl_c_leaves_no_partial_snapshot(tmp_path, busy_repo):
     repo, expected = busy_repo
     image = tmp_path / "v2.img"
-    image.write_bytes(_image(2))
+    image.write_bytes(_image(2) + _image(3))  # 96 MiB of new data: about a second to store, here
     proc = subprocess.Popen([sys.executable, "-m", "dedupimg", "-r", str(repo), "snapshot", str(image)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # Interrupt once it is writing (a fixed delay could land during start-up, before the handler exists).
