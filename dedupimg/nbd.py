@@ -188,7 +188,11 @@ class NbdServer:
 
     def lookup(self, name: str) -> Export:
         """The export a client asks for by name; SnapshotNotFound or AmbiguousSnapshot if none."""
-        if name == "":
+        if name == "" and self._fixed is None:
+            # The newest snapshot, as `latest`: refused (AmbiguousSnapshot) when several images are stored,
+            # so that a client that names no export never boots another machine's disk.
+            rec = self.repo.resolve("latest")
+        elif name == "":
             records = self.records()
             if not records:
                 raise SnapshotNotFound("no snapshot to serve as the default export")
