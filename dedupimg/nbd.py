@@ -17,12 +17,14 @@ import logging
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from dedupimg.errors import DedupimgError, IntegrityError, ListenError, SnapshotNotFound, UsageError
+from dedupimg.errors import DedupimgError, IntegrityError, Interrupted, ListenError, SnapshotNotFound, UsageError
 from dedupimg.manifest import SnapshotRecord
 from dedupimg.reader import SnapshotReader
 from dedupimg.repository import Repository
@@ -36,6 +38,12 @@ DEFAULT_PORT = 10809  # the IANA port for NBD
 MAX_OPTION_DATA = 64 << 10  # an option carries at most a few 4 KiB strings; more is garbage or an attack
 SEND_PIECES = 512  # buffers per sendmsg, under Linux's IOV_MAX of 1024
 MAX_REQUEST = 32 << 20  # largest READ (and skipped WRITE payload): 2^25, the size proto.md says to allow
+# A READ is read and sent in pieces of at most READ_PIECE bytes, each in a buffer lent for that request from
+# a pool of REPLY_BUFFERS shared by every connection: reply memory is at most 1 MiB per connection and 32 MiB
+# in all, however many clients connect and however large their reads (an idle client holds none).
+READ_PIECE = 1 << 20
+REPLY_BUFFERS = 32
+MAX_STRING = 4096  # proto.md: names, descriptions and messages are at most 4096 bytes (longer breaks clients)
 MAX_STATUS_SPAN = 256 << 20  # BLOCK_STATUS answers at most this much per request (the spec allows less)
 NEGOTIATION_TIMEOUT = 60.0  # a client silent this long during the handshake holds a thread for nothing
 SHUTDOWN_GRACE = 5.0  # seconds connections get to finish the request in flight when the server stops
@@ -167,6 +175,7 @@ class NbdServer:
                 if all(r.id != rec.id for r in self._fixed):
                     self._fixed.append(rec)
         self._sessions: dict[socket.socket, threading.Thread] = {}
+        self.reply_buffers = _ReplyBuffers(READ_PIECE, REPLY_BUFFERS)
         self._serving = self._closed = False
         self._stopped = threading.Event()  # serve_forever has returned (or raised)
         try:
@@ -274,10 +283,44 @@ class NbdServer:
             self._sessions.pop(sock, None)
 
 
+class _ReplyBuffers:
+    """The buffers READ replies are read into, shared by every connection: at most ``count`` buffers of
+    ``size`` bytes ever exist; a connection borrows one for a request and gives it back when the reply is
+    sent (a request waits when all are out). Made once and kept: a fresh buffer per request would cost a page
+    fault on every byte."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self._count = count
+        self._free: list[bytearray] = []
+        self._made = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def lend(self) -> Iterator[memoryview]:
+        with self._cond:
+            while not self._free and self._made >= self._count:
+                self._cond.wait()
+            buf = self._free.pop() if self._free else None
+            if buf is None:
+                self._made += 1
+        if buf is None:
+            buf = bytearray(self.size)
+        try:
+            yield memoryview(buf)
+        finally:
+            with self._cond:
+                self._free.append(buf)
+                self._cond.notify()
+
+
 class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True  # a restarted server can bind while old connections sit in TIME_WAIT
     daemon_threads = True  # NbdServer.shutdown joins them itself, with a deadline
     block_on_close = False
+    # socketserver's default backlog of 5 drops the SYNs of clients that connect at once (nbdcopy opens 4
+    # connections, a host boots many VMs): they then hang in TCP's retry backoff. Take the system's maximum.
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, nbd: NbdServer, host: str, port: int) -> None:
         self.nbd = nbd
@@ -285,6 +328,11 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         super().__init__((host, port), _Handler)
 
     def handle_error(self, request: object, client_address: object) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, Interrupted):
+            # A signal (the CLI's handler raises Interrupted) that landed while this thread was starting a
+            # connection's thread: socketserver would swallow it here and serve on. Stop, as anywhere else.
+            raise exc
         log.debug("connection from %s failed", client_address, exc_info=True)
 
 
@@ -329,7 +377,6 @@ class _Session:
         self.rfile = sock.makefile("rb")
         self.no_zeroes = False
         self.structured = False
-        self._buf = bytearray()  # READ replies are assembled here: one buffer per connection, grown as needed
         self.meta_for: bytes | None = None  # snapshot id base:allocation was selected for
 
     def run(self) -> None:
@@ -410,7 +457,7 @@ class _Session:
         try:
             records = self.server.records()
         except DedupimgError as exc:
-            return self.reply(option, NBD_REP_ERR_POLICY, str(exc).encode())
+            return self.reply(option, NBD_REP_ERR_POLICY, _wire(str(exc)))
         for rec in records:
             name = rec.hex_id.encode()
             self.reply(option, NBD_REP_SERVER, struct.pack(">I", len(name)) + name + _describe(rec).encode())
@@ -430,7 +477,7 @@ class _Session:
         try:
             export = self.server.lookup(name)
         except DedupimgError as exc:
-            self.reply(option, NBD_REP_ERR_UNKNOWN, str(exc).encode())
+            self.reply(option, NBD_REP_ERR_UNKNOWN, _wire(str(exc)))
             return None
         self.reply(option, NBD_REP_INFO, struct.pack(">HQH", NBD_INFO_EXPORT, export.reader.size, TRANSMISSION_FLAGS))
         # Sent whether asked or not (allowed): it tells clients our request cap before they hit it.
@@ -470,7 +517,7 @@ class _Session:
         try:
             export = self.server.lookup(name)
         except DedupimgError as exc:
-            return self.reply(option, NBD_REP_ERR_UNKNOWN, str(exc).encode())
+            return self.reply(option, NBD_REP_ERR_UNKNOWN, _wire(str(exc)))
         if setting:
             # `base:` alone selects nothing when setting; unknown namespaces and leaves are ignored.
             found = BASE_ALLOCATION in queries
@@ -518,7 +565,7 @@ class _Session:
 
     def error(self, handle: int, error: int, message: str) -> None:
         if self.structured:
-            text = message.encode()[:4096]
+            text = _wire(message)
             payload = struct.pack(">IH", error, len(text)) + text
             self.send(self.chunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, handle, payload))
         else:
@@ -535,29 +582,54 @@ class _Session:
         self.check(export, flags, NBD_CMD_FLAG_FUA, offset, length)
         if length > MAX_REQUEST:
             raise _CommandError(NBD_EINVAL, f"read of {length} bytes is over the {MAX_REQUEST} byte limit")
-        # All data is read (and verified) before the first byte of the reply goes out: an error found
-        # midway can still be a clean error reply instead of a hard disconnect.
-        # Copied out of the shared chunk cache before sending: a slow client must not hold cache slots. The
-        # buffer is reused (a fresh one per request would cost page faults on every byte).
-        if len(self._buf) < length:
-            self._buf = bytearray(length)
-        data = memoryview(self._buf)[:length]
-        export.reader.read_into(offset, data)
-        if not self.structured:
-            return self.send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle), data)
-        if length == 0:
+        if self.structured and length == 0:
             return self.send(self.chunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, handle, b""))
+        # Data is read (and verified) into a buffer lent by the server's pool, at most READ_PIECE bytes at a
+        # time, and each piece is sent before the next is read: a large read costs no more memory than a small
+        # one, and being copied out of the shared chunk cache, a slow client holds no cache slot. Damage found
+        # before anything was sent is a clean error reply. Found later, a structured reply ends with an error
+        # chunk (the client fails the whole read); a simple reply cannot carry an error after its data, so the
+        # connection is dropped (proto.md's hard disconnect): no client ever takes wrong bytes for good ones.
+        with self.server.reply_buffers.lend() as buf:
+            if self.structured:
+                return self._read_structured(export, handle, offset, length, buf)
+            pos, end = offset, offset + length
+            while True:
+                data = buf[: min(len(buf), end - pos)]
+                try:
+                    export.reader.read_into(pos, data)
+                except IntegrityError:
+                    if pos != offset:
+                        raise _Close from None
+                    raise
+                header = [SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, handle)] if pos == offset else []
+                self.send(*header, data)
+                pos += len(data)
+                if pos == end:
+                    return
+
+    def _read_structured(self, export: Export, handle: int, offset: int, length: int, buf: memoryview) -> None:
+        """Holes as hole chunks (never read); data as data chunks of at most ``len(buf)`` bytes."""
         runs = export.reader.is_zero_range(offset, length)
-        parts: list[bytes | memoryview] = []
+        parts: list[bytes | memoryview] = []  # holes go out with the next data, or at the end
         for i, (start, n, zero) in enumerate(runs):
-            done = NBD_REPLY_FLAG_DONE if i == len(runs) - 1 else 0
+            last = i == len(runs) - 1
             if zero:
+                done = NBD_REPLY_FLAG_DONE if last else 0
                 parts.append(self.chunk(done, NBD_REPLY_TYPE_OFFSET_HOLE, handle, struct.pack(">QI", start, n)))
-            else:
-                parts.append(CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, done, NBD_REPLY_TYPE_OFFSET_DATA, handle, 8 + n))
-                parts.append(struct.pack(">Q", start))
-                parts.append(data[start - offset : start - offset + n])
-        self.send(*parts)
+                continue
+            for at in range(start, start + n, len(buf)):
+                data = buf[: min(len(buf), start + n - at)]
+                export.reader.read_into(at, data)
+                done = NBD_REPLY_FLAG_DONE if last and at + len(data) == start + n else 0
+                parts.append(CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, done, NBD_REPLY_TYPE_OFFSET_DATA, handle,
+                                        8 + len(data)))
+                parts.append(struct.pack(">Q", at))
+                parts.append(data)
+                self.send(*parts)
+                parts = []
+        if parts:
+            self.send(*parts)
 
     def cmd_flush(self, export: Export, flags: int, handle: int, offset: int, length: int) -> None:
         self.check(export, flags, NBD_CMD_FLAG_FUA, offset, length)
@@ -612,7 +684,18 @@ def _string(data: bytes, pos: int) -> tuple[str, int]:
 
 
 def _describe(rec: SnapshotRecord) -> str:
-    return f"{rec.name} {rec.time} ({rec.size} bytes)"
+    """Name, time and size, within the spec's MAX_STRING bytes: a longer description makes libnbd refuse the
+    whole export list. A name too long is cut (marked with '...'); time and size always fit."""
+    tail = f" {rec.time} ({rec.size} bytes)"
+    return _wire(rec.name, MAX_STRING - len(tail.encode())).decode() + tail
+
+
+def _wire(text: str, limit: int = MAX_STRING) -> bytes:
+    """``text`` as UTF-8 of at most ``limit`` bytes: cut at a character boundary and marked with '...'."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return raw
+    return raw[: max(0, limit - 3)].decode(errors="ignore").encode() + b"..."
 
 
 def _quietly(fn: Callable[..., object], *args: object) -> None:

@@ -159,6 +159,7 @@ def _prune_json(r: PruneReport) -> dict[str, object]:
         "records_dropped": r.records_dropped,
         "orphan_packs": r.orphan_packs,
         "tmp_files": r.tmp_files,
+        "skipped": [str(p) for p in r.skipped],
     }
     if r.outcome is not None:
         doc.update(packs_deleted=r.outcome.packs_deleted, packs_rewritten=r.outcome.packs_rewritten,
@@ -172,6 +173,8 @@ def _render_prune(r: PruneReport) -> None:
             f"({human_bytes(r.bytes_to_copy)} to copy); {r.chunks_dropped} chunks, {r.segments_dropped} "
             f"segments, {r.records_dropped} records dropped; {r.orphan_packs} orphan packs, {r.tmp_files} "
             f"temporary files")
+    for p in r.skipped:  # Text: a path is not rich markup
+        stdout.print(Text(f"skipped {p}: a directory, not a file dedupimg writes; left alone"), soft_wrap=True)
     if r.outcome is None:
         stdout.print(f"prune plan: {plan}; would free about {human_bytes(r.bytes_to_free)}")
     else:

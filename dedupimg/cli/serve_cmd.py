@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated
 
 import typer
@@ -34,8 +35,21 @@ def serve(
         server = NbdServer(repo, snapshots or [], host, port)
         try:
             stderr.print(f"serving {len(server.records())} exports on {server.url}", soft_wrap=True)
+            if not _loopback(server.address[0]):
+                stderr.print(f"warning: NBD exports are unauthenticated and unencrypted: anyone who can reach "
+                             f"{server.url} can read every exported snapshot", soft_wrap=True)
             server.serve_forever()
         except Interrupted:
             pass  # a signal is how a server is stopped: a normal exit, not an error
         finally:
             server.shutdown()
+
+
+def _loopback(host: str) -> bool:
+    """Whether the bound address ``host`` (an IP address) is reachable from this machine only."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool((mapped or addr).is_loopback)
