@@ -400,9 +400,11 @@ class RepositoryMachine(RuleBasedStateMachine):
                            for e in pack.read_trailer(pack.pack_path(self.repo.packs_dir, row.id))), \
                     "a pack with data survived forgetting every snapshot and pruning"
         finally:
-            if hasattr(self, "repo"):
-                self.repo.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            try:
+                if hasattr(self, "repo"):
+                    self.repo.close()
+            finally:
+                shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def test_repository_state_machine() -> None:
