@@ -26,6 +26,7 @@ import stat
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar
@@ -129,6 +130,14 @@ class PackRow:
 
 DATABASES = (b"blobs", b"packs", b"pack_ids", b"segments", b"snapshots", b"meta", b"dead", b"garbage")
 MIN_DATA_FILE = 2 * 4096  # LMDB's two meta pages: anything shorter is not an index
+# LMDB's on-disk structs (lmdb.h / mdb.c, 64-bit): a page header of 16 bytes; MDB_meta's main database
+# record at 88 (its md_root at 128), mm_txnid at 144; an MDB_db record is 48 bytes, md_root its last field.
+META_MAIN_ROOT = 128
+META_TXNID = 144
+META_END = 152
+DB_RECORD = 48
+DB_ROOT = 40
+NO_PAGE = (1 << 64) - 1  # P_INVALID: an empty tree
 
 
 def _damaged(path: Path, why: str) -> IntegrityError:
@@ -194,15 +203,59 @@ class Index:
             raise _translate(exc, path) from None
 
     def _check_size(self, data: Path) -> None:
-        """A data file shorter than the pages its meta page claims would fault (SIGBUS) when one is read."""
+        """Refuse a data file cut short, which would fault (SIGBUS) when a page past its end is read.
+
+        The meta page's ``last_pgno`` may legitimately lie many pages past the end of the file: pages that a
+        large transaction allocated and freed again ("loose" pages) are never written, nor read. A cut file
+        is told apart by its trees: copy-on-write puts every commit's root pages last, so a cut that removes
+        referenced pages removes a root. Any root (of the main database or of a named one) past the end is
+        damage. Where the file can be written, the gap is then filled with zeros (posix_fallocate only ever
+        extends), so that a page there that a damaged tree did point at reads as a corrupted page (an lmdb
+        error, exit 17) rather than a fault.
+        """
         try:
-            info, psize = self._env.info(), self._env.stat()["psize"]
+            psize = int(self._env.stat()["psize"])
+            needed = (int(self._env.info()["last_pgno"]) + 1) * psize
         except lmdb.Error as exc:
             raise _damaged(self._path, _one_line(exc)) from None
-        needed = (int(info["last_pgno"]) + 1) * int(psize)
         size = os.stat(data).st_size
-        if size < needed:
-            raise _damaged(self._path, f"{DATA_FILE} is {size} bytes long, its pages need {needed}")
+        if size >= needed:
+            return
+        pages = size // psize
+        for name, root in self._roots(data, psize):
+            if root != NO_PAGE and root >= pages:
+                raise _damaged(self._path, f"{DATA_FILE} is {size} bytes long; the root page of {name} lies past "
+                                           "its end")
+        if not self.readonly:
+            try:
+                fd = os.open(data, os.O_WRONLY)
+                try:
+                    os.posix_fallocate(fd, 0, needed)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # a full disk: the gap stays, and an intact tree never reads its pages
+
+    def _roots(self, data: Path, psize: int) -> Iterator[tuple[str, int]]:
+        """Root page numbers: the main database's from the newer meta page, then each named database's from
+        its record in the main database (format of LMDB's MDB_meta and MDB_db, 64-bit)."""
+        with open(data, "rb") as f:
+            metas = []
+            for m in (0, psize):
+                page = os.pread(f.fileno(), META_END, m)
+                if len(page) == META_END:
+                    metas.append((int.from_bytes(page[META_TXNID : META_TXNID + 8], "little"),
+                                  int.from_bytes(page[META_MAIN_ROOT : META_MAIN_ROOT + 8], "little")))
+        if not metas:
+            raise _damaged(self._path, "no meta page")
+        main_root = max(metas)[1]
+        yield "the main database", main_root
+        if main_root == NO_PAGE or main_root >= os.stat(data).st_size // psize:
+            return
+        with self._damage_is_integrity(), self._env.begin() as txn:
+            for key, value in txn.cursor().iternext():
+                if len(value) == DB_RECORD:
+                    yield f"database {bytes(key)!r}", int.from_bytes(value[DB_ROOT : DB_ROOT + 8], "little")
 
     def _open_db(self, name: bytes, create: bool) -> lmdb._Database:
         try:
@@ -218,13 +271,25 @@ class Index:
     # -- reading -------------------------------------------------------------------------------------------
 
     def _read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        with self._damage_is_integrity():
+            try:
+                with self._env.begin() as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)  # another process grew the map: adopt its size
+                with self._env.begin() as txn:
+                    return fn(txn)
+
+    @contextmanager
+    def _damage_is_integrity(self) -> Iterator[None]:
+        """A damaged page met while reading (MDB_CORRUPTED, a bad page number, ...) is exit 17, "run repair
+        index", like a damaged file found at open."""
         try:
-            with self._env.begin() as txn:
-                return fn(txn)
+            yield
         except lmdb.MapResizedError:
-            self._env.set_mapsize(0)  # another process grew the map: adopt its size
-            with self._env.begin() as txn:
-                return fn(txn)
+            raise
+        except lmdb.Error as exc:
+            raise _damaged(self._path, _one_line(exc)) from None
 
     def lookup_blobs(self, ids: list[bytes]) -> list[BlobLocation | None]:
         def run(txn: lmdb.Transaction) -> list[BlobLocation | None]:
@@ -326,7 +391,7 @@ class Index:
 
     def iter_segments(self) -> Iterator[tuple[bytes, bytes]]:
         """(id, encoded segment) of every stored segment, from one read transaction held while iterating."""
-        with self._env.begin() as txn:
+        with self._damage_is_integrity(), self._env.begin() as txn:
             for k, v in txn.cursor(db=self._segments).iternext():
                 yield bytes(k), bytes(v)
 
@@ -357,7 +422,7 @@ class Index:
 
     def iter_blob_rows(self) -> Iterator[tuple[bytes, BlobLocation]]:
         """Every ``blobs`` row in id order, streamed from one read transaction held while iterating."""
-        with self._begin_read() as txn:
+        with self._damage_is_integrity(), self._begin_read() as txn:
             for k, v in txn.cursor(db=self._blobs).iternext():
                 yield bytes(k), BlobLocation(*BLOB_VALUE.unpack(v))
 
@@ -373,7 +438,7 @@ class Index:
         in ``blobs`` or ``dead`` (the two merged in key order); returns the ``packs`` rows, ``pack_ids``
         (pack id -> number), ``meta/next_pack`` and ``garbage`` (pack number -> bytes).
         """
-        with self._begin_read() as txn:
+        with self._damage_is_integrity(), self._begin_read() as txn:
             packs = []
             for k, v in txn.cursor(db=self._packs).iternext():
                 pid, size, count = PACK_VALUE.unpack(v)
