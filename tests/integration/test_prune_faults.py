@@ -29,13 +29,14 @@ def dedupimg_cmd(repo: Path, *args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    """A repository of 10 versions of a 2 MB image with half of them forgotten: a prune with much to do."""
+    """A repository of 10 versions of a 6 MB image with half of them forgotten: a prune with much to do (about
+    a second here, so that kills at random points land while it runs)."""
     root = tmp_path_factory.mktemp("prune-template")
     repo = small_repo(root / "repo")
-    image = bytearray(text_bytes(1, 1_000_000) + det_bytes(2, 1_000_000))
+    image = bytearray(text_bytes(1, 3_000_000) + det_bytes(2, 3_000_000))
     rng = random.Random(7)
     for v in range(10):
-        for _ in range(20):
+        for _ in range(60):
             at = rng.randrange(0, len(image) - 8192)
             image[at : at + 8192] = det_bytes(1000 * v + at, 8192)
         (root / "img").write_bytes(image)
@@ -75,7 +76,7 @@ def test_prune_killed_at_many_points_leaves_a_whole_repository_and_a_rerun_finis
         shutil.copytree(template, work)
         proc = subprocess.Popen(dedupimg_cmd(work, "prune", "--max-unused", "0"), cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.2, duration))
+        time.sleep(rng.uniform(0.1, 0.95) * duration)
         proc.send_signal(signal.SIGKILL)
         if proc.wait() == -signal.SIGKILL:
             killed_mid_way += 1
