@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dedupimg.config import ChunkerParams  # noqa: E402
-from dedupimg.repository import Repository  # noqa: E402
-from dedupimg.snapshot import take_snapshot  # noqa: E402
+from dedupimg.core.config import ChunkerParams  # noqa: E402
+from dedupimg.ops.snapshot import take_snapshot  # noqa: E402
+from dedupimg.repo.repository import Repository  # noqa: E402
 
 
 def tree_bytes(path: Path) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import zstandard
 from pyfastcdc.cy import FastCDC
 
-from dedupimg.config import ChunkerParams
+from dedupimg.core.config import ChunkerParams
 
 MB = 1_000_000
 

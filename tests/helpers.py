@@ -9,8 +9,8 @@ from pathlib import Path
 
 import blake3
 
-from dedupimg.config import ChunkerParams
-from dedupimg.repository import Repository
+from dedupimg.core.config import ChunkerParams
+from dedupimg.repo.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,13 +6,13 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.check import CheckReport
-from dedupimg.check import check as check_repository
 from dedupimg.cli.main import LockWait, RepoOption, app, open_repo, repo_path
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
-from dedupimg.errors import CheckFailed, UsageError
-from dedupimg.lock import LockMode
-from dedupimg.repair import RepairReport, repair_index
+from dedupimg.core.errors import CheckFailed, UsageError
+from dedupimg.ops.check import CheckReport
+from dedupimg.ops.check import check as check_repository
+from dedupimg.repo.lock import LockMode
+from dedupimg.repo.repair import RepairReport, repair_index
 
 repair_app = typer.Typer(help="Rebuild repository metadata from the pack files.", no_args_is_help=True)
 app.add_typer(repair_app, name="repair")

@@ -10,14 +10,14 @@ from rich.table import Table
 
 from dedupimg.cli.main import LockWait, RepoOption, app, open_repo, repo_path
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
-from dedupimg.config import DEFAULT_CHUNK_SIZE, ChunkerParams
-from dedupimg.errors import SourceChanged, UsageError
-from dedupimg.lock import LockMode
-from dedupimg.manifest import SnapshotRecord
-from dedupimg.repository import Repository
-from dedupimg.restore import restore as restore_snapshot
-from dedupimg.restore import verify as verify_snapshot
-from dedupimg.snapshot import take_snapshot
+from dedupimg.core.config import DEFAULT_CHUNK_SIZE, ChunkerParams
+from dedupimg.core.errors import SourceChanged, UsageError
+from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.ops.restore import restore as restore_snapshot
+from dedupimg.ops.restore import verify as verify_snapshot
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo.lock import LockMode
+from dedupimg.repo.repository import Repository
 
 
 @app.command(epilog=exit_codes_help(16, 18, 21, opens_repository=False))

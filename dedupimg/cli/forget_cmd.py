@@ -10,12 +10,12 @@ from rich.text import Text
 
 from dedupimg.cli.main import LockWait, RepoOption, app, open_repo
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
-from dedupimg.compaction import DEFAULT_MAX_UNUSED
-from dedupimg.errors import UsageError
-from dedupimg.forget import ForgetPlan, execute, plan_ids, plan_policy
-from dedupimg.lock import LockMode
-from dedupimg.prune import PruneReport, prune
-from dedupimg.retention import Policy, parse_duration, parse_tag_list
+from dedupimg.core.errors import UsageError
+from dedupimg.core.retention import Policy, parse_duration, parse_tag_list
+from dedupimg.ops.forget import ForgetPlan, execute, plan_ids, plan_policy
+from dedupimg.ops.prune import PruneReport, prune
+from dedupimg.repo.compaction import DEFAULT_MAX_UNUSED
+from dedupimg.repo.lock import LockMode
 
 
 def _count(help_text: str) -> typer.models.OptionInfo:

@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from dedupimg.errors import DedupimgError, Interrupted, PermissionDenied, UsageError
-from dedupimg.lock import LockMode
-from dedupimg.repository import Repository
+from dedupimg.core.errors import DedupimgError, Interrupted, PermissionDenied, UsageError
+from dedupimg.repo.lock import LockMode
+from dedupimg.repo.repository import Repository
 
 app = typer.Typer(
     name="dedupimg",

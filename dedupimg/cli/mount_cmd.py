@@ -9,7 +9,7 @@ import typer
 
 from dedupimg.cli.main import LockWait, RepoOption, app, repo_path
 from dedupimg.cli.render import exit_codes_help, stdout
-from dedupimg.mount import mount as mount_snapshots
+from dedupimg.serve.mount import mount as mount_snapshots
 
 
 @app.command(epilog=exit_codes_help(11, 20))

@@ -21,9 +21,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from dedupimg.errors import EXIT_CODES
-from dedupimg.progress import NoProgress
-from dedupimg.progress import Progress as ProgressSink
+from dedupimg.core.errors import EXIT_CODES
+from dedupimg.core.progress import NoProgress
+from dedupimg.core.progress import Progress as ProgressSink
 
 # No markup and no emoji codes: names, tags, paths and messages are user text, printed as given ("[bold]" or
 # ":smile:" in an image name stays literal; "[/x]" would otherwise raise MarkupError after the work was done).

@@ -9,9 +9,9 @@ import typer
 
 from dedupimg.cli.main import LockWait, RepoOption, app, open_repo
 from dedupimg.cli.render import exit_codes_help, stderr
-from dedupimg.errors import Interrupted
-from dedupimg.lock import LockMode
-from dedupimg.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer, parse_listen
+from dedupimg.core.errors import Interrupted
+from dedupimg.repo.lock import LockMode
+from dedupimg.serve.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer, parse_listen
 
 
 @app.command(epilog=exit_codes_help(11, 13, 14, 19))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg.repository import Repository
-from dedupimg.snapshot import take_snapshot
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, run_cli, text_bytes
 
 
@@ -120,7 +120,7 @@ def test_verify(env, tmp_path):
     sid = ok(run_cli("-r", repo, "snapshot", image)).strip()
     assert "verified" in ok(run_cli("-r", repo, "verify", sid[:12]))
     # Damage one stored chunk: verify names the image range and exits 17.
-    from dedupimg import pack
+    from dedupimg.repo import pack
 
     pack_file = next(p for p in (repo / "packs").rglob("*.pack")
                      if any(e.type == pack.CHUNK for e in pack.read_trailer(p)))
@@ -238,7 +238,7 @@ def test_unknown_option_is_one_line(env):
 
 
 def test_commands_wait_for_an_exclusive_lock_then_fail_with_code_11(env, tmp_path):
-    from dedupimg.lock import LockMode, RepositoryLock
+    from dedupimg.repo.lock import LockMode, RepositoryLock
 
     repo, image = env
     ok(run_cli("-r", repo, "snapshot", image))
@@ -254,7 +254,7 @@ def test_lock_wait_succeeds_once_the_holder_lets_go(env):
     repo, image = env
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from dedupimg.lock import LockMode, RepositoryLock\n"
+         "import sys, time; from dedupimg.repo.lock import LockMode, RepositoryLock\n"
          "with RepositoryLock(sys.argv[1], LockMode.EXCLUSIVE, what='prune'):\n"
          "    print('held', flush=True); time.sleep(1.0)",
          str(repo)],
@@ -268,7 +268,7 @@ def test_lock_wait_succeeds_once_the_holder_lets_go(env):
 
 
 def test_shared_commands_run_side_by_side(env, tmp_path):
-    from dedupimg.lock import LockMode, RepositoryLock
+    from dedupimg.repo.lock import LockMode, RepositoryLock
 
     repo, image = env
     with RepositoryLock(repo, LockMode.SHARED, what="restore"):
@@ -326,7 +326,7 @@ def test_forget_and_prune_bad_input(env):
 
 
 def test_prune_waits_for_shared_lock_holders(env):
-    from dedupimg.lock import LockMode, RepositoryLock
+    from dedupimg.repo.lock import LockMode, RepositoryLock
 
     repo, image = env
     _three_snapshots(repo, image)

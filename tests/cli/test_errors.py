@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import typer
 
-from dedupimg import errors
-from dedupimg.errors import EXIT_CODES, DedupimgError, UsageError
+from dedupimg.core import errors
+from dedupimg.core.errors import EXIT_CODES, DedupimgError, UsageError
 from tests.helpers import ROOT, det_bytes, run_cli, small_repo
 
 
@@ -97,9 +97,9 @@ def test_library_modules_raise_usage_error_not_value_error():
 
 
 def test_library_argument_checks_are_usage_errors(tmp_path):
-    from dedupimg.check import check
-    from dedupimg.compaction import plan
-    from dedupimg.lock import LockMode, RepositoryLock
+    from dedupimg.ops.check import check
+    from dedupimg.repo.compaction import plan
+    from dedupimg.repo.lock import LockMode, RepositoryLock
 
     with small_repo(tmp_path / "repo") as repo:
         with pytest.raises(UsageError, match="max_unused"):

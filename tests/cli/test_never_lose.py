@@ -103,7 +103,7 @@ def test_prune_keeps_unindexed_packs_that_hold_snapshot_records(filled, tmp_path
     """An index that lost snapshots (here: rebuilt empty by hand) must not make prune delete their packs."""
     import shutil
 
-    from dedupimg.index import Index
+    from dedupimg.repo.index import Index
 
     shutil.rmtree(filled / "index")
     (filled / "index").mkdir(mode=0o700)

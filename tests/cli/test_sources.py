@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg.mount import build_tree
-from dedupimg.repository import Repository
+from dedupimg.repo.repository import Repository
+from dedupimg.serve.mount import build_tree
 from tests.helpers import det_bytes, run_cli, text_bytes, write_sparse
 
 MiB = 1 << 20

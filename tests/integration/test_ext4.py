@@ -6,8 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from dedupimg.restore import restore
-from dedupimg.snapshot import take_snapshot
+from dedupimg.ops.restore import restore
+from dedupimg.ops.snapshot import take_snapshot
 from tests.helpers import det_bytes, text_bytes
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg.check import check
-from dedupimg.repository import Repository
-from dedupimg.restore import verify
+from dedupimg.ops.check import check
+from dedupimg.ops.restore import verify
+from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, run_cli, text_bytes
 
 MiB = 1 << 20

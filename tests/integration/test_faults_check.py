@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg import pack
-from dedupimg.check import check
-from dedupimg.errors import IntegrityError
-from dedupimg.lock import LockMode, RepositoryLock
-from dedupimg.repository import Repository
-from dedupimg.restore import restore
-from dedupimg.snapshot import take_snapshot
+from dedupimg.core.errors import IntegrityError
+from dedupimg.ops.check import check
+from dedupimg.ops.restore import restore
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo import pack
+from dedupimg.repo.lock import LockMode, RepositoryLock
+from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, run_cli, small_repo, text_bytes
 from tests.integration.test_faults import check_clean as check_ok
 from tests.integration.test_faults import restore_all_bit_exact

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg import pack
-from dedupimg.reader import SnapshotReader
-from dedupimg.repository import Repository
-from dedupimg.snapshot import take_snapshot
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo import pack
+from dedupimg.repo.repository import Repository
+from dedupimg.serve.reader import SnapshotReader
 from tests.helpers import det_bytes, run_cli, small_repo, text_bytes
 
 MiB = 1 << 20

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg import nbd, pack
-from dedupimg.reader import SnapshotReader
-from dedupimg.repository import Repository
-from dedupimg.snapshot import take_snapshot
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo import pack
+from dedupimg.repo.repository import Repository
+from dedupimg.serve import nbd
+from dedupimg.serve.reader import SnapshotReader
 from tests.helpers import ROOT, det_bytes, run_cli, small_repo, text_bytes, write_sparse
 
 MiB = 1 << 20

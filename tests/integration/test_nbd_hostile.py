@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg import nbd, pack
-from dedupimg.reader import SnapshotReader
-from dedupimg.snapshot import take_snapshot
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo import pack
+from dedupimg.serve import nbd
+from dedupimg.serve.reader import SnapshotReader
 from tests.helpers import ROOT, det_bytes, small_repo
 from tests.integration.test_nbd import RawClient, build, first_line, start, stop
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg import pack
-from dedupimg.snapshot import take_snapshot
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo import pack
 from tests.helpers import ROOT, det_bytes, small_repo, text_bytes
 
 TIMEOUT = 60  # seconds: far more than any of these commands needs on a small repository

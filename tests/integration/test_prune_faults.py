@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg import pack
-from dedupimg.forget import forget_snapshots
-from dedupimg.prune import prune
-from dedupimg.repository import Repository
-from dedupimg.restore import verify
-from dedupimg.snapshot import take_snapshot
+from dedupimg.ops.forget import forget_snapshots
+from dedupimg.ops.prune import prune
+from dedupimg.ops.restore import verify
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo import pack
+from dedupimg.repo.repository import Repository
 from tests.helpers import ROOT, det_bytes, small_repo, text_bytes
 
 KILL_POINTS = 10

@@ -16,7 +16,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from dedupimg.manifest import decode_segment, encode_segment
+from dedupimg.core.manifest import decode_segment, encode_segment
 from tests.helpers import ROOT, det_bytes, run_cli
 from tests.integration.test_mount import mounted
 

@@ -11,16 +11,16 @@ from pathlib import Path
 import lmdb
 import pytest
 
-import dedupimg.index
-from dedupimg import pack
-from dedupimg.check import CheckReport, check, choose_packs
-from dedupimg.errors import IntegrityError
-from dedupimg.index import BLOB_VALUE, PackRow
-from dedupimg.manifest import SnapshotRecord
-from dedupimg.repair import repair_index
-from dedupimg.repository import Repository
-from dedupimg.restore import restore
-from dedupimg.snapshot import take_snapshot
+import dedupimg.repo.index
+from dedupimg.core.errors import IntegrityError
+from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.ops.check import CheckReport, check, choose_packs
+from dedupimg.ops.restore import restore
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo import pack
+from dedupimg.repo.index import BLOB_VALUE, PackRow
+from dedupimg.repo.repair import repair_index
+from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, small_repo, text_bytes
 
 
@@ -288,7 +288,7 @@ def test_repair_skips_a_damaged_pack_and_leaves_out_what_needs_it(world, tmp_pat
 
 
 def test_forgotten_snapshot_does_not_come_back_after_repair(world, tmp_path):
-    from dedupimg.forget import forget_snapshots
+    from dedupimg.ops.forget import forget_snapshots
 
     path, expected = world
     (a, _), (b, _), (c, dc) = expected
@@ -308,7 +308,7 @@ def test_forgotten_snapshot_does_not_come_back_after_repair(world, tmp_path):
 
 def test_a_full_lmdb_map_grows(tmp_path, monkeypatch):
     initial = 1 << 18
-    monkeypatch.setattr(dedupimg.index, "INITIAL_MAP", initial)
+    monkeypatch.setattr(dedupimg.repo.index, "INITIAL_MAP", initial)
     path = tmp_path / "repo"
     repo = small_repo(path)  # 1 KiB chunks, 64 KiB packs: many rows and transactions per megabyte
     data = det_bytes(5, 6 << 20)

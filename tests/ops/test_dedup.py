@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg.repository import Repository
-from dedupimg.snapshot import take_snapshot
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes
 
 SIZE = 256 << 20

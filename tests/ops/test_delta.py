@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg.errors import UsageError
-from dedupimg.repository import Repository
-from dedupimg.restore import restore
-from dedupimg.snapshot import take_snapshot
+from dedupimg.core.errors import UsageError
+from dedupimg.ops.restore import restore
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, text_bytes
 
 MiB = 1 << 20

@@ -8,13 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dedupimg import pack
-from dedupimg.forget import forget_snapshots, plan_ids
-from dedupimg.manifest import SnapshotRecord
-from dedupimg.prune import prune
-from dedupimg.repository import Repository
-from dedupimg.restore import restore
-from dedupimg.snapshot import take_snapshot
+from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.ops.forget import forget_snapshots, plan_ids
+from dedupimg.ops.prune import prune
+from dedupimg.ops.restore import restore
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo import pack
+from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, small_repo, text_bytes
 
 

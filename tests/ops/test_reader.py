@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dedupimg.errors import IntegrityError
-from dedupimg.reader import SnapshotReader
-from dedupimg.snapshot import take_snapshot
+from dedupimg.core.errors import IntegrityError
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.serve.reader import SnapshotReader
 from tests.helpers import det_bytes, text_bytes, write_sparse
 
 MiB = 1 << 20

@@ -8,8 +8,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dedupimg.restore import restore
-from dedupimg.snapshot import take_snapshot
+from dedupimg.ops.restore import restore
+from dedupimg.ops.snapshot import take_snapshot
 from tests.helpers import det_bytes, small_repo, text_bytes, write_sparse
 
 BLOCK = 4096

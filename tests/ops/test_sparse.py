@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dedupimg.restore import restore
-from dedupimg.snapshot import take_snapshot
+from dedupimg.ops.restore import restore
+from dedupimg.ops.snapshot import take_snapshot
 from tests.helpers import blocks_allocated, det_bytes, write_sparse
 
 GiB = 1 << 30

@@ -32,18 +32,18 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from dedupimg import pack
-from dedupimg.check import check
-from dedupimg.config import ChunkerParams, SegmentParams
-from dedupimg.forget import execute, plan_ids, plan_policy
-from dedupimg.fsutil import atomic_write
-from dedupimg.manifest import SnapshotRecord
-from dedupimg.prune import prune
-from dedupimg.repair import repair_index
-from dedupimg.repository import CONFIG, Repository
-from dedupimg.restore import restore, verify
-from dedupimg.retention import Policy, parse_duration
-from dedupimg.snapshot import take_snapshot
+from dedupimg.core.config import ChunkerParams, SegmentParams
+from dedupimg.core.fsutil import atomic_write
+from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.core.retention import Policy, parse_duration
+from dedupimg.ops.check import check
+from dedupimg.ops.forget import execute, plan_ids, plan_policy
+from dedupimg.ops.prune import prune
+from dedupimg.ops.restore import restore, verify
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo import pack
+from dedupimg.repo.repair import repair_index
+from dedupimg.repo.repository import CONFIG, Repository
 from tests.helpers import det_bytes, text_bytes, write_sparse
 
 PACK_SIZE = 4096  # the smallest the config allows: one to four 1 KiB-average chunks

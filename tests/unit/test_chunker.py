@@ -11,8 +11,8 @@ import pyfastcdc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dedupimg.chunker import Chunker
-from dedupimg.config import ChunkerParams
+from dedupimg.core.chunker import Chunker
+from dedupimg.core.config import ChunkerParams
 from tests.helpers import det_bytes, text_bytes
 
 GOLDEN_DEFAULT = [
@@ -73,7 +73,7 @@ def test_chunks_tile_the_input_exactly(data: bytes, shift: int):
 def test_rejects_chunk_sizes_that_are_not_powers_of_two():
     import pytest
 
-    from dedupimg.errors import UsageError
+    from dedupimg.core.errors import UsageError
 
     with pytest.raises(UsageError):
         ChunkerParams.for_average(3000)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dedupimg.config import ChunkerParams, Config
-from dedupimg.errors import EXIT_CODES, DedupimgError, UnsupportedFormat
+from dedupimg.core.config import ChunkerParams, Config
+from dedupimg.core.errors import EXIT_CODES, DedupimgError, UnsupportedFormat
 
 
 def test_round_trip():

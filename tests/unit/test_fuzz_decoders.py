@@ -31,10 +31,10 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dedupimg import pack
-from dedupimg.config import ChunkerParams, Config, SegmentParams
-from dedupimg.errors import DedupimgError, IntegrityError, UnsupportedFormat
-from dedupimg.manifest import ID_LEN, Segment, SnapshotRecord, chunker_dict, decode_segment
+from dedupimg.core.config import ChunkerParams, Config, SegmentParams
+from dedupimg.core.errors import DedupimgError, IntegrityError, UnsupportedFormat
+from dedupimg.core.manifest import ID_LEN, Segment, SnapshotRecord, chunker_dict, decode_segment
+from dedupimg.repo import pack
 from tests.helpers import det_bytes, text_bytes
 
 FUZZ = settings(

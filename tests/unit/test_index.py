@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg.errors import IntegrityError
-from dedupimg.index import BLOB_HEADER_SIZE, Index, NewBlob, NewSegment, NewSnapshot, SealedPack
+from dedupimg.core.errors import IntegrityError
+from dedupimg.repo.index import BLOB_HEADER_SIZE, Index, NewBlob, NewSegment, NewSnapshot, SealedPack
 
 CHUNK, SEGMENT, SNAPSHOT, TOMBSTONE = 0, 1, 2, 3
 

@@ -4,10 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dedupimg.config import SegmentParams
-from dedupimg.errors import IntegrityError
-from dedupimg.manifest import Segment, SegmentBuilder, SnapshotRecord, decode_segment
-from dedupimg.pack import blob_id
+from dedupimg.core.config import SegmentParams
+from dedupimg.core.errors import IntegrityError
+from dedupimg.core.manifest import Segment, SegmentBuilder, SnapshotRecord, decode_segment
+from dedupimg.repo.pack import blob_id
 
 ids = st.binary(min_size=32, max_size=32)
 extents = st.lists(st.tuples(st.integers(1, 1 << 40), st.one_of(st.none(), ids)), max_size=50)

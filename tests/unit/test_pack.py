@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dedupimg import pack
-from dedupimg.errors import IntegrityError
+from dedupimg.core.errors import IntegrityError
+from dedupimg.repo import pack
 from tests.helpers import det_bytes, text_bytes
 
 

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dedupimg.errors import UsageError
-from dedupimg.manifest import SnapshotRecord
-from dedupimg.retention import (
+from dedupimg.core.errors import UsageError
+from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.core.retention import (
     EMPTY_POLICY_MESSAGE,
     Decision,
     Duration,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from pyfastcdc import FastCDC
 
-from dedupimg.buffers import BufferPool, Lease
-from dedupimg.config import ChunkerParams
+from dedupimg.core.buffers import BufferPool, Lease
+from dedupimg.core.config import ChunkerParams
 
 ReadInto = Callable[[memoryview], int]
 

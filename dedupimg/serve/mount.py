@@ -6,7 +6,7 @@ Layout (image names escaped by :func:`entry_name`)::
     /NAME/latest -> 2026-...img                     a symlink to the newest file of NAME
     /by-id/<full id>.img
 
-Files read through :class:`~dedupimg.reader.SnapshotReader`, which verifies every chunk: damage is EIO for
+Files read through :class:`~dedupimg.serve.reader.SnapshotReader`, which verifies every chunk: damage is EIO for
 that read, never wrong data. The mount is read-only (the kernel refuses writes with EROFS); the write
 operations answer EROFS too, in case a request gets through. The view is rebuilt from the index at most
 every REFRESH_SECONDS, so snapshots taken while mounted appear.
@@ -36,11 +36,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
-from dedupimg.errors import DedupimgError, MountError, TargetError
-from dedupimg.lock import LockMode
-from dedupimg.manifest import SnapshotRecord
-from dedupimg.reader import SnapshotReader
-from dedupimg.repository import Repository
+from dedupimg.core.errors import DedupimgError, MountError, TargetError
+from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.repo.lock import LockMode
+from dedupimg.repo.repository import Repository
+from dedupimg.serve.reader import SnapshotReader
 
 BY_ID = "by-id"
 LATEST = "latest"

@@ -33,7 +33,7 @@ from typing import NamedTuple, Protocol, TypeVar
 
 import lmdb
 
-from dedupimg.errors import IntegrityError, NoSpaceError, PermissionDenied, RepositoryLocked
+from dedupimg.core.errors import IntegrityError, NoSpaceError, PermissionDenied, RepositoryLocked
 
 BLOB_VALUE = struct.Struct("<BBIQIII")
 PACK_NO = struct.Struct(">I")

@@ -23,12 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 import msgpack
 import zstandard
 
-from dedupimg.errors import IntegrityError, PermissionDenied
-from dedupimg.fsutil import FILE_MODE, fsync_dir, raise_for_space
+from dedupimg.core.errors import IntegrityError, PermissionDenied
+from dedupimg.core.fsutil import FILE_MODE, fsync_dir, raise_for_space
+from dedupimg.core.ids import blob_id
 
 PACK_MAGIC = b"DIMGPK\x00\x01"
 FOOTER_MAGIC = b"DIMGEND1"
@@ -65,10 +65,6 @@ class BlobEntry:
     @property
     def data_offset(self) -> int:
         return self.offset + BLOB_HEADER.size
-
-
-def blob_id(raw: bytes | bytearray | memoryview) -> bytes:
-    return blake3.blake3(raw).digest()
 
 
 class Compressor:

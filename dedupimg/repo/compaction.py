@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dedupimg import pack
-from dedupimg.errors import IntegrityError, UsageError
-from dedupimg.fsutil import fsync_dir
-from dedupimg.index import BlobLocation, NewSegment, PackRow, SealedPack
-from dedupimg.manifest import decode_segment
-from dedupimg.repository import Repository
+from dedupimg.core.errors import IntegrityError, UsageError
+from dedupimg.core.fsutil import fsync_dir
+from dedupimg.core.manifest import decode_segment
+from dedupimg.repo import pack
+from dedupimg.repo.index import BlobLocation, NewSegment, PackRow, SealedPack
+from dedupimg.repo.repository import Repository
 
 DEFAULT_MAX_UNUSED = 0.05
 

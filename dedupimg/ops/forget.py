@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dedupimg.errors import UsageError
-from dedupimg.manifest import SnapshotRecord
-from dedupimg.repository import Repository
-from dedupimg.retention import EMPTY_POLICY_MESSAGE, Decision, Policy, apply_policy, group_by_name
+from dedupimg.core.errors import UsageError
+from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.core.retention import EMPTY_POLICY_MESSAGE, Decision, Policy, apply_policy, group_by_name
+from dedupimg.repo.repository import Repository
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dedupimg import pack, readpool
-from dedupimg.config import ChunkerParams, Config
-from dedupimg.errors import (
+from dedupimg.core.config import ChunkerParams, Config
+from dedupimg.core.errors import (
     AmbiguousSnapshot,
     DedupimgError,
     IntegrityError,
@@ -30,11 +29,12 @@ from dedupimg.errors import (
     SnapshotNotFound,
     UsageError,
 )
-from dedupimg.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
-from dedupimg.index import Index, NewSegment, NewSnapshot, SealedPack
-from dedupimg.lock import LockMode, RepositoryLock
-from dedupimg.manifest import Segment, SnapshotRecord, decode_segment, decode_tombstone, encode_tombstone
-from dedupimg.readpool import Landed, ReadPool
+from dedupimg.core.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
+from dedupimg.core.manifest import Segment, SnapshotRecord, decode_segment, decode_tombstone, encode_tombstone
+from dedupimg.repo import pack, readpool
+from dedupimg.repo.index import Index, NewSegment, NewSnapshot, SealedPack
+from dedupimg.repo.lock import LockMode, RepositoryLock
+from dedupimg.repo.readpool import Landed, ReadPool
 
 CONFIG = "config"
 PACKS = "packs"

@@ -25,14 +25,14 @@ import time as _time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dedupimg import integrity, pack
-from dedupimg.errors import IntegrityError
-from dedupimg.fsutil import DIR_MODE, fsync_dir
-from dedupimg.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack
-from dedupimg.lock import LockMode, RepositoryLock
-from dedupimg.manifest import SnapshotRecord, decode_segment, decode_tombstone
-from dedupimg.progress import NoProgress, Progress
-from dedupimg.repository import INDEX, PACKS, TMP, Repository
+from dedupimg.core.errors import IntegrityError
+from dedupimg.core.fsutil import DIR_MODE, fsync_dir
+from dedupimg.core.manifest import SnapshotRecord, decode_segment, decode_tombstone
+from dedupimg.core.progress import NoProgress, Progress
+from dedupimg.repo import integrity, pack
+from dedupimg.repo.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack
+from dedupimg.repo.lock import LockMode, RepositoryLock
+from dedupimg.repo.repository import INDEX, PACKS, TMP, Repository
 
 
 @dataclass(frozen=True)

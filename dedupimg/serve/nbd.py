@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from dedupimg.errors import DedupimgError, IntegrityError, Interrupted, ListenError, SnapshotNotFound, UsageError
-from dedupimg.manifest import SnapshotRecord
-from dedupimg.reader import SnapshotReader
-from dedupimg.repository import Repository
+from dedupimg.core.errors import DedupimgError, IntegrityError, Interrupted, ListenError, SnapshotNotFound, UsageError
+from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.repo.repository import Repository
+from dedupimg.serve.reader import SnapshotReader
 
 log = logging.getLogger(__name__)
 

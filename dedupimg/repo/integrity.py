@@ -14,8 +14,8 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dedupimg import pack
-from dedupimg.errors import IntegrityError
+from dedupimg.core.errors import IntegrityError
+from dedupimg.repo import pack
 
 WINDOW = 16 << 20  # bytes of adjacent blobs read with one pread when reading a whole pack
 META_TYPES = (pack.SEGMENT, pack.SNAPSHOT, pack.TOMBSTONE)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Generic, TypeVar
 
-from dedupimg.errors import UsageError
+from dedupimg.core.errors import UsageError
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ deleted), so the kernel drops it when the last descriptor for it is closed, also
 SIGKILL or a crash: there is no stale lock to clean up.
 
 A conflicting command polls with non-blocking attempts for up to ``wait`` seconds (``--lock-wait``, default
-0: one attempt) and then raises :class:`~dedupimg.errors.RepositoryLocked` (exit 11) with one line that says
+0: one attempt) and then raises :class:`~dedupimg.core.errors.RepositoryLocked` (exit 11) with one line that says
 what it wanted and who seems to hold the lock.
 
 Holder information: ``flock`` records no owner, so an EXCLUSIVE holder writes ``"<pid> <what>"`` into the
@@ -17,7 +17,7 @@ request only says that the lock is shared by other processes.
 
 Forks: a ``flock`` belongs to the open file description, not to the process. A child made by ``fork()``
 shares it and keeps the repository locked after the parent exits; this is what ``mount`` needs when it forks
-its server into the background (take the lock before ``dedupimg.mount.mount``; the daemon inherits it).
+its server into the background (take the lock before ``dedupimg.serve.mount.mount``; the daemon inherits it).
 Therefore :meth:`RepositoryLock.release` only closes this process's descriptor and never calls ``LOCK_UN``,
 which would unlock the forked children too. The descriptor is ``O_CLOEXEC``: programs run by ``exec``
 (``fusermount3``, say) do not inherit it.
@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from dedupimg.errors import NotARepository, PermissionDenied, RepositoryLocked, RepositoryNotFound, UsageError
+from dedupimg.core.errors import NotARepository, PermissionDenied, RepositoryLocked, RepositoryNotFound, UsageError
 
 LOCK_FILE = "lock"
 LOCK_FILE_MODE = 0o644

@@ -20,9 +20,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dedupimg.errors import TargetError, TargetExists, UsageError
-from dedupimg.fsutil import FILE_MODE, fsync_dir, raise_for_space, temp_name
-from dedupimg.zeros import ZERO_BLOCK
+from dedupimg.core.errors import TargetError, TargetExists, UsageError
+from dedupimg.core.fsutil import FILE_MODE, fsync_dir, raise_for_space, temp_name
+from dedupimg.core.zeros import ZERO_BLOCK
 
 Buffer = bytes | bytearray | memoryview
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import blake3
 
-from dedupimg.zeros import hash_zeros
+from dedupimg.core.zeros import hash_zeros
 
 Buffer = bytes | bytearray | memoryview
 

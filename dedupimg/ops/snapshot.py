@@ -21,16 +21,16 @@ from datetime import UTC, datetime
 
 import blake3
 
-from dedupimg import pack
-from dedupimg.buffers import PoolClosed
-from dedupimg.chunker import Batch, Chunker
-from dedupimg.errors import UsageError
-from dedupimg.imagehash import ImageHasher
-from dedupimg.manifest import Segment, SegmentBuilder, SnapshotRecord, chunker_dict
-from dedupimg.progress import NoProgress, Progress
-from dedupimg.repository import BlobWriter, Repository
-from dedupimg.source import ReadCancelled, Source
-from dedupimg.zeros import is_zero
+from dedupimg.core.buffers import PoolClosed
+from dedupimg.core.chunker import Batch, Chunker
+from dedupimg.core.errors import UsageError
+from dedupimg.core.imagehash import ImageHasher
+from dedupimg.core.manifest import Segment, SegmentBuilder, SnapshotRecord, chunker_dict
+from dedupimg.core.progress import NoProgress, Progress
+from dedupimg.core.zeros import is_zero
+from dedupimg.ops.source import ReadCancelled, Source
+from dedupimg.repo import pack
+from dedupimg.repo.repository import BlobWriter, Repository
 
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 AHEAD = 3  # batches hashed ahead of the one being stored

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from dedupimg.errors import DedupimgError, IntegrityError, Interrupted
-from dedupimg.imagehash import Buffer, ImageHasher
-from dedupimg.manifest import SnapshotRecord
-from dedupimg.progress import NoProgress, Progress
-from dedupimg.repository import Repository
-from dedupimg.target import NullTarget, Target
-from dedupimg.zeros import ZERO_BLOCK, is_zero
+from dedupimg.core.errors import DedupimgError, IntegrityError, Interrupted
+from dedupimg.core.imagehash import Buffer, ImageHasher
+from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.core.progress import NoProgress, Progress
+from dedupimg.core.zeros import ZERO_BLOCK, is_zero
+from dedupimg.ops.target import NullTarget, Target
+from dedupimg.repo.repository import Repository
 
 READ_BATCH = 8 << 20  # bytes of image per run read, verified and written as one piece
 WORKERS = max(2, min(4, os.cpu_count() or 2))

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dedupimg import compaction, pack
-from dedupimg.compaction import DEFAULT_MAX_UNUSED, PruneOutcome
-from dedupimg.progress import NoProgress, Progress
-from dedupimg.repository import Repository
+from dedupimg.core.progress import NoProgress, Progress
+from dedupimg.repo import compaction, pack
+from dedupimg.repo.compaction import DEFAULT_MAX_UNUSED, PruneOutcome
+from dedupimg.repo.repository import Repository
 
 
 @dataclass(frozen=True)

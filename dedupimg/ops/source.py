@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dedupimg.errors import SourceError, UsageError
+from dedupimg.core.errors import SourceError, UsageError
 
 
 @dataclass(frozen=True)

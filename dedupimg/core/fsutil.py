@@ -11,7 +11,7 @@ import os
 import secrets
 from pathlib import Path
 
-from dedupimg.errors import NoSpaceError
+from dedupimg.core.errors import NoSpaceError
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700

@@ -20,11 +20,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
-from dedupimg.errors import IntegrityError, UsageError
-from dedupimg.manifest import Segment, SnapshotRecord
-from dedupimg.readpool import Landed
-from dedupimg.repository import Repository
-from dedupimg.zeros import ZERO_BLOCK
+from dedupimg.core.errors import IntegrityError, UsageError
+from dedupimg.core.manifest import Segment, SnapshotRecord
+from dedupimg.core.zeros import ZERO_BLOCK
+from dedupimg.repo.readpool import Landed
+from dedupimg.repo.repository import Repository
 
 CHUNK_CACHE_BYTES = 64 << 20
 SEGMENT_CACHE = 64

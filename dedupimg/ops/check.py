@@ -37,12 +37,12 @@ from pathlib import Path
 
 import blake3
 
-from dedupimg import integrity, pack
-from dedupimg.errors import IntegrityError, UsageError
-from dedupimg.index import BlobLocation, PackRow
-from dedupimg.manifest import SnapshotRecord, decode_segment, decode_tombstone
-from dedupimg.progress import NoProgress, Progress
-from dedupimg.repository import Repository
+from dedupimg.core.errors import IntegrityError, UsageError
+from dedupimg.core.manifest import SnapshotRecord, decode_segment, decode_tombstone
+from dedupimg.core.progress import NoProgress, Progress
+from dedupimg.repo import integrity, pack
+from dedupimg.repo.index import BlobLocation, PackRow
+from dedupimg.repo.repository import Repository
 
 TICK = 1024  # index entries per progress update
 MAX_PER_KIND = 20  # findings listed one by one per kind; the rest are summed up in one more finding

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from dedupimg.errors import UnsupportedFormat, UsageError
+from dedupimg.core.errors import UnsupportedFormat, UsageError
 
 FORMAT_NAME = "dedupimg"
 FORMAT_VERSION = 1

@@ -15,9 +15,9 @@ from typing import Any
 
 import msgpack
 
-from dedupimg.config import ChunkerParams, SegmentParams
-from dedupimg.errors import IntegrityError
-from dedupimg.pack import blob_id
+from dedupimg.core.config import ChunkerParams, SegmentParams
+from dedupimg.core.errors import IntegrityError
+from dedupimg.core.ids import blob_id
 
 ID_LEN = 32
 SEGMENT_VERSION = 1

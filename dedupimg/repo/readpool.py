@@ -39,8 +39,8 @@ from typing import NamedTuple
 
 import msgpack
 
-from dedupimg import pack
-from dedupimg.errors import IntegrityError
+from dedupimg.core.errors import IntegrityError
+from dedupimg.repo import pack
 
 LENGTH = struct.Struct("<I")
 # DEDUPIMG_READ_WORKERS=0 reads in the serving process itself (as before the pool; for comparisons).
@@ -155,7 +155,7 @@ class _Worker:
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         args = [str(arena_fd), str(pool.slot_bytes), str(pool.slots)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dedupimg.readpool", *args],
+            [sys.executable, "-m", "dedupimg.repo.readpool", *args],
             # No stderr: a background mount's caller waits for the end of the server's stderr, which a
             # worker holding it open would postpone forever. Failures come back as answers instead.
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, pass_fds=(arena_fd,),

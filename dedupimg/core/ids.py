@@ -1,0 +1,12 @@
+"""Ids: every blob (chunk, manifest segment, snapshot record, tombstone) is named by the blake3-256 of its raw
+bytes, so any blob read back can be checked against its name."""
+
+from __future__ import annotations
+
+import blake3
+
+ID_LEN = 32
+
+
+def blob_id(raw: bytes | bytearray | memoryview) -> bytes:
+    return blake3.blake3(raw).digest()
