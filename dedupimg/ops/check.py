@@ -386,7 +386,7 @@ class _Checker:
         locs = self.index.lookup_blobs([e.id for e in info.entries])
         for e, loc in zip(info.entries, locs, strict=True):
             if loc is None or loc.pack_no != row.pack_no or loc.offset != e.offset:
-                unreferenced += pack.BLOB_HEADER.size + e.stored_len
+                unreferenced += pack.blob_span(e.stored_len)
                 continue
             matched += 1
             if (loc.type, loc.codec, loc.stored_len, loc.raw_len) != (e.type, e.codec, e.stored_len, e.raw_len):

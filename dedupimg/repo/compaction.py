@@ -63,7 +63,7 @@ class PrunePlan:
     @property
     def repack_bytes(self) -> int:
         """Bytes of live blobs that the rewrite copies."""
-        return sum(pack.BLOB_HEADER.size + e.stored_len for w in self.repack for e in w.live)
+        return sum(pack.blob_span(e.stored_len) for w in self.repack for e in w.live)
 
     @property
     def freed_estimate(self) -> int:
@@ -132,7 +132,7 @@ def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result
     dead_bytes: defaultdict[int, int] = defaultdict(int)
     for loc in dead.values():
         if loc is not None:
-            dead_bytes[loc.pack_no] += pack.BLOB_HEADER.size + loc.stored_len
+            dead_bytes[loc.pack_no] += pack.blob_span(loc.stored_len)
     garbage = repo.index.garbage_bytes()
     affected = sorted(set(dead_bytes) | {p for p, n in garbage.items() if n})
     rows = repo.index.pack_rows_of(affected)
@@ -147,7 +147,7 @@ def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result
             e for e, loc in zip(entries, repo.index.lookup_blobs(ids), strict=True)
             if e.id not in dead and loc is not None and loc.pack_no == pack_no and loc.offset == e.offset
         ]
-        live_bytes = sum(pack.BLOB_HEADER.size + e.stored_len for e in live)
+        live_bytes = sum(pack.blob_span(e.stored_len) for e in live)
         work = PackWork(row, path, row.size - live_bytes, live)
         if not live:
             result.delete.append(work)

@@ -80,7 +80,7 @@ def layout_problems(info: PackInfo) -> list[str]:
         if e.id in seen:
             problems.append(f"blob {e.id.hex()[:16]} is listed twice")
         seen.add(e.id)
-        pos = e.offset + pack.BLOB_HEADER.size + e.stored_len
+        pos = e.end
     else:
         if pos != info.trailer_offset:
             problems.append(f"the trailer starts at {info.trailer_offset}, after the last blob at {pos}")
@@ -113,9 +113,9 @@ def verify_pack_data(path: Path, info: PackInfo, full: Container[int]) -> PackDa
         while i < len(entries):
             start = entries[i].offset
             j = i + 1
-            end = _blob_end(entries[i])
-            while j < len(entries) and entries[j].offset == end and _blob_end(entries[j]) - start <= WINDOW:
-                end = _blob_end(entries[j])
+            end = entries[i].end
+            while j < len(entries) and entries[j].offset == end and entries[j].end - start <= WINDOW:
+                end = entries[j].end
                 j += 1
             try:
                 data = os.pread(fd, end - start, start)
@@ -139,10 +139,6 @@ def verify_pack_data(path: Path, info: PackInfo, full: Container[int]) -> PackDa
     return out
 
 
-def _blob_end(e: pack.BlobEntry) -> int:
-    return e.offset + pack.BLOB_HEADER.size + e.stored_len
-
-
 def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where: str, out: PackData) -> str:
     header = view[pos : pos + pack.BLOB_HEADER.size]
     if len(header) != pack.BLOB_HEADER.size:
@@ -151,7 +147,7 @@ def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where
     if (magic, type_, codec, raw_len, stored_len, id_) != (pack.BLOB_MAGIC, e.type, e.codec, e.raw_len,
                                                             e.stored_len, e.id):
         return f"blob header at {e.offset} does not match the trailer (blob {e.id.hex()[:16]})"
-    if len(view) < pos + pack.BLOB_HEADER.size + stored_len:
+    if len(view) < pos + pack.blob_span(stored_len):
         return f"blob {e.id.hex()[:16]} at {e.offset} is truncated"
     if not full:
         return ""

@@ -66,6 +66,16 @@ class BlobEntry:
     def data_offset(self) -> int:
         return self.offset + BLOB_HEADER.size
 
+    @property
+    def end(self) -> int:
+        """Where the next blob starts: just past this one's stored bytes."""
+        return self.offset + blob_span(self.stored_len)
+
+
+def blob_span(stored_len: int) -> int:
+    """The bytes a blob of ``stored_len`` stored bytes takes in its pack, header included."""
+    return BLOB_HEADER.size + stored_len
+
 
 class Compressor:
     """zstd with the raw fallback; safe to share between threads (one zstd context per thread)."""
@@ -340,7 +350,7 @@ def parse_trailer(trailer: bytes, count: int, limit: int, where: str) -> list[Bl
                 raise ValueError("bad blob id")
             if not all(type(v) is int and v >= 0 for v in (t, c, off, raw_len, stored_len)):
                 raise ValueError("bad blob field")
-            if off + BLOB_HEADER.size + stored_len > limit:
+            if off + blob_span(stored_len) > limit:
                 raise ValueError("blob extends past the trailer")
             entries.append(BlobEntry(t, c, off, raw_len, stored_len, id_))
         return entries

@@ -264,7 +264,7 @@ class Repository:
         for id_, loc in zip(ids, self.index.lookup_blobs(ids), strict=True):
             if loc is None:
                 raise IntegrityError(f"blob {id_.hex()[:16]} is not in the index")
-            end = loc.offset + pack.BLOB_HEADER.size + loc.stored_len
+            end = loc.offset + pack.blob_span(loc.stored_len)
             if run is None or loc.pack_no != run.pack_no or loc.offset != run.start + run.length \
                     or end - run.start > max_run or (max_raw is not None and run.raw + loc.raw_len > max_raw):
                 run = _Run(loc.pack_no, loc.offset, 0, [])
