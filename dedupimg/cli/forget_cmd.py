@@ -12,7 +12,7 @@ from dedupimg.cli.main import LockWait, RepoOption, app, open_repo
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
 from dedupimg.core.errors import UsageError
 from dedupimg.core.retention import Policy, parse_duration, parse_tag_list
-from dedupimg.ops.forget import ForgetPlan, execute, plan_ids, plan_policy
+from dedupimg.ops.forget import ForgetPlan, forget_and_prune
 from dedupimg.ops.prune import PruneReport, prune
 from dedupimg.repo.compaction import DEFAULT_MAX_UNUSED
 from dedupimg.repo.lock import LockMode
@@ -65,10 +65,8 @@ def forget(
     if ids and name:
         raise UsageError("--name selects snapshots for keep rules; it does not apply to snapshot ids")
     with open_repo(ctx, LockMode.EXCLUSIVE, lock_wait) as repo:
-        todo = plan_ids(repo, ids) if ids else plan_policy(repo, policy, name)
-        if not dry_run:
-            execute(repo, todo)
-        report = prune(repo, dry_run=dry_run) if and_prune else None
+        result = forget_and_prune(repo, ids, policy, name, dry_run=dry_run, and_prune=and_prune)
+    todo, report = result.plan, result.prune
     if json:
         doc: dict[str, object] = {"dry_run": dry_run, "groups": _plan_json(todo)}
         if report is not None:

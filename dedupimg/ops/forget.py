@@ -2,7 +2,8 @@
 
 Forget plans first (which records go, and for each kept one the rules that keep it), then removes the
 records in one step (Repository.forget: a tombstone pack, then one index transaction). The data of removed
-snapshots stays in the packs until ``prune`` collects what nothing else references.
+snapshots stays in the packs until ``prune`` collects what nothing else references; ``forget_and_prune`` does
+both in turn, as ``dedupimg forget --prune`` does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from dedupimg.core.errors import UsageError
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.retention import EMPTY_POLICY_MESSAGE, Decision, Policy, apply_policy, group_by_name
+from dedupimg.ops.prune import PruneReport, prune
 from dedupimg.repo.repository import Repository
 
 
@@ -63,3 +65,30 @@ def execute(repo: Repository, plan: ForgetPlan) -> list[SnapshotRecord]:
 
 def forget_snapshots(repo: Repository, records: list[SnapshotRecord]) -> None:
     repo.forget(records)
+
+
+@dataclass(frozen=True)
+class ForgetReport:
+    plan: ForgetPlan  # what was removed (or, in a dry run, would be) and what was kept, and why
+    prune: PruneReport | None  # the prune that followed, if one was asked for
+
+
+def forget_and_prune(
+    repo: Repository,
+    refs: list[str],
+    policy: Policy,
+    name: str | None = None,
+    *,
+    dry_run: bool = False,
+    and_prune: bool = False,
+) -> ForgetReport:
+    """Forget exactly the snapshots ``refs`` names or, without refs, those ``policy`` removes (of every image
+    name, or only of ``name``); then, with ``and_prune``, prune (default ``max_unused``) at once.
+
+    The caller holds the repository's exclusive lock, so nothing comes between the forget and the prune.
+    ``dry_run`` plans both and changes nothing.
+    """
+    plan = plan_ids(repo, refs) if refs else plan_policy(repo, policy, name)
+    if not dry_run:
+        execute(repo, plan)
+    return ForgetReport(plan, prune(repo, dry_run=dry_run) if and_prune else None)

@@ -1,0 +1,50 @@
+"""forget_and_prune: forget (by policy or by ids), then prune, in one call under the caller's exclusive lock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dedupimg.core.retention import Policy
+from dedupimg.ops.forget import forget_and_prune
+from dedupimg.repo.lock import LockMode
+from dedupimg.repo.repository import Repository
+from tests.helpers import det_bytes, small_repo, snap
+
+
+def _two_snapshots(tmp_path: Path) -> Path:
+    with small_repo(tmp_path / "repo") as repo:
+        snap(repo, tmp_path / "a.img", det_bytes(1, 300_000))
+        snap(repo, tmp_path / "a.img", det_bytes(2, 300_000))
+    return tmp_path / "repo"
+
+
+def test_forget_by_policy_then_prune_frees_the_space(tmp_path):
+    path = _two_snapshots(tmp_path)
+    with Repository.open(path, LockMode.EXCLUSIVE) as repo:
+        old, new = repo.snapshots()
+        result = forget_and_prune(repo, [], Policy(last=1), and_prune=True)
+        assert [r.id for r in result.plan.remove] == [old.id]
+        assert [r.id for r in result.plan.keep] == [new.id]
+        assert result.prune is not None and not result.prune.dry_run
+        assert result.prune.outcome is not None and result.prune.outcome.bytes_freed > 0
+        assert [r.id for r in repo.snapshots()] == [new.id]
+
+
+def test_forget_by_id_without_prune_leaves_the_packs(tmp_path):
+    path = _two_snapshots(tmp_path)
+    with Repository.open(path, LockMode.EXCLUSIVE) as repo:
+        old, new = repo.snapshots()
+        result = forget_and_prune(repo, [new.short_id], Policy())
+        assert result.prune is None
+        assert [r.id for r in result.plan.remove] == [new.id]
+        assert [r.id for r in repo.snapshots()] == [old.id]
+
+
+def test_dry_run_changes_nothing(tmp_path):
+    path = _two_snapshots(tmp_path)
+    with Repository.open(path, LockMode.EXCLUSIVE) as repo:
+        before = repo.snapshots()
+        result = forget_and_prune(repo, [], Policy(last=1), dry_run=True, and_prune=True)
+        assert len(result.plan.remove) == 1
+        assert result.prune is not None and result.prune.dry_run and result.prune.outcome is None
+        assert repo.snapshots() == before
