@@ -9,9 +9,9 @@ import typer
 
 from dedupimg.cli.main import LockWait, RepoOption, app, open_repo
 from dedupimg.cli.render import exit_codes_help, stderr
-from dedupimg.core.errors import Interrupted
 from dedupimg.repo.lock import LockMode
 from dedupimg.serve.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer, parse_listen
+from dedupimg.serve.nbd import serve as serve_snapshots
 
 
 @app.command(epilog=exit_codes_help(11, 13, 14, 19))
@@ -32,17 +32,14 @@ def serve(
     """Serve snapshots read-only over NBD until Ctrl-C or SIGTERM (which exit 0)."""
     host, port = parse_listen(listen)
     with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
-        server = NbdServer(repo, snapshots or [], host, port)
-        try:
-            stderr.print(f"serving {len(server.records())} exports on {server.url}", soft_wrap=True)
-            if not _loopback(server.address[0]):
-                stderr.print(f"warning: NBD exports are unauthenticated and unencrypted: anyone who can reach "
-                             f"{server.url} can read every exported snapshot", soft_wrap=True)
-            server.serve_forever()
-        except Interrupted:
-            pass  # a signal is how a server is stopped: a normal exit, not an error
-        finally:
-            server.shutdown()
+        serve_snapshots(repo, snapshots or [], host, port, ready=_announce)
+
+
+def _announce(server: NbdServer) -> None:
+    stderr.print(f"serving {len(server.records())} exports on {server.url}", soft_wrap=True)
+    if not _loopback(server.address[0]):
+        stderr.print(f"warning: NBD exports are unauthenticated and unencrypted: anyone who can reach "
+                     f"{server.url} can read every exported snapshot", soft_wrap=True)
 
 
 def _loopback(host: str) -> bool:

@@ -283,6 +283,30 @@ class NbdServer:
             self._sessions.pop(sock, None)
 
 
+def serve(
+    repo: Repository,
+    refs: Sequence[str] = (),
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    ready: Callable[[NbdServer], None] | None = None,
+) -> None:
+    """Serve ``refs`` (every snapshot when empty) of ``repo`` on ``host:port`` until a signal: ``dedupimg serve``.
+
+    ``ready`` is called with the listening server before the first connection is accepted. Interrupted (a
+    signal, as the CLI's handler raises it) is how a server is stopped: this then returns normally, after
+    :meth:`NbdServer.shutdown`. A bad reference or a taken port fails before anything is served.
+    """
+    server = NbdServer(repo, refs, host, port)
+    try:
+        if ready is not None:
+            ready(server)
+        server.serve_forever()
+    except Interrupted:
+        pass  # a signal is how a server is stopped: a normal exit, not an error
+    finally:
+        server.shutdown()
+
+
 class _ReplyBuffers:
     """The buffers READ replies are read into, shared by every connection: at most ``count`` buffers of
     ``size`` bytes ever exist; a connection borrows one for a request and gives it back when the reply is
