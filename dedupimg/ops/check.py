@@ -26,10 +26,10 @@ false finding; under that lock, rows of packs already indexed never change place
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +39,7 @@ import blake3
 
 from dedupimg.core.errors import IntegrityError, UsageError
 from dedupimg.core.manifest import SnapshotRecord, decode_segment, decode_tombstone
+from dedupimg.core.parallel import started_ahead, worker_count
 from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.repo import integrity, pack
 from dedupimg.repo.index import BlobLocation, PackRow
@@ -46,7 +47,7 @@ from dedupimg.repo.repository import Repository
 
 TICK = 1024  # index entries per progress update
 MAX_PER_KIND = 20  # findings listed one by one per kind; the rest are summed up in one more finding
-WORKERS = max(2, min(4, os.cpu_count() or 2))  # packs read and verified in parallel (zstd/blake3 drop the GIL)
+WORKERS = worker_count()  # packs read and verified in parallel (zstd/blake3 drop the GIL)
 TYPE_NAMES = {pack.CHUNK: "chunk", pack.SEGMENT: "segment", pack.SNAPSHOT: "snapshot record",
               pack.TOMBSTONE: "tombstone"}
 
@@ -446,7 +447,7 @@ class _Checker:
     def _read_data(self, chosen: list[PackRow]) -> None:
         self.progress.start("read data", sum(r.size for r in chosen))
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="dedupimg-check") as pool:
-            for row, job in _ahead(pool, chosen, self._start_pack):
+            for row, job in started_ahead(chosen, functools.partial(self._start_pack, pool), 2 * WORKERS):
                 if job is not None:
                     self._pack_data_done(row, job)
                 self.counts.packs_read += 1
@@ -574,23 +575,3 @@ def choose_packs(packs: list[PackRow], fraction: float, seed: bytes) -> list[Pac
 
 def _default_seed(repo: Repository) -> bytes:
     return f"{repo.config.repo_id} {datetime.now(UTC).date().isoformat()}".encode()
-
-
-_Job = Future[integrity.PackData] | None
-
-
-def _ahead(pool: ThreadPoolExecutor, rows: Iterable[PackRow],
-           start: Callable[[ThreadPoolExecutor, PackRow], _Job]) -> Iterator[tuple[PackRow, _Job]]:
-    """(row, job) in order, with up to 2 x WORKERS packs being read ahead."""
-    queue: deque[tuple[PackRow, _Job]] = deque()
-    try:
-        for row in rows:
-            queue.append((row, start(pool, row)))
-            if len(queue) > 2 * WORKERS:
-                yield queue.popleft()
-        while queue:
-            yield queue.popleft()
-    finally:
-        for _, job in queue:
-            if job is not None:
-                job.cancel()

@@ -10,11 +10,9 @@ hashed, and only chunks whose hash differs are fetched, and only their 4 KiB blo
 from __future__ import annotations
 
 import functools
-import os
 import time as _time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
@@ -22,13 +20,14 @@ import blake3
 from dedupimg.core.errors import DedupimgError, IntegrityError, Interrupted
 from dedupimg.core.imagehash import Buffer, ImageHasher
 from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.core.parallel import started_ahead, worker_count
 from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.core.zeros import ZERO_BLOCK, is_zero
 from dedupimg.ops.target import NullTarget, Target
 from dedupimg.repo.repository import Repository
 
 READ_BATCH = 8 << 20  # bytes of image per run read, verified and written as one piece
-WORKERS = max(2, min(4, os.cpu_count() or 2))
+WORKERS = worker_count()
 AHEAD = 2 * WORKERS  # runs being read ahead of the writer
 DELTA_BLOCK = 4096  # granularity of delta writes
 _ZEROS = memoryview(ZERO_BLOCK)
@@ -139,19 +138,8 @@ def _left_partial(exc: DedupimgError, out: Target | NullTarget, record: Snapshot
 def _pipelined(pool: ThreadPoolExecutor, runs: Iterator[Run],
                task: Callable[[Run], RunResult]) -> Iterator[tuple[Run, RunResult]]:
     """Results in image order, with up to AHEAD runs in flight."""
-    ahead: deque[tuple[Run, Future[RunResult]]] = deque()
-    try:
-        for run in runs:
-            ahead.append((run, pool.submit(task, run)))
-            if len(ahead) > AHEAD:
-                r, f = ahead.popleft()
-                yield r, f.result()
-        while ahead:
-            r, f = ahead.popleft()
-            yield r, f.result()
-    finally:
-        for _, f in ahead:
-            f.cancel()
+    for run, future in started_ahead(runs, lambda run: pool.submit(task, run), AHEAD):
+        yield run, future.result()
 
 
 def plan_runs(repo: Repository, record: SnapshotRecord) -> Iterator[Run]:

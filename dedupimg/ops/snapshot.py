@@ -26,13 +26,14 @@ from dedupimg.core.chunker import Batch, Chunker
 from dedupimg.core.errors import UsageError
 from dedupimg.core.imagehash import ImageHasher
 from dedupimg.core.manifest import Segment, SegmentBuilder, SnapshotRecord, chunker_dict
+from dedupimg.core.parallel import started_ahead, worker_count
 from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.core.zeros import is_zero
 from dedupimg.ops.source import ReadCancelled, Source
 from dedupimg.repo import pack
 from dedupimg.repo.repository import BlobWriter, Repository
 
-WORKERS = max(2, min(4, os.cpu_count() or 2))
+WORKERS = worker_count()
 AHEAD = 3  # batches hashed ahead of the one being stored
 QUEUE = 2  # batches read and cut ahead of hashing
 PLANNED = 2  # batches being compressed ahead of the one being written
@@ -249,16 +250,14 @@ class _Store:
         self.segments.append((self._writer.add_segment(segment), segment.size))
 
     def run(self, reader: _Reader, pool: ThreadPoolExecutor) -> None:
-        hashing: deque[tuple[Batch | int, Future[list[bytes | None]] | None]] = deque()
+        def hash_ids(item: Batch | int) -> Future[list[bytes | None]] | None:
+            return pool.submit(_chunk_ids, item) if isinstance(item, Batch) else None
+
         planned: deque[_Planned] = deque()
-        for item in reader:
-            hashing.append((item, pool.submit(_chunk_ids, item) if isinstance(item, Batch) else None))
-            if len(hashing) > AHEAD:
-                planned.append(self._plan(*hashing.popleft(), pool))
+        for item, ids in started_ahead(reader, hash_ids, AHEAD):
+            planned.append(self._plan(item, ids, pool))
             if len(planned) >= PLANNED:
                 self._commit(planned.popleft())
-        while hashing:
-            planned.append(self._plan(*hashing.popleft(), pool))
         while planned:
             self._commit(planned.popleft())
         self._builder.flush()

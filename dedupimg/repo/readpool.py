@@ -40,11 +40,12 @@ from typing import NamedTuple
 import msgpack
 
 from dedupimg.core.errors import IntegrityError
+from dedupimg.core.parallel import worker_count
 from dedupimg.repo import pack
 
 LENGTH = struct.Struct("<I")
 # DEDUPIMG_READ_WORKERS=0 reads in the serving process itself (as before the pool; for comparisons).
-WORKERS = int(os.environ.get("DEDUPIMG_READ_WORKERS", max(1, min(4, os.cpu_count() or 1))))
+WORKERS = int(os.environ.get("DEDUPIMG_READ_WORKERS", worker_count(least=1)))
 # A worker allocates and frees a pread buffer of about a MiB per run; glibc would hand it back to the kernel
 # every time (brk and page faults were a fifth of a worker's time). These keep it in the heap.
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
