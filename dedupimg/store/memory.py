@@ -1,0 +1,179 @@
+"""A store in this process's memory, for tests: the contract of :mod:`dedupimg.store.base` without a disk.
+
+Objects are bytes in a dict. A writer's bytes are listed under its temporary name in ``tmp/`` until it commits
+or aborts, as a local store's temp file is (a writer dropped without either is what a crash leaves). The spec
+opens the same store again in this process only (``cross_process`` is False: no read worker can use it).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+import weakref
+from collections.abc import Iterable
+from types import TracebackType
+
+from dedupimg.core.errors import UsageError
+from dedupimg.store.base import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    Listing,
+    ObjectInfo,
+    ObjectMissing,
+    StoreError,
+    StoreSpec,
+    check_name,
+    check_prefix,
+)
+
+_stores: weakref.WeakValueDictionary[str, MemoryStore] = weakref.WeakValueDictionary()
+_numbers = itertools.count(1)
+
+
+class MemoryStore:
+    cross_process = False
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[str, bytes] = {}
+        self._writing: dict[str, MemoryWriter] = {}  # temp name -> writer not yet committed or aborted
+        self.id = f"{os.getpid()}-{next(_numbers)}"
+        _stores[self.id] = self
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({self.id!r}, {len(self._objects)} objects)"
+
+    def location(self, name: str) -> str:
+        return f"memory:{self.id}/{name}"
+
+    def spec(self) -> StoreSpec:
+        return {"kind": "memory", "id": self.id}
+
+    @classmethod
+    def from_spec(cls, spec: StoreSpec) -> MemoryStore:
+        store = _stores.get(spec.get("id", ""))
+        if store is None:
+            raise UsageError(f"in-memory store {spec.get('id')!r} does not exist in this process")
+        return store
+
+    def close(self) -> None:
+        pass
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def create(self) -> MemoryWriter:
+        writer = MemoryWriter(self, f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(8).hex()}{TEMP_SUFFIX}")
+        with self._lock:
+            self._writing[writer.temp_name] = writer
+        return writer
+
+    def _commit(self, writer: MemoryWriter, name: str) -> None:
+        data = b"".join(writer.parts)
+        with self._lock:
+            if self._writing.pop(writer.temp_name, None) is None:
+                raise StoreError(writer.temp_name, "the writer was committed or aborted already")
+            self._objects[name] = data
+
+    def _drop(self, writer: MemoryWriter) -> None:
+        with self._lock:
+            self._writing.pop(writer.temp_name, None)
+
+    def delete(self, names: Iterable[str]) -> int:
+        freed = 0
+        with self._lock:
+            for name in names:
+                data = self._objects.pop(check_name(name), None)
+                if data is not None:
+                    freed += len(data)
+                elif (writer := self._writing.pop(name, None)) is not None:
+                    freed += writer.size
+        return freed
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def _get(self, name: str, where: str | None) -> bytes:
+        with self._lock:
+            data = self._objects.get(check_name(name))
+        if data is None:
+            raise ObjectMissing(self.location(name) if where is None else where, "the pack file is missing")
+        return data
+
+    def open(self, name: str, where: str | None = None) -> MemoryReader:
+        return MemoryReader(self._get(name, where), self.location(name) if where is None else where)
+
+    def read(self, name: str, offset: int = 0, length: int = -1, where: str | None = None) -> bytes:
+        data = self._get(name, where)
+        if offset < 0:
+            raise OSError(errno.EINVAL, "negative offset")
+        return data[offset:] if length < 0 else data[offset : offset + length]
+
+    def size(self, name: str, where: str | None = None) -> int:
+        return len(self._get(name, where))
+
+    def list(self, prefix: str) -> Listing:
+        check_prefix(prefix)
+        objects: list[ObjectInfo] = []
+        dirs: set[str] = set()
+        with self._lock:
+            items = [(n, len(d)) for n, d in self._objects.items()]
+            items += [(w.temp_name, w.size) for w in self._writing.values()]
+        for name, size in items:
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            if "/" in rest:
+                dirs.add(prefix + rest.split("/", 1)[0])
+            else:
+                objects.append(ObjectInfo(name, size))
+        return Listing(sorted(objects, key=lambda o: o.name), sorted(dirs))
+
+
+class MemoryReader:
+    """Range reads of bytes held in memory (also what tests use to parse a pack given as bytes)."""
+
+    def __init__(self, data: bytes, where: str = "memory") -> None:
+        self._data = data
+        self.size = len(data)
+        self.where = where
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise OSError(errno.EINVAL, "negative offset or length")
+        return self._data[offset : offset + length]
+
+    def advise_sequential(self) -> None:
+        pass
+
+    def drop_cache(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> MemoryReader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class MemoryWriter:
+    def __init__(self, store: MemoryStore, temp_name: str) -> None:
+        self._store = store
+        self.temp_name = temp_name
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(bytes(data))
+        self.size += len(data)
+
+    def commit(self, name: str) -> None:
+        self._store._commit(self, check_name(name))
+
+    def abort(self) -> None:
+        self._store._drop(self)
+        self.parts = []
