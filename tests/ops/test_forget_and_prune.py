@@ -6,15 +6,17 @@ from pathlib import Path
 
 from dedupimg.core.retention import Policy
 from dedupimg.ops.forget import forget_and_prune
+from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo.lock import LockMode
 from dedupimg.repo.repository import Repository
-from tests.helpers import det_bytes, small_repo, snap
+from tests.helpers import det_bytes, small_repo
 
 
 def _two_snapshots(tmp_path: Path) -> Path:
     with small_repo(tmp_path / "repo") as repo:
-        snap(repo, tmp_path / "a.img", det_bytes(1, 300_000))
-        snap(repo, tmp_path / "a.img", det_bytes(2, 300_000))
+        for seed in (1, 2):
+            (tmp_path / "a.img").write_bytes(det_bytes(seed, 300_000))
+            take_snapshot(repo, str(tmp_path / "a.img"), name="disk")
     return tmp_path / "repo"
 
 

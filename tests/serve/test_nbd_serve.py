@@ -8,14 +8,16 @@ import socket
 import pytest
 
 from dedupimg.core.errors import Interrupted, ListenError
+from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.serve import nbd
 from dedupimg.serve.nbd import NbdServer
-from tests.helpers import det_bytes, small_repo, snap
+from tests.helpers import det_bytes, small_repo
 
 
 def test_interrupted_ends_serving_normally_and_closes_the_port(tmp_path):
     with small_repo(tmp_path / "repo") as repo:
-        rec = snap(repo, tmp_path / "a.img", det_bytes(1, 100_000))
+        (tmp_path / "a.img").write_bytes(det_bytes(1, 100_000))
+        rec = take_snapshot(repo, str(tmp_path / "a.img"), name="disk").record
         seen: list[tuple[str, int]] = []
 
         def ready(server: NbdServer) -> None:
