@@ -1,4 +1,5 @@
-"""Rendering helpers for the CLI: sizes, tables, JSON, progress bars on stderr."""
+"""What several commands render alike: exit codes in help, sizes, JSON of records and prune reports, progress
+bars on stderr. A command's own output stays in its module."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from rich.progress import (
 from rich.text import Text
 
 from dedupimg.core.errors import EXIT_CODES
+from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.progress import NoProgress
 from dedupimg.core.progress import Progress as ProgressSink
+from dedupimg.ops.prune import PruneReport
 
 # No markup and no emoji codes: names, tags, paths and messages are user text, printed as given ("[bold]" or
 # ":smile:" in an image name stays literal; "[/x]" would otherwise raise MarkupError after the work was done).
@@ -55,6 +58,60 @@ def human_bytes(n: float) -> str:
 
 def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+def record_json(rec: SnapshotRecord) -> dict[str, object]:
+    """A snapshot record as ``snapshot``, ``snapshots`` and ``restore`` print it with ``--json``."""
+    return {
+        "id": rec.hex_id,
+        "short_id": rec.short_id,
+        "name": rec.name,
+        "time": rec.time,
+        "size": rec.size,
+        "tags": rec.tags,
+        "host": rec.host,
+        "source": rec.source,
+        "blake3": rec.image_hash.hex(),
+        "changed_during_read": rec.changed_during_read,
+    }
+
+
+def prune_json(r: PruneReport) -> dict[str, object]:
+    """A prune report as ``prune --json`` prints it (and ``forget --prune --json`` under "prune")."""
+    doc: dict[str, object] = {
+        "dry_run": r.dry_run,
+        "max_unused": r.max_unused,
+        "packs_to_delete": r.packs_to_delete,
+        "packs_to_rewrite": r.packs_to_rewrite,
+        "packs_keeping_garbage": r.packs_keeping_garbage,
+        "bytes_to_copy": r.bytes_to_copy,
+        "bytes_to_free": r.bytes_to_free,
+        "chunks_dropped": r.chunks_dropped,
+        "segments_dropped": r.segments_dropped,
+        "records_dropped": r.records_dropped,
+        "orphan_packs": r.orphan_packs,
+        "tmp_files": r.tmp_files,
+        "skipped": [str(p) for p in r.skipped],
+    }
+    if r.outcome is not None:
+        doc.update(packs_deleted=r.outcome.packs_deleted, packs_rewritten=r.outcome.packs_rewritten,
+                   packs_written=r.outcome.packs_written, bytes_freed=r.outcome.bytes_freed,
+                   bytes_written=r.outcome.bytes_written)
+    return doc
+
+
+def render_prune(r: PruneReport) -> None:
+    """A prune report as ``prune`` (and ``forget --prune``) print it: the plan, and what was freed."""
+    plan = (f"{r.packs_to_delete} packs to delete, {r.packs_to_rewrite} to rewrite "
+            f"({human_bytes(r.bytes_to_copy)} to copy); {r.chunks_dropped} chunks, {r.segments_dropped} "
+            f"segments, {r.records_dropped} records dropped; {r.orphan_packs} orphan packs, {r.tmp_files} "
+            f"temporary files")
+    for p in r.skipped:  # Text: a path is not rich markup
+        stdout.print(Text(f"skipped {p}: a directory, not a file dedupimg writes; left alone"), soft_wrap=True)
+    if r.outcome is None:
+        stdout.print(f"prune plan: {plan}; would free about {human_bytes(r.bytes_to_free)}")
+    else:
+        stdout.print(f"pruned: {plan}; freed {human_bytes(r.outcome.bytes_freed)}")
 
 
 class _ByUnit(ProgressColumn):

@@ -114,8 +114,7 @@ def test_library_argument_checks_are_usage_errors(tmp_path):
 
 
 def _commands() -> Iterator[tuple[str, ...]]:
-    from dedupimg.cli import check_cmd, commands, forget_cmd, mount_cmd, serve_cmd  # noqa: F401  (register)
-    from dedupimg.cli.main import app
+    from dedupimg.cli.main import app  # importing main registers every command
 
     def walk(cmd: object, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
         subs = getattr(cmd, "commands", None)

@@ -1,4 +1,4 @@
-"""`dedupimg serve`: registered on the app by import (see dedupimg/cli/main.py)."""
+"""`dedupimg serve`: export snapshots read-only over NBD until a signal."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.main import LockWait, RepoOption, app, open_repo
+from dedupimg.cli.app import LockWait, RepoOption, open_repo
 from dedupimg.cli.render import exit_codes_help, stderr
 from dedupimg.repo.lock import LockMode
 from dedupimg.serve.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer, parse_listen
 from dedupimg.serve.nbd import serve as serve_snapshots
 
 
-@app.command(epilog=exit_codes_help(11, 13, 14, 19))
 def serve(
     ctx: typer.Context,
     snapshots: Annotated[
@@ -50,3 +49,7 @@ def _loopback(host: str) -> bool:
         return False
     mapped = getattr(addr, "ipv4_mapped", None)
     return bool((mapped or addr).is_loopback)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=exit_codes_help(11, 13, 14, 19))(serve)

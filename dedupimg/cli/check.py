@@ -1,4 +1,4 @@
-"""`dedupimg check` and `dedupimg repair index`: registered on the app by import (see dedupimg/cli/main.py)."""
+"""`dedupimg check`: prove the index and the packs consistent; with --read-data(-subset), the data too."""
 
 from __future__ import annotations
 
@@ -6,31 +6,14 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.main import LockWait, RepoOption, app, open_repo, repo_path
+from dedupimg.cli.app import JsonOption, LockWait, RepoOption, open_repo
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
 from dedupimg.core.errors import CheckFailed, UsageError
 from dedupimg.ops.check import CheckReport
 from dedupimg.ops.check import check as check_repository
 from dedupimg.repo.lock import LockMode
-from dedupimg.repo.repair import RepairReport, repair_index
-
-repair_app = typer.Typer(help="Rebuild repository metadata from the pack files.", no_args_is_help=True)
-app.add_typer(repair_app, name="repair")
 
 
-def _percent(value: str) -> float:
-    text = value.strip().removesuffix("%").strip()
-    try:
-        percent = float(text)
-    except ValueError:
-        percent = -1.0
-    if not 0 < percent <= 100:
-        raise UsageError(f"--read-data-subset takes a percentage above 0 and at most 100 (like 10 or 10%), "
-                         f"not {value!r}")
-    return percent / 100
-
-
-@app.command(epilog=exit_codes_help(11))
 def check(
     ctx: typer.Context,
     read_data: Annotated[
@@ -41,7 +24,7 @@ def check(
         typer.Option("--read-data-subset", metavar="PERCENT",
                      help="Read this share of the packs (10 or 10%), chosen anew each day."),
     ] = None,
-    json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    json: JsonOption = False,
     lock_wait: LockWait = 0.0,
     repo_dir: RepoOption = None,
 ) -> None:
@@ -62,6 +45,18 @@ def check(
     if not report.ok:
         n = len(report.findings)
         raise CheckFailed(f"check found {n} problem{'s' if n != 1 else ''}" + ("" if json else " (listed above)"))
+
+
+def _percent(value: str) -> float:
+    text = value.strip().removesuffix("%").strip()
+    try:
+        percent = float(text)
+    except ValueError:
+        percent = -1.0
+    if not 0 < percent <= 100:
+        raise UsageError(f"--read-data-subset takes a percentage above 0 and at most 100 (like 10 or 10%), "
+                         f"not {value!r}")
+    return percent / 100
 
 
 def _report_json(report: CheckReport) -> dict[str, object]:
@@ -97,44 +92,5 @@ def _print_report(report: CheckReport) -> None:
                  f"({human_bytes(c.pack_bytes)}){read}: {verdict}", markup=False)
 
 
-@repair_app.command("index", epilog=exit_codes_help(10, 11, 12, 16, 18, opens_repository=False))
-def repair_index_cmd(
-    ctx: typer.Context,
-    json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    lock_wait: LockWait = 0.0,
-    repo_dir: RepoOption = None,
-) -> None:
-    """Rebuild the whole index (chunk locations, manifests, snapshot list, reference counts) from the packs.
-
-    Use it when the index is missing or damaged. Damaged packs are reported and skipped; snapshots whose data
-    is then incomplete are left out and reported; forgotten snapshots stay forgotten.
-    """
-    report = repair_index(repo_path(ctx), lock_wait, progress_sink(item_tasks=("repair index",)))
-    if json:
-        print_json(_repair_json(report))
-        return
-    for name, why in report.damaged_packs:
-        stdout.print(f"skipped damaged pack {name}: {why}", markup=False)
-    for why in report.damaged_blobs:
-        stdout.print(f"unreadable blob: {why}", markup=False)
-    for rec in report.left_out:
-        stdout.print(f"left out snapshot {rec.name}@{rec.id.hex()[:8]} ({rec.time}): it {rec.reason}", markup=False)
-    stdout.print(f"rebuilt the index from {report.packs} packs ({len(report.damaged_packs)} damaged, skipped): "
-                 f"{report.snapshots} snapshots, {report.segments} segments; {report.forgotten} forgotten "
-                 f"snapshot records and {len(report.left_out)} incomplete ones left out; "
-                 f"in {report.seconds:.1f} s", markup=False)
-
-
-def _repair_json(report: RepairReport) -> dict[str, object]:
-    return {
-        "packs": report.packs,
-        "damaged_packs": [{"pack": n, "reason": why} for n, why in report.damaged_packs],
-        "damaged_blobs": report.damaged_blobs,
-        "segments": report.segments,
-        "snapshots": report.snapshots,
-        "forgotten": report.forgotten,
-        "left_out": [{"id": r.id.hex(), "name": r.name, "time": r.time, "reason": r.reason}
-                     for r in report.left_out],
-        "leftovers_removed": report.leftovers_removed,
-        "seconds": round(report.seconds, 3),
-    }
+def register(app: typer.Typer) -> None:
+    app.command(epilog=exit_codes_help(11))(check)

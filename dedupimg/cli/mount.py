@@ -1,4 +1,4 @@
-"""`dedupimg mount`: registered on the app by import (see dedupimg/cli/main.py)."""
+"""`dedupimg mount`: every snapshot as a read-only image file (FUSE)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.main import LockWait, RepoOption, app, repo_path
+from dedupimg.cli.app import LockWait, RepoOption, repo_path
 from dedupimg.cli.render import exit_codes_help, stdout
 from dedupimg.serve.mount import mount as mount_snapshots
 
 
-@app.command(epilog=exit_codes_help(11, 20))
 def mount(
     ctx: typer.Context,
     mountpoint: Annotated[Path, typer.Argument(help="An empty directory.")],
@@ -34,3 +33,7 @@ def mount(
         stdout.print(f"mounted {path} at {mountpoint}; unmount with {how}fusermount3 -u {mountpoint}", markup=False)
 
     mount_snapshots(path, mountpoint, foreground=foreground, ready=ready, lock_wait=lock_wait)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=exit_codes_help(11, 20))(mount)

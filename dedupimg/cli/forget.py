@@ -1,4 +1,4 @@
-"""`dedupimg forget` and `dedupimg prune`: registered on the app by import (see dedupimg/cli/main.py)."""
+"""`dedupimg forget`: remove snapshots by restic's keep rules (per image name) or by id; --prune then prunes."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from dedupimg.cli.main import LockWait, RepoOption, app, open_repo
-from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
+from dedupimg.cli.app import DryRunOption, JsonOption, LockWait, NameFilterOption, RepoOption, open_repo
+from dedupimg.cli.render import exit_codes_help, print_json, prune_json, render_prune, stdout
 from dedupimg.core.errors import UsageError
 from dedupimg.core.retention import Policy, parse_duration, parse_tag_list
 from dedupimg.ops.forget import ForgetPlan, forget_and_prune
-from dedupimg.ops.prune import PruneReport, prune
-from dedupimg.repo.compaction import DEFAULT_MAX_UNUSED
 from dedupimg.repo.lock import LockMode
 
 
@@ -22,13 +20,12 @@ def _count(help_text: str) -> typer.models.OptionInfo:
     return typer.Option(metavar="N", help=help_text + " (-1: unlimited).")
 
 
-@app.command(epilog=exit_codes_help(11, 13, 14, 18))
 def forget(
     ctx: typer.Context,
     snapshot_ids: Annotated[
         list[str] | None, typer.Argument(metavar="[ID]...", help="Remove exactly these snapshots (no keep rules).")
     ] = None,
-    name: Annotated[str | None, typer.Option(help="Only snapshots of this image name.")] = None,
+    name: NameFilterOption = None,
     keep_last: Annotated[int, _count("Keep the N newest snapshots")] = 0,
     keep_hourly: Annotated[int, _count("Keep the newest snapshot of each of the last N hours with one")] = 0,
     keep_daily: Annotated[int, _count("Keep the newest snapshot of each of the last N days with one")] = 0,
@@ -43,9 +40,9 @@ def forget(
         list[str] | None,
         typer.Option(metavar="TAG[,TAG...]", help="Keep snapshots that have all these tags (repeatable)."),
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
+    dry_run: DryRunOption = False,
     and_prune: Annotated[bool, typer.Option("--prune", help="Run prune afterwards (same lock).")] = False,
-    json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    json: JsonOption = False,
     lock_wait: LockWait = 0.0,
     repo_dir: RepoOption = None,
 ) -> None:
@@ -70,47 +67,12 @@ def forget(
     if json:
         doc: dict[str, object] = {"dry_run": dry_run, "groups": _plan_json(todo)}
         if report is not None:
-            doc["prune"] = _prune_json(report)
+            doc["prune"] = prune_json(report)
         print_json(doc)
         return
     _render_plan(todo, dry_run, pruning=report is not None)
     if report is not None:
-        _render_prune(report)
-
-
-@app.command(name="prune", epilog=exit_codes_help(11, 18))
-def prune_cmd(
-    ctx: typer.Context,
-    max_unused: Annotated[
-        str,
-        typer.Option(metavar="PERCENT", help="Rewrite packs whose unused share is above this (default 5%)."),
-    ] = f"{DEFAULT_MAX_UNUSED * 100:g}%",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
-    json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    lock_wait: LockWait = 0.0,
-    repo_dir: RepoOption = None,
-) -> None:
-    """Delete packs that hold no live data, rewrite mostly-dead ones, and report the space freed.
-
-    Safe to interrupt at any point: a re-run finishes the work. Needs the repository alone (exclusive lock).
-    """
-    fraction = _percent(max_unused, "--max-unused")
-    with open_repo(ctx, LockMode.EXCLUSIVE, lock_wait) as repo:
-        report = prune(repo, fraction, dry_run=dry_run, progress=progress_sink())
-    if json:
-        print_json(_prune_json(report))
-    else:
-        _render_prune(report)
-
-
-def _percent(text: str, option: str) -> float:
-    try:
-        value = float(text.strip().removesuffix("%"))
-    except ValueError:
-        raise UsageError(f"{option} must be a percentage like 5 or 5%, got {text!r}") from None
-    if not 0 <= value <= 100:
-        raise UsageError(f"{option} must be from 0 to 100, got {text!r}")
-    return value / 100
+        render_prune(report)
 
 
 def _plan_json(todo: ForgetPlan) -> list[dict[str, object]]:
@@ -143,37 +105,5 @@ def _render_plan(todo: ForgetPlan, dry_run: bool, pruning: bool) -> None:
     stdout.print(f"{verb} {total} snapshots" + ("" if dry_run or pruning else "; run prune to free their space"))
 
 
-def _prune_json(r: PruneReport) -> dict[str, object]:
-    doc: dict[str, object] = {
-        "dry_run": r.dry_run,
-        "max_unused": r.max_unused,
-        "packs_to_delete": r.packs_to_delete,
-        "packs_to_rewrite": r.packs_to_rewrite,
-        "packs_keeping_garbage": r.packs_keeping_garbage,
-        "bytes_to_copy": r.bytes_to_copy,
-        "bytes_to_free": r.bytes_to_free,
-        "chunks_dropped": r.chunks_dropped,
-        "segments_dropped": r.segments_dropped,
-        "records_dropped": r.records_dropped,
-        "orphan_packs": r.orphan_packs,
-        "tmp_files": r.tmp_files,
-        "skipped": [str(p) for p in r.skipped],
-    }
-    if r.outcome is not None:
-        doc.update(packs_deleted=r.outcome.packs_deleted, packs_rewritten=r.outcome.packs_rewritten,
-                   packs_written=r.outcome.packs_written, bytes_freed=r.outcome.bytes_freed,
-                   bytes_written=r.outcome.bytes_written)
-    return doc
-
-
-def _render_prune(r: PruneReport) -> None:
-    plan = (f"{r.packs_to_delete} packs to delete, {r.packs_to_rewrite} to rewrite "
-            f"({human_bytes(r.bytes_to_copy)} to copy); {r.chunks_dropped} chunks, {r.segments_dropped} "
-            f"segments, {r.records_dropped} records dropped; {r.orphan_packs} orphan packs, {r.tmp_files} "
-            f"temporary files")
-    for p in r.skipped:  # Text: a path is not rich markup
-        stdout.print(Text(f"skipped {p}: a directory, not a file dedupimg writes; left alone"), soft_wrap=True)
-    if r.outcome is None:
-        stdout.print(f"prune plan: {plan}; would free about {human_bytes(r.bytes_to_free)}")
-    else:
-        stdout.print(f"pruned: {plan}; freed {human_bytes(r.outcome.bytes_freed)}")
+def register(app: typer.Typer) -> None:
+    app.command(epilog=exit_codes_help(11, 13, 14, 18))(forget)

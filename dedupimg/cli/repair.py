@@ -1,0 +1,58 @@
+"""`dedupimg repair index`: rebuild the index from the pack files (``repair`` is a group: more may follow)."""
+
+from __future__ import annotations
+
+import typer
+
+from dedupimg.cli.app import JsonOption, LockWait, RepoOption, repo_path
+from dedupimg.cli.render import exit_codes_help, print_json, progress_sink, stdout
+from dedupimg.repo.repair import RepairReport, repair_index
+
+repair_app = typer.Typer(help="Rebuild repository metadata from the pack files.", no_args_is_help=True)
+
+
+@repair_app.command("index", epilog=exit_codes_help(10, 11, 12, 16, 18, opens_repository=False))
+def index(
+    ctx: typer.Context,
+    json: JsonOption = False,
+    lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
+) -> None:
+    """Rebuild the whole index (chunk locations, manifests, snapshot list, reference counts) from the packs.
+
+    Use it when the index is missing or damaged. Damaged packs are reported and skipped; snapshots whose data
+    is then incomplete are left out and reported; forgotten snapshots stay forgotten.
+    """
+    report = repair_index(repo_path(ctx), lock_wait, progress_sink(item_tasks=("repair index",)))
+    if json:
+        print_json(_repair_json(report))
+        return
+    for name, why in report.damaged_packs:
+        stdout.print(f"skipped damaged pack {name}: {why}", markup=False)
+    for why in report.damaged_blobs:
+        stdout.print(f"unreadable blob: {why}", markup=False)
+    for rec in report.left_out:
+        stdout.print(f"left out snapshot {rec.name}@{rec.id.hex()[:8]} ({rec.time}): it {rec.reason}", markup=False)
+    stdout.print(f"rebuilt the index from {report.packs} packs ({len(report.damaged_packs)} damaged, skipped): "
+                 f"{report.snapshots} snapshots, {report.segments} segments; {report.forgotten} forgotten "
+                 f"snapshot records and {len(report.left_out)} incomplete ones left out; "
+                 f"in {report.seconds:.1f} s", markup=False)
+
+
+def _repair_json(report: RepairReport) -> dict[str, object]:
+    return {
+        "packs": report.packs,
+        "damaged_packs": [{"pack": n, "reason": why} for n, why in report.damaged_packs],
+        "damaged_blobs": report.damaged_blobs,
+        "segments": report.segments,
+        "snapshots": report.snapshots,
+        "forgotten": report.forgotten,
+        "left_out": [{"id": r.id.hex(), "name": r.name, "time": r.time, "reason": r.reason}
+                     for r in report.left_out],
+        "leftovers_removed": report.leftovers_removed,
+        "seconds": round(report.seconds, 3),
+    }
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(repair_app, name="repair")

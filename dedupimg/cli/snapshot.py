@@ -1,0 +1,71 @@
+"""`dedupimg snapshot`: store an image (file, sparse file, block device, stdin) as a new snapshot."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import typer
+
+from dedupimg.cli.app import JsonOption, LockWait, RepoOption, open_repo
+from dedupimg.cli.render import exit_codes_help, print_json, progress_sink, record_json, stdout
+from dedupimg.core.errors import SourceChanged, UsageError
+from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo.lock import LockMode
+
+
+def snapshot(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="Image file, sparse file, block device, or - for stdin.")],
+    name: Annotated[str | None, typer.Option(help="Image name (default: the file's base name).")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option(metavar="TAG[,TAG...]", help="Tag the snapshot (repeatable; a,b is two tags).")
+    ] = None,
+    time: Annotated[str | None, typer.Option(help="Record this time (ISO 8601) instead of now.")] = None,
+    json: JsonOption = False,
+    lock_wait: LockWait = 0.0,
+    repo_dir: RepoOption = None,
+) -> None:
+    """Take a snapshot of an image and print its id.
+
+    A regular file that changes while it is read (size, mtime or ctime) is still stored, marked
+    changed_during_read, with a warning and exit 3: snapshot a frozen filesystem or an LVM snapshot instead.
+    """
+    when = _parse_time(time)
+    with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
+        result = take_snapshot(repo, source, name=name, tags=split_tags(tag), when=when, progress=progress_sink())
+    rec = result.record
+    if json:
+        doc = record_json(rec)
+        doc.update(
+            bytes_read=result.bytes_read,
+            bytes_new=result.bytes_new,
+            bytes_stored=result.bytes_stored,
+            chunks_new=result.chunks_new,
+            seconds=round(result.seconds, 3),
+        )
+        print_json(doc)
+    else:
+        stdout.print(rec.hex_id)
+    if result.changed_during_read:
+        raise SourceChanged(f"snapshot {rec.short_id} stored, but {source} changed while it was read "
+                            f"({result.changed_during_read} differ): it may match no moment of the disk; "
+                            f"snapshot a frozen or LVM snapshot source (see README)")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--time {value!r} is not an ISO 8601 time (like 2026-01-31T22:00:00+01:00)") from None
+
+
+def split_tags(values: list[str] | None) -> list[str]:
+    """``--tag a,b --tag c``: tags a, b and c (restic splits each value on commas); blanks are dropped."""
+    return [t for v in values or [] for t in (part.strip() for part in v.split(",")) if t]
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=exit_codes_help(3, 11, 18))(snapshot)
