@@ -7,7 +7,6 @@ produces the very same segments in the next snapshot and costs no new metadata.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -49,9 +48,6 @@ class Segment:
             out.append(pos)
             pos += n
         return out
-
-    def locate(self, offset: int, starts: list[int]) -> int:
-        return bisect.bisect_right(starts, offset) - 1
 
 
 def encode_segment(lengths: list[int], ids: list[bytes | None]) -> bytes:
@@ -243,6 +239,7 @@ def chunker_dict(params: ChunkerParams) -> dict[str, Any]:
 
 
 def segment_starts(segments: Iterable[tuple[bytes, int]]) -> list[int]:
+    """Image offset of each of a record's ``(segment id, length)``."""
     out, pos = [], 0
     for _, n in segments:
         out.append(pos)

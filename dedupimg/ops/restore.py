@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from dedupimg.core.errors import DedupimgError, IntegrityError, Interrupted
+from dedupimg.core.extents import ExtentMap
 from dedupimg.core.imagehash import Buffer, ImageHasher
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.parallel import started_ahead, worker_count
@@ -144,11 +145,7 @@ def _pipelined(pool: ThreadPoolExecutor, runs: Iterator[Run],
 
 def plan_runs(repo: Repository, record: SnapshotRecord) -> Iterator[Run]:
     """The image as runs of at most READ_BATCH bytes: zeros, or chunks to read together."""
-    offset = 0
-    for seg_id, seg_len in record.segments:
-        segment = repo.segment(seg_id)
-        if segment.size != seg_len:
-            raise IntegrityError(f"manifest segment {seg_id.hex()[:16]} has the wrong length")
+    for offset, segment in ExtentMap(record, repo.segment).walk():
         start = run_bytes = 0
         ids: list[bytes] = []
         lengths: list[int] = []

@@ -1,7 +1,7 @@
 """Random access to a snapshot's image: any (offset, length), from any number of threads.
 
-Two bisections find the bytes: one over the snapshot's segment offsets, one over the extent offsets of the
-segment. Zero extents are served without touching a pack. Every chunk is verified against its id before
+The snapshot's :class:`ExtentMap` (core/extents.py, shared with restore) finds the extents of a range. Zero
+extents are served without touching a pack. Every chunk is verified against its id before
 it is served (IntegrityError otherwise). A read that continues one of the recent sequential streams starts
 the fetch of the chunks ahead of it, so that a sequential scan costs few round trips.
 
@@ -12,44 +12,25 @@ it, fetches happen in the calling thread and land in this reader's own LRU cache
 
 from __future__ import annotations
 
-import bisect
 import functools
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import NamedTuple, cast
+from typing import cast
 
 from dedupimg.core.errors import IntegrityError, UsageError
-from dedupimg.core.manifest import Segment, SnapshotRecord
+from dedupimg.core.extents import Extent, ExtentMap
+from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.zeros import ZERO_BLOCK
 from dedupimg.repo.readpool import Landed
 from dedupimg.repo.repository import Repository
 
 CHUNK_CACHE_BYTES = 64 << 20
-SEGMENT_CACHE = 64
 READ_AHEAD = 1 << 20  # bytes of image fetched ahead, in line, when access is sequential
 READ_AHEAD_POOL = 8 << 20  # ... and by the repository's read workers, in the background
 STREAMS = 8  # sequential readers of one snapshot followed at once
 PIN_ATTEMPTS = 4  # fetch-and-pin rounds before a read gives up on the shared cache and reads uncached
 _ZEROS = memoryview(ZERO_BLOCK)
-
-
-@dataclass(frozen=True)
-class _SegmentIndex:
-    segment: Segment
-    starts: list[int]  # offset of each extent within the segment
-
-
-class Extent(NamedTuple):
-    """One extent of the image: ``[offset, offset+length)`` is zeros (id None) or the chunk ``id``.
-
-    A named tuple, not a dataclass: reads make two per chunk, and a frozen dataclass costs several times more
-    to build."""
-
-    offset: int
-    length: int
-    id: bytes | None
 
 
 class _LRU:
@@ -82,13 +63,8 @@ class SnapshotReader:
         self.repo = repo
         self.record = record
         self.size = record.size
-        self._seg_starts: list[int] = []
-        pos = 0
-        for _, n in record.segments:
-            self._seg_starts.append(pos)
-            pos += n
+        self.map = ExtentMap(record, repo.segment)
         self._lock = threading.Lock()
-        self._segments = _LRU(SEGMENT_CACHE)
         self._chunks = _LRU(cache_bytes)  # chunks read without a read pool
         # Sequential streams: the end of a stream's last read -> how far its read-ahead has been started. A
         # read that starts where a stream ended continues it. Several, because NBD clients such as nbdcopy
@@ -103,37 +79,9 @@ class SnapshotReader:
 
     # -- mapping ----------------------------------------------------------------------------------------------
 
-    def _segment(self, index: int) -> _SegmentIndex:
-        seg_id = self.record.segments[index][0]
-        with self._lock:
-            cached = self._segments.get(seg_id)
-        if cached is not None:
-            return cached  # type: ignore[return-value]
-        segment = self.repo.segment(seg_id)
-        if segment.size != self.record.segments[index][1]:
-            raise IntegrityError(f"manifest segment {seg_id.hex()[:16]} has the wrong length")
-        entry = _SegmentIndex(segment, segment.starts())
-        with self._lock:
-            self._segments.put(seg_id, entry)
-        return entry
-
     def extents(self, offset: int, length: int) -> list[Extent]:
         """The extents that cover ``[offset, offset+length)`` (clipped to the image), in order."""
-        end = min(offset + length, self.size)
-        out: list[Extent] = []
-        if offset >= end or offset < 0:
-            return out
-        s = bisect.bisect_right(self._seg_starts, offset) - 1
-        while s < len(self._seg_starts) and self._seg_starts[s] < end:
-            entry = self._segment(s)
-            base = self._seg_starts[s]
-            e = max(0, bisect.bisect_right(entry.starts, offset - base) - 1)
-            seg = entry.segment
-            while e < len(seg.lengths) and base + entry.starts[e] < end:
-                out.append(Extent(base + entry.starts[e], seg.lengths[e], seg.ids[e]))
-                e += 1
-            s += 1
-        return out
+        return self.map.extents(offset, length)
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -156,7 +104,7 @@ class SnapshotReader:
         end = min(offset + len(view), self.size)
         if offset >= end:
             return 0
-        extents = self.extents(offset, end - offset)
+        extents = self.map.extents(offset, end - offset)
         with self._lock:
             ahead_until = self._streams.pop(offset, None)
             sequential = ahead_until is not None
@@ -247,7 +195,7 @@ class SnapshotReader:
                 return []  # enough is ahead: top the window up in large steps, which make large runs
             if end in self._streams:
                 self._streams[end] = limit
-        ahead = self.extents(start, limit - start)
+        ahead = self.map.extents(start, limit - start)
         out: dict[bytes, None] = {}
         with self._lock:
             for ext in ahead:
@@ -303,13 +251,4 @@ class SnapshotReader:
 
     def is_zero_range(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """``(offset, length, zero)`` runs for ``[offset, offset+length)``: what NBD block status reports."""
-        runs: list[tuple[int, int, bool]] = []
-        end = min(offset + length, self.size)
-        for ext in self.extents(offset, end - offset):
-            lo, hi = max(offset, ext.offset), min(end, ext.offset + ext.length)
-            zero = ext.id is None
-            if runs and runs[-1][2] == zero and runs[-1][0] + runs[-1][1] == lo:
-                runs[-1] = (runs[-1][0], runs[-1][1] + hi - lo, zero)
-            else:
-                runs.append((lo, hi - lo, zero))
-        return runs
+        return self.map.zero_runs(offset, length)
