@@ -1,15 +1,28 @@
-"""Shared test helpers: deterministic data, the CLI in a subprocess, small repositories."""
+"""Shared test helpers: deterministic data and images, the CLI in a subprocess and what a result must look like,
+shell commands, small repositories, snapshot-and-restore in the library, snapshot records.
+
+One place for what several test modules need; fixtures live in ``conftest.py`` (tests/ and tests/integration/).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import selectors
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import blake3
+import pytest
 
 from dedupimg.core.config import ChunkerParams
+from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.ops.restore import restore
+from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,20 +49,130 @@ def small_repo(path: Path, avg: int = 1024) -> Repository:
     return Repository.init(path, ChunkerParams.for_average(avg), pack_size=1 << 16)
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the variables that would change what the CLI does, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DEDUPIMG_REPO", "DEDUPIMG_DEBUG")}
+    env.update(extra)
+    return env
+
+
 def run_cli(*args: str | os.PathLike[str], input: bytes | None = None, env: dict[str, str] | None = None,
-            **kwargs: object) -> subprocess.CompletedProcess[bytes]:
-    full_env = dict(os.environ)
-    full_env.pop("DEDUPIMG_REPO", None)
-    full_env.pop("DEDUPIMG_DEBUG", None)
-    full_env.update(env or {})
+            timeout: float = 600, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    """``python -m dedupimg ARGS`` in a subprocess, output captured (bytes, or str with ``text=True``)."""
     return subprocess.run(
         [sys.executable, "-m", "dedupimg", *map(str, args)],
         input=input,
         capture_output=True,
-        env=full_env,
-        timeout=600,
-        **kwargs,  # type: ignore[arg-type]
+        env=cli_env(**(env or {})),
+        timeout=timeout,
+        **kwargs,
     )
+
+
+def _text(out: bytes | str | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+
+
+def ok(proc: subprocess.CompletedProcess[Any]) -> str:
+    """Asserts exit 0 and returns standard output as text."""
+    assert proc.returncode == 0, (proc.args, proc.returncode, _text(proc.stdout)[-2000:], _text(proc.stderr))
+    return _text(proc.stdout)
+
+
+def fails(proc: subprocess.CompletedProcess[Any], code: int, *words: str) -> str:
+    """Asserts exit ``code`` with one clear line on stderr (no traceback) holding every one of ``words``;
+    returns that line."""
+    err = _text(proc.stderr)
+    assert proc.returncode == code, (proc.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err  # one clear line
+    for w in words:
+        assert w in lines[0], err
+    return lines[0]
+
+
+def sh(*cmd: str | os.PathLike[str], timeout: float = 120) -> str:
+    """A system command (mkfs, mount, losetup, ...) that must succeed; returns its standard output."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (cmd, proc.stderr)
+    return proc.stdout
+
+
+def wait_for(predicate: Callable[[], object], what: str, proc: subprocess.Popen[Any] | None = None,
+             timeout: float = 20) -> None:
+    """Polls ``predicate`` until true; fails the test on timeout or when ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def first_line(stream: IO[bytes], timeout: float = 30) -> str:
+    """The first line a server subprocess prints (its address), or a failure after ``timeout`` seconds."""
+    sel = selectors.DefaultSelector()
+    sel.register(stream, selectors.EVENT_READ)
+    assert sel.select(timeout), "the server printed nothing"
+    return stream.readline().decode()
+
+
+def check_clean(repo: Path, *args: str) -> dict[str, object]:
+    """``dedupimg check --json`` exits 0 with no findings; returns its document."""
+    doc = json.loads(ok(run_cli("-r", repo, "check", "--json", *args)))
+    assert doc["ok"] is True and doc["findings"] == []
+    return doc
+
+
+def restore_all_bit_exact(repo: Path, expected: dict[str, bytes], tmp_path: Path,
+                          only: list[str] | None = None) -> None:
+    """Through the CLI: the repository lists exactly ``expected`` (id -> image bytes); each (or each of
+    ``only``) restores to its bytes."""
+    listing = json.loads(run_cli("-r", repo, "snapshots", "--json").stdout)
+    assert sorted(s["id"] for s in listing) == sorted(expected)
+    for sid, data in expected.items():
+        if only is not None and sid not in only:
+            continue
+        out = tmp_path / f"restore-{sid[:8]}.img"
+        ok(run_cli("-r", repo, "restore", sid, out, "--force"))
+        assert out.read_bytes() == data
+        out.unlink()
+
+
+def snap(repo: Repository, path: Path, data: bytes, name: str | None = "disk") -> SnapshotRecord:
+    """Writes ``data`` to ``path`` and snapshots it in the library as ``name`` (None: the file's base name)."""
+    path.write_bytes(data)
+    return take_snapshot(repo, str(path), name=name).record
+
+
+def restores(repo: Repository, rec: SnapshotRecord, expected: bytes, tmp: Path) -> bool:
+    """Asserts that ``rec`` restores (in the library) to ``expected``; True, so ``assert restores(...)`` reads."""
+    out = tmp / f"out-{rec.short_id}.img"
+    restore(repo, rec.hex_id, str(out), force=True)
+    assert out.read_bytes() == expected
+    out.unlink()
+    return True
+
+
+def make_tree(root: Path, dirs: int, files: int, size: int, dense: int) -> None:
+    """A directory tree to put into an ext4 image: ``dirs`` directories of ``files`` files, every third one
+    ``dense`` random bytes, the others text of ``size`` bytes and more."""
+    for d in range(dirs):
+        sub = root / f"dir{d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for f in range(files):
+            data = text_bytes(d * 100 + f, size + f * 3000) if f % 3 else det_bytes(d * 100 + f, dense)
+            (sub / f"file{f}.dat").write_bytes(data)
+
+
+def record(name: str = "disk", time: str = "2026-01-02T03:04:05+00:00", tags: list[str] | None = None,
+           segments: list[tuple[bytes, int]] | None = None, **fields: Any) -> SnapshotRecord:
+    """A snapshot record that needs no repository (retention, encodings); ``fields`` sets any other field."""
+    segments = segments or []
+    fields.setdefault("size", sum(n for _, n in segments))
+    fields.setdefault("image_hash", b"\0" * 32)
+    return SnapshotRecord(name=name, time=time, segments=segments, tags=tags or [], **fields)
 
 
 def write_sparse(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> None:
@@ -59,6 +182,19 @@ def write_sparse(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> None
         for off, data in pieces:
             f.seek(off)
             f.write(data)
+
+
+def write_image(path: Path, image: bytes, holes: bool, block: int = 4096) -> None:
+    """Writes ``image``; with ``holes``, aligned all-zero blocks become real holes (SEEK_HOLE sees them)."""
+    if not holes:
+        path.write_bytes(image)
+        return
+    pieces = []
+    for off in range(0, len(image), block):
+        data = image[off : off + block]
+        if data.count(0) != len(data):
+            pieces.append((off, data))
+    write_sparse(path, len(image), pieces)
 
 
 def blocks_allocated(path: Path) -> int:

@@ -14,21 +14,7 @@ import pytest
 
 from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo.repository import Repository
-from tests.helpers import det_bytes, run_cli, text_bytes
-
-
-def ok(proc) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def fails(proc, code: int, words: str) -> None:
-    err = proc.stderr.decode()
-    assert proc.returncode == code, (proc.returncode, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err  # one clear line, no traceback
-    assert "Traceback" not in err
-    assert words in lines[0], err
+from tests.helpers import det_bytes, fails, ok, run_cli, text_bytes
 
 
 @pytest.fixture

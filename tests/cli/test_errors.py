@@ -23,21 +23,7 @@ import typer
 
 from dedupimg.core import errors
 from dedupimg.core.errors import EXIT_CODES, DedupimgError, UsageError
-from tests.helpers import ROOT, det_bytes, run_cli, small_repo
-
-
-def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def fails(proc: subprocess.CompletedProcess[bytes], code: int, words: str) -> None:
-    err = proc.stderr.decode()
-    assert proc.returncode == code, (proc.returncode, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err  # one clear line
-    assert words in lines[0], err
-
+from tests.helpers import ROOT, det_bytes, fails, ok, run_cli, small_repo
 
 # -- the tables ------------------------------------------------------------------------------------------------
 

@@ -10,19 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import det_bytes, run_cli
-
-
-def ok(proc) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def one_line(proc, code: int, words: str) -> None:
-    err = proc.stderr.decode()
-    assert proc.returncode == code, (proc.returncode, err)
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert words in err, err
+from tests.helpers import det_bytes, fails, ok, run_cli
 
 
 def _listed(repo: Path) -> dict[str, dict]:
@@ -90,7 +78,7 @@ def test_damaged_index_is_refused_and_prune_deletes_nothing(filled, tmp_path, da
     for args in READ_COMMANDS + [["prune"], ["snapshot", str(tmp_path / "none.img")], ["forget", "--keep-last", "1"]]:
         args = [str(tmp_path / "out.img") if a == "OUT" else a for a in args]
         proc = run_cli("-r", filled, *args)
-        one_line(proc, 17, "repair index")
+        fails(proc, 17, "repair index")
     assert _packs(filled) == packs  # nothing deleted
     assert os.path.getsize(data) == (0 if damage == "empty" else os.path.getsize(data))
     report = ok(run_cli("-r", filled, "repair", "index"))
@@ -110,7 +98,7 @@ def test_prune_keeps_unindexed_packs_that_hold_snapshot_records(filled, tmp_path
     Index(filled / "index", create=True).close()
     packs = _packs(filled)
     proc = run_cli("-r", filled, "prune")
-    one_line(proc, 17, "repair index")
+    fails(proc, 17, "repair index")
     assert _packs(filled) == packs
     ok(run_cli("-r", filled, "repair", "index"))
     assert len(_listed(filled)) == 1

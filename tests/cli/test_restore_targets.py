@@ -22,24 +22,9 @@ from pathlib import Path
 import blake3
 import pytest
 
-from tests.helpers import ROOT, det_bytes, run_cli, text_bytes
+from tests.helpers import ROOT, det_bytes, fails, ok, run_cli, sh, text_bytes
 
 IMAGE = text_bytes(5, 300_000) + det_bytes(6, 200_000)
-
-
-def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def fails(proc: subprocess.CompletedProcess[bytes], code: int, *words: str) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode == code, (proc.returncode, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err  # one clear line
-    for w in words:
-        assert w in lines[0], err
-    return lines[0]
 
 
 @pytest.fixture
@@ -140,12 +125,6 @@ def test_force_keeps_owner_group_and_mode(repo, tmp_path):
 
 
 # -- block devices: O_EXCL, like mkfs ---------------------------------------------------------------------------
-
-
-def sh(*cmd: str | Path) -> str:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, (cmd, proc.stderr)
-    return proc.stdout
 
 
 @pytest.fixture

@@ -17,24 +17,10 @@ import pytest
 
 from dedupimg.repo.repository import Repository
 from dedupimg.serve.mount import build_tree
-from tests.helpers import det_bytes, run_cli, text_bytes, write_sparse
+from tests.helpers import det_bytes, fails, ok, run_cli, text_bytes, write_sparse
 
 MiB = 1 << 20
 WIDE = {"COLUMNS": "400"}  # rich tables fit their width: a wide one shows every cell whole
-
-
-def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
-def fails(proc: subprocess.CompletedProcess[bytes], code: int, words: str) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode == code, (proc.returncode, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err  # one clear line
-    assert words in lines[0], err
-    return lines[0]
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from dedupimg.core.retention import (
     parse_duration,
     parse_tag_list,
 )
+from tests.helpers import record
 
 FAR_FUTURE = datetime(2200, 1, 1, tzinfo=UTC)
 
@@ -534,17 +535,13 @@ def test_describe_matches_restic_wording():
     assert Policy().describe() == "remove"
 
 
-def _record(name: str, time: str, tags: list[str]) -> SnapshotRecord:
-    return SnapshotRecord(name=name, time=time, size=0, image_hash=b"\0" * 32, segments=[], tags=tags)
-
-
 def test_works_on_snapshot_records_grouped_by_name():
     records = [
-        _record("web", "2024-05-01T10:00:00+02:00", []),
-        _record("db", "2024-05-01T11:00:00+00:00", ["keep"]),
-        _record("web", "2024-05-02T10:00:00+02:00", []),
-        _record("db", "2024-05-02T11:00:00+00:00", []),
-        _record("web", "2024-05-02T09:00:00+02:00", []),
+        record("web", "2024-05-01T10:00:00+02:00", []),
+        record("db", "2024-05-01T11:00:00+00:00", ["keep"]),
+        record("web", "2024-05-02T10:00:00+02:00", []),
+        record("db", "2024-05-02T11:00:00+00:00", []),
+        record("web", "2024-05-02T09:00:00+02:00", []),
     ]
     groups = group_by_name(records, lambda r: r.name)
     assert list(groups) == ["web", "db"]

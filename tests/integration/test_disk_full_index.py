@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 from tests.helpers import det_bytes, run_cli
-from tests.integration.test_faults import small_fs  # noqa: F401  (fixture)
 
 
 def _fill(mnt: Path, leave: int) -> None:
@@ -30,7 +29,7 @@ def _fill(mnt: Path, leave: int) -> None:
     os.sync()
 
 
-def test_full_disk_at_any_point_of_the_commit_is_exit_18(tmp_path, small_fs):  # noqa: F811
+def test_full_disk_at_any_point_of_the_commit_is_exit_18(tmp_path, small_fs):
     repo = small_fs / "repo"
     assert run_cli("-r", repo, "init", "--chunk-size", "4096").returncode == 0
     codes = {}

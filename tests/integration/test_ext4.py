@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-from pathlib import Path
 
 from dedupimg.ops.restore import restore
 from dedupimg.ops.snapshot import take_snapshot
-from tests.helpers import det_bytes, text_bytes
-
-
-def sh(*cmd: str | Path) -> None:
-    subprocess.run([str(c) for c in cmd], check=True, capture_output=True, timeout=120)
-
-
-def make_tree(root: Path) -> None:
-    for d in range(6):
-        sub = root / f"dir{d}"
-        sub.mkdir(parents=True)
-        for f in range(12):
-            data = text_bytes(d * 100 + f, 20_000 + f * 3000) if f % 3 else det_bytes(d * 100 + f, 50_000)
-            (sub / f"file{f}.dat").write_bytes(data)
+from tests.helpers import det_bytes, make_tree, sh, text_bytes
 
 
 def test_ext4_image_two_versions(tmp_path, repo):
     tree = tmp_path / "tree"
-    make_tree(tree)
+    make_tree(tree, dirs=6, files=12, size=20_000, dense=50_000)
     image = tmp_path / "fs.img"
     sh("mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", "-d", tree, image, "48M")
     v1 = tmp_path / "v1.img"

@@ -6,7 +6,6 @@ snapshot restoring bit-exact; damage and index loss are in test_faults_check.py.
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
@@ -19,51 +18,15 @@ import pytest
 from dedupimg.ops.check import check
 from dedupimg.ops.restore import verify
 from dedupimg.repo.repository import Repository
-from tests.helpers import det_bytes, run_cli, text_bytes
+from tests.helpers import check_clean, det_bytes, restore_all_bit_exact, run_cli, text_bytes
 
 MiB = 1 << 20
-
-
-def restore_all_bit_exact(repo: Path, expected: dict[str, bytes], tmp_path: Path,
-                          only: list[str] | None = None) -> None:
-    """The repository lists exactly ``expected``; each (or each of ``only``) restores to its bytes."""
-    listing = json.loads(run_cli("-r", repo, "snapshots", "--json").stdout)
-    assert sorted(s["id"] for s in listing) == sorted(expected)
-    for sid, data in expected.items():
-        if only is not None and sid not in only:
-            continue
-        out = tmp_path / f"restore-{sid[:8]}.img"
-        proc = run_cli("-r", repo, "restore", sid, out, "--force")
-        assert proc.returncode == 0, proc.stderr
-        assert out.read_bytes() == data
-        out.unlink()
-
-
-def check_clean(repo: Path, *args: str) -> dict[str, object]:
-    """``dedupimg check --json`` exits 0 with no findings; returns its document."""
-    proc = run_cli("-r", repo, "check", "--json", *args)
-    assert proc.returncode == 0, (proc.stdout.decode(), proc.stderr.decode())
-    doc = json.loads(proc.stdout)
-    assert doc["ok"] is True and doc["findings"] == []
-    return doc
 
 
 def snapshot_id(repo: Path, image: Path) -> str:
     proc = run_cli("-r", repo, "snapshot", image)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.decode().strip()
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path):
-    """A 24 MiB ext4 filesystem on a loop device: a disk that really fills up (journal, delayed allocation)."""
-    fs_image = tmp_path / "small-fs.img"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(fs_image), "24M"], check=True, timeout=60)
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(fs_image), str(mnt)], check=True, timeout=30)
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True, timeout=60)
 
 
 def test_disk_full_during_snapshot(tmp_path, small_fs):

@@ -24,9 +24,7 @@ from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
 from dedupimg.repo.lock import LockMode, RepositoryLock
 from dedupimg.repo.repository import Repository
-from tests.helpers import det_bytes, run_cli, small_repo, text_bytes
-from tests.integration.test_faults import check_clean as check_ok
-from tests.integration.test_faults import restore_all_bit_exact
+from tests.helpers import check_clean, det_bytes, restore_all_bit_exact, run_cli, small_repo, text_bytes
 
 
 def check_fails(repo: Path, *args: str) -> tuple[str, str]:
@@ -69,7 +67,7 @@ def test_clean_repository_after_many_snapshots(tmp_path):
             data[pos : pos + 5000] = det_bytes(100 + i, 5000)
             image.write_bytes(bytes(data))
             take_snapshot(r, str(image))
-    half = check_ok(repo, "--read-data-subset", "50%")["counts"]
+    half = check_clean(repo, "--read-data-subset", "50%")["counts"]
     assert isinstance(half, dict) and half["snapshots"] == 12 and half["packs_read"] == -(-half["packs"] // 2)
     text = run_cli("-r", repo, "check", "--read-data")
     out = text.stdout.decode()
@@ -93,7 +91,7 @@ def test_flipped_byte(two, tmp_path):
     data = bytearray(pack_file.read_bytes())
     data[offset + pack.BLOB_HEADER.size + 7] ^= 0x40
     pack_file.write_bytes(bytes(data))
-    check_ok(repo)  # structure: the trailer and index still agree
+    check_clean(repo)  # structure: the trailer and index still agree
     out, _ = check_fails(repo, "--read-data")
     line = next(line for line in out.splitlines() if line.startswith("error"))
     assert "blob-damaged" in line and pack_file.name in line and damaged[:8] in line and intact[:8] not in line
@@ -138,7 +136,7 @@ def test_deleted_lmdb_files_then_repair(two, tmp_path):
     doc = json.loads(proc.stdout)
     assert doc["snapshots"] == 2 and doc["damaged_packs"] == [] and doc["left_out"] == []
     restore_all_bit_exact(repo, expected, tmp_path)
-    check_ok(repo, "--read-data")
+    check_clean(repo, "--read-data")
     # (Repairing an intact index gives the same index: tests/ops/test_check.py.)
 
 
@@ -157,7 +155,7 @@ def test_locks(two):
         proc = run_cli("-r", repo, "check")
         assert proc.returncode == 11 and "prune" in proc.stderr.decode()
     with RepositoryLock(repo, LockMode.SHARED, what="restore"):
-        check_ok(repo)  # check shares the repository
+        check_clean(repo)  # check shares the repository
         proc = run_cli("-r", repo, "repair", "index")
         assert proc.returncode == 11 and "locked" in proc.stderr.decode()
 
@@ -180,7 +178,7 @@ def test_check_while_snapshots_commit(tmp_path):
     finally:
         proc.wait(timeout=120)
     assert proc.returncode == 0 and runs >= 2
-    check_ok(repo, "--read-data")
+    check_clean(repo, "--read-data")
 
 
 def test_kill_9_during_repair(tmp_path):

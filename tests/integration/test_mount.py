@@ -10,10 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,51 +20,12 @@ from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
 from dedupimg.serve.reader import SnapshotReader
-from tests.helpers import det_bytes, run_cli, small_repo, text_bytes
+from tests.helpers import det_bytes, make_tree, run_cli, sh, small_repo, text_bytes, wait_for
+from tests.integration.support import mounted, unmount
 
 MiB = 1 << 20
 T1 = datetime(2026, 11, 24, 22, 0, 0, tzinfo=UTC)
 T2 = datetime(2026, 11, 25, 23, 30, 15, tzinfo=UTC)
-
-
-def sh(*cmd: str | Path) -> None:
-    subprocess.run([str(c) for c in cmd], check=True, capture_output=True, timeout=60)
-
-
-def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the mount process exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def unmount(mnt: Path) -> None:
-    if os.path.ismount(mnt):
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
-
-
-@contextmanager
-def mounted(repo: Path, mnt: Path, log: Path) -> Iterator[subprocess.Popen]:
-    """``dedupimg mount --foreground`` in a subprocess, up; always unmounted and reaped afterwards."""
-    mnt.mkdir(exist_ok=True)
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dedupimg", "-r", str(repo), "mount", str(mnt), "--foreground"],
-            stdout=subprocess.DEVNULL, stderr=err,
-        )
-    try:
-        wait_for(lambda: os.path.ismount(mnt), "the mount", proc)
-        yield proc
-    finally:
-        unmount(mnt)
-        try:
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
 
 
 def image_bytes(seed: int, size: int = 3 * MiB + 1234) -> bytes:
@@ -168,13 +126,8 @@ def test_snapshots_taken_while_mounted_appear(tmp_path, two_images):
         assert len(os.listdir(mnt / "disk")) == 4
 
 
-def make_tree(root: Path, extra: bool) -> None:
-    for d in range(3):
-        sub = root / f"dir{d}"
-        sub.mkdir(parents=True, exist_ok=True)
-        for f in range(8):
-            data = text_bytes(d * 100 + f, 10_000 + f * 3000) if f % 3 else det_bytes(d * 100 + f, 40_000)
-            (sub / f"file{f}.dat").write_bytes(data)
+def make_versioned_tree(root: Path, extra: bool) -> None:
+    make_tree(root, dirs=3, files=8, size=10_000, dense=40_000)
     if extra:
         (root / "dir1" / "file2.dat").write_bytes(b"changed in version two\n" * 100)
         (root / "added.txt").write_bytes(text_bytes(999, 123_456))
@@ -194,7 +147,7 @@ def test_ext4_image_loop_mounted_from_the_mount(tmp_path):
     image, trees = tmp_path / "fs.img", []
     for version, when in ((1, T1), (2, T2)):
         tree = tmp_path / f"tree{version}"
-        make_tree(tree, extra=version == 2)
+        make_versioned_tree(tree, extra=version == 2)
         image.unlink(missing_ok=True)
         sh("mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", "-d", tree, image, "32M")
         take_snapshot(repo, str(image), name="fs", when=when)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,11 +18,10 @@ from pathlib import Path
 import pytest
 
 from dedupimg.ops.snapshot import take_snapshot
-from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
 from dedupimg.serve import nbd
-from dedupimg.serve.reader import SnapshotReader
-from tests.helpers import ROOT, det_bytes, run_cli, small_repo, text_bytes, write_sparse
+from tests.helpers import ROOT, cli_env, det_bytes, first_line, ok, run_cli, small_repo, text_bytes
+from tests.integration.support import RawClient, build, flip_byte_in_chunk, start, stop
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -34,11 +31,6 @@ V1_SIZE = 6 * MiB
 V1_PIECES = [(0, text_bytes(1, 512 * KiB)), (2 * MiB, det_bytes(2, MiB)), (5 * MiB, text_bytes(3, 512 * KiB))]
 V2_SIZE = 7 * MiB  # a different size tells the versions apart in nbdinfo's output
 V2_PIECES = [(0, text_bytes(4, 512 * KiB)), *V1_PIECES[1:], (6 * MiB + 256 * KiB, det_bytes(5, 256 * KiB))]
-
-
-def build(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> bytes:
-    write_sparse(path, size, pieces)
-    return path.read_bytes()
 
 
 @dataclass
@@ -51,26 +43,6 @@ class Served:
 
     def uri(self, name: str = "") -> str:
         return f"nbd://127.0.0.1:{self.port}/{name}"
-
-
-@dataclass
-class Running:
-    server: nbd.NbdServer
-    port: int
-    thread: threading.Thread
-
-
-def start(repo: Repository, refs: list[str] | None = None) -> Running:
-    server = nbd.NbdServer(repo, refs or [], "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    return Running(server, server.address[1], thread)
-
-
-def stop(running: Running) -> None:
-    running.server.shutdown()
-    running.thread.join(10)
-    assert not running.thread.is_alive()
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +62,6 @@ def served(tmp_path_factory) -> Iterator[Served]:
 
 def tool(*args: str | os.PathLike[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, (proc.args, proc.stdout, proc.stderr)
-    return proc.stdout
 
 
 def export_size(uri: str) -> int:
@@ -234,74 +201,6 @@ def test_several_clients_at_once(served, tmp_path):
 
 
 # -- bad input, with raw sockets ------------------------------------------------------------------------------
-
-
-class RawClient:
-    """Just enough of an NBD client to send what real clients never would."""
-
-    def __init__(self, port: int, flags: int = nbd.NBD_FLAG_C_FIXED_NEWSTYLE | nbd.NBD_FLAG_C_NO_ZEROES) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        magic, opt_magic, server_flags = nbd.GREETING.unpack(self.recv(nbd.GREETING.size))
-        assert (magic, opt_magic) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
-        assert server_flags == nbd.NBD_FLAG_FIXED_NEWSTYLE | nbd.NBD_FLAG_NO_ZEROES
-        self.sock.sendall(struct.pack(">I", flags))
-
-    def recv(self, n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            part = self.sock.recv(n - len(out))
-            if not part:
-                raise EOFError(f"closed after {len(out)} of {n} bytes")
-            out += part
-        return out
-
-    def closed(self) -> bool:
-        """True when the server hangs up on us (within the socket timeout)."""
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def option(self, option: int, data: bytes = b"") -> None:
-        self.sock.sendall(nbd.OPTION.pack(nbd.IHAVEOPT, option, len(data)) + data)
-
-    def option_reply(self) -> tuple[int, int, bytes]:
-        magic, option, reply_type, length = nbd.OPTION_REPLY.unpack(self.recv(nbd.OPTION_REPLY.size))
-        assert magic == nbd.NBD_REP_MAGIC
-        return option, reply_type, self.recv(length)
-
-    def go(self, name: str, structured: bool = False) -> int:
-        """Negotiate and enter transmission; returns the export size."""
-        if structured:
-            self.option(nbd.NBD_OPT_STRUCTURED_REPLY)
-            assert self.option_reply()[1] == nbd.NBD_REP_ACK
-        raw = name.encode()
-        self.option(nbd.NBD_OPT_GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
-        size = -1
-        while True:
-            option, reply_type, data = self.option_reply()
-            assert option == nbd.NBD_OPT_GO
-            if reply_type == nbd.NBD_REP_ACK:
-                return size
-            assert reply_type == nbd.NBD_REP_INFO, (reply_type, data)
-            if struct.unpack_from(">H", data)[0] == nbd.NBD_INFO_EXPORT:
-                size = struct.unpack_from(">Q", data, 2)[0]
-
-    def request(self, command: int, offset: int, length: int, handle: int, payload: bytes = b"") -> None:
-        self.sock.sendall(nbd.REQUEST.pack(nbd.NBD_REQUEST_MAGIC, 0, command, handle, offset, length) + payload)
-
-    def simple_reply(self, handle: int, length: int = 0) -> tuple[int, bytes]:
-        magic, error, got = nbd.SIMPLE_REPLY.unpack(self.recv(nbd.SIMPLE_REPLY.size))
-        assert (magic, got) == (nbd.NBD_SIMPLE_REPLY_MAGIC, handle)
-        return error, self.recv(length) if error == 0 else b""
-
-    def chunk(self) -> tuple[int, int, int, bytes]:
-        magic, flags, reply_type, handle, length = nbd.CHUNK.unpack(self.recv(nbd.CHUNK.size))
-        assert magic == nbd.NBD_STRUCTURED_REPLY_MAGIC
-        return flags, reply_type, handle, self.recv(length)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -444,18 +343,7 @@ def test_damaged_chunk_is_an_error_not_wrong_data(tmp_path):
     try:
         image = build(tmp_path / "disk.img", 4 * MiB, [(0, det_bytes(7, 3 * MiB))])
         rec = take_snapshot(repo, str(tmp_path / "disk.img"), name="disk").record
-        # Flip one byte in the middle of the stored data of a chunk about 2 MiB into the image.
-        extent = next(e for e in SnapshotReader(repo, rec).extents(2 * MiB, 1) if e.id is not None)
-        for path in pack.iter_pack_paths(repo.packs_dir):
-            entry = next((e for e in pack.read_trailer(path) if e.id == extent.id), None)
-            if entry is not None:
-                break
-        assert entry is not None
-        with open(path, "r+b") as f:
-            f.seek(entry.data_offset + entry.stored_len // 2)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0x40]))
+        extent = flip_byte_in_chunk(repo, rec, 2 * MiB)
 
         running = start(repo)
         try:
@@ -479,20 +367,6 @@ def test_damaged_chunk_is_an_error_not_wrong_data(tmp_path):
 
 
 # -- the command line -----------------------------------------------------------------------------------------
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("DEDUPIMG_REPO", None)
-    env.pop("DEDUPIMG_DEBUG", None)
-    return env
-
-
-def first_line(stream, timeout: float = 30) -> str:
-    sel = selectors.DefaultSelector()
-    sel.register(stream, selectors.EVENT_READ)
-    assert sel.select(timeout), "the server printed nothing"
-    return stream.readline().decode()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

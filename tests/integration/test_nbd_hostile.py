@@ -25,28 +25,17 @@ from pathlib import Path
 import pytest
 
 from dedupimg.ops.snapshot import take_snapshot
-from dedupimg.repo import pack
 from dedupimg.serve import nbd
-from dedupimg.serve.reader import SnapshotReader
-from tests.helpers import ROOT, det_bytes, small_repo
-from tests.integration.test_nbd import RawClient, build, first_line, start, stop
+from tests.helpers import ROOT, cli_env, det_bytes, first_line, ok, run_cli, small_repo
+from tests.integration.support import RawClient, build, flip_byte_in_chunk, start, stop
 
 MiB = 1 << 20
 KiB = 1 << 10
 TIMEOUT = 60
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DEDUPIMG_REPO", "DEDUPIMG_DEBUG")}
-    env.update(extra)
-    return env
-
-
 def cli(*args: str | os.PathLike[str]) -> str:
-    proc = subprocess.run([sys.executable, "-m", "dedupimg", *map(str, args)], capture_output=True, text=True,
-                          env=cli_env(), timeout=TIMEOUT, cwd=ROOT)
-    assert proc.returncode == 0, (proc.args, proc.stdout, proc.stderr)
-    return proc.stdout
+    return ok(run_cli(*args, timeout=TIMEOUT, cwd=ROOT))
 
 
 @dataclass
@@ -232,17 +221,7 @@ def test_damage_after_the_first_piece_is_never_sent_as_data(tmp_path):
     try:
         image = build(tmp_path / "disk.img", 4 * MiB, [(0, det_bytes(12, 4 * MiB))])
         rec = take_snapshot(repo, str(tmp_path / "disk.img"), name="disk").record
-        extent = next(e for e in SnapshotReader(repo, rec).extents(3 * MiB, 1) if e.id is not None)
-        for path in pack.iter_pack_paths(repo.packs_dir):
-            entry = next((e for e in pack.read_trailer(path) if e.id == extent.id), None)
-            if entry is not None:
-                break
-        assert entry is not None
-        with open(path, "r+b") as f:
-            f.seek(entry.data_offset + entry.stored_len // 2)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0x40]))
+        extent = flip_byte_in_chunk(repo, rec, 3 * MiB)
         running = start(repo)
         try:
             # Simple reply: the pieces before the damage go out; then the connection is dropped, since a

@@ -18,22 +18,13 @@ import pytest
 
 from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
-from tests.helpers import ROOT, det_bytes, small_repo, text_bytes
+from tests.helpers import ROOT, det_bytes, fails, run_cli, small_repo, text_bytes
 
 TIMEOUT = 60  # seconds: far more than any of these commands needs on a small repository
 
 
 def cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("DEDUPIMG_REPO", "DEDUPIMG_DEBUG")}
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "dedupimg", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=TIMEOUT, cwd=ROOT)
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    assert proc.returncode == code, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    return proc.stderr
+    return run_cli(*args, env=env, text=True, timeout=TIMEOUT, cwd=ROOT)
 
 
 @pytest.fixture
@@ -76,7 +67,7 @@ def test_restore_and_verify_refuse_a_fifo_at_once(fifo_repo, tmp_path, command):
     out_dir.mkdir()
     target = out_dir / "restored.img"
     args = ["restore", damaged, target] if command == "restore" else ["verify", damaged]
-    err = one_line_error(cli("-r", repo, *args), 17)
+    err = fails(cli("-r", repo, *args), 17)
     assert fifo.name in err and "FIFO" in err
     assert list(out_dir.iterdir()) == []  # no temporary file left behind, no target
     # The other snapshot does not need that pack: it still restores bit-exact.

@@ -15,26 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, det_bytes, run_cli, text_bytes
-from tests.integration.test_mount import mounted
+from tests.helpers import ROOT, det_bytes, ok, run_cli, text_bytes
+from tests.integration.support import mounted
 
 MiB = 1 << 20
 OTHER = ["setpriv", "--reuid", "1234", "--regid", "1234", "--clear-groups"]
 
 
-def _ok(proc: subprocess.CompletedProcess[bytes]) -> str:
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
-
-
 @pytest.fixture
 def source_repo(tmp_path: Path) -> tuple[Path, bytes]:
     repo = tmp_path / "src" / "repo"
-    _ok(run_cli("-r", repo, "init", "--chunk-size", "4096"))
+    ok(run_cli("-r", repo, "init", "--chunk-size", "4096"))
     data = text_bytes(1, MiB) + bytes(MiB) + det_bytes(2, MiB)
     img = tmp_path / "disk.img"
     img.write_bytes(data)
-    _ok(run_cli("-r", repo, "snapshot", img, "--name", "disk"))
+    ok(run_cli("-r", repo, "snapshot", img, "--name", "disk"))
     return repo, data
 
 
@@ -59,7 +54,7 @@ def _serve_and_copy(repo: Path, out: Path, prefix: list[str] | None = None) -> N
         line = proc.stderr.readline().decode().strip()
         assert line.startswith("serving"), line + proc.stderr.read().decode()
         port = int(line.rsplit(":", 1)[1])
-        name = _ok(run_cli("-r", repo, "snapshots", "--json")).split('"id": "')[1][:64] if prefix is None else None
+        name = ok(run_cli("-r", repo, "snapshots", "--json")).split('"id": "')[1][:64] if prefix is None else None
         export = name or "disk@latest"
         copy = subprocess.run(["nbdcopy", f"nbd://127.0.0.1:{port}/{export}", str(out)], capture_output=True,
                               timeout=60)
@@ -71,12 +66,12 @@ def _serve_and_copy(repo: Path, out: Path, prefix: list[str] | None = None) -> N
 
 def test_read_only_bind_mount(ro_bind, tmp_path):
     repo, data = ro_bind
-    assert "disk" in _ok(run_cli("-r", repo, "snapshots"))
-    _ok(run_cli("-r", repo, "info"))
-    _ok(run_cli("-r", repo, "check", "--read-data"))
-    _ok(run_cli("-r", repo, "verify", "latest"))
+    assert "disk" in ok(run_cli("-r", repo, "snapshots"))
+    ok(run_cli("-r", repo, "info"))
+    ok(run_cli("-r", repo, "check", "--read-data"))
+    ok(run_cli("-r", repo, "verify", "latest"))
     out = tmp_path / "out.img"
-    _ok(run_cli("-r", repo, "restore", "latest", out))
+    ok(run_cli("-r", repo, "restore", "latest", out))
     assert out.read_bytes() == data
     served = tmp_path / "served.img"
     _serve_and_copy(repo, served)
@@ -102,11 +97,11 @@ def open_base() -> Iterator[Path]:
 
 def test_user_with_read_access_only(open_base):
     repo = open_base / "repo"
-    _ok(run_cli("-r", repo, "init", "--chunk-size", "4096"))
+    ok(run_cli("-r", repo, "init", "--chunk-size", "4096"))
     data = text_bytes(3, MiB) + det_bytes(4, MiB)
     img = open_base / "disk.img"
     img.write_bytes(data)
-    _ok(run_cli("-r", repo, "snapshot", img, "--name", "disk"))
+    ok(run_cli("-r", repo, "snapshot", img, "--name", "disk"))
     for p in [repo, *repo.rglob("*")]:
         os.chown(p, 0, 1234)
         p.chmod((p.stat().st_mode & 0o700) | (0o050 if p.is_dir() else 0o040))
@@ -119,10 +114,10 @@ def test_user_with_read_access_only(open_base):
         return subprocess.run([*OTHER, sys.executable, "-m", "dedupimg", "-r", str(repo), *map(str, args)],
                               capture_output=True, cwd=ROOT, env=env, timeout=300)
 
-    assert "disk" in _ok(as_other("snapshots"))
-    _ok(as_other("check", "--read-data"))
-    _ok(as_other("verify", "latest"))
-    _ok(as_other("restore", "latest", out_dir / "out.img"))
+    assert "disk" in ok(as_other("snapshots"))
+    ok(as_other("check", "--read-data"))
+    ok(as_other("verify", "latest"))
+    ok(as_other("restore", "latest", out_dir / "out.img"))
     assert (out_dir / "out.img").read_bytes() == data
     proc = as_other("snapshot", out_dir / "out.img", "--name", "other")
     err = proc.stderr.decode()

@@ -17,8 +17,8 @@ import lmdb
 import pytest
 
 from dedupimg.core.manifest import decode_segment, encode_segment
-from tests.helpers import ROOT, det_bytes, run_cli
-from tests.integration.test_mount import mounted
+from tests.helpers import ROOT, det_bytes, fails, run_cli
+from tests.integration.support import mounted
 
 MiB = 1 << 20
 
@@ -53,17 +53,10 @@ def altered(tmp_path: Path) -> Path:
     return repo
 
 
-def _one_line(proc: subprocess.CompletedProcess[bytes], code: int) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode == code, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_restore_and_verify_refuse_the_altered_copy(altered, tmp_path):
-    _one_line(run_cli("-r", altered, "restore", "latest", tmp_path / "out.img"), 17)
+    fails(run_cli("-r", altered, "restore", "latest", tmp_path / "out.img"), 17)
     assert not (tmp_path / "out.img").exists()
-    _one_line(run_cli("-r", altered, "verify", "latest"), 17)
+    fails(run_cli("-r", altered, "verify", "latest"), 17)
 
 
 def test_mount_refuses_reads_of_the_altered_copy(altered, tmp_path):

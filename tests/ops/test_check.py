@@ -15,26 +15,11 @@ import dedupimg.repo.index
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.ops.check import CheckReport, check, choose_packs
-from dedupimg.ops.restore import restore
-from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
 from dedupimg.repo.index import BLOB_VALUE, PackRow
 from dedupimg.repo.repair import repair_index
 from dedupimg.repo.repository import Repository
-from tests.helpers import det_bytes, small_repo, text_bytes
-
-
-def snap(repo: Repository, tmp: Path, data: bytes, name: str) -> SnapshotRecord:
-    src = tmp / f"{name}.img"
-    src.write_bytes(data)
-    return take_snapshot(repo, str(src)).record
-
-
-def restores(repo: Repository, rec: SnapshotRecord, expected: bytes, tmp: Path) -> None:
-    out = tmp / f"out-{rec.short_id}.img"
-    restore(repo, rec.hex_id, str(out), force=True)
-    assert out.read_bytes() == expected
-    out.unlink()
+from tests.helpers import det_bytes, restores, small_repo, snap, text_bytes
 
 
 @pytest.fixture
@@ -48,7 +33,7 @@ def world(tmp_path: Path):
     }
     path = tmp_path / "repo"
     repo = small_repo(path)
-    expected = [(snap(repo, tmp_path, data, name), data) for name, data in images.items()]
+    expected = [(snap(repo, tmp_path / f"{name}.img", data, name=None), data) for name, data in images.items()]
     repo.close()
     return path, expected
 
@@ -80,7 +65,7 @@ def chunk_only_in(path: Path, rec: SnapshotRecord, others: list[SnapshotRecord])
 def test_clean_repository(world, tmp_path):
     path, expected = world
     with Repository.open(path) as repo:
-        snap(repo, tmp_path, det_bytes(10, 150_000) + det_bytes(40, 50_000), "a")  # shares with a
+        snap(repo, tmp_path / "a.img", det_bytes(10, 150_000) + det_bytes(40, 50_000), name=None)  # shares with a
     report = run_check(path, 1.0)
     assert report.ok, report.findings
     assert report.hints == []
@@ -312,7 +297,7 @@ def test_a_full_lmdb_map_grows(tmp_path, monkeypatch):
     path = tmp_path / "repo"
     repo = small_repo(path)  # 1 KiB chunks, 64 KiB packs: many rows and transactions per megabyte
     data = det_bytes(5, 6 << 20)
-    rec = snap(repo, tmp_path, data, "many")
+    rec = snap(repo, tmp_path / "many.img", data, name=None)
     repo.close()
     assert (path / "index" / "data.mdb").stat().st_size > initial  # the file cannot outgrow the map: it grew
     report = run_check(path, 1.0)

@@ -8,27 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.ops.forget import forget_snapshots, plan_ids
 from dedupimg.ops.prune import prune
-from dedupimg.ops.restore import restore
-from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
-from tests.helpers import det_bytes, small_repo, text_bytes
-
-
-def snap(repo: Repository, path: Path, data: bytes, name: str = "disk") -> SnapshotRecord:
-    path.write_bytes(data)
-    return take_snapshot(repo, str(path), name=name).record
-
-
-def restores(repo: Repository, rec: SnapshotRecord, expected: bytes, tmp: Path) -> bool:
-    out = tmp / f"out-{rec.short_id}.img"
-    restore(repo, rec.hex_id, str(out), force=True)
-    ok = out.read_bytes() == expected
-    out.unlink()
-    return ok
+from tests.helpers import det_bytes, restores, small_repo, snap, text_bytes
 
 
 def pack_files(repo: Repository) -> set[Path]:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dedupimg.ops.restore import restore
 from dedupimg.ops.snapshot import take_snapshot
-from tests.helpers import det_bytes, small_repo, text_bytes, write_sparse
+from tests.helpers import det_bytes, small_repo, text_bytes, write_image
 
 BLOCK = 4096
 
@@ -32,19 +32,6 @@ def apply(image: bytes, op: tuple[str, int, int, int]) -> bytes:
     if kind == "delete":
         return image[:pos] + image[pos + n :]
     return image[:pos] + bytes(n) + image[pos + n :]
-
-
-def write_image(path: Path, image: bytes, holes: bool) -> None:
-    """Write ``image``; with ``holes``, aligned all-zero blocks become real holes (SEEK_HOLE sees them)."""
-    if not holes:
-        path.write_bytes(image)
-        return
-    pieces = []
-    for off in range(0, len(image), BLOCK):
-        block = image[off : off + BLOCK]
-        if block.count(0) != len(block):
-            pieces.append((off, block))
-    write_sparse(path, len(image), pieces)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -44,7 +44,7 @@ from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
 from dedupimg.repo.repair import repair_index
 from dedupimg.repo.repository import CONFIG, Repository
-from tests.helpers import det_bytes, text_bytes, write_sparse
+from tests.helpers import det_bytes, text_bytes, write_image
 
 PACK_SIZE = 4096  # the smallest the config allows: one to four 1 KiB-average chunks
 SEGMENTS = SegmentParams(cut_mask=0x0F, max_extents=32, zero_cut=64 << 10)
@@ -162,15 +162,7 @@ class RepositoryMachine(RuleBasedStateMachine):
         """The image as a file; with ``holes``, aligned all-zero blocks are holes (never read)."""
         src = self.tmp / "source.img"
         src.unlink(missing_ok=True)
-        if not holes:
-            src.write_bytes(data)
-            return src
-        pieces = []
-        for off in range(0, len(data), BLOCK):
-            block = data[off : off + BLOCK]
-            if block.count(0) != len(block):
-                pieces.append((off, block))
-        write_sparse(src, len(data), pieces)
+        write_image(src, data, holes, BLOCK)
         return src
 
     def tick(self, hours: int) -> datetime:

@@ -35,7 +35,7 @@ from dedupimg.core.config import ChunkerParams, Config, SegmentParams
 from dedupimg.core.errors import DedupimgError, IntegrityError, UnsupportedFormat
 from dedupimg.core.manifest import ID_LEN, Segment, SnapshotRecord, chunker_dict, decode_segment
 from dedupimg.repo import pack
-from tests.helpers import det_bytes, text_bytes
+from tests.helpers import det_bytes, record, text_bytes
 
 FUZZ = settings(
     max_examples=300,
@@ -125,10 +125,10 @@ class BasePack:
 
 
 def _record(segments: list[tuple[bytes, int]]) -> SnapshotRecord:
-    return SnapshotRecord(
-        name="vm1", time="2026-01-02T03:04:05.123456+01:00", size=sum(n for _, n in segments),
-        image_hash=det_bytes(9, 32), segments=segments, source="/images/vm1.img", host="host",
-        tags=["a", "b"], chunker=chunker_dict(ChunkerParams()),
+    """A record with every field set, so that every field's encoding is fuzzed."""
+    return record(
+        "vm1", "2026-01-02T03:04:05.123456+01:00", ["a", "b"], segments, image_hash=det_bytes(9, 32),
+        source="/images/vm1.img", host="host", chunker=chunker_dict(ChunkerParams()),
         stats={"bytes_read": 1, "bytes_new": 2, "chunks_new": 3},
     )
 
