@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import blake3
 
@@ -44,6 +42,7 @@ from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.repo import integrity, pack
 from dedupimg.repo.index import BlobLocation, PackRow
 from dedupimg.repo.repository import Repository
+from dedupimg.store.base import ObjectMissing, StoreError
 
 TICK = 1024  # index entries per progress update
 MAX_PER_KIND = 20  # findings listed one by one per kind; the rest are summed up in one more finding
@@ -358,23 +357,23 @@ class _Checker:
     # -- packs ---------------------------------------------------------------------------------------------
 
     def _check_pack(self, row: PackRow, garbage: int, mismatched: dict[int, dict[bytes, int]]) -> None:
-        path = pack.pack_path(self.repo.packs_dir, row.id)
+        store, stored_as = self.repo.store, pack.pack_name(row.id)
         key: Key = ("pack", row.pack_no)
-        name = path.name
+        name = pack.pack_file_name(row.id)
         try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
+            size = store.size(stored_as)
+        except ObjectMissing:
             self.add("pack-missing", f"pack {name} is missing", key)
             return
-        except OSError as exc:
+        except StoreError as exc:
             self.add("pack-missing", f"pack {name} cannot be read: {exc.strerror}", key)
             return
         if size != row.size:
             self.add("pack-size", f"pack {name} is {size} bytes, the index says {row.size}", key)
         try:
-            info = integrity.read_pack_info(path)
+            info = integrity.read_pack_info(store, stored_as)
         except IntegrityError as exc:
-            self.add("pack-damaged", str(exc).replace(str(path), f"pack {name}"), key)
+            self.add("pack-damaged", str(exc).replace(store.location(stored_as), f"pack {name}"), key)
             return
         if info.id != row.id:
             self.add("pack-damaged", f"pack {name}: its trailer hash is {info.id.hex()[:16]}, not its name", key)
@@ -406,41 +405,44 @@ class _Checker:
         for blob_id, loc in self.index.iter_blob_rows():
             entries = mismatched.get(loc.pack_no)
             if entries is not None and entries.get(blob_id) != loc.offset:
-                name = pack.pack_path(self.repo.packs_dir, self.packs[loc.pack_no].id).name
+                name = pack.pack_file_name(self.packs[loc.pack_no].id)
                 self.add("index-mismatch", f"index row of blob {blob_id.hex()[:16]} points at offset {loc.offset} of "
                          f"pack {name}, where its trailer lists no such blob", ("blob", blob_id),
                          ("pack", loc.pack_no))
 
     def _check_files(self, indexed: set[bytes]) -> None:
         """Pack files the index does not list (orphans: hints, unless damaged), and tmp/ leftovers."""
-        skipped: list[Path] = []
-        for path in pack.iter_pack_paths(self.repo.packs_dir, skipped):
-            pid = integrity.pack_file_id(path)
+        store = self.repo.store
+        skipped: list[str] = []
+        for obj in pack.list_packs(store, skipped):
+            pid = integrity.pack_file_id(obj.name)
+            path, file_name = store.location(obj.name), integrity.base_name(obj.name)
             if pid is None:
                 self.hints.append(Hint("stray-file", f"{path} is not named like a pack"))
                 continue
             if pid in indexed:
                 continue
             try:
-                info = integrity.read_pack_info(path)
+                info = integrity.read_pack_info(store, obj.name)
             except IntegrityError as exc:
                 problem = str(exc).removeprefix(f"{path}: ")
-                self.add("pack-damaged", f"pack {path.name}, which the index does not list, is damaged: {problem}")
+                self.add("pack-damaged", f"pack {file_name}, which the index does not list, is damaged: {problem}")
                 continue
             self.counts.orphan_packs += 1
             records = len(self.repo.unknown_records([e.id for e in info.entries if e.type == pack.SNAPSHOT]))
             if records:  # what prune does with it: it stops (compaction._refuse_if_index_lost_snapshots)
-                self.hints.append(Hint("orphan-pack", f"orphan pack {path.name} ({info.size} bytes) holds {records} "
+                self.hints.append(Hint("orphan-pack", f"orphan pack {file_name} ({info.size} bytes) holds {records} "
                                        "snapshot record(s) the index does not know: prune deletes nothing until "
                                        "'dedupimg repair index' lists them"))
                 continue
-            self.hints.append(Hint("orphan-pack", f"orphan pack {path.name} ({info.size} bytes, not in the index: "
+            self.hints.append(Hint("orphan-pack", f"orphan pack {file_name} ({info.size} bytes, not in the index: "
                                    "left by an interrupted snapshot or prune); prune removes it"))
-        for path in skipped:  # one named like a listed pack is a problem found by _check_pack
-            if integrity.pack_file_id(path) not in indexed:
-                self.hints.append(Hint("stray-dir", f"{path} is a directory, not a pack; prune leaves it alone"))
-        for path, what in integrity.tmp_leftovers(self.repo.tmp_dir):
-            self.hints.append(Hint("tmp-leftover", f"{path}: {what}; safe to delete"))
+        for name in skipped:  # one named like a listed pack is a problem found by _check_pack
+            if integrity.pack_file_id(name) not in indexed:
+                self.hints.append(Hint("stray-dir", f"{store.location(name)} is a directory, not a pack; prune leaves "
+                                       "it alone"))
+        for where, what in integrity.tmp_leftovers(store):
+            self.hints.append(Hint("tmp-leftover", f"{where}: {what}; safe to delete"))
 
     # -- data ----------------------------------------------------------------------------------------------
 
@@ -455,20 +457,20 @@ class _Checker:
         self.progress.finish()
 
     def _start_pack(self, pool: ThreadPoolExecutor, row: PackRow) -> Future[integrity.PackData] | None:
-        path = pack.pack_path(self.repo.packs_dir, row.id)
+        name = pack.pack_name(row.id)
         try:
-            info = integrity.read_pack_info(path)
+            info = integrity.read_pack_info(self.repo.store, name)
         except IntegrityError:
             return None  # reported by the structure check
         locs = self.index.lookup_blobs([e.id for e in info.entries])
         full = {e.offset for e, loc in zip(info.entries, locs, strict=True)
                 if loc is not None and loc.pack_no == row.pack_no and loc.offset == e.offset}
-        return pool.submit(integrity.verify_pack_data, path, info, full)
+        return pool.submit(integrity.verify_pack_data, self.repo.store, name, info, full)
 
     def _pack_data_done(self, row: PackRow, job: Future[integrity.PackData]) -> None:
         data = job.result()
         self.counts.bytes_read += data.bytes_read
-        name = pack.pack_path(self.repo.packs_dir, row.id).name
+        name = pack.pack_file_name(row.id)
         key: Key = ("pack", row.pack_no)
         for entry, problem, indexed in data.errors:
             if entry is None:

@@ -7,7 +7,6 @@ only valid while no snapshot can add references. ``dry_run`` plans and reports w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.repo import compaction, pack
@@ -30,7 +29,7 @@ class PruneReport:
     orphan_packs: int
     tmp_files: int
     outcome: PruneOutcome | None  # None for a dry run
-    skipped: tuple[Path, ...] = ()  # directories named like packs or temporary files: reported, left alone
+    skipped: tuple[str, ...] = ()  # where directories named like packs or temporary files are: reported, left alone
 
     @property
     def bytes_freed(self) -> int:

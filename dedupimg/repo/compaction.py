@@ -24,14 +24,13 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from dedupimg.core.errors import IntegrityError, UsageError
-from dedupimg.core.fsutil import fsync_dir
 from dedupimg.core.manifest import decode_segment
 from dedupimg.repo import pack
 from dedupimg.repo.index import BlobLocation, NewSegment, PackRow, SealedPack
 from dedupimg.repo.repository import Repository
+from dedupimg.store.base import TEMP_PREFIX, TEMP_SUFFIX, NotAnObject, ObjectMissing
 
 DEFAULT_MAX_UNUSED = 0.05
 
@@ -39,7 +38,7 @@ DEFAULT_MAX_UNUSED = 0.05
 @dataclass(frozen=True)
 class PackWork:
     row: PackRow
-    path: Path
+    name: str  # in the store: packs/xx/<id>.pack
     unused_bytes: int
     live: list[pack.BlobEntry] = field(default_factory=list)  # blobs to copy when the pack is rewritten
 
@@ -54,9 +53,10 @@ class PrunePlan:
     dropped_segments: list[NewSegment] = field(default_factory=list)
     dropped_blobs: list[bytes] = field(default_factory=list)
     dropped_by_type: Counter[int] = field(default_factory=Counter)
-    orphan_packs: list[Path] = field(default_factory=list)
-    tmp_files: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)  # directories named like packs or temp files: left alone
+    orphan_packs: list[str] = field(default_factory=list)  # store names
+    tmp_files: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # where directories named like packs or temp files are:
+    # reported, left alone
     orphan_bytes: int = 0
     tmp_bytes: int = 0
 
@@ -140,15 +140,16 @@ def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result
         row = rows.get(pack_no)
         if row is None:
             raise IntegrityError(f"dead blobs name pack number {pack_no}, which the index does not list; run check")
-        path = pack.pack_path(repo.packs_dir, row.id)
-        entries = pack.read_trailer(path)
+        name = pack.pack_name(row.id)
+        with repo.store.open(name) as reader:
+            entries = pack.read_trailer(reader)
         ids = [e.id for e in entries]
         live = [
             e for e, loc in zip(entries, repo.index.lookup_blobs(ids), strict=True)
             if e.id not in dead and loc is not None and loc.pack_no == pack_no and loc.offset == e.offset
         ]
         live_bytes = sum(pack.blob_span(e.stored_len) for e in live)
-        work = PackWork(row, path, row.size - live_bytes, live)
+        work = PackWork(row, name, row.size - live_bytes, live)
         if not live:
             result.delete.append(work)
         elif work.unused_bytes > result.max_unused * row.size:
@@ -162,28 +163,32 @@ def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result
 def _find_leftovers(repo: Repository, result: PrunePlan) -> None:
     """Pack files the index does not list (a crash between rename and commit, or an interrupted prune) and
     temporary files: garbage, since no writer can be running while prune holds the exclusive lock."""
-    paths = list(pack.iter_pack_paths(repo.packs_dir, result.skipped))  # directories: reported, never removed
+    store = repo.store
+    skipped: list[str] = []
+    found = pack.list_packs(store, skipped)  # directories: reported, never removed
+    result.skipped += [store.location(d) for d in skipped]
     ids = {}
-    for p in paths:
+    for obj in found:
         try:
-            ids[bytes.fromhex(p.stem)] = p
+            ids[bytes.fromhex(obj.name.rsplit("/", 1)[-1].removesuffix(".pack"))] = obj
         except ValueError:
             continue  # not a name dedupimg writes: leave it alone
     listed = repo.index.pack_numbers(list(ids))
-    orphans = [p for pid, p in ids.items() if pid not in listed]
+    orphans = [obj.name for pid, obj in ids.items() if pid not in listed]
     _refuse_if_index_lost_snapshots(repo, orphans, bool(ids))
-    for p in orphans:
-        result.orphan_packs.append(p)
-        result.orphan_bytes += _size(p)
-    for p in sorted(repo.tmp_dir.glob("*.tmp")):
-        if p.is_dir():
-            result.skipped.append(p)
-            continue
-        result.tmp_files.append(p)
-        result.tmp_bytes += _size(p)
+    sizes = {obj.name: obj.size for obj in found}
+    for name in orphans:
+        result.orphan_packs.append(name)
+        result.orphan_bytes += sizes[name]
+    temp = store.list(TEMP_PREFIX)
+    result.skipped += [store.location(d) for d in temp.dirs if d.endswith(TEMP_SUFFIX)]
+    for obj in temp.objects:
+        if obj.name.endswith(TEMP_SUFFIX):
+            result.tmp_files.append(obj.name)
+            result.tmp_bytes += obj.size
 
 
-def _refuse_if_index_lost_snapshots(repo: Repository, orphans: list[Path], any_packs: bool) -> None:
+def _refuse_if_index_lost_snapshots(repo: Repository, orphans: list[str], any_packs: bool) -> None:
     """Raise IntegrityError (nothing deleted) when the index looks like it lost snapshots (issue 11 §1b).
 
     An index that was damaged or replaced by an empty one takes every pack for an orphan; deleting them would
@@ -194,32 +199,26 @@ def _refuse_if_index_lost_snapshots(repo: Repository, orphans: list[Path], any_p
     last rename and its commit leaves an orphan with an unknown record too: then ``repair index`` lists that
     snapshot (all its data is there), after which prune runs again.
     """
-    unknown: list[tuple[Path, bytes]] = []
-    for p in orphans:
-        if not p.is_file():
-            continue  # a FIFO or socket named like a pack holds no data: it goes like any orphan
+    unknown: list[tuple[str, bytes]] = []
+    for name in orphans:
         try:
-            entries = pack.read_trailer(p)
+            with repo.store.open(name) as reader:
+                entries = pack.read_trailer(reader)
+        except (NotAnObject, ObjectMissing):
+            continue  # a FIFO or socket named like a pack holds no data: it goes like any orphan
         except IntegrityError as exc:
             raise IntegrityError(f"{exc}; an unreadable pack the index does not list may hold snapshots, so prune "
                                  "deletes nothing: run 'dedupimg repair index' (or move the file away)") from None
-        unknown += [(p, i) for i in repo.unknown_records([e.id for e in entries if e.type == pack.SNAPSHOT])]
+        unknown += [(name, i) for i in repo.unknown_records([e.id for e in entries if e.type == pack.SNAPSHOT])]
     if unknown:
-        p, rec_id = unknown[0]
+        name, rec_id = unknown[0]
         raise IntegrityError(
-            f"pack {p.name} is not in the index but holds snapshot record {rec_id.hex()[:8]} "
+            f"pack {name.rsplit('/', 1)[-1]} is not in the index but holds snapshot record {rec_id.hex()[:8]} "
             f"({len(unknown)} such record(s) in all): the index is missing snapshots, so prune deletes nothing; "
             "run 'dedupimg repair index' first")
     if any_packs and not repo.index.snapshots() and repo.index.has_unforgotten_records():
         raise IntegrityError("the index lists no snapshot, yet holds snapshot records that were never forgotten: "
                              "it is damaged, so prune deletes nothing; run 'dedupimg repair index' first")
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] | None = None) -> PruneOutcome:
@@ -229,22 +228,18 @@ def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] |
     # A rewrite names its pack by content, so it can land on the very file of an orphan (the same rewrite,
     # made durable by a run that was killed before its index commit) or of a pack being dropped: that file
     # now holds the new pack and must stay.
-    kept = {pack.pack_path(repo.packs_dir, sealed.id) for sealed in new_packs}
+    kept = {pack.pack_name(sealed.id) for sealed in new_packs}
     repo.index.apply_prune(
         new_packs,
         todo.dropped_segments,
         todo.dropped_blobs,
-        [w.row.pack_no for w in todo.delete + todo.repack if w.path not in kept],
+        [w.row.pack_no for w in todo.delete + todo.repack if w.name not in kept],
         todo.garbage,
     )
-    freed = 0
-    dirs: set[Path] = set()
-    for p in [w.path for w in todo.delete + todo.repack] + todo.orphan_packs + todo.tmp_files:
-        if p not in kept:
-            freed += _remove(p)
-            dirs.add(p.parent)
-    for d in sorted(dirs):
-        fsync_dir(d)
+    # Deleted, then each directory fsynced once (the store does both).
+    gone = [n for n in [w.name for w in todo.delete + todo.repack] + todo.orphan_packs + todo.tmp_files
+            if n not in kept]
+    freed = repo.store.delete(gone)
     return PruneOutcome(len(todo.delete), len(todo.repack), len(new_packs), freed - written, written)
 
 
@@ -270,12 +265,13 @@ def _rewrite(
 
     try:
         for w in work:
-            data = pack.read_pack_file(w.path)
+            where = repo.store.location(w.name)
+            data = repo.store.read(w.name, where=where)  # the whole pack
             view = memoryview(data)
             for e in w.live:
-                pack.parse_blob(view, e.offset, e.id, str(w.path), e.offset)  # raises IntegrityError on damage
+                pack.parse_blob(view, e.offset, e.id, where, e.offset)  # raises IntegrityError on damage
                 if writer is None:
-                    writer = pack.PackWriter(repo.tmp_dir)
+                    writer = repo.new_pack()
                 writer.add(e.type, e.id, e.codec, bytes(view[e.data_offset : e.data_offset + e.stored_len]),
                            e.raw_len)
                 if writer.size >= repo.config.pack_size:
@@ -288,11 +284,3 @@ def _rewrite(
         raise
     return out, written
 
-
-def _remove(path: Path) -> int:
-    size = _size(path)
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    return size

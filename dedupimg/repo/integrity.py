@@ -1,21 +1,21 @@
 """Pack-level integrity helpers for ``check`` and ``repair index``: the parts that need pack offsets.
 
-Everything here reads pack files only (no index): a pack's identity and layout from its footer and trailer,
-its data read sequentially in large runs with every blob's header compared to its trailer row, and
-``tmp/`` leftovers. Messages name the pack file; they never contain raw damaged bytes.
+Everything here reads packs only (no index), through the store: a pack's identity and layout from its footer
+and trailer, its data read sequentially in large runs with every blob's header compared to its trailer row,
+and ``tmp/`` leftovers. Messages name the pack file; they never contain raw damaged bytes.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import struct
 from collections.abc import Container
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from dedupimg.core.errors import IntegrityError
 from dedupimg.repo import pack
+from dedupimg.repo.pack import PackInfo
+from dedupimg.store.base import TEMP_PREFIX, Store
 
 WINDOW = 16 << 20  # bytes of adjacent blobs read with one pread when reading a whole pack
 META_TYPES = (pack.SEGMENT, pack.SNAPSHOT, pack.TOMBSTONE)
@@ -23,16 +23,6 @@ _PACK_NAME = re.compile(r"^[0-9a-f]{64}\.pack$")
 _TMP_NAME = re.compile(r"^(\d+)-[0-9a-f]{16}\.tmp$")
 REBUILD_PREFIX = "index-rebuild-"  # tmp/index-rebuild-<pid>/: a new index being built by repair
 OLD_PREFIX = "index-old-"  # tmp/index-old-<pid>/: the index a repair replaced, until it is deleted
-
-
-@dataclass(frozen=True)
-class PackInfo:
-    """What a pack says about itself: its id (the footer's trailer hash), size and trailer rows."""
-
-    id: bytes
-    size: int
-    trailer_offset: int
-    entries: list[pack.BlobEntry]
 
 
 @dataclass
@@ -44,24 +34,22 @@ class PackData:
     bytes_read: int = 0
 
 
-def pack_file_id(path: Path) -> bytes | None:
-    """The pack id a file's name claims, or None when the name is not ``<64 hex>.pack``."""
-    return bytes.fromhex(path.name[:64]) if _PACK_NAME.match(path.name) else None
+def base_name(name: str) -> str:
+    """The last level of a store name: ``<64 hex>.pack`` of ``packs/xx/<64 hex>.pack``."""
+    return name.rsplit("/", 1)[-1]
 
 
-def read_pack_info(path: Path) -> PackInfo:
-    """Footer and trailer with every check of :func:`pack.read_trailer`; raises IntegrityError."""
-    entries = pack.read_trailer(path)
-    fd = pack.open_pack(path)
-    try:
-        size = os.fstat(fd).st_size
-        t_off, _t_len, _count, t_hash, _magic = pack.FOOTER.unpack(os.pread(fd, pack.FOOTER.size,
-                                                                             size - pack.FOOTER.size))
-    except (OSError, struct.error) as exc:
-        raise IntegrityError(f"{path}: cannot read pack: {getattr(exc, 'strerror', None) or exc}") from None
-    finally:
-        os.close(fd)
-    return PackInfo(bytes(t_hash), size, t_off, entries)
+def pack_file_id(name: str) -> bytes | None:
+    """The pack id a store name claims, or None when its last part is not ``<64 hex>.pack``."""
+    base = base_name(name)
+    return bytes.fromhex(base[:64]) if _PACK_NAME.match(base) else None
+
+
+def read_pack_info(store: Store, name: str) -> PackInfo:
+    """Footer and trailer with every check of :func:`pack.read_trailer`; raises IntegrityError naming the
+    pack's location (local: its path)."""
+    with store.open(name) as reader:
+        return pack.read_pack_info(reader)
 
 
 def layout_problems(info: PackInfo) -> list[str]:
@@ -87,7 +75,7 @@ def layout_problems(info: PackInfo) -> list[str]:
     return problems
 
 
-def verify_pack_data(path: Path, info: PackInfo, full: Container[int]) -> PackData:
+def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[int]) -> PackData:
     """Read the whole pack sequentially and check it.
 
     Every blob's header must match its trailer row. Blobs whose offset is in ``full`` (those the index points
@@ -96,16 +84,15 @@ def verify_pack_data(path: Path, info: PackInfo, full: Container[int]) -> PackDa
     problems are returned.
     """
     out = PackData()
-    where = path.name
+    where = base_name(name)
     try:
-        fd = pack.open_pack(path, where)
+        reader = store.open(name, where)
     except IntegrityError as exc:
         out.errors.append((None, str(exc).removeprefix(f"{where}: "), False))
         return out
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        head = os.pread(fd, len(pack.PACK_MAGIC), 0)
+    with reader:
+        reader.advise_sequential()
+        head = reader.pread(len(pack.PACK_MAGIC), 0)
         if head != pack.PACK_MAGIC:
             out.errors.append((None, "bad pack magic", False))
         entries = sorted(info.entries, key=lambda e: e.offset)
@@ -118,7 +105,7 @@ def verify_pack_data(path: Path, info: PackInfo, full: Container[int]) -> PackDa
                 end = entries[j].end
                 j += 1
             try:
-                data = os.pread(fd, end - start, start)
+                data = reader.pread(end - start, start)
             except OSError as exc:
                 for e in entries[i:j]:
                     out.errors.append((e, f"cannot read: {exc.strerror}", e.offset in full))
@@ -132,10 +119,7 @@ def verify_pack_data(path: Path, info: PackInfo, full: Container[int]) -> PackDa
                 if problem:
                     out.errors.append((e, problem, indexed))
             i = j
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # a check should not evict the cache
-    finally:
-        os.close(fd)
+        reader.drop_cache()  # a check should not evict the cache
     return out
 
 
@@ -160,35 +144,36 @@ def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where
     return ""
 
 
-def read_blobs(path: Path, entries: list[pack.BlobEntry]) -> list[tuple[pack.BlobEntry, bytes | str]]:
+def read_blobs(store: Store, name: str, entries: list[pack.BlobEntry]) -> list[tuple[pack.BlobEntry, bytes | str]]:
     """Each blob's verified raw bytes, or the reason it cannot be read (repair: the metadata blobs of a pack)."""
     out: list[tuple[pack.BlobEntry, bytes | str]] = []
+    where = base_name(name)
     try:
-        fd = pack.open_pack(path, path.name)
+        reader = store.open(name, where)
     except IntegrityError as exc:
         return [(e, str(exc)) for e in entries]
-    try:
+    with reader:
         for e in entries:
             try:
-                type_, raw = pack.read_blob(fd, e.offset, e.id, path.name)
-                out.append((e, raw) if type_ == e.type else (e, f"{path.name}: blob at {e.offset} has the wrong type"))
+                type_, raw = pack.read_blob(reader, e.offset, e.id, where)
+                out.append((e, raw) if type_ == e.type else (e, f"{where}: blob at {e.offset} has the wrong type"))
             except IntegrityError as exc:
                 out.append((e, str(exc)))
             except OSError as exc:
-                out.append((e, f"{path.name}: cannot read blob at {e.offset}: {exc.strerror}"))
-    finally:
-        os.close(fd)
+                out.append((e, f"{where}: cannot read blob at {e.offset}: {exc.strerror}"))
     return out
 
 
-def tmp_leftovers(tmp_dir: Path) -> list[tuple[Path, str]]:
-    """Entries of ``tmp/`` that no running process is writing, with what each one is."""
+def tmp_leftovers(store: Store) -> list[tuple[str, str]]:
+    """Entries of the store's ``tmp/`` that no running process is writing, with what each one is; each
+    named by its location (local: its path)."""
     out = []
     try:
-        names = sorted(os.listdir(tmp_dir))
+        listing = store.list(TEMP_PREFIX)
     except OSError:
         return []
-    for name in names:
+    for full in sorted([o.name for o in listing.objects] + listing.dirs):
+        name = full[len(TEMP_PREFIX) :]
         m = _TMP_NAME.match(name)
         if m and _pid_alive(int(m.group(1))):
             continue  # a pack being written right now
@@ -200,7 +185,7 @@ def tmp_leftovers(tmp_dir: Path) -> list[tuple[Path, str]]:
             what = "the old index a 'repair index' replaced"
         else:
             what = "an unknown file"
-        out.append((tmp_dir / name, what))
+        out.append((store.location(full), what))
     return out
 
 

@@ -11,24 +11,23 @@ Layout (docs/format.md has it byte for byte)::
 
 A pack is readable without LMDB: the footer finds the trailer, the trailer lists every blob. Every blob's id
 is the blake3-256 of its raw (uncompressed) bytes, so any blob read can be verified.
+
+This module is the byte format only: it writes into a store's object writer and reads from a store's reader
+handle (``dedupimg.store``), and never opens, lists or deletes anything itself.
 """
 
 from __future__ import annotations
 
-import os
-import stat
 import struct
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgpack
 import zstandard
 
-from dedupimg.core.errors import IntegrityError, PermissionDenied
-from dedupimg.core.fsutil import FILE_MODE, fsync_dir, raise_for_space
+from dedupimg.core.errors import IntegrityError
 from dedupimg.core.ids import blob_id
+from dedupimg.store.base import Listing, ObjectInfo, ObjectReader, ObjectWriter, Store
 
 PACK_MAGIC = b"DIMGPK\x00\x01"
 FOOTER_MAGIC = b"DIMGEND1"
@@ -124,57 +123,37 @@ def decode_blob(codec: int, stored: bytes | memoryview, raw_len: int) -> bytes:
 
 
 class PackWriter:
-    """Appends blobs to a temporary file; ``finish`` makes it a durable, named pack.
+    """Lays out a pack in a store's object writer; ``finish`` makes it a durable, named pack.
 
-    Writes are gathered and issued with writev in pieces of about a megabyte: two small writes per chunk
-    would cost more in system calls than the copy itself.
+    The object writer gathers the small writes (a header and the stored bytes per blob) into large ones.
     """
 
-    FLUSH_BYTES = 1 << 20
-    FLUSH_PIECES = 512  # below Linux's IOV_MAX of 1024
-
-    def __init__(self, tmp_dir: Path) -> None:
-        self._tmp = tmp_dir / f"{os.getpid()}-{os.urandom(8).hex()}.tmp"
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        self._pieces: list[bytes] = []
-        self._buffered = 0
-        self._offset = 0
+    def __init__(self, out: ObjectWriter) -> None:
+        self._out = out
+        self._offset = len(PACK_MAGIC)
         self.entries: list[BlobEntry] = []
-        self._write(PACK_MAGIC)
+        out.write(PACK_MAGIC)
 
     @property
     def size(self) -> int:
         return self._offset
 
-    def _write(self, data: bytes) -> None:
-        self._pieces.append(data)
-        self._buffered += len(data)
-        self._offset += len(data)
-        if self._buffered >= self.FLUSH_BYTES or len(self._pieces) >= self.FLUSH_PIECES:
-            self._flush()
-
-    def _flush(self) -> None:
-        pieces, self._pieces, self._buffered = self._pieces, [], 0
-        try:
-            done = os.writev(self._fd, pieces)
-            total = sum(len(p) for p in pieces)
-            if done < total:  # short write: finish it piece by piece
-                rest = memoryview(b"".join(pieces))[done:]
-                while rest:
-                    rest = rest[os.write(self._fd, rest) :]
-        except OSError as exc:
-            raise_for_space(exc, self._tmp)
-            raise
+    @property
+    def temp_name(self) -> str:
+        return self._out.temp_name
 
     def add(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> BlobEntry:
         entry = BlobEntry(type_, codec, self._offset, raw_len, len(stored), id_)
-        self._write(BLOB_HEADER.pack(BLOB_MAGIC, type_, codec, raw_len, len(stored), id_))
-        self._write(stored)
+        write = self._out.write
+        write(BLOB_HEADER.pack(BLOB_MAGIC, type_, codec, raw_len, len(stored), id_))
+        write(stored)
+        self._offset += BLOB_HEADER.size + len(stored)
         self.entries.append(entry)
         return entry
 
-    def finish(self, packs_dir: Path) -> tuple[bytes, Path, int]:
-        """Write trailer and footer, fsync, rename to ``packs/xx/<id>.pack``, fsync the directory.
+    def finish(self) -> tuple[bytes, int]:
+        """Write trailer and footer and commit the object as :func:`pack_name` of its id (durable when this
+        returns: docs/format.md §8); returns (pack id, size). On an error the caller calls :meth:`abort`.
 
         The pack id is the blake3 of the trailer, which lists every blob's id (the hash of its content),
         type, codec, offset and lengths: it names the content without hashing the data a second time.
@@ -185,52 +164,70 @@ class PackWriter:
         )
         pack_id = blob_id(trailer)
         footer = FOOTER.pack(self._offset, len(trailer), len(self.entries), pack_id, FOOTER_MAGIC)
-        self._write(trailer)
-        self._write(footer)
-        self._flush()
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise_for_space(exc, self._tmp)
-            raise
-        os.close(self._fd)
-        self._fd = -1
-        final = pack_path(packs_dir, pack_id)
-        os.replace(self._tmp, final)
-        fsync_dir(final.parent)
-        return pack_id, final, self._offset
+        self._out.write(trailer)
+        self._out.write(footer)
+        self._offset += len(trailer) + len(footer)
+        self._out.commit(pack_name(pack_id))
+        return pack_id, self._offset
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._tmp.unlink(missing_ok=True)
+        self._out.abort()
 
 
-def pack_path(packs_dir: Path, pack_id: bytes) -> Path:
+PACKS_PREFIX = "packs/"
+
+
+def pack_name(pack_id: bytes) -> str:
+    """The store name of a pack: ``packs/<first 2 hex digits>/<64 hex>.pack``."""
     hex_id = pack_id.hex()
-    return packs_dir / hex_id[:2] / f"{hex_id}.pack"
+    return f"{PACKS_PREFIX}{hex_id[:2]}/{hex_id}.pack"
 
 
-def read_blob(fd: int, entry_offset: int, expect_id: bytes, where: str) -> tuple[int, bytes]:
+def pack_file_name(pack_id: bytes) -> str:
+    """The last part of :func:`pack_name` (``<64 hex>.pack``): what messages call a pack."""
+    return f"{pack_id.hex()}.pack"
+
+
+def pack_levels() -> list[str]:
+    """The levels under ``packs/`` that ``init`` creates (``packs`` and ``packs/00`` ... ``packs/ff``)."""
+    return ["packs"] + [f"{PACKS_PREFIX}{i:02x}" for i in range(256)]
+
+
+def list_packs(store: Store, skipped: list[str] | None = None) -> list[ObjectInfo]:
+    """Entries ``packs/xx/*.pack`` in name order, but for directories (a pack is a file): those are appended
+    to ``skipped`` for the caller to report, and never returned, so no command tries to read or delete one.
+    Other odd entries (a FIFO, a device) are returned: opening one fails in the store (NotAnObject)."""
+    out: list[ObjectInfo] = []
+    for level in store.list(PACKS_PREFIX).dirs:
+        if len(level) != len(PACKS_PREFIX) + 2:
+            continue
+        listing: Listing = store.list(level + "/")
+        out += [o for o in listing.objects if o.name.endswith(".pack")]
+        if skipped is not None:
+            skipped += [d for d in listing.dirs if d.endswith(".pack")]
+    return out
+
+
+def read_blob(reader: ObjectReader, entry_offset: int, expect_id: bytes, where: str) -> tuple[int, bytes]:
     """Read and verify one blob at ``entry_offset``; returns (type, raw bytes)."""
     if entry_offset < 0:
         raise IntegrityError(f"{where}: blob offset {entry_offset} is negative")
-    header = os.pread(fd, BLOB_HEADER.size, entry_offset)
+    header = reader.pread(BLOB_HEADER.size, entry_offset)
     if len(header) != BLOB_HEADER.size:
         raise IntegrityError(f"{where}: blob header at {entry_offset} is truncated")
     stored_len = BLOB_HEADER.unpack(header)[4]
     if stored_len > MAX_BLOB:
         raise IntegrityError(f"{where}: blob header at {entry_offset} is damaged")
-    data = header + os.pread(fd, stored_len, entry_offset + BLOB_HEADER.size)
+    data = header + reader.pread(stored_len, entry_offset + BLOB_HEADER.size)
     return parse_blob(memoryview(data), 0, expect_id, where, entry_offset)
 
 
-def read_blob_run(fd: int, start: int, length: int, blobs: list[tuple[int, bytes]], where: str) -> list[bytes]:
+def read_blob_run(reader: ObjectReader, start: int, length: int, blobs: list[tuple[int, bytes]], where: str
+                  ) -> list[bytes]:
     """Read adjacent blobs with one pread: ``blobs`` are (offset, id) within ``[start, start+length)``."""
     if start < 0 or length < 0:
         raise IntegrityError(f"{where}: blob run at {start} (+{length}) is out of range")
-    data = os.pread(fd, length, start)
+    data = reader.pread(length, start)
     view = memoryview(data)
     return [parse_blob(view, offset - start, id_, where, offset)[1] for offset, id_ in blobs]
 
@@ -261,78 +258,42 @@ def parse_blob(view: memoryview, pos: int, expect_id: bytes, where: str, offset:
     return type_, raw
 
 
-def open_pack(path: Path | str, where: str | None = None) -> int:
-    """Open a pack file for reading: a descriptor of a regular file, or IntegrityError naming ``where``.
+@dataclass(frozen=True)
+class PackInfo:
+    """What a pack says about itself: its id (the footer's trailer hash), size and trailer rows."""
 
-    Every reader of pack files opens them here. O_NONBLOCK keeps a FIFO named like a pack from blocking
-    open() until some writer appears (a hang no signal ends while it lasts); fstat then refuses anything but
-    a regular file (FIFO, device, socket, directory) before a byte is read. O_NONBLOCK changes nothing for
-    reads of a regular file. A symlink is followed and the file it names gets the same checks (dedupimg
-    never makes one, but an admin who moved packs elsewhere may have).
-    """
-    where = str(path) if where is None else where
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise IntegrityError(f"{where}: the pack file is missing") from None
-    except PermissionError:  # not damage: repair must not leave out the snapshots it holds, check must not pass
-        raise PermissionDenied(f"{where}: cannot open the pack file: permission denied") from None
-    except OSError as exc:
-        raise IntegrityError(f"{where}: cannot open the pack file: {exc.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        os.close(fd)
-        raise IntegrityError(f"{where}: cannot read pack: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise IntegrityError(f"{where}: is {_file_kind(mode)}, not a pack file")
-    return fd
+    id: bytes
+    size: int
+    trailer_offset: int
+    entries: list[BlobEntry]
 
 
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "a special file"
-
-
-def read_pack_file(path: Path | str, where: str | None = None) -> bytes:
-    """A whole pack's bytes (prune's rewrite), opened with the checks of :func:`open_pack`."""
-    where = str(path) if where is None else where
-    fd = open_pack(path, where)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    except OSError as exc:
-        raise IntegrityError(f"{where}: cannot read pack: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def read_trailer(path: Path) -> list[BlobEntry]:
+def read_trailer(reader: ObjectReader, where: str | None = None) -> list[BlobEntry]:
     """Parse a pack's footer and trailer, with every structural check; raises IntegrityError."""
-    where = str(path)
-    fd = open_pack(path, where)
+    return read_pack_info(reader, where).entries
+
+
+def read_pack_info(reader: ObjectReader, where: str | None = None) -> PackInfo:
+    """Footer and trailer of an open pack, with every structural check (docs/format.md §4.4); raises
+    IntegrityError naming ``where`` (default: the reader's)."""
+    where = reader.where if where is None else where
+    size = reader.size
     try:
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < len(PACK_MAGIC) + FOOTER.size:
-                raise IntegrityError(f"{where}: pack is truncated")
-            if f.read(len(PACK_MAGIC)) != PACK_MAGIC:
-                raise IntegrityError(f"{where}: not a pack (bad magic)")
-            f.seek(size - FOOTER.size)
-            t_off, t_len, count, t_hash, magic = FOOTER.unpack(f.read(FOOTER.size))
-            if magic != FOOTER_MAGIC or t_off + t_len + FOOTER.size != size:
-                raise IntegrityError(f"{where}: pack footer is damaged or the pack is truncated")
-            f.seek(t_off)
-            trailer = f.read(t_len)
+        if size < len(PACK_MAGIC) + FOOTER.size:
+            raise IntegrityError(f"{where}: pack is truncated")
+        if reader.pread(len(PACK_MAGIC), 0) != PACK_MAGIC:
+            raise IntegrityError(f"{where}: not a pack (bad magic)")
+        t_off, t_len, count, t_hash, magic = FOOTER.unpack(reader.pread(FOOTER.size, size - FOOTER.size))
+        if magic != FOOTER_MAGIC or t_off + t_len + FOOTER.size != size:
+            raise IntegrityError(f"{where}: pack footer is damaged or the pack is truncated")
+        trailer = reader.pread(t_len, t_off)
     except OSError as exc:
         raise IntegrityError(f"{where}: cannot read pack: {exc.strerror}") from None
+    except struct.error:  # the file shrank since it was opened
+        raise IntegrityError(f"{where}: pack footer is damaged or the pack is truncated") from None
     if blob_id(trailer) != t_hash:
         raise IntegrityError(f"{where}: pack trailer fails its hash")
-    return parse_trailer(trailer, count, t_off, where)
+    return PackInfo(bytes(t_hash), size, t_off, parse_trailer(trailer, count, t_off, where))
 
 
 def parse_trailer(trailer: bytes, count: int, limit: int, where: str) -> list[BlobEntry]:
@@ -361,17 +322,3 @@ def parse_trailer(trailer: bytes, count: int, limit: int, where: str) -> list[Bl
 def _one_line(exc: BaseException) -> str:
     """An exception's message on one line (messages may quote damaged input)."""
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def iter_pack_paths(packs_dir: Path, skipped: list[Path] | None = None) -> Iterator[Path]:
-    """Entries ``packs/xx/*.pack`` in order, but for directories (a pack is a file): those are appended to
-    ``skipped`` for the caller to report, and never yielded, so no command tries to read or delete one.
-    Other odd entries (a FIFO, a device) are yielded: opening one fails in :func:`open_pack`."""
-    for sub in sorted(packs_dir.iterdir()):
-        if sub.is_dir() and len(sub.name) == 2:
-            for path in sorted(sub.glob("*.pack")):
-                if path.is_dir():
-                    if skipped is not None:
-                        skipped.append(path)
-                    continue
-                yield path

@@ -13,9 +13,10 @@ The arena is also the cache: a slot keeps its run until it is needed for another
 first. A reader *pins* the slots it copies from, so a slot is never refilled under a copy; slots are only
 pinned while copying, never while waiting for a fetch, so fetches always find a slot eventually.
 
-Protocol, over each worker's stdin and stdout (trusted: the worker is our own child); a worker starts by
-sending ``u32 n`` + msgpack ``["ready"]``, then answers requests in order:
-request  ``u32 n`` + msgpack ``[task, slot, pack path, start, length, [blob offsets], [blob ids], where]``
+Protocol, over each worker's stdin and stdout (trusted: the worker is our own child). A worker gets the store's
+description (``Store.spec()``, as JSON on its command line) and opens packs there by name, never by path; it
+starts by sending ``u32 n`` + msgpack ``["ready"]``, then answers requests in order:
+request  ``u32 n`` + msgpack ``[task, slot, pack name, start, length, [blob offsets], [blob ids], where]``
 answer   ``u32 n`` + msgpack ``[task, True, [raw lengths]]`` (the bytes are in the slot)
       or ``u32 n`` + msgpack ``[task, False, message]`` when a blob is damaged (IntegrityError in the caller).
 A worker that dies fails its outstanding tasks (ReadPoolError, exit code 17 like damage: the read fails,
@@ -26,6 +27,7 @@ Workers exit when their stdin closes, so they never outlive the server.
 from __future__ import annotations
 
 import itertools
+import json
 import mmap
 import os
 import struct
@@ -42,6 +44,8 @@ import msgpack
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.parallel import worker_count
 from dedupimg.repo import pack
+from dedupimg.store import StoreSpec, open_store
+from dedupimg.store.base import ObjectReader
 
 LENGTH = struct.Struct("<I")
 # DEDUPIMG_READ_WORKERS=0 reads in the serving process itself (as before the pool; for comparisons).
@@ -110,25 +114,26 @@ def _receive(fd: int) -> list[object] | None:
 # -- the worker side --------------------------------------------------------------------------------------------
 
 
-def worker_main(arena_fd: int, slot_bytes: int, slots: int, inp: int = 0, out: int = 1) -> None:
+def worker_main(arena_fd: int, slot_bytes: int, slots: int, spec: StoreSpec, inp: int = 0, out: int = 1) -> None:
     """Serve requests from ``inp`` until it closes, writing each run's raw bytes into its slot."""
     arena = memoryview(mmap.mmap(arena_fd, slot_bytes * slots))
-    fds: OrderedDict[str, int] = OrderedDict()
+    store = open_store(spec)
+    readers: OrderedDict[str, ObjectReader] = OrderedDict()
     _send(out, [READY])
     while (msg := _receive(inp)) is not None:
-        task, slot, path, start, length, offsets, ids, where = msg
-        assert isinstance(path, str) and isinstance(slot, int) and isinstance(where, str)
+        task, slot, name, start, length, offsets, ids, where = msg
+        assert isinstance(name, str) and isinstance(slot, int) and isinstance(where, str)
         assert isinstance(start, int) and isinstance(length, int)
         assert isinstance(offsets, list) and isinstance(ids, list)
         try:
-            fd = fds.get(path)
-            if fd is None:
-                fd = pack.open_pack(path, where)  # IntegrityError: missing, unreadable, not a file
-                fds[path] = fd
-                if len(fds) > WORKER_PACKS:
-                    os.close(fds.popitem(last=False)[1])
-            fds.move_to_end(path)
-            raws = pack.read_blob_run(fd, start, length, list(zip(offsets, ids, strict=True)), where)
+            reader = readers.get(name)
+            if reader is None:
+                reader = store.open(name, where)  # IntegrityError: missing, not a file; PermissionDenied
+                readers[name] = reader
+                if len(readers) > WORKER_PACKS:
+                    readers.popitem(last=False)[1].close()
+            readers.move_to_end(name)
+            raws = pack.read_blob_run(reader, start, length, list(zip(offsets, ids, strict=True)), where)
             if sum(len(r) for r in raws) > slot_bytes:
                 raise IntegrityError(f"{where}: the blobs at {start} are larger than the index says")
         except IntegrityError as exc:
@@ -154,7 +159,7 @@ class _Worker:
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, **WORKER_MALLOC,
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        args = [str(arena_fd), str(pool.slot_bytes), str(pool.slots)]
+        args = [str(arena_fd), str(pool.slot_bytes), str(pool.slots), json.dumps(pool.store_spec)]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dedupimg.repo.readpool", *args],
             # No stderr: a background mount's caller waits for the end of the server's stderr, which a
@@ -226,7 +231,8 @@ class ReadPool:
     being refilled until :meth:`unpin`.
     """
 
-    def __init__(self, workers: int, slot_bytes: int, slots: int) -> None:
+    def __init__(self, workers: int, slot_bytes: int, slots: int, store_spec: StoreSpec) -> None:
+        self.store_spec = store_spec  # what the workers open packs from
         self.lock = threading.Lock()
         self._slot_free = threading.Condition(self.lock)
         self.slot_bytes, self.slots = slot_bytes, slots
@@ -287,7 +293,7 @@ class ReadPool:
 
     # -- work -----------------------------------------------------------------------------------------------
 
-    def submit(self, path: Path, start: int, length: int, blobs: list[tuple[int, bytes]], where: str
+    def submit(self, name: str, start: int, length: int, blobs: list[tuple[int, bytes]], where: str
                ) -> Future[Landed] | None:
         """The run's future; None when no worker is left to take it (the caller reads it itself)."""
         future: Future[Landed] = Future()
@@ -306,7 +312,7 @@ class ReadPool:
             return None
         try:
             with worker.write_lock:  # requests from several threads must not interleave in the pipe
-                _send(worker.inp, [task, slot, str(path), start, length, [o for o, _ in blobs],
+                _send(worker.inp, [task, slot, name, start, length, [o for o, _ in blobs],
                                    [i for _, i in blobs], where])
         except OSError:
             with self.lock:
@@ -328,4 +334,4 @@ class ReadPool:
 
 
 if __name__ == "__main__":
-    worker_main(*map(int, sys.argv[1:4]))
+    worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]))

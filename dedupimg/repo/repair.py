@@ -32,7 +32,8 @@ from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.repo import integrity, pack
 from dedupimg.repo.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack
 from dedupimg.repo.lock import LockMode, RepositoryLock
-from dedupimg.repo.repository import INDEX, PACKS, TMP, Repository
+from dedupimg.repo.repository import INDEX, TMP, Repository, store_for
+from dedupimg.store import Store
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,14 @@ def repair_index(path: Path, lock_wait: float = 0.0, progress: Progress | None =
 
 
 def _rebuild(path: Path, index: Index, report: RepairReport, progress: Progress) -> None:
-    paths = list(pack.iter_pack_paths(path / PACKS))
-    metadata: list[tuple[Path, list[pack.BlobEntry]]] = []
-    progress.start("repair index: read pack trailers", len(paths))
-    for p in paths:
-        entries = _register(index, p, report)
+    store = store_for(path)
+    names = [obj.name for obj in pack.list_packs(store)]
+    metadata: list[tuple[str, list[pack.BlobEntry]]] = []
+    progress.start("repair index: read pack trailers", len(names))
+    for name in names:
+        entries = _register(index, store, name, report)
         if entries:
-            metadata.append((p, entries))
+            metadata.append((name, entries))
         progress.advance(1)
     progress.finish()
 
@@ -106,9 +108,9 @@ def _rebuild(path: Path, index: Index, report: RepairReport, progress: Progress)
     forgotten: set[bytes] = set()
     done: set[bytes] = set()
     progress.start("repair index: read manifests", len(metadata))
-    for p, entries in metadata:
+    for name, entries in metadata:
         new_segments: list[NewSegment] = []
-        for entry, raw in integrity.read_blobs(p, [e for e in entries if e.id not in done]):
+        for entry, raw in integrity.read_blobs(store, name, [e for e in entries if e.id not in done]):
             if isinstance(raw, str):
                 report.damaged_blobs.append(raw)
                 continue  # another copy, in another pack, may still read
@@ -126,7 +128,7 @@ def _rebuild(path: Path, index: Index, report: RepairReport, progress: Progress)
                 else:
                     forgotten.update(decode_tombstone(raw))
             except IntegrityError as exc:
-                report.damaged_blobs.append(f"{p.name}: blob {entry.id.hex()[:16]}: {exc}")
+                report.damaged_blobs.append(f"{integrity.base_name(name)}: blob {entry.id.hex()[:16]}: {exc}")
         if new_segments:
             index.add_references(new_segments, [])
         progress.advance(1)
@@ -151,18 +153,19 @@ def _rebuild(path: Path, index: Index, report: RepairReport, progress: Progress)
     index.mark_dead([i for i, known in zip(dead, index.has_blobs(dead), strict=True) if known])
 
 
-def _register(index: Index, path: Path, report: RepairReport) -> list[pack.BlobEntry]:
+def _register(index: Index, store: Store, name: str, report: RepairReport) -> list[pack.BlobEntry]:
     """Register one pack with all its blobs; returns its metadata entries ([] when skipped as damaged)."""
+    file_name = integrity.base_name(name)
     try:
-        info = integrity.read_pack_info(path)
+        info = integrity.read_pack_info(store, name)
     except IntegrityError as exc:
-        report.damaged_packs.append((path.name, str(exc).replace(f"{path}: ", "")))
+        report.damaged_packs.append((file_name, str(exc).replace(f"{store.location(name)}: ", "")))
         return []
     problems = integrity.layout_problems(info)
-    if info.id != integrity.pack_file_id(path):
+    if info.id != integrity.pack_file_id(name):
         problems.insert(0, "its trailer hash does not match its name")
     if problems:
-        report.damaged_packs.append((path.name, "; ".join(problems)))
+        report.damaged_packs.append((file_name, "; ".join(problems)))
         return []
     index.commit_pack(SealedPack.from_entries(info.id, info.size, info.entries), [])
     report.packs += 1

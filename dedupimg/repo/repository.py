@@ -35,6 +35,9 @@ from dedupimg.repo import pack, readpool
 from dedupimg.repo.index import Index, NewSegment, NewSnapshot, SealedPack
 from dedupimg.repo.lock import LockMode, RepositoryLock
 from dedupimg.repo.readpool import Landed, ReadPool
+from dedupimg.store import Store
+from dedupimg.store.base import ObjectReader
+from dedupimg.store.local import LocalStore
 
 CONFIG = "config"
 PACKS = "packs"
@@ -43,6 +46,11 @@ INDEX = "index"
 OPEN_PACKS = 64
 MAX_READ = 16 << 20  # largest single pread of adjacent blobs
 POOL_RUN = 1 << 20  # a read worker's unit of work: a read-ahead window spreads over the workers
+
+
+def store_for(path: Path) -> Store:
+    """The store that holds the packs of the repository at ``path``: its own directory (packs/, tmp/)."""
+    return LocalStore(path)
 
 
 def _is_repository(path: Path) -> bool:
@@ -84,11 +92,10 @@ class RepoStats:
 
 
 class Repository:
-    def __init__(self, path: Path, config: Config) -> None:
+    def __init__(self, path: Path, config: Config, store: Store | None = None) -> None:
         self.path = path
         self.config = config
-        self.packs_dir = path / PACKS
-        self.tmp_dir = path / TMP
+        self.store: Store = store_for(path) if store is None else store  # every pack is read and written here
         try:
             self.index = Index(path / INDEX)
         except PermissionError as exc:  # index/ itself unreadable (lmdb's own refusals: index._translate)
@@ -130,12 +137,9 @@ class Repository:
             if not -7 <= compression_level <= 22:
                 raise UsageError(f"compression level must be from -7 to 22, got {compression_level}")
             config = replace(config, compression_level=compression_level)
-        for name in (PACKS, TMP, INDEX):
-            os.mkdir(path / name, DIR_MODE)
-        for i in range(256):
-            os.mkdir(path / PACKS / f"{i:02x}", DIR_MODE)
-            # The 256 entries are made durable by one fsync of packs/ below.
-        fsync_dir(path / PACKS)
+        # tmp/, packs/ and packs/00 ... packs/ff; the 256 entries are made durable by one fsync of packs/.
+        LocalStore(path).initialize(pack.pack_levels())
+        os.mkdir(path / INDEX, DIR_MODE)
         Index(path / INDEX, create=True).close()
         # The config is written last: a directory without it is not (yet) a repository.
         fsync_dir(path)
@@ -206,17 +210,17 @@ class Repository:
         return [raw for run in self._runs(ids, MAX_READ) for raw in self._read_run(run)]
 
     def _read_run(self, run: _Run) -> list[bytes]:
-        with self._packs.use(run.pack_no) as fd:
-            return pack.read_blob_run(fd, run.start, run.length, run.blobs, f"pack #{run.pack_no}")
+        with self._packs.use(run.pack_no) as reader:
+            return pack.read_blob_run(reader, run.start, run.length, run.blobs, f"pack #{run.pack_no}")
 
     # -- reading for servers: a pool of worker processes (readpool.py says why) --------------------------------
 
     def start_read_pool(self, workers: int = readpool.WORKERS, cache_bytes: int = readpool.CACHE_BYTES) -> None:
         """From now on :meth:`fetch_blobs` reads in ``workers`` processes, into a shared cache of about
         ``cache_bytes``. Runs must fit a slot, so a slot holds at least the largest chunk."""
-        if self._pool is None and workers > 0 and hasattr(os, "memfd_create"):  # Linux: else read in process
-            slot = max(POOL_RUN, self.config.chunker.max_size)
-            self._pool = ReadPool(workers, slot, max(16, cache_bytes // slot))
+        if self._pool is None and workers > 0 and hasattr(os, "memfd_create") and self.store.cross_process:
+            slot = max(POOL_RUN, self.config.chunker.max_size)  # (not Linux, or an in-memory store: read here)
+            self._pool = ReadPool(workers, slot, max(16, cache_bytes // slot), self.store.spec())
 
     @property
     def parallel_reads(self) -> bool:
@@ -235,8 +239,8 @@ class Repository:
         for run in self._runs(ids, POOL_RUN if pool else MAX_READ, pool.slot_bytes if pool else None):
             future = None
             if pool is not None:
-                path = pack.pack_path(self.packs_dir, self.index.pack_id(run.pack_no))
-                future = pool.submit(path, run.start, run.length, run.blobs, f"pack #{run.pack_no}")
+                name = pack.pack_name(self.index.pack_id(run.pack_no))
+                future = pool.submit(name, run.start, run.length, run.blobs, f"pack #{run.pack_no}")
             if future is None:  # no pool, or no worker left in it: read here
                 future = Future()
                 try:
@@ -347,17 +351,22 @@ class Repository:
         if not records:
             return
         raw = encode_tombstone([r.id for r in records])
-        writer = pack.PackWriter(self.tmp_dir)
+        writer = self.new_pack()
         writer.add(pack.TOMBSTONE, pack.blob_id(raw), pack.RAW, raw, len(raw))
         forgotten = [NewSnapshot(r.id, b"", [sid for sid, _ in r.segments]) for r in records]
         self.index.forget(self.seal(writer), forgotten)
 
+    def new_pack(self) -> pack.PackWriter:
+        """A pack being written, in a new object of the store (a temp file in ``tmp/``) until :meth:`seal`."""
+        return pack.PackWriter(self.store.create())
+
     def seal(self, writer: pack.PackWriter) -> SealedPack:
-        """The one way a pack is finished: trailer and footer written, fsynced, renamed into ``packs/``, the
-        directory fsynced (docs/format.md §8). Only the returned value may be handed to an index transaction,
-        so no transaction can point at a pack that is not durable. On any error the temp file is removed."""
+        """The one way a pack is finished: trailer and footer written and the object committed by the store
+        (local: fsynced, renamed into ``packs/``, the directory fsynced; docs/format.md §8). Only the returned
+        value may be handed to an index transaction, so no transaction can point at a pack that is not
+        durable. On any error the temp file is removed."""
         try:
-            pack_id, _path, size = writer.finish(self.packs_dir)
+            pack_id, size = writer.finish()
         except BaseException:
             writer.abort()
             raise
@@ -368,8 +377,7 @@ class Repository:
         try:
             if self.index.pack_numbers([sealed.id]):
                 return
-            pack.pack_path(self.packs_dir, sealed.id).unlink(missing_ok=True)
-            fsync_dir(pack.pack_path(self.packs_dir, sealed.id).parent)
+            self.store.delete([pack.pack_name(sealed.id)])
         except (OSError, DedupimgError):
             pass  # best effort: what is left is an orphan, which check reports and prune handles
 
@@ -390,53 +398,55 @@ class Repository:
 
 
 class _OpenPacks:
-    """An LRU of open pack files shared by reader threads; an fd is closed only when no thread uses it."""
+    """An LRU of open packs (store reader handles: local, a file descriptor) shared by reader threads; a
+    handle is closed only when no thread uses it."""
 
     def __init__(self, repo: Repository) -> None:
         self._repo = repo
         self._lock = threading.Lock()
-        self._fds: OrderedDict[int, int] = OrderedDict()  # pack number -> fd, oldest first
-        self._users: dict[int, int] = {}  # fd -> threads reading it now
-        self._retired: set[int] = set()  # evicted fds still in use: closed by their last user
+        self._open: OrderedDict[int, ObjectReader] = OrderedDict()  # pack number -> reader, oldest first
+        self._users: dict[ObjectReader, int] = {}  # reader -> threads reading it now
+        self._retired: set[ObjectReader] = set()  # evicted readers still in use: closed by their last user
 
     @contextmanager
-    def use(self, pack_no: int) -> Iterator[int]:
-        fd = self._acquire(pack_no)
+    def use(self, pack_no: int) -> Iterator[ObjectReader]:
+        reader = self._acquire(pack_no)
         try:
-            yield fd
+            yield reader
         finally:
             with self._lock:
-                self._users[fd] -= 1
-                if self._users[fd] == 0:
-                    del self._users[fd]
-                    if fd in self._retired:
-                        self._retired.discard(fd)
-                        os.close(fd)
+                self._users[reader] -= 1
+                if self._users[reader] == 0:
+                    del self._users[reader]
+                    if reader in self._retired:
+                        self._retired.discard(reader)
+                        reader.close()
 
-    def _acquire(self, pack_no: int) -> int:
+    def _acquire(self, pack_no: int) -> ObjectReader:
         with self._lock:
-            fd = self._fds.get(pack_no)
-            if fd is None:
-                path = pack.pack_path(self._repo.packs_dir, self._repo.index.pack_id(pack_no))
-                fd = pack.open_pack(path, f"pack {path.name}")  # IntegrityError: missing, not a file, ...
-                self._fds[pack_no] = fd
-                if len(self._fds) > OPEN_PACKS:
-                    self._retire(self._fds.popitem(last=False)[1])
-            self._fds.move_to_end(pack_no)
-            self._users[fd] = self._users.get(fd, 0) + 1
-            return fd
+            reader = self._open.get(pack_no)
+            if reader is None:
+                pack_id = self._repo.index.pack_id(pack_no)
+                # IntegrityError: missing, not a file, ...; PermissionDenied
+                reader = self._repo.store.open(pack.pack_name(pack_id), f"pack {pack.pack_file_name(pack_id)}")
+                self._open[pack_no] = reader
+                if len(self._open) > OPEN_PACKS:
+                    self._retire(self._open.popitem(last=False)[1])
+            self._open.move_to_end(pack_no)
+            self._users[reader] = self._users.get(reader, 0) + 1
+            return reader
 
-    def _retire(self, fd: int) -> None:
-        if fd in self._users:
-            self._retired.add(fd)
+    def _retire(self, reader: ObjectReader) -> None:
+        if reader in self._users:
+            self._retired.add(reader)
         else:
-            os.close(fd)
+            reader.close()
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                self._retire(fd)
-            self._fds.clear()
+            for reader in self._open.values():
+                self._retire(reader)
+            self._open.clear()
 
 
 class BlobWriter:
@@ -459,7 +469,7 @@ class BlobWriter:
 
     def _open_pack(self) -> pack.PackWriter:
         if self._pack is None:
-            self._pack = pack.PackWriter(self._repo.tmp_dir)
+            self._pack = self._repo.new_pack()
         return self._pack
 
     def _add(self, type_: int, id_: bytes, raw: bytes | bytearray | memoryview) -> None:

@@ -107,10 +107,11 @@ def test_verify(env, tmp_path):
     assert "verified" in ok(run_cli("-r", repo, "verify", sid[:12]))
     # Damage one stored chunk: verify names the image range and exits 17.
     from dedupimg.repo import pack
+    from tests.packfiles import trailer
 
     pack_file = next(p for p in (repo / "packs").rglob("*.pack")
-                     if any(e.type == pack.CHUNK for e in pack.read_trailer(p)))
-    entry = next(e for e in pack.read_trailer(pack_file) if e.type == pack.CHUNK)
+                     if any(e.type == pack.CHUNK for e in trailer(p)))
+    entry = next(e for e in trailer(pack_file) if e.type == pack.CHUNK)
     data = bytearray(pack_file.read_bytes())
     data[entry.data_offset + 10] ^= 0xFF
     pack_file.write_bytes(bytes(data))

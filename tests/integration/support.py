@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dedupimg.core.manifest import SnapshotRecord
-from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
 from dedupimg.serve import nbd
 from dedupimg.serve.reader import SnapshotReader
 from tests.helpers import wait_for, write_sparse
+from tests.packfiles import pack_files, trailer
 
 # -- FUSE -------------------------------------------------------------------------------------------------------
 
@@ -56,8 +56,8 @@ def flip_byte_in_chunk(repo: Repository, rec: SnapshotRecord, offset: int):  # -
     """Flips one byte in the middle of the stored data of the chunk that holds image ``offset``; returns that
     chunk's extent."""
     extent = next(e for e in SnapshotReader(repo, rec).extents(offset, 1) if e.id is not None)
-    for path in pack.iter_pack_paths(repo.packs_dir):
-        entry = next((e for e in pack.read_trailer(path) if e.id == extent.id), None)
+    for path in pack_files(repo):
+        entry = next((e for e in trailer(path) if e.id == extent.id), None)
         if entry is not None:
             break
     assert entry is not None

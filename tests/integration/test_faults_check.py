@@ -25,6 +25,7 @@ from dedupimg.repo import pack
 from dedupimg.repo.lock import LockMode, RepositoryLock
 from dedupimg.repo.repository import Repository
 from tests.helpers import check_clean, det_bytes, restore_all_bit_exact, run_cli, small_repo, text_bytes
+from tests.packfiles import pack_file as pack_file_of
 
 
 def check_fails(repo: Path, *args: str) -> tuple[str, str]:
@@ -48,7 +49,7 @@ def two(tmp_path: Path):
         chunk = r.segment(rec.segments[0][0]).chunk_ids()[3]
         loc = r.index.lookup_blobs([chunk])[0]
         assert loc is not None
-        pack_file = pack.pack_path(r.packs_dir, r.index.pack_id(loc.pack_no))
+        pack_file = pack_file_of(r, r.index.pack_id(loc.pack_no))
     return repo, {ids[0]: first.read_bytes(), ids[1]: second.read_bytes()}, pack_file, loc.offset
 
 

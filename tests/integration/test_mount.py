@@ -22,6 +22,7 @@ from dedupimg.repo.repository import Repository
 from dedupimg.serve.reader import SnapshotReader
 from tests.helpers import det_bytes, make_tree, run_cli, sh, small_repo, text_bytes, wait_for
 from tests.integration.support import mounted, unmount
+from tests.packfiles import pack_file, trailer
 
 MiB = 1 << 20
 T1 = datetime(2026, 11, 24, 22, 0, 0, tzinfo=UTC)
@@ -306,10 +307,10 @@ def damage_one_chunk(repo_path: Path, rec_name: str) -> tuple[int, int]:
                    if e.id is not None and e.id not in used_elsewhere and e.offset > 2 * MiB and e.length > 64]
         ext = extents[len(extents) // 2]
         loc = repo.index.lookup_blobs([ext.id])[0]
-        path = pack.pack_path(repo.packs_dir, repo.index.pack_id(loc.pack_no))
+        path = pack_file(repo, repo.index.pack_id(loc.pack_no))
     finally:
         repo.close()
-    entry = next(e for e in pack.read_trailer(path) if e.id == ext.id)
+    entry = next(e for e in trailer(path) if e.id == ext.id)
     assert entry.type == pack.CHUNK
     with open(path, "r+b") as f:
         f.seek(entry.data_offset + 10)

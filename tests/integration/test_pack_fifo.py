@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from dedupimg.ops.snapshot import take_snapshot
-from dedupimg.repo import pack
 from tests.helpers import ROOT, det_bytes, fails, run_cli, small_repo, text_bytes
+from tests.packfiles import pack_file as pack_file_of
 
 TIMEOUT = 60  # seconds: far more than any of these commands needs on a small repository
 
@@ -43,7 +43,7 @@ def fifo_repo(tmp_path: Path) -> tuple[Path, str, str, Path, dict[str, bytes]]:
         chunk = r.segment(damaged.segments[0][0]).chunk_ids()[3]
         loc = r.index.lookup_blobs([chunk])[0]
         assert loc is not None
-        pack_file = pack.pack_path(r.packs_dir, r.index.pack_id(loc.pack_no))
+        pack_file = pack_file_of(r, r.index.pack_id(loc.pack_no))
     pack_file.unlink()
     os.mkfifo(pack_file)
     images = {damaged.hex_id: first.read_bytes(), intact.hex_id: second.read_bytes()}
@@ -125,7 +125,7 @@ def test_directories_in_packs_and_tmp_are_reported_and_left_alone(tmp_path):
     image.write_bytes(det_bytes(4, 150_000))
     with small_repo(repo) as r:
         sid = take_snapshot(r, str(image)).record.hex_id
-        packs_dir, tmp_dir = r.packs_dir, r.tmp_dir
+        packs_dir, tmp_dir = r.path / "packs", r.path / "tmp"
     odd_pack = packs_dir / "ab" / f"{'ab' * 32}.pack"  # named exactly like a pack the index does not list
     odd_pack.mkdir()
     (odd_pack / "something").write_bytes(b"not ours")

@@ -16,9 +16,9 @@ from dedupimg.ops.forget import forget_snapshots
 from dedupimg.ops.prune import prune
 from dedupimg.ops.restore import verify
 from dedupimg.ops.snapshot import take_snapshot
-from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
 from tests.helpers import ROOT, det_bytes, small_repo, text_bytes
+from tests.packfiles import pack_files
 
 KILL_POINTS = 10
 
@@ -57,7 +57,7 @@ def assert_whole(path: Path) -> list[str]:
 
 def unlisted_packs(path: Path) -> int:
     with Repository.open(path) as repo:
-        on_disk = {bytes.fromhex(p.stem) for p in pack.iter_pack_paths(repo.packs_dir)}
+        on_disk = {bytes.fromhex(p.stem) for p in pack_files(repo)}
         return len(on_disk - set(repo.index.pack_numbers(list(on_disk))))
 
 

@@ -20,6 +20,7 @@ from dedupimg.repo.index import BLOB_VALUE, PackRow
 from dedupimg.repo.repair import repair_index
 from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, restores, small_repo, snap, text_bytes
+from tests.packfiles import pack_file, trailer, write_pack
 
 
 @pytest.fixture
@@ -55,10 +56,10 @@ def chunk_only_in(path: Path, rec: SnapshotRecord, others: list[SnapshotRecord])
 
         mine = chunks(rec) - set().union(*(chunks(o) for o in others))
         for row in repo.index.pack_rows():
-            pack_file = pack.pack_path(repo.packs_dir, row.id)
-            for e in pack.read_trailer(pack_file):
+            path = pack_file(repo, row.id)
+            for e in trailer(path):
                 if e.type == pack.CHUNK and e.id in mine:
-                    return pack_file, e
+                    return path, e
     raise AssertionError("no such chunk")
 
 
@@ -182,10 +183,9 @@ def test_dead_list_and_missing_rows_are_reported(world):
 
 def test_orphan_packs_and_tmp_leftovers_are_hints(world):
     path, _ = world
-    writer = pack.PackWriter(path / "tmp")
     raw = det_bytes(99, 5000)
-    writer.add(pack.CHUNK, pack.blob_id(raw), pack.RAW, raw, len(raw))
-    writer.finish(path / "packs")  # durable but never committed: what a kill after the rename leaves
+    write_pack(path, [(pack.CHUNK, pack.blob_id(raw), pack.RAW, raw, len(raw))])  # durable but never committed:
+    # what a kill after the rename leaves
     dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, check=True).stdout.decode().strip()
     (path / "tmp" / f"{dead}-0123456789abcdef.tmp").write_bytes(b"partial")
     report = run_check(path, 1.0)

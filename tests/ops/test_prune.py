@@ -13,10 +13,12 @@ from dedupimg.ops.prune import prune
 from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, restores, small_repo, snap, text_bytes
+from tests.packfiles import pack_files as pack_files_of
+from tests.packfiles import trailer, write_pack
 
 
 def pack_files(repo: Repository) -> set[Path]:
-    return set(pack.iter_pack_paths(repo.packs_dir))
+    return set(pack_files_of(repo))
 
 
 def live_ids(repo: Repository) -> set[bytes]:
@@ -35,7 +37,7 @@ def dead_packs(repo: Repository) -> set[Path]:
     live = live_ids(repo)
     return {
         p for p in pack_files(repo)
-        if not any(e.id in live or e.type == pack.TOMBSTONE for e in pack.read_trailer(p))
+        if not any(e.id in live or e.type == pack.TOMBSTONE for e in trailer(p))
     }
 
 
@@ -89,7 +91,7 @@ def test_dry_run_changes_nothing(repo, tmp_path):
     a = snap(repo, tmp_path / "a.img", det_bytes(10, 300_000))
     snap(repo, tmp_path / "b.img", det_bytes(11, 300_000))
     forget_snapshots(repo, [a])
-    (repo.tmp_dir / "123-deadbeefdeadbeef.tmp").write_bytes(b"x" * 1000)
+    (repo.path / "tmp" / "123-deadbeefdeadbeef.tmp").write_bytes(b"x" * 1000)
     files = {p: p.stat().st_size for p in repo.path.rglob("*") if p.is_file() and p.parent.name != "index"}
     report = prune(repo, dry_run=True)
     assert report.outcome is None and report.packs_to_delete > 0 and report.tmp_files == 1
@@ -106,10 +108,10 @@ def test_interrupted_snapshot_leftovers_are_collected(repo, tmp_path):
         chunk = det_bytes(100 + i, 3000)
         writer.add_chunk(pack.blob_id(chunk), chunk)
     writer.flush()
-    (repo.tmp_dir / "999-0011223344556677.tmp").write_bytes(b"partial pack")
+    (repo.path / "tmp" / "999-0011223344556677.tmp").write_bytes(b"partial pack")
     report = prune(repo, max_unused=1.0)
     assert report.chunks_dropped == 40 and report.tmp_files == 1
-    assert not list(repo.tmp_dir.glob("*.tmp"))
+    assert not list((repo.path / "tmp").glob("*.tmp"))
     assert not dead_packs(repo)
     assert restores(repo, keep, keep_data, tmp_path)
 
@@ -137,9 +139,8 @@ def test_forgotten_data_snapshotted_again_after_prune_is_stored_anew(repo, tmp_p
 def test_orphan_packs_are_deleted(repo, tmp_path):
     keep_data = det_bytes(16, 100_000)
     keep = snap(repo, tmp_path / "a.img", keep_data)
-    writer = pack.PackWriter(repo.tmp_dir)
-    writer.add(pack.CHUNK, pack.blob_id(b"orphan"), pack.RAW, b"orphan", 6)
-    _pid, orphan, _size = writer.finish(repo.packs_dir)  # durable but never committed: a crash's leftover
+    # Durable but never committed: a crash's leftover.
+    _pid, orphan, _size = write_pack(repo.path, [(pack.CHUNK, pack.blob_id(b"orphan"), pack.RAW, b"orphan", 6)])
     report = prune(repo)
     assert report.orphan_packs == 1 and not orphan.exists()
     assert restores(repo, keep, keep_data, tmp_path)

@@ -45,6 +45,7 @@ from dedupimg.repo import pack
 from dedupimg.repo.repair import repair_index
 from dedupimg.repo.repository import CONFIG, Repository
 from tests.helpers import det_bytes, text_bytes, write_image
+from tests.packfiles import pack_file, trailer
 
 PACK_SIZE = 4096  # the smallest the config allows: one to four 1 KiB-average chunks
 SEGMENTS = SegmentParams(cut_mask=0x0F, max_extents=32, zero_cut=64 << 10)
@@ -340,7 +341,7 @@ class RepositoryMachine(RuleBasedStateMachine):
         gone = [i.hex()[:16] for i, loc in zip(ids, locations, strict=True) if loc is None]
         assert not gone, f"blobs the model needs are not indexed: {gone[:5]}"
         for no in sorted({loc.pack_no for loc in locations if loc is not None}):
-            path = pack.pack_path(self.repo.packs_dir, self.repo.index.pack_id(no))
+            path = pack_file(self.repo, self.repo.index.pack_id(no))
             assert path.is_file(), f"pack {path.name} that the model needs is gone"
 
     # -- after every step ------------------------------------------------------------------------------------
@@ -392,7 +393,7 @@ class RepositoryMachine(RuleBasedStateMachine):
             assert report.ok, [f.message for f in report.findings]
             for row in self.repo.index.pack_rows():
                 assert all(e.type == pack.TOMBSTONE
-                           for e in pack.read_trailer(pack.pack_path(self.repo.packs_dir, row.id))), \
+                           for e in trailer(pack_file(self.repo, row.id))), \
                     "a pack with data survived forgetting every snapshot and pruning"
         finally:
             try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import struct
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from dedupimg.core.errors import DedupimgError, IntegrityError, UnsupportedForma
 from dedupimg.core.manifest import ID_LEN, Segment, SnapshotRecord, chunker_dict, decode_segment
 from dedupimg.repo import pack
 from tests.helpers import det_bytes, record, text_bytes
+from tests.packfiles import open_file, trailer, write_pack
 
 FUZZ = settings(
     max_examples=300,
@@ -145,14 +145,10 @@ def base_pack() -> BasePack:
     record = _record([(pack.blob_id(segment), 3000 + 4096 + 600 + 1)]).encode()
     blobs = [(pack.CHUNK, c) for c in chunks] + [(pack.SEGMENT, segment), (pack.SNAPSHOT, record)]
     comp = pack.Compressor(3)
-    w = pack.PackWriter(root / "tmp")
-    for type_, raw in blobs:
-        codec, stored = comp.encode(raw)
-        w.add(type_, pack.blob_id(raw), codec, stored, len(raw))
-    _, path, size = w.finish(root / "packs")
+    _, path, size = write_pack(root, [(type_, pack.blob_id(raw), *comp.encode(raw), len(raw)) for type_, raw in blobs])
     data = path.read_bytes()
     assert len(data) == size
-    entries = pack.read_trailer(path)
+    entries = trailer(path)
     assert entries[0].codec == pack.ZSTD and entries[1].codec == pack.RAW  # both codecs are fuzzed
     t_off, t_len = pack.FOOTER.unpack(data[-pack.FOOTER.size :])[:2]
     return BasePack(data, entries, blobs, t_off, data[t_off : t_off + t_len])
@@ -246,13 +242,10 @@ def hostile_msgpack(prefix_values: st.SearchStrategy[Any] = MSGPACK_VALUES) -> s
 def test_base_encodings_decode_correctly() -> None:
     base = base_pack()
     path = write_file(base.data)
-    assert pack.read_trailer(path) == base.entries
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got = [pack.read_blob(fd, e.offset, e.id, WHERE) for e in base.entries]
-        run = pack.read_blob_run(fd, 8, base.trailer_offset - 8, [(e.offset, e.id) for e in base.entries], WHERE)
-    finally:
-        os.close(fd)
+    assert trailer(path) == base.entries
+    with open_file(path) as reader:
+        got = [pack.read_blob(reader, e.offset, e.id, WHERE) for e in base.entries]
+        run = pack.read_blob_run(reader, 8, base.trailer_offset - 8, [(e.offset, e.id) for e in base.entries], WHERE)
     assert got == base.blobs
     assert run == [raw for _, raw in base.blobs]
     seg = decode_segment(base.blobs[3][1])
@@ -276,7 +269,7 @@ def check_entries(entries: list[pack.BlobEntry], data: bytes) -> None:
 
 def read_pack(data: bytes) -> list[pack.BlobEntry] | None:
     path = write_file(data)
-    entries = clean(pack.read_trailer, path, about=str(path))
+    entries = clean(trailer, path, about=str(path))
     if entries is not None:
         check_entries(entries, data)
     return entries
@@ -285,19 +278,16 @@ def read_pack(data: bytes) -> list[pack.BlobEntry] | None:
 def read_blobs(data: bytes, base: BasePack) -> None:
     """Read every blob of ``base`` from ``data`` at its original offset: the original blob or IntegrityError."""
     path = write_file(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with open_file(path) as reader:
         for e, blob in zip(base.entries, base.blobs, strict=True):
-            got = clean(pack.read_blob, fd, e.offset, e.id, WHERE, about=WHERE)
+            got = clean(pack.read_blob, reader, e.offset, e.id, WHERE, about=WHERE)
             if got is not None:
                 # The id covers the raw bytes, not the header's type byte (a flipped one reads back as
                 # another valid type): the bytes must be the original ones.
                 assert got[1] == blob[1] and got[0] in pack.BLOB_TYPES
         locs = [(e.offset, e.id) for e in base.entries]
-        got = clean(pack.read_blob_run, fd, 8, base.trailer_offset - 8, locs, WHERE, about=WHERE)
+        got = clean(pack.read_blob_run, reader, 8, base.trailer_offset - 8, locs, WHERE, about=WHERE)
         assert got is None or got == [raw for _, raw in base.blobs]
-    finally:
-        os.close(fd)
 
 
 @FUZZ
@@ -398,17 +388,15 @@ def test_read_blob_crafted_headers(type_: int, codec: int, raw_len: int, stored:
     id_ = pack.blob_id(stored)
     blob = _blob(type_, codec, raw_len, stored, id_)
     path = write_file(pack.PACK_MAGIC + blob + junk)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got = clean(pack.read_blob, fd, 8, id_, WHERE, about=WHERE)
+    with open_file(path) as reader:
+        got = clean(pack.read_blob, reader, 8, id_, WHERE, about=WHERE)
         if got is not None:
             assert got[0] in pack.BLOB_TYPES and pack.blob_id(got[1]) == id_
             assert len(got[1]) == raw_len
-        clean(pack.read_blob, fd, at, id_, WHERE, about=WHERE)  # wrong or negative offsets
-        run = clean(pack.read_blob_run, fd, 8, len(blob) + len(junk), [(8, id_), (8 + at, id_)], WHERE, about=WHERE)
+        clean(pack.read_blob, reader, at, id_, WHERE, about=WHERE)  # wrong or negative offsets
+        run = clean(pack.read_blob_run, reader, 8, len(blob) + len(junk), [(8, id_), (8 + at, id_)], WHERE,
+                    about=WHERE)
         assert run is None or all(pack.blob_id(r) == id_ for r in run)
-    finally:
-        os.close(fd)
 
 
 @FUZZ
@@ -436,12 +424,8 @@ def test_blob_header_claiming_4_gib_is_damaged() -> None:
     stored = b"abc"
     id_ = pack.blob_id(stored)
     path = write_file(pack.PACK_MAGIC + _blob(pack.CHUNK, pack.RAW, 2**32 - 1, stored, id_))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with pytest.raises(IntegrityError, match="damaged"):
-            pack.read_blob(fd, 8, id_, WHERE)
-    finally:
-        os.close(fd)
+    with open_file(path) as reader, pytest.raises(IntegrityError, match="damaged"):
+        pack.read_blob(reader, 8, id_, WHERE)
 
 
 def _small_peak(fn: Callable[[], object], error: type[DedupimgError]) -> int:
@@ -458,7 +442,7 @@ def _small_peak(fn: Callable[[], object], error: type[DedupimgError]) -> int:
 def test_huge_length_claims_allocate_nothing(header: bytes) -> None:
     base = base_pack()
     path = write_file(with_footer(base.body, header + b"\x00" * 16, 2**32 - 1))
-    assert _small_peak(lambda: pack.read_trailer(path), IntegrityError) < 1 << 20
+    assert _small_peak(lambda: trailer(path), IntegrityError) < 1 << 20
     for prefix in (b"", b"\x92\x01"):
         assert _small_peak(lambda: decode_segment(prefix + header), IntegrityError) < 1 << 20  # noqa: B023
     assert _small_peak(lambda: SnapshotRecord.decode(header), IntegrityError) < 1 << 20
@@ -469,7 +453,7 @@ def test_deep_nesting(unit: bytes) -> None:
     deep = unit * 10_000 + b"\xc0"
     base = base_pack()
     with pytest.raises(IntegrityError):
-        pack.read_trailer(write_file(with_footer(base.body, deep, 1)))
+        trailer(write_file(with_footer(base.body, deep, 1)))
     with pytest.raises(IntegrityError):
         decode_segment(deep)
     with pytest.raises(IntegrityError):

@@ -65,8 +65,8 @@ def test_past_the_end_and_zero_length(image):
 
 def test_zero_extents_need_no_packs_and_damage_is_an_error(image, repo):
     reader, data = image
-    shutil.rmtree(repo.packs_dir)
-    repo.packs_dir.mkdir()
+    shutil.rmtree(repo.path / "packs")
+    (repo.path / "packs").mkdir()
     assert reader.read(3 * MiB + 10, MiB) == bytes(MiB)  # inside the hole between the data pieces
     runs = reader.is_zero_range(0, len(data))
     assert (3 * MiB, 2 * MiB, True) in runs or any(z and o <= 3 * MiB < o + n for o, n, z in runs)

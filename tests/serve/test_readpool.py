@@ -78,7 +78,7 @@ def test_many_readers_share_a_small_cache(pooled):
 def test_damage_is_an_integrity_error_and_other_data_still_reads(pooled):
     repo, images = pooled
     rec, data = images[0]
-    for pack_file in repo.packs_dir.rglob("*.pack"):
+    for pack_file in (repo.path / "packs").rglob("*.pack"):
         raw = bytearray(pack_file.read_bytes())
         for at in range(200, len(raw) - 200, 4096):
             raw[at] ^= 0xFF
