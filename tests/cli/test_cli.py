@@ -54,6 +54,7 @@ def test_no_repository_given(tmp_path):
     fails(run_cli("snapshots"), 2, "no repository given")
 
 
+@pytest.mark.slow
 def test_snapshot_list_restore_info(env, tmp_path):
     repo, image = env
     sid = ok(run_cli("-r", repo, "snapshot", image)).strip()
@@ -224,6 +225,7 @@ def test_unknown_option_is_one_line(env):
     fails(run_cli("-r", repo, "snapshots", "--bogus"), 2, "--bogus")
 
 
+@pytest.mark.slow
 def test_commands_wait_for_an_exclusive_lock_then_fail_with_code_11(env, tmp_path):
     from dedupimg.repo.lock import LockMode, RepositoryLock
 
@@ -237,6 +239,7 @@ def test_commands_wait_for_an_exclusive_lock_then_fail_with_code_11(env, tmp_pat
     ok(run_cli("-r", repo, "verify", "latest"))  # released: no stale lock
 
 
+@pytest.mark.slow
 def test_lock_wait_succeeds_once_the_holder_lets_go(env):
     repo, image = env
     holder = subprocess.Popen(
@@ -272,6 +275,7 @@ def _three_snapshots(repo, image):
     return json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))
 
 
+@pytest.mark.slow
 def test_forget_policy_lists_reasons_and_prune_frees_space(env):
     repo, image = env
     snaps = _three_snapshots(repo, image)
@@ -288,6 +292,7 @@ def test_forget_policy_lists_reasons_and_prune_frees_space(env):
     assert [s["id"] for s in left] == [snaps[0]["id"], snaps[2]["id"]]
 
 
+@pytest.mark.slow
 def test_forget_by_id_then_prune_json(env):
     repo, image = env
     snaps = _three_snapshots(repo, image)
@@ -299,6 +304,7 @@ def test_forget_by_id_then_prune_json(env):
         ok(run_cli("-r", repo, "verify", s["id"]))
 
 
+@pytest.mark.slow
 def test_forget_and_prune_bad_input(env):
     repo, image = env
     _three_snapshots(repo, image)
@@ -312,6 +318,7 @@ def test_forget_and_prune_bad_input(env):
     assert len(json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))) == 3
 
 
+@pytest.mark.slow
 def test_prune_waits_for_shared_lock_holders(env):
     from dedupimg.repo.lock import LockMode, RepositoryLock
 

@@ -119,6 +119,7 @@ NOT_OPENING = {("init",)}  # makes a repository
 NO_INDEX = {("init",), ("repair", "index")}  # repair rebuilds a missing or damaged index: no "run repair index"
 
 
+@pytest.mark.slow
 def test_every_command_help_lists_the_codes_it_can_return():
     commands = set(_commands())
     assert commands >= {("init",), ("snapshot",), ("snapshots",), ("restore",), ("verify",), ("info",),
@@ -157,6 +158,7 @@ def repo_with_snapshot(tmp_path: Path) -> tuple[Path, Path]:
     return repo, image
 
 
+@pytest.mark.slow
 def test_repo_option_after_the_command(repo_with_snapshot, tmp_path):
     repo, image = repo_with_snapshot
     assert "1 snapshots" in ok(run_cli("snapshots", "-r", repo))
@@ -221,6 +223,7 @@ def as_other_user(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[
     )
 
 
+@pytest.mark.slow
 def test_unreadable_repository_or_index_is_permission_denied(shared_tmp):
     repo = shared_tmp / "repo"
     ok(run_cli("init", "-r", repo))
@@ -252,6 +255,7 @@ def test_unreadable_repository_or_index_is_permission_denied(shared_tmp):
     assert not (shared_tmp / "out.img").exists()
 
 
+@pytest.mark.slow
 def test_unreadable_pack_is_permission_denied_not_damage(shared_tmp):
     # Taken for damage, an unreadable pack would make check exit 17 and repair leave out its snapshots.
     repo = shared_tmp / "repo"
@@ -276,6 +280,7 @@ def test_unreadable_pack_is_permission_denied_not_damage(shared_tmp):
 # -- init inside a repository ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_init_inside_another_repository_is_refused(tmp_path):
     repo = tmp_path / "repo"
     ok(run_cli("init", "-r", repo))

@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import det_bytes, fails, ok, run_cli
 
+pytestmark = pytest.mark.slow  # each test runs many commands on a filled repository: 2-10 s
+
 
 def _listed(repo: Path) -> dict[str, dict]:
     return {s["id"]: s for s in json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))}

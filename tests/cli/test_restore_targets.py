@@ -26,6 +26,8 @@ from tests.helpers import ROOT, det_bytes, fails, ok, run_cli, sh, text_bytes
 
 IMAGE = text_bytes(5, 300_000) + det_bytes(6, 200_000)
 
+pytestmark = pytest.mark.slow  # a repository made through the CLI per test, devices, loop mounts
+
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:

@@ -67,6 +67,7 @@ def _source_fd(pid: int, path: Path) -> str | None:
 # -- one name, two machines ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_default_name_of_another_source_path_is_refused(repo, tmp_path):
     a, b = tmp_path / "vms" / "a" / "disk.img", tmp_path / "vms" / "b" / "disk.img"
     for i, path in enumerate((a, b)):
@@ -88,6 +89,7 @@ def test_default_name_of_another_source_path_is_refused(repo, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (UTS)")
+@pytest.mark.slow
 def test_default_name_of_another_host_is_refused(repo, tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(det_bytes(1, 100_000))
@@ -103,6 +105,7 @@ def test_default_name_of_another_host_is_refused(repo, tmp_path):
 # -- a source that changes or shrinks while it is read --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_source_changed_while_read_is_stored_marked_and_exits_3(repo, tmp_path):
     image = tmp_path / "live.img"
     data = det_bytes(7, 64 * MiB)
@@ -215,6 +218,7 @@ def test_sigterm_while_stdin_is_stalled_exits_within_a_second(repo):
 # -- user text is not markup --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_names_tags_and_paths_print_literally_everywhere(repo, tmp_path):
     name, tag = "[bold]web[/bold] [/x]:smile:", "[/tag]"
     folder = tmp_path / "[red]dir"  # no "/" in a file name: opening tags only

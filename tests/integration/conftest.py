@@ -1,4 +1,9 @@
-"""Fixtures of the whole-system tests."""
+"""Fixtures of the whole-system tests, and the rule that every test here is ``slow``.
+
+Whole-system tests run the real command against the real system (root, loop devices, ext4, FUSE, NBD clients,
+kill -9, full disks, memory): seconds each, and together most of the suite's time. ``pytest -m "not slow"``
+leaves them out; CI (scripts/test.sh) runs them.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Called with every collected item, not only this folder's: mark those that live below it.
+    for item in items:
+        if HERE in item.path.resolve().parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -291,6 +291,7 @@ def test_forgotten_snapshot_does_not_come_back_after_repair(world, tmp_path):
         restores(repo, c, dc, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_full_lmdb_map_grows(tmp_path, monkeypatch):
     initial = 1 << 18
     monkeypatch.setattr(dedupimg.repo.index, "INITIAL_MAP", initial)

@@ -11,6 +11,8 @@ from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes
 
+pytestmark = pytest.mark.slow  # 256 MiB images: 1-2 s a test
+
 SIZE = 256 << 20
 
 

@@ -13,6 +13,8 @@ from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, text_bytes
 
+pytestmark = pytest.mark.slow  # a 64 MiB image per test
+
 MiB = 1 << 20
 SIZE = 64 * MiB
 

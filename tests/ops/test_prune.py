@@ -153,6 +153,7 @@ def test_forget_by_id_plan_names_only_those(repo, tmp_path):
     assert {r.id for r in plan.keep} == {recs[0].id, recs[2].id}
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(["snap", "forget", "prune"]), st.integers(0, 7)), min_size=3, max_size=10))
 def test_any_sequence_of_snapshots_forgets_and_prunes_keeps_the_rest_bit_exact(tmp_path_factory, ops):

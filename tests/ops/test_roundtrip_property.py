@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +35,7 @@ def apply(image: bytes, op: tuple[str, int, int, int]) -> bytes:
     return image[:pos] + bytes(n) + image[pos + n :]
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     base=st.tuples(st.integers(0, 300_000), st.integers(0, 99), st.booleans()),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dedupimg.ops.restore import restore
 from dedupimg.ops.snapshot import take_snapshot
 from tests.helpers import blocks_allocated, det_bytes, write_sparse
@@ -10,6 +12,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
+@pytest.mark.slow
 def test_4gib_sparse_file_with_8mib_of_data(tmp_path, repo):
     src = tmp_path / "sparse.img"
     pieces = [(i * 512 * MiB + 12345 * 4096, det_bytes(i, MiB)) for i in range(8)]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -403,6 +404,7 @@ class RepositoryMachine(RuleBasedStateMachine):
                 shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+@pytest.mark.slow  # 10-20 s
 def test_repository_state_machine() -> None:
     run_state_machine_as_test(
         RepositoryMachine,

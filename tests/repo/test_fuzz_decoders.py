@@ -349,6 +349,7 @@ _rows = st.lists(
 @FUZZ
 @given(st.one_of(_rows.map(lambda r: msgpack.packb(r, use_bin_type=True)), hostile_msgpack()),
        st.one_of(st.none(), st.integers(0, 2**32 - 1), st.sampled_from(INTERESTING_INTS[:10])))
+@pytest.mark.slow
 def test_trailer_wrong_types_and_huge_claims(trailer: bytes, count: int | None) -> None:
     base = base_pack()
     if count is None:  # the footer agrees with the array header, whatever it claims
@@ -579,6 +580,7 @@ _near_values = st.one_of(
 
 @FUZZ
 @given(records(), st.lists(st.tuples(st.sampled_from(_KEYS + ["extra"]), st.booleans(), _near_values), max_size=4))
+@pytest.mark.slow
 def test_record_wrong_types(rec: SnapshotRecord, changes: list[tuple[str, bool, Any]]) -> None:
     doc = msgpack.unpackb(rec.encode(), raw=False)
     for key, delete, value in changes:
@@ -594,6 +596,7 @@ def test_record_wrong_types(rec: SnapshotRecord, changes: list[tuple[str, bool, 
 
 @FUZZ
 @given(hostile_msgpack())
+@pytest.mark.slow
 def test_record_huge_claims(raw: bytes) -> None:
     got = clean(SnapshotRecord.decode, raw, about="snapshot record")
     if got is not None:

@@ -209,6 +209,7 @@ def test_reopen_keeps_everything(tmp_path: Path) -> None:
         index.close()
 
 
+@pytest.mark.slow
 def test_reopens_after_large_transactions(tmp_path: Path) -> None:
     """A transaction that frees many rows can leave LMDB's last allocated pages unwritten (pages it allocated
     and freed again go to the free list without being written), so ``data.mdb`` may end before the page its

@@ -56,6 +56,7 @@ def test_sequential_and_random_reads_are_bit_exact(pooled):
         assert reader.read(off, n) == data[off : off + n]
 
 
+@pytest.mark.slow
 def test_many_readers_share_a_small_cache(pooled):
     repo, images = pooled
     readers = [SnapshotReader(repo, rec) for rec, _ in images]
