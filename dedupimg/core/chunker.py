@@ -1,6 +1,6 @@
 """Content-defined chunking: FastCDC 2020 through pyfastcdc, streamed over large buffers.
 
-Chunk boundaries are part of the on-disk format (tests/unit/test_chunker.py freezes them). FastCDC decides
+Chunk boundaries are part of the on-disk format (tests/core/test_chunker.py freezes them). FastCDC decides
 each cut from the chunk's start and at most ``max_size`` bytes after it, so cutting a large buffer and
 keeping every chunk but the last (which may have been cut by the buffer's end rather than by content) gives
 exactly the cuts of one pass over the whole stream.

@@ -1,4 +1,4 @@
-"""Repository locks (dedupimg/lock.py): real files, real flock, real processes."""
+"""Repository locks (dedupimg/repo/lock.py): real files, real flock, real processes."""
 
 from __future__ import annotations
 
