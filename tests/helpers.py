@@ -57,10 +57,12 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str | os.PathLike[str], input: bytes | None = None, env: dict[str, str] | None = None,
-            timeout: float = 600, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
-    """``python -m dedupimg ARGS`` in a subprocess, output captured (bytes, or str with ``text=True``)."""
+            timeout: float = 600, user: int | None = None, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    """``python -m dedupimg ARGS`` in a subprocess, output captured (bytes, or str with ``text=True``); with
+    ``user``, as that uid and gid with no other groups (setpriv; the tests run as root)."""
+    as_user = [] if user is None else ["setpriv", "--reuid", str(user), "--regid", str(user), "--clear-groups"]
     return subprocess.run(
-        [sys.executable, "-m", "dedupimg", *map(str, args)],
+        [*as_user, sys.executable, "-m", "dedupimg", *map(str, args)],
         input=input,
         capture_output=True,
         env=cli_env(**(env or {})),

@@ -215,12 +215,17 @@ def shared_tmp() -> Iterator[Path]:
 
 
 def as_other_user(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[bytes]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DEDUPIMG_REPO", "DEDUPIMG_DEBUG")}
-    return subprocess.run(
-        ["setpriv", "--reuid", str(OTHER_UID), "--regid", str(OTHER_UID), "--clear-groups",
-         sys.executable, "-m", "dedupimg", *map(str, args)],
-        capture_output=True, env=env, cwd="/", timeout=600,
-    )
+    return run_cli(*args, user=OTHER_UID, cwd="/")
+
+
+def open_to_all(repo: Path) -> None:
+    """Every directory and file of the repository readable and writable by anyone."""
+    for dirpath, dirnames, filenames in os.walk(repo):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666)
+    repo.chmod(0o777)
 
 
 @pytest.mark.slow
@@ -236,12 +241,7 @@ def test_unreadable_repository_or_index_is_permission_denied(shared_tmp):
     fails(as_other_user("info", "-r", repo), 16, "permission denied")
 
     # Everything readable but the index directory.
-    for dirpath, dirnames, filenames in os.walk(repo):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o777)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o666)
-    repo.chmod(0o777)
+    open_to_all(repo)
     assert "1 snapshots" in ok(as_other_user("-r", repo, "snapshots"))
     (repo / "index").chmod(0o000)
     for command in (["snapshots"], ["info"], ["check"], ["verify", "latest"], ["snapshot", image]):
@@ -263,12 +263,7 @@ def test_unreadable_pack_is_permission_denied_not_damage(shared_tmp):
     image = shared_tmp / "disk.img"
     image.write_bytes(det_bytes(3, 50_000))
     ok(run_cli("snapshot", "-r", repo, image))
-    for dirpath, dirnames, filenames in os.walk(repo):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o777)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o666)
-    repo.chmod(0o777)
+    open_to_all(repo)
     for p in (repo / "packs").rglob("*.pack"):
         p.chmod(0o000)
     for command in (["verify", "latest"], ["check", "--read-data"], ["repair", "index"]):

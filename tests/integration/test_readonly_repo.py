@@ -19,7 +19,7 @@ from tests.helpers import ROOT, det_bytes, ok, run_cli, text_bytes
 from tests.integration.support import mounted
 
 MiB = 1 << 20
-OTHER = ["setpriv", "--reuid", "1234", "--regid", "1234", "--clear-groups"]
+OTHER_UID = 1234
 
 
 @pytest.fixture
@@ -103,16 +103,14 @@ def test_user_with_read_access_only(open_base):
     img.write_bytes(data)
     ok(run_cli("-r", repo, "snapshot", img, "--name", "disk"))
     for p in [repo, *repo.rglob("*")]:
-        os.chown(p, 0, 1234)
+        os.chown(p, 0, OTHER_UID)
         p.chmod((p.stat().st_mode & 0o700) | (0o050 if p.is_dir() else 0o040))
     out_dir = open_base / "out"
     out_dir.mkdir()
-    shutil.chown(out_dir, 1234, 1234)
-    env = dict(os.environ, HOME=str(out_dir))
+    shutil.chown(out_dir, OTHER_UID, OTHER_UID)
 
     def as_other(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([*OTHER, sys.executable, "-m", "dedupimg", "-r", str(repo), *map(str, args)],
-                              capture_output=True, cwd=ROOT, env=env, timeout=300)
+        return run_cli("-r", repo, *args, user=OTHER_UID, cwd=ROOT, env={"HOME": str(out_dir)}, timeout=300)
 
     assert "disk" in ok(as_other("snapshots"))
     ok(as_other("check", "--read-data"))
