@@ -96,6 +96,7 @@ class Repository:
         self.path = path
         self.config = config
         self.store: Store = store_for(path) if store is None else store  # every pack is read and written here
+        self._owns_store = store is None  # a store given by the caller is the caller's to close
         try:
             self.index = Index(path / INDEX)
         except PermissionError as exc:  # index/ itself unreadable (lmdb's own refusals: index._translate)
@@ -188,6 +189,8 @@ class Repository:
             self._pool.close()
             self._pool = None
         self._packs.close()
+        if self._owns_store:
+            self.store.close()
         self.index.close()
         if self._lock is not None:
             self._lock.release()
