@@ -62,7 +62,8 @@ class ChunkSource:
 
     def __init__(self, repo: Repository, cache_bytes: int = CHUNK_CACHE_BYTES) -> None:
         self._repo = repo
-        self.parallel = repo.parallel_reads  # fetched by the pool's workers while the caller goes on
+        self._pool = repo.read_pool  # pins go straight to it, not through the repository
+        self.parallel = self._pool is not None  # fetched by the pool's workers while the caller goes on
         self._lock = threading.Lock()
         self._chunks = _LRU(cache_bytes)  # chunks read without a read pool
         self._pending: dict[bytes, tuple[Future[Landed], int]] = {}  # chunk id -> (its fetch, index in it)
@@ -86,7 +87,7 @@ class ChunkSource:
         for _ in range(PIN_ATTEMPTS):
             chunks, in_pool = self._find(ids, ahead)
             runs = list(in_pool.values())
-            if not runs or self._repo.pin(runs):
+            if not runs or self._pinned(runs):
                 return Pinned(chunks, runs)
             self._forget_replaced(runs)  # another read refilled a slot between the fetch and the pin
             ahead = []
@@ -94,8 +95,12 @@ class ChunkSource:
         return Pinned(dict(zip(ids, self._repo.read_blobs(ids), strict=True)), [])
 
     def unpin(self, pinned: Pinned) -> None:
-        if pinned.runs:
-            self._repo.unpin(pinned.runs)
+        if pinned.runs and self._pool is not None:
+            self._pool.unpin(pinned.runs)
+
+    def _pinned(self, runs: list[Landed]) -> bool:
+        """Pin the slots of ``runs``; False (nothing pinned) if any was given to another run since it landed."""
+        return self._pool is None or self._pool.pin(runs)
 
     def _find(self, ids: list[bytes], ahead: list[bytes]) -> tuple[dict[bytes, bytes | memoryview], dict[int, Landed]]:
         """The chunks ``ids``, cached or once their fetch (started now, or earlier by a read-ahead) is done,
@@ -169,8 +174,8 @@ class ChunkSource:
                 self._in_pool[id_] = (landed, i)
 
     def _forget_replaced(self, runs: list[Landed]) -> None:
-        stale = [r for r in runs if not self._repo.pin([r])]
-        self._repo.unpin([r for r in runs if r not in stale])
+        stale = [r for r in runs if not self._pinned([r])]
+        self.unpin(Pinned({}, [r for r in runs if r not in stale]))
         with self._lock:
             for run in stale:
                 for id_ in self._slot_ids.pop(run.slot, []) if run.slot is not None else []:

@@ -229,11 +229,16 @@ class Repository:
     def parallel_reads(self) -> bool:
         return self._pool is not None
 
+    @property
+    def read_pool(self) -> ReadPool | None:
+        """The read pool, once started: a chunk source (chunksource.py) pins the slots it copies from there."""
+        return self._pool
+
     def fetch_blobs(self, ids: list[bytes]) -> list[tuple[list[bytes], Future[Landed]]]:
         """Start reading ``ids``: ``(some ids, future of their verified bytes)`` per run of adjacent blobs.
 
         With a read pool the runs are read by its workers while the caller goes on, and land in its shared
-        cache (:meth:`pin` them before using the bytes); without one they are read here, and the futures are
+        cache (pin them in the pool before using the bytes); without one they are read here, and the futures are
         done on return. A blob missing from the index raises IntegrityError here; damage inside a run is the
         exception of its future.
         """
@@ -252,15 +257,6 @@ class Repository:
                     future.set_exception(exc)
             out.append(([id_ for _, id_ in run.blobs], future))
         return out
-
-    def pin(self, runs: list[Landed]) -> bool:
-        """Keep the cached bytes of ``runs`` in place until :meth:`unpin`; False (nothing pinned) if any of
-        them has been replaced since it landed: fetch it again."""
-        return self._pool.pin(runs) if self._pool is not None else True
-
-    def unpin(self, runs: list[Landed]) -> None:
-        if self._pool is not None:
-            self._pool.unpin(runs)
 
     def _runs(self, ids: list[bytes], max_run: int, max_raw: int | None = None) -> list[_Run]:
         """``ids`` grouped into runs of blobs that lie back to back in one pack, in order, each at most
