@@ -140,6 +140,7 @@ def test_source_changed_while_read_is_stored_marked_and_exits_3(repo, tmp_path):
     assert "3 snapshot stored" in ok(run_cli("snapshot", "--help", env=WIDE))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
 def test_source_truncated_while_read_fails_with_16(repo, tmp_path, sparse):
     image = tmp_path / "shrinking.img"
@@ -188,6 +189,7 @@ def test_fifo_as_source_is_refused_at_once(repo, tmp_path):
     assert doc["size"] == len(data) and doc["source"] == "<stdin>"
 
 
+@pytest.mark.slow
 def test_sigterm_while_stdin_is_stalled_exits_within_a_second(repo):
     read_end, write_end = os.pipe()
     try:
@@ -259,6 +261,7 @@ def test_repository_path_with_markup_prints_literally(tmp_path):
 # -- tags ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tag_with_commas_is_several_tags(repo, tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(text_bytes(6, 100_000))
@@ -291,6 +294,7 @@ def test_time_out_of_range_is_refused(repo, tmp_path, when):
     assert listing(repo) == []
 
 
+@pytest.mark.slow
 def test_times_at_the_ends_of_the_range_are_stored_and_mountable(repo, tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(text_bytes(8, 50_000))

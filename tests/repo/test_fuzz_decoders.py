@@ -483,6 +483,7 @@ def test_segment_arbitrary_bytes(raw: bytes) -> None:
         check_segment(seg)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(_extents, st.data())
 def test_segment_mutated(ext: list[tuple[int, bytes | None]], data: st.DataObject) -> None:
@@ -500,6 +501,7 @@ _extent_value = st.one_of(st.integers(-(2**63), 2**64 - 1), st.booleans(), st.fl
                           st.binary(max_size=40), MSGPACK_VALUES)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.one_of(
     st.tuples(st.one_of(st.just(1), st.just(True), st.just(1.0), _scalars), st.lists(_extent_value, max_size=12))
@@ -555,6 +557,7 @@ def test_record_arbitrary_bytes(raw: bytes) -> None:
         check_record(rec, raw)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(records(), st.data())
 def test_record_mutated(rec: SnapshotRecord, data: st.DataObject) -> None:

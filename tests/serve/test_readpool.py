@@ -15,6 +15,8 @@ from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.serve.reader import SnapshotReader
 from tests.helpers import det_bytes, text_bytes, write_sparse
 
+pytestmark = pytest.mark.slow  # each test starts worker processes on two 12 MiB images
+
 MiB = 1 << 20
 
 
@@ -56,7 +58,6 @@ def test_sequential_and_random_reads_are_bit_exact(pooled):
         assert reader.read(off, n) == data[off : off + n]
 
 
-@pytest.mark.slow
 def test_many_readers_share_a_small_cache(pooled):
     repo, images = pooled
     readers = [SnapshotReader(repo, rec) for rec, _ in images]
