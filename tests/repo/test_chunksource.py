@@ -47,7 +47,7 @@ def test_with_a_pool_a_slot_refilled_by_another_source_is_fetched_again(chunks):
     assert first.parallel
     fetched: list[int] = []
     fetch = repo.fetch_blobs
-    repo.fetch_blobs = lambda ids: fetched.append(len(ids)) or fetch(ids)  # type: ignore[method-assign]
+    repo.fetch_blobs = lambda ids: fetched.append(len(ids)) or fetch(ids)
     for _ in range(3):
         for source in (first, second):
             assert source.wanted(ids) in ([], ids)  # it believes it holds all of them, or none
