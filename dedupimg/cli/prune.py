@@ -8,9 +8,9 @@ import typer
 
 from dedupimg.cli.app import DryRunOption, JsonOption, LockWait, RepoOption, open_repo
 from dedupimg.cli.render import exit_codes_help, print_json, progress_sink, prune_json, render_prune
+from dedupimg.core.config import DEFAULT_MAX_UNUSED
 from dedupimg.core.errors import UsageError
 from dedupimg.ops.prune import prune as prune_repository
-from dedupimg.repo.compaction import DEFAULT_MAX_UNUSED
 from dedupimg.repo.lock import LockMode
 
 

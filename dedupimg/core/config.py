@@ -18,6 +18,7 @@ FORMAT_NAME = "dedupimg"
 FORMAT_VERSION = 1
 
 DEFAULT_CHUNK_SIZE = 16384
+DEFAULT_MAX_UNUSED = 0.05  # prune rewrites a pack once more than this share of it is unused
 MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 1 << 20
 

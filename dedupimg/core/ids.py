@@ -7,6 +7,13 @@ import blake3
 
 ID_LEN = 32
 
+# Blob types (docs/format.md §4.1)
+CHUNK = 0
+SEGMENT = 1
+SNAPSHOT = 2
+TOMBSTONE = 3  # msgpack list of forgotten snapshot ids: repair index must not bring them back
+BLOB_TYPES = (CHUNK, SEGMENT, SNAPSHOT, TOMBSTONE)
+
 
 def blob_id(raw: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(raw).digest()

@@ -1,4 +1,7 @@
-"""Prune: give back the space of forgotten snapshots and interrupted writes, safely (see compaction.py).
+"""Prune: give back the space of forgotten snapshots and interrupted writes, safely.
+
+The plan and its execution are the repository's (``Repository.plan_prune`` / ``execute_prune``, in
+repo/compaction.py); this module reports them.
 
 The caller holds the repository's exclusive lock (``Repository.open(..., LockMode.EXCLUSIVE)``): the plan is
 only valid while no snapshot can add references. ``dry_run`` plans and reports without changing anything.
@@ -7,11 +10,15 @@ only valid while no snapshot can add references. ``dry_run`` plans and reports w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from dedupimg.core.config import DEFAULT_MAX_UNUSED
+from dedupimg.core.ids import CHUNK, SEGMENT, SNAPSHOT
 from dedupimg.core.progress import NoProgress, Progress
-from dedupimg.repo import compaction, pack
-from dedupimg.repo.compaction import DEFAULT_MAX_UNUSED, PruneOutcome
 from dedupimg.repo.repository import Repository
+
+if TYPE_CHECKING:  # a value type the repository returns (type-only imports are outside the contracts)
+    from dedupimg.repo.compaction import PruneOutcome
 
 
 @dataclass(frozen=True)
@@ -40,16 +47,14 @@ def prune(
     repo: Repository, max_unused: float = DEFAULT_MAX_UNUSED, dry_run: bool = False, progress: Progress | None = None
 ) -> PruneReport:
     sink = progress or NoProgress()
-    todo = compaction.plan(repo, max_unused)
+    todo = repo.plan_prune(max_unused)
     outcome = None
-    if not dry_run and not todo.empty:
+    if not dry_run:
         sink.start("prune: rewrite packs", sum(w.row.size for w in todo.repack) or None)
         try:
-            outcome = compaction.execute(repo, todo, sink.advance)
+            outcome = repo.execute_prune(todo, sink.advance)  # an empty plan changes nothing
         finally:
             sink.finish()
-    elif not dry_run:
-        outcome = PruneOutcome(0, 0, 0, 0, 0)
     return PruneReport(
         dry_run=dry_run,
         max_unused=max_unused,
@@ -58,9 +63,9 @@ def prune(
         packs_keeping_garbage=len(todo.garbage),
         bytes_to_copy=todo.repack_bytes,
         bytes_to_free=todo.freed_estimate,
-        chunks_dropped=todo.dropped_by_type[pack.CHUNK],
-        segments_dropped=todo.dropped_by_type[pack.SEGMENT],
-        records_dropped=todo.dropped_by_type[pack.SNAPSHOT],
+        chunks_dropped=todo.dropped_by_type[CHUNK],
+        segments_dropped=todo.dropped_by_type[SEGMENT],
+        records_dropped=todo.dropped_by_type[SNAPSHOT],
         orphan_packs=len(todo.orphan_packs),
         tmp_files=len(todo.tmp_files),
         outcome=outcome,

@@ -23,14 +23,15 @@ import blake3
 
 from dedupimg.core.buffers import PoolClosed
 from dedupimg.core.chunker import Batch, Chunker
+from dedupimg.core.codecs import Compressor
 from dedupimg.core.errors import UsageError
+from dedupimg.core.ids import CHUNK
 from dedupimg.core.imagehash import ImageHasher
 from dedupimg.core.manifest import Segment, SegmentBuilder, SnapshotRecord, chunker_dict
 from dedupimg.core.parallel import started_ahead, worker_count
 from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.core.zeros import is_zero
 from dedupimg.ops.source import ReadCancelled, Source
-from dedupimg.repo import pack
 from dedupimg.repo.repository import BlobWriter, Repository
 
 WORKERS = worker_count()
@@ -239,7 +240,7 @@ class _Store:
     def __init__(self, repo: Repository, writer: BlobWriter, progress: Progress) -> None:
         self._writer = writer
         self._progress = progress
-        self._compressor = pack.Compressor(repo.config.compression_level)
+        self._compressor = Compressor(repo.config.compression_level)
         self._in_flight: set[bytes] = set()
         self.hasher = ImageHasher(AHEAD + QUEUE + 2)
         self.segments: list[tuple[bytes, int]] = []
@@ -282,7 +283,7 @@ class _Store:
             return
         encoded = [enc for f in p.encoded for enc in f.result()]
         for (id_, s, e), (codec, stored) in zip(p.new, encoded, strict=True):
-            self._writer.add_encoded(pack.CHUNK, id_, codec, stored, e - s)
+            self._writer.add_encoded(CHUNK, id_, codec, stored, e - s)
             self._in_flight.discard(id_)
         for (s, e), cid in zip(p.batch.cuts, p.ids, strict=True):
             if cid is None:

@@ -24,15 +24,18 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from dedupimg.core.config import DEFAULT_MAX_UNUSED
 from dedupimg.core.errors import IntegrityError, UsageError
 from dedupimg.core.manifest import decode_segment
 from dedupimg.repo import pack
 from dedupimg.repo.index import BlobLocation, NewSegment, PackRow, SealedPack
-from dedupimg.repo.repository import Repository
 from dedupimg.store.base import TEMP_PREFIX, TEMP_SUFFIX, NotAnObject, ObjectMissing
 
-DEFAULT_MAX_UNUSED = 0.05
+if TYPE_CHECKING:  # the repository calls in (Repository.plan_prune); only its type is needed here
+    from dedupimg.repo.repository import Repository
+
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -31,7 +31,7 @@ from dedupimg.core.errors import (
 )
 from dedupimg.core.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
 from dedupimg.core.manifest import Segment, SnapshotRecord, decode_segment, decode_tombstone, encode_tombstone
-from dedupimg.repo import pack, readpool
+from dedupimg.repo import compaction, pack, readpool
 from dedupimg.repo.index import Index, NewSegment, NewSnapshot, SealedPack
 from dedupimg.repo.lock import LockMode, RepositoryLock
 from dedupimg.repo.readpool import Landed, ReadPool
@@ -391,6 +391,19 @@ class Repository:
                 forgotten.update(decode_tombstone(raw))
             unknown = [i for i in unknown if i not in forgotten]
         return unknown
+
+    # -- prune: plan, then execute (repo/compaction.py) ---------------------------------------------------------
+
+    def plan_prune(self, max_unused: float) -> compaction.PrunePlan:
+        """What a prune would delete, rewrite and keep (reads only); the caller holds the exclusive lock."""
+        return compaction.plan(self, max_unused)
+
+    def execute_prune(self, plan: compaction.PrunePlan,
+                      on_bytes: Callable[[int], None] | None = None) -> compaction.PruneOutcome:
+        """Carry out a plan made by :meth:`plan_prune` under the same exclusive lock (an empty plan: nothing)."""
+        if plan.empty:
+            return compaction.PruneOutcome(0, 0, 0, 0, 0)
+        return compaction.execute(self, plan, on_bytes)
 
     def writer(self) -> BlobWriter:
         return BlobWriter(self)

@@ -364,14 +364,6 @@ def test_local_symlink_is_followed(local: LocalStore, tmp_path: Path):
         local.open(OTHER)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_local_unreadable_object_is_permission_denied(local: LocalStore):
-    put(local, NAME, b"secret")
-    os.chmod(local.root / NAME, 0)
-    with pytest.raises(PermissionDenied, match="permission denied"):
-        local.open(NAME)
-
-
 def test_local_permission_error_is_permission_denied(local: LocalStore, monkeypatch: pytest.MonkeyPatch):
     """What an unreadable pack gives any user but root (the CLI test in tests/cli/test_errors.py runs it for
     real as another user): EACCES from open() is PermissionDenied (exit 16), not damage."""
