@@ -6,7 +6,7 @@ import typer
 
 from dedupimg.cli.app import JsonOption, LockWait, RepoOption, repo_path
 from dedupimg.cli.render import exit_codes_help, print_json, progress_sink, stdout
-from dedupimg.repo.repair import RepairReport, repair_index
+from dedupimg.ops.repair import RepairReport, repair_index
 
 repair_app = typer.Typer(help="Rebuild repository metadata from the pack files.", no_args_is_help=True)
 

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dedupimg.core.config import ChunkerParams, Config
 from dedupimg.core.errors import (
@@ -31,11 +32,16 @@ from dedupimg.core.errors import (
 )
 from dedupimg.core.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
 from dedupimg.core.manifest import Segment, SnapshotRecord, decode_segment, decode_tombstone, encode_tombstone
+from dedupimg.core.progress import Progress
+from dedupimg.repo import audit as audit_mod
 from dedupimg.repo import compaction, pack, readpool
 from dedupimg.repo.index import Index, NewSegment, NewSnapshot, SealedPack
 from dedupimg.repo.lock import LockMode, RepositoryLock
 from dedupimg.repo.readpool import Landed, ReadPool
 from dedupimg.store import Store
+
+if TYPE_CHECKING:
+    from dedupimg.repo import repair as repair_mod
 from dedupimg.store.base import ObjectReader
 from dedupimg.store.local import LocalStore
 
@@ -391,6 +397,23 @@ class Repository:
                 forgotten.update(decode_tombstone(raw))
             unknown = [i for i in unknown if i not in forgotten]
         return unknown
+
+    # -- repair (repo/repair.py) ------------------------------------------------------------------------------
+
+    @staticmethod
+    def rebuild_index(path: Path, lock_wait: float = 0.0, progress: Progress | None = None) -> repair_mod.RepairReport:
+        """Rebuild ``path/index`` from the packs alone, never opening the old index (see repo/repair.py)."""
+        from dedupimg.repo import repair as repair_mod  # imports this module: loaded on first use
+
+        return repair_mod.repair_index(path, lock_wait, progress)
+
+    # -- check (repo/audit.py) -------------------------------------------------------------------------------
+
+    def audit(self, read_data: float = 0.0, progress: Progress | None = None,
+              seed: bytes | None = None) -> audit_mod.CheckReport:
+        """Prove the index and the packs consistent, and read ``read_data`` of the packs (see repo/audit.py);
+        the caller holds at least a SHARED lock."""
+        return audit_mod.audit(self, read_data, progress, seed)
 
     # -- prune: plan, then execute (repo/compaction.py) ---------------------------------------------------------
 

@@ -15,9 +15,9 @@ import dedupimg.repo.index
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.ops.check import CheckReport, check, choose_packs
+from dedupimg.ops.repair import repair_index
 from dedupimg.repo import pack
 from dedupimg.repo.index import BLOB_VALUE, PackRow
-from dedupimg.repo.repair import repair_index
 from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, restores, small_repo, snap, text_bytes
 from tests.packfiles import pack_file, trailer, write_pack

@@ -40,10 +40,10 @@ from dedupimg.core.retention import Policy, parse_duration
 from dedupimg.ops.check import check
 from dedupimg.ops.forget import execute, plan_ids, plan_policy
 from dedupimg.ops.prune import prune
+from dedupimg.ops.repair import repair_index
 from dedupimg.ops.restore import restore, verify
 from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
-from dedupimg.repo.repair import repair_index
 from dedupimg.repo.repository import CONFIG, Repository
 from tests.helpers import det_bytes, text_bytes, write_image
 from tests.packfiles import pack_file, trailer
