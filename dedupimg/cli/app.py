@@ -13,8 +13,8 @@ from typing import Annotated
 import typer
 
 from dedupimg.core.errors import UsageError
-from dedupimg.repo.lock import LockMode
 from dedupimg.repo.repository import Repository
+from dedupimg.store.lock import LockMode
 
 app = typer.Typer(
     name="dedupimg",

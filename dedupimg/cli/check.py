@@ -11,7 +11,7 @@ from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progre
 from dedupimg.core.errors import CheckFailed, UsageError
 from dedupimg.ops.check import CheckReport
 from dedupimg.ops.check import check as check_repository
-from dedupimg.repo.lock import LockMode
+from dedupimg.store.lock import LockMode
 
 
 def check(

@@ -13,7 +13,7 @@ from dedupimg.cli.render import exit_codes_help, print_json, prune_json, render_
 from dedupimg.core.errors import UsageError
 from dedupimg.core.retention import Policy, parse_duration, parse_tag_list
 from dedupimg.ops.forget import ForgetPlan, forget_and_prune
-from dedupimg.repo.lock import LockMode
+from dedupimg.store.lock import LockMode
 
 
 def _count(help_text: str) -> typer.models.OptionInfo:

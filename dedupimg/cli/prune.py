@@ -11,7 +11,7 @@ from dedupimg.cli.render import exit_codes_help, print_json, progress_sink, prun
 from dedupimg.core.config import DEFAULT_MAX_UNUSED
 from dedupimg.core.errors import UsageError
 from dedupimg.ops.prune import prune as prune_repository
-from dedupimg.repo.lock import LockMode
+from dedupimg.store.lock import LockMode
 
 
 def prune(

@@ -9,7 +9,7 @@ import typer
 from dedupimg.cli.app import LatestNameOption, LockWait, RepoOption, SnapshotArgument, open_repo
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, record_json, stdout
 from dedupimg.ops.restore import restore as restore_snapshot
-from dedupimg.repo.lock import LockMode
+from dedupimg.store.lock import LockMode
 
 
 def restore(

@@ -9,9 +9,9 @@ import typer
 
 from dedupimg.cli.app import LockWait, RepoOption, open_repo
 from dedupimg.cli.render import exit_codes_help, stderr
-from dedupimg.repo.lock import LockMode
 from dedupimg.serve.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer, parse_listen
 from dedupimg.serve.nbd import serve as serve_snapshots
+from dedupimg.store.lock import LockMode
 
 
 def serve(

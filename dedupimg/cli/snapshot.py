@@ -11,7 +11,7 @@ from dedupimg.cli.app import JsonOption, LockWait, RepoOption, open_repo
 from dedupimg.cli.render import exit_codes_help, print_json, progress_sink, record_json, stdout
 from dedupimg.core.errors import SourceChanged, UsageError
 from dedupimg.ops.snapshot import take_snapshot
-from dedupimg.repo.lock import LockMode
+from dedupimg.store.lock import LockMode
 
 
 def snapshot(

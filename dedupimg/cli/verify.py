@@ -7,7 +7,7 @@ import typer
 from dedupimg.cli.app import LatestNameOption, LockWait, RepoOption, SnapshotArgument, open_repo
 from dedupimg.cli.render import exit_codes_help, human_bytes, progress_sink, stdout
 from dedupimg.ops.restore import verify as verify_snapshot
-from dedupimg.repo.lock import LockMode
+from dedupimg.store.lock import LockMode
 
 
 def verify(

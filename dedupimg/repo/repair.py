@@ -31,9 +31,9 @@ from dedupimg.core.manifest import SnapshotRecord, decode_segment, decode_tombst
 from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.repo import integrity, pack
 from dedupimg.repo.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack
-from dedupimg.repo.lock import LockMode, RepositoryLock
 from dedupimg.repo.repository import INDEX, TMP, Repository, store_for
 from dedupimg.store import Store
+from dedupimg.store.lock import LockMode
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ def repair_index(path: Path, lock_wait: float = 0.0, progress: Progress | None =
     path = Path(path)
     Repository.read_config(path)  # a missing or non-repository path fails before any lock file is made
     progress = progress or NoProgress()
-    with RepositoryLock(path, LockMode.EXCLUSIVE, lock_wait, "repair index"):
+    store = store_for(path)
+    with store.lock(LockMode.EXCLUSIVE, lock_wait, "repair index"):
         report = RepairReport()
         tmp = path / TMP
         # Under the exclusive lock no other repair runs: any rebuild or old index in tmp/ is a leftover.

@@ -36,13 +36,13 @@ from dedupimg.core.progress import Progress
 from dedupimg.repo import audit as audit_mod
 from dedupimg.repo import compaction, pack, readpool
 from dedupimg.repo.index import Index, NewSegment, NewSnapshot, SealedPack
-from dedupimg.repo.lock import LockMode, RepositoryLock
 from dedupimg.repo.readpool import Landed, ReadPool
 from dedupimg.store import Store
+from dedupimg.store.lock import LockMode
 
 if TYPE_CHECKING:
     from dedupimg.repo import repair as repair_mod
-from dedupimg.store.base import ObjectReader
+from dedupimg.store.base import ObjectReader, StoreLock
 from dedupimg.store.local import LocalStore
 
 CONFIG = "config"
@@ -98,18 +98,18 @@ class RepoStats:
 
 
 class Repository:
-    def __init__(self, path: Path, config: Config, store: Store | None = None) -> None:
+    def __init__(self, path: Path, config: Config, store: Store | None = None, owns_store: bool = False) -> None:
         self.path = path
         self.config = config
         self.store: Store = store_for(path) if store is None else store  # every pack is read and written here
-        self._owns_store = store is None  # a store given by the caller is the caller's to close
+        self._owns_store = store is None or owns_store  # a store given by the caller is the caller's to close
         try:
             self.index = Index(path / INDEX)
         except PermissionError as exc:  # index/ itself unreadable (lmdb's own refusals: index._translate)
             where = exc.filename or path / INDEX
             raise PermissionDenied(f"cannot open the index at {where}: permission denied") from None
         self._packs = _OpenPacks(self)
-        self._lock: RepositoryLock | None = None
+        self._lock: StoreLock | None = None
         self._pool: ReadPool | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -155,7 +155,8 @@ class Repository:
 
     @classmethod
     def open(cls, path: Path, lock: LockMode | None = None, lock_wait: float = 0.0, purpose: str = "") -> Repository:
-        """Open a repository; with ``lock``, hold that flock on REPO/lock until :meth:`close`.
+        """Open a repository; with ``lock``, hold the store's repository lock (local: a flock on REPO/lock)
+        until :meth:`close`.
 
         snapshot, restore, mount and serve take a SHARED lock, forget and prune an EXCLUSIVE one; a conflicting
         holder is waited for up to ``lock_wait`` seconds (RepositoryLocked then). ``purpose`` names the command
@@ -163,14 +164,16 @@ class Repository:
         """
         path = Path(path)
         config = cls.read_config(path)
-        held = RepositoryLock(path, lock, lock_wait, purpose) if lock is not None else None
-        if held is not None:
-            held.acquire()
+        store = store_for(path)
+        held = store.lock(lock, lock_wait, purpose) if lock is not None else None
         try:
-            repo = cls(path, config)
+            if held is not None:
+                held.acquire()
+            repo = cls(path, config, store, owns_store=True)
         except BaseException:
             if held is not None:
                 held.release()
+            store.close()
             raise
         repo._lock = held
         return repo
@@ -195,12 +198,12 @@ class Repository:
             self._pool.close()
             self._pool = None
         self._packs.close()
-        if self._owns_store:
-            self.store.close()
         self.index.close()
-        if self._lock is not None:
+        if self._lock is not None:  # released while the store is still open (an object store's lock lives there)
             self._lock.release()
             self._lock = None
+        if self._owns_store:
+            self.store.close()
 
     def __enter__(self) -> Repository:
         return self

@@ -38,9 +38,9 @@ from typing import Any, NoReturn
 
 from dedupimg.core.errors import DedupimgError, MountError, TargetError
 from dedupimg.core.manifest import SnapshotRecord
-from dedupimg.repo.lock import LockMode
 from dedupimg.repo.repository import Repository
 from dedupimg.serve.reader import SnapshotReader
+from dedupimg.store.lock import LockMode
 
 BY_ID = "by-id"
 LATEST = "latest"

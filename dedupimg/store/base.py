@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Protocol
 
 from dedupimg.core.errors import IntegrityError
+from dedupimg.store.lock import LockMode
 
 TEMP_PREFIX = "tmp/"  # where writers keep objects being written
 TEMP_SUFFIX = ".tmp"
@@ -151,7 +152,29 @@ class Store(Protocol):
         """Whether another process can open this store from :meth:`spec` (not so an in-memory store)."""
         ...
 
+    def lock(self, mode: LockMode, wait: float = 0.0, what: str = "") -> StoreLock:
+        """The repository's lock in this store (not yet acquired): SHARED for commands that add or read,
+        EXCLUSIVE for those that delete (forget, prune, repair). A conflicting holder is waited for up to
+        ``wait`` seconds, then RepositoryLocked (exit 11). Local: ``flock`` on ``lock`` (store/lock.py)."""
+        ...
+
     def close(self) -> None: ...
+
+
+class StoreLock(Protocol):
+    """A lock from :meth:`Store.lock`: acquire once, release once (or use it as a context manager)."""
+
+    @property
+    def locked(self) -> bool: ...
+
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> StoreLock: ...
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
 
 
 def check_name(name: str) -> str:

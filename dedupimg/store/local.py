@@ -29,6 +29,7 @@ from dedupimg.store.base import (
     check_name,
     check_prefix,
 )
+from dedupimg.store.lock import LockMode, RepositoryLock
 
 
 class LocalStore:
@@ -59,6 +60,9 @@ class LocalStore:
 
     def location(self, name: str) -> str:
         return str(self.root / name)
+
+    def lock(self, mode: LockMode, wait: float = 0.0, what: str = "") -> RepositoryLock:
+        return RepositoryLock(self.root, mode, wait, what)
 
     def spec(self) -> StoreSpec:
         return {"kind": "local", "root": os.path.abspath(self.root)}

@@ -11,11 +11,12 @@ import errno
 import itertools
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterable
 from types import TracebackType
 
-from dedupimg.core.errors import UsageError
+from dedupimg.core.errors import RepositoryLocked, UsageError
 from dedupimg.store.base import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
@@ -27,6 +28,7 @@ from dedupimg.store.base import (
     check_name,
     check_prefix,
 )
+from dedupimg.store.lock import LockMode
 
 _stores: weakref.WeakValueDictionary[str, MemoryStore] = weakref.WeakValueDictionary()
 _numbers = itertools.count(1)
@@ -39,6 +41,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._objects: dict[str, bytes] = {}
         self._writing: dict[str, MemoryWriter] = {}  # temp name -> writer not yet committed or aborted
+        self._holders: tuple[int, bool] = (0, False)  # the repository lock: SHARED holders, EXCLUSIVE held
         self.id = f"{os.getpid()}-{next(_numbers)}"
         _stores[self.id] = self
 
@@ -47,6 +50,9 @@ class MemoryStore:
 
     def location(self, name: str) -> str:
         return f"memory:{self.id}/{name}"
+
+    def lock(self, mode: LockMode, wait: float = 0.0, what: str = "") -> MemoryLock:
+        return MemoryLock(self, mode, wait, what)
 
     def spec(self) -> StoreSpec:
         return {"kind": "memory", "id": self.id}
@@ -177,3 +183,46 @@ class MemoryWriter:
     def abort(self) -> None:
         self._store._drop(self)
         self.parts = []
+
+
+class MemoryLock:
+    """The repository lock of a MemoryStore, with flock's rules inside one process: any number of SHARED
+    holders or one EXCLUSIVE; a conflicting request polls for up to ``wait`` seconds, then RepositoryLocked."""
+
+    def __init__(self, store: MemoryStore, mode: LockMode, wait: float, what: str) -> None:
+        self._store, self.mode, self.wait, self.what = store, mode, wait, what
+        self._held = False
+
+    @property
+    def locked(self) -> bool:
+        return self._held
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.wait
+        while True:
+            with self._store._lock:
+                shared, exclusive = self._store._holders
+                if not exclusive and (self.mode is LockMode.SHARED or not shared):
+                    self._store._holders = (shared + 1, False) if self.mode is LockMode.SHARED else (0, True)
+                    self._held = True
+                    return
+            if time.monotonic() >= deadline:
+                raise RepositoryLocked(f"{self.mode.value} lock wanted for {self.what or 'this command'}: "
+                                       f"{self._store.location('')} is locked by another holder")
+            time.sleep(0.01)
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        with self._store._lock:
+            shared, _ = self._store._holders
+            self._store._holders = (shared - 1, False) if self.mode is LockMode.SHARED else (0, False)
+        self._held = False
+
+    def __enter__(self) -> MemoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()

@@ -227,7 +227,7 @@ def test_unknown_option_is_one_line(env):
 
 @pytest.mark.slow
 def test_commands_wait_for_an_exclusive_lock_then_fail_with_code_11(env, tmp_path):
-    from dedupimg.repo.lock import LockMode, RepositoryLock
+    from dedupimg.store.lock import LockMode, RepositoryLock
 
     repo, image = env
     ok(run_cli("-r", repo, "snapshot", image))
@@ -244,7 +244,7 @@ def test_lock_wait_succeeds_once_the_holder_lets_go(env):
     repo, image = env
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from dedupimg.repo.lock import LockMode, RepositoryLock\n"
+         "import sys, time; from dedupimg.store.lock import LockMode, RepositoryLock\n"
          "with RepositoryLock(sys.argv[1], LockMode.EXCLUSIVE, what='prune'):\n"
          "    print('held', flush=True); time.sleep(1.0)",
          str(repo)],
@@ -258,7 +258,7 @@ def test_lock_wait_succeeds_once_the_holder_lets_go(env):
 
 
 def test_shared_commands_run_side_by_side(env, tmp_path):
-    from dedupimg.repo.lock import LockMode, RepositoryLock
+    from dedupimg.store.lock import LockMode, RepositoryLock
 
     repo, image = env
     with RepositoryLock(repo, LockMode.SHARED, what="restore"):
@@ -320,7 +320,7 @@ def test_forget_and_prune_bad_input(env):
 
 @pytest.mark.slow
 def test_prune_waits_for_shared_lock_holders(env):
-    from dedupimg.repo.lock import LockMode, RepositoryLock
+    from dedupimg.store.lock import LockMode, RepositoryLock
 
     repo, image = env
     _three_snapshots(repo, image)

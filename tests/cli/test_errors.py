@@ -85,7 +85,7 @@ def test_library_modules_raise_usage_error_not_value_error():
 def test_library_argument_checks_are_usage_errors(tmp_path):
     from dedupimg.ops.check import check
     from dedupimg.repo.compaction import plan
-    from dedupimg.repo.lock import LockMode, RepositoryLock
+    from dedupimg.store.lock import LockMode, RepositoryLock
 
     with small_repo(tmp_path / "repo") as repo:
         with pytest.raises(UsageError, match="max_unused"):

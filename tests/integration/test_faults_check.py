@@ -22,8 +22,8 @@ from dedupimg.ops.check import check
 from dedupimg.ops.restore import restore
 from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
-from dedupimg.repo.lock import LockMode, RepositoryLock
 from dedupimg.repo.repository import Repository
+from dedupimg.store.lock import LockMode, RepositoryLock
 from tests.helpers import check_clean, det_bytes, restore_all_bit_exact, run_cli, small_repo, text_bytes
 from tests.packfiles import pack_file as pack_file_of
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from dedupimg.core.retention import Policy
 from dedupimg.ops.forget import forget_and_prune
 from dedupimg.ops.snapshot import take_snapshot
-from dedupimg.repo.lock import LockMode
 from dedupimg.repo.repository import Repository
+from dedupimg.store.lock import LockMode
 from tests.helpers import det_bytes, small_repo
 
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from dedupimg.core.errors import IntegrityError, PermissionDenied
+from dedupimg.core.errors import IntegrityError, PermissionDenied, RepositoryLocked
 from dedupimg.store import Store, open_store
 from dedupimg.store.base import TEMP_PREFIX, NotAnObject, ObjectInfo, ObjectMissing, StoreError
 from dedupimg.store.local import LocalStore
+from dedupimg.store.lock import LockMode
 from dedupimg.store.memory import MemoryStore
 from tests.helpers import ROOT, det_bytes
 
@@ -277,6 +278,28 @@ def test_spec_in_another_process(store: Store):
 
 
 # -- a local disk -----------------------------------------------------------------------------------------
+
+
+def test_lock_shared_holders_share_and_exclude_an_exclusive_one(store: Store):
+    """What every store's repository lock must do (local: flock; an object store: lock objects)."""
+    with store.lock(LockMode.SHARED, what="snapshot") as first, store.lock(LockMode.SHARED, what="restore"):
+        assert first.locked
+        with pytest.raises(RepositoryLocked):
+            store.lock(LockMode.EXCLUSIVE, wait=0.0, what="prune").acquire()
+    with store.lock(LockMode.EXCLUSIVE, what="prune") as held:
+        assert held.locked
+        for mode in (LockMode.SHARED, LockMode.EXCLUSIVE):
+            with pytest.raises(RepositoryLocked):
+                store.lock(mode, wait=0.0).acquire()
+    assert not held.locked
+
+
+def test_lock_waits_for_a_holder_that_lets_go(store: Store):
+    held = store.lock(LockMode.EXCLUSIVE, what="prune")
+    held.acquire()
+    threading.Timer(0.2, held.release).start()
+    with store.lock(LockMode.SHARED, wait=5.0, what="snapshot") as waited:
+        assert waited.locked
 
 
 @pytest.fixture

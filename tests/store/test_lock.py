@@ -1,4 +1,4 @@
-"""Repository locks (dedupimg/repo/lock.py): real files, real flock, real processes."""
+"""Repository locks of a local store (dedupimg/store/lock.py): real files, real flock, real processes."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from dedupimg.core.errors import PermissionDenied, RepositoryLocked, RepositoryNotFound
-from dedupimg.repo import lock as lock_mod
-from dedupimg.repo.lock import LockMode, RepositoryLock
+from dedupimg.store import lock as lock_mod
+from dedupimg.store.lock import LockMode, RepositoryLock
 from tests.helpers import ROOT
 
 SHARED, EXCLUSIVE = LockMode.SHARED, LockMode.EXCLUSIVE
@@ -27,7 +27,7 @@ SHARED, EXCLUSIVE = LockMode.SHARED, LockMode.EXCLUSIVE
 HOLDER = """
 import os, sys, time
 from pathlib import Path
-from dedupimg.repo.lock import LockMode, RepositoryLock
+from dedupimg.store.lock import LockMode, RepositoryLock
 lock = RepositoryLock(Path(sys.argv[1]), LockMode[sys.argv[2]], what=sys.argv[3])
 lock.acquire()
 if sys.argv[4] == "fork":
