@@ -29,6 +29,8 @@ def index(
         return
     for name, why in report.damaged_packs:
         stdout.print(f"skipped damaged pack {name}: {why}", markup=False)
+    for where in report.skipped:
+        stdout.print(f"skipped {where}: a directory, not a pack; left alone", markup=False)
     for why in report.damaged_blobs:
         stdout.print(f"unreadable blob: {why}", markup=False)
     for rec in report.left_out:
@@ -44,6 +46,7 @@ def _repair_json(report: RepairReport) -> dict[str, object]:
         "packs": report.packs,
         "damaged_packs": [{"pack": n, "reason": why} for n, why in report.damaged_packs],
         "damaged_blobs": report.damaged_blobs,
+        "skipped": report.skipped,
         "segments": report.segments,
         "snapshots": report.snapshots,
         "forgotten": report.forgotten,

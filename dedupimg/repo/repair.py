@@ -50,6 +50,7 @@ class LeftOut:
 class RepairReport:
     packs: int = 0  # packs registered
     damaged_packs: list[tuple[str, str]] = field(default_factory=list)  # (file name, why skipped)
+    skipped: list[str] = field(default_factory=list)  # where directories named like packs are: left alone
     damaged_blobs: list[str] = field(default_factory=list)  # metadata blobs that could not be read
     segments: int = 0
     snapshots: int = 0  # records listed again
@@ -93,7 +94,9 @@ def repair_index(path: Path, lock_wait: float = 0.0, progress: Progress | None =
 
 def _rebuild(path: Path, index: Index, report: RepairReport, progress: Progress) -> None:
     store = store_for(path)
-    names = [obj.name for obj in pack.list_packs(store)]
+    skipped: list[str] = []
+    names = [obj.name for obj in pack.list_packs(store, skipped)]
+    report.skipped = [store.location(d) for d in skipped]
     metadata: list[tuple[str, list[pack.BlobEntry]]] = []
     progress.start("repair index: read pack trailers", len(names))
     for name in names:

@@ -147,6 +147,8 @@ def test_directories_in_packs_and_tmp_are_reported_and_left_alone(tmp_path):
 
     proc = cli("-r", repo, "repair", "index")
     assert proc.returncode == 0, proc.stderr
+    assert f"skipped {odd_pack}: a directory" in proc.stdout
+    assert json.loads(cli("-r", repo, "repair", "index", "--json").stdout)["skipped"] == [str(odd_pack)]
     proc = cli("-r", repo, "restore", sid, tmp_path / "out.img")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
