@@ -26,6 +26,7 @@ from dedupimg.cli import (
     verify,
 )
 from dedupimg.cli.app import app
+from dedupimg.core import interrupts
 from dedupimg.core.errors import DedupimgError, Interrupted, PermissionDenied
 
 # ``dedupimg --help`` lists the commands in this order (command groups, here ``repair``, come last).
@@ -40,6 +41,8 @@ def _fail(message: str, code: int, label: str = "error") -> None:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    if interrupts.past_commit():
+        return  # too late to stop anything: the snapshot is listed, so the command finishes and says so
     # An ordinary exception, not KeyboardInterrupt: typer would turn that into a silent exit 130, and the
     # operations' cleanup (dropping a half-written pack or restore target) runs for any exception.
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dedupimg.core import interrupts
 from dedupimg.core.config import ChunkerParams, Config
 from dedupimg.core.errors import (
     AmbiguousSnapshot,
@@ -579,6 +580,8 @@ class BlobWriter:
         self._segments = [s for s in self._segments if s.id not in seg_ids]
         try:
             self._repo.index.commit_pack(sealed, segments, snapshot)
+            if snapshot is not None:
+                interrupts.mark_committed()  # the snapshot is listed: a signal from now on cannot undo it
         except BaseException:
             # Not committed (a full disk, say): remove the pack so that it is not left as an orphan holding a
             # record the index does not know, which would make prune stop until 'repair index'.
