@@ -1,0 +1,100 @@
+"""What only the S3 store has (the rest is the contract suite, tests/store/test_contract.py): its spec and
+locations, errors from an unreachable server, and the lock objects under ``locks/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from dedupimg.core.errors import RepositoryLocked, UsageError
+from dedupimg.store import open_store
+from dedupimg.store.base import StoreError
+from dedupimg.store.lock import LockMode
+from dedupimg.store.s3 import LOCK_PREFIX, LOCK_STALE_SECONDS, S3Store
+from tests.store.conftest import S3Server
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, s3_credentials: None) -> Iterator[S3Store]:
+    store = S3Store(s3_server.endpoint, s3_server.bucket, f"s3-only/{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    yield store
+    store.close()
+
+
+def test_spec_and_location(s3: S3Store, s3_server: S3Server):
+    spec = s3.spec()
+    assert spec == {"kind": "s3", "endpoint": s3_server.endpoint, "bucket": s3_server.bucket,
+                    "prefix": s3.prefix, "region": s3.region}
+    assert not any(os.environ.get(k, "\0") in spec.values() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+    assert s3.location("packs/ab/x.pack") == f"s3:{s3_server.endpoint}/{s3_server.bucket}/{s3.prefix}/packs/ab/x.pack"
+    assert isinstance(open_store(spec), S3Store)
+
+
+def test_bad_endpoints_and_buckets_are_usage_errors():
+    with pytest.raises(UsageError):
+        S3Store("ftp://host", "bucket")
+    with pytest.raises(UsageError):
+        S3Store("http://host:1", "ab")
+
+
+@pytest.mark.slow  # obstore retries with backoff first: about 2 s
+def test_an_unreachable_server_is_one_line_store_error(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    store = S3Store("http://127.0.0.1:9", "bucket")  # port 9 (discard): nothing listens on loopback
+    with pytest.raises(StoreError) as info:
+        store.size("packs/x")
+    assert info.value.exit_code == 17 and "\n" not in str(info.value)
+    assert str(info.value).startswith("s3:http://127.0.0.1:9/bucket/packs/x: S3 request failed: ")
+
+
+def test_a_lock_is_an_object_with_its_holder_and_release_deletes_it(s3: S3Store):
+    with s3.lock(LockMode.EXCLUSIVE, what="prune"):
+        [info] = s3.list(LOCK_PREFIX).objects
+        assert info.name.startswith(f"{LOCK_PREFIX}exclusive-")
+        record = json.loads(s3.read(info.name))
+        assert record["pid"] == os.getpid() and record["mode"] == "exclusive" and record["what"] == "prune"
+        assert abs(record["time"] - time.time()) < 60 and record["host"]
+        with pytest.raises(RepositoryLocked, match=rf"locked by prune \(exclusive, pid {os.getpid()} on "):
+            s3.lock(LockMode.SHARED, what="snapshot").acquire()
+    assert s3.list(LOCK_PREFIX).objects == []  # released, and the refused attempt left nothing
+
+
+def test_a_stale_lock_is_ignored_and_a_foreign_object_too(s3: S3Store):
+    old = {"host": "gone", "pid": 1, "time": time.time() - LOCK_STALE_SECONDS - 60, "mode": "exclusive", "what": "x"}
+    for name, data in ((f"{LOCK_PREFIX}exclusive-gone-1-0", json.dumps(old).encode()),
+                       (f"{LOCK_PREFIX}not-a-lock", b"junk")):
+        writer = s3.create()
+        writer.write(data)
+        writer.commit(name)
+    with s3.lock(LockMode.EXCLUSIVE, what="prune") as held:
+        assert held.locked
+
+
+def test_two_exclusive_lockers_never_hold_at_once(s3: S3Store):
+    """Write-then-list: of two lockers racing, at most one holds at any time, and with waiting both get it."""
+    import threading
+
+    holding: list[int] = []
+    overlaps: list[int] = []
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            with s3.lock(LockMode.EXCLUSIVE, wait=30.0, what=f"worker {i}"):
+                holding.append(i)
+                if len(holding) > 1:
+                    overlaps.append(i)
+                time.sleep(0.02)
+                holding.remove(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [] and s3.list(LOCK_PREFIX).objects == []
