@@ -8,6 +8,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -16,17 +17,16 @@ from dedupimg.store import open_store
 from dedupimg.store.base import StoreError
 from dedupimg.store.lock import LockMode
 from dedupimg.store.s3 import LOCK_PREFIX, LOCK_STALE_SECONDS, S3Store
-from tests.store.conftest import S3Server
 
 
 @pytest.fixture
-def s3(s3_server: S3Server, s3_credentials: None) -> Iterator[S3Store]:
+def s3(s3_server: Any, s3_credentials: None) -> Iterator[S3Store]:
     store = S3Store(s3_server.endpoint, s3_server.bucket, f"s3-only/{os.getpid()}-{uuid.uuid4().hex[:12]}")
     yield store
     store.close()
 
 
-def test_spec_and_location(s3: S3Store, s3_server: S3Server):
+def test_spec_and_location(s3: S3Store, s3_server: Any):
     spec = s3.spec()
     assert spec == {"kind": "s3", "endpoint": s3_server.endpoint, "bucket": s3_server.bucket,
                     "prefix": s3.prefix, "region": s3.region}
