@@ -98,3 +98,18 @@ def test_two_exclusive_lockers_never_hold_at_once(s3: S3Store):
     for t in threads:
         t.join()
     assert overlaps == [] and s3.list(LOCK_PREFIX).objects == []
+
+
+def test_a_pack_sized_object_round_trips(s3: S3Store):
+    """Packs are up to 32 MiB: one commit (obstore may use a multipart upload), ranged reads across it."""
+    data = os.urandom(1 << 20) * 33  # 33 MiB, cheap to make
+    writer = s3.create()
+    for i in range(0, len(data), 4 << 20):
+        writer.write(data[i : i + (4 << 20)])
+    writer.commit("packs/ab/big.pack")
+    assert s3.size("packs/ab/big.pack") == len(data)
+    with s3.open("packs/ab/big.pack") as reader:
+        for offset in (0, (16 << 20) - 5, len(data) - 100):
+            assert reader.pread(1000, offset) == data[offset : offset + 1000]
+    assert s3.read("packs/ab/big.pack") == data
+    assert s3.delete(["packs/ab/big.pack"]) == len(data)
