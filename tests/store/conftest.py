@@ -98,6 +98,15 @@ def _make_bucket(endpoint: str, bucket: str) -> None:
         time.sleep(0.2)
 
 
+def _warm_up(endpoint: str, bucket: str) -> None:
+    """Write and delete one object: SeaweedFS grows its first volumes on the first write (seconds), which
+    belongs to starting the server, not to whichever test writes first."""
+    for method, data in (("PUT", b"warm-up"), ("DELETE", None)):
+        request = urllib.request.Request(f"{endpoint}/{bucket}/warm-up", data=data, method=method)
+        with urllib.request.urlopen(request, timeout=START_TIMEOUT):
+            pass
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     given = os.environ.get("DEDUPIMG_TEST_S3")
@@ -127,6 +136,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 pytest.fail(f"SeaweedFS did not start (exit {proc.poll()}):\n{tail}", pytrace=False)
             time.sleep(0.2)
         _make_bucket(endpoint, BUCKET)
+        _warm_up(endpoint, BUCKET)
         yield S3Server(endpoint, BUCKET)
     finally:
         proc.kill()  # its data is thrown away: no need to wait for a graceful stop (SIGTERM takes 10 s)

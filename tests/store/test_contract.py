@@ -55,6 +55,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     try:
         yield s
     finally:
+        if isinstance(s, S3Store):  # leave nothing in a shared bucket (DEDUPIMG_TEST_S3 may be a real one)
+            s.delete(visible(s, ""))
         s.close()
 
 

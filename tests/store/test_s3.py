@@ -23,7 +23,13 @@ from dedupimg.store.s3 import LOCK_PREFIX, LOCK_STALE_SECONDS, S3Store
 def s3(s3_server: Any, s3_credentials: None) -> Iterator[S3Store]:
     store = S3Store(s3_server.endpoint, s3_server.bucket, f"s3-only/{os.getpid()}-{uuid.uuid4().hex[:12]}")
     yield store
+    store.delete(_everything(store, ""))  # leave nothing in a shared bucket (DEDUPIMG_TEST_S3 may be a real one)
     store.close()
+
+
+def _everything(store: S3Store, prefix: str) -> list[str]:
+    listing = store.list(prefix)
+    return [o.name for o in listing.objects] + [n for d in listing.dirs for n in _everything(store, d + "/")]
 
 
 def test_spec_and_location(s3: S3Store, s3_server: Any):
