@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from dedupimg.store import open_store
 from dedupimg.store.base import StoreError
 from dedupimg.store.lock import LockMode
 from dedupimg.store.s3 import LOCK_PREFIX, LOCK_STALE_SECONDS, S3Store
+from tests.helpers import ROOT
 
 
 @pytest.fixture
@@ -119,3 +122,27 @@ def test_a_pack_sized_object_round_trips(s3: S3Store):
             assert reader.pread(1000, offset) == data[offset : offset + 1000]
     assert s3.read("packs/ab/big.pack") == data
     assert s3.delete(["packs/ab/big.pack"]) == len(data)
+
+
+def test_a_lock_held_by_another_process(s3: S3Store):
+    """The lock objects work across processes (as the local flock does): a child holds EXCLUSIVE through the
+    spec; the parent is refused until the child lets go."""
+    code = ("import json, sys; from dedupimg.store import open_store; from dedupimg.store.lock import LockMode\n"
+            "store = open_store(json.loads(sys.argv[1]))\n"
+            "with store.lock(LockMode.EXCLUSIVE, what='child prune'):\n"
+            "    print('held', flush=True); sys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(s3.spec())], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "held\n"
+        with pytest.raises(RepositoryLocked, match=rf"locked by child prune \(exclusive, pid {child.pid} on "):
+            s3.lock(LockMode.SHARED, what="snapshot").acquire()
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        with s3.lock(LockMode.SHARED, wait=30.0, what="snapshot") as held:
+            assert held.locked
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
