@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -87,8 +88,6 @@ def test_a_stale_lock_is_ignored_and_a_foreign_object_too(s3: S3Store):
 
 def test_two_exclusive_lockers_never_hold_at_once(s3: S3Store):
     """Write-then-list: of two lockers racing, at most one holds at any time, and with waiting both get it."""
-    import threading
-
     holding: list[int] = []
     overlaps: list[int] = []
 
