@@ -93,14 +93,17 @@ class S3Store:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.region = region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-        self._os = _ObjectStore(
-            bucket,
-            prefix=self.prefix or None,
-            endpoint=self.endpoint,
-            region=self.region,
-            virtual_hosted_style_request=False,
-            client_options={"allow_http": self.endpoint.startswith("http://")},
-        )
+        try:
+            self._os = _ObjectStore(
+                bucket,
+                prefix=self.prefix or None,
+                endpoint=self.endpoint,
+                region=self.region,
+                virtual_hosted_style_request=False,
+                client_options={"allow_http": self.endpoint.startswith("http://")},
+            )
+        except (obstore.exceptions.BaseError, ValueError) as exc:
+            raise UsageError(f"cannot use S3 at {self.location('')}: {_first_line(exc)}") from None
 
     def __repr__(self) -> str:
         return f"S3Store({self.location('')!r})"
