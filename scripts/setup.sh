@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # tool -> Debian package
 declare -A NEED=(
-  [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs [setpriv]=util-linux [mount]=mount [losetup]=mount
+  [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs [setpriv]=util-linux [unshare]=util-linux [mount]=mount [losetup]=mount
   [fusermount3]=fuse3 [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [qemu-img]=qemu-utils [qemu-io]=qemu-utils
 )
 missing=()

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 from dedupimg.core.errors import IntegrityError
 from dedupimg.store.lock import LockMode
@@ -94,6 +94,27 @@ class ObjectReader(Protocol):
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None: ...
+
+
+class ReaderBase:
+    """What every store's reader shares: no cache hints to give, nothing to close, a context manager.
+    A reader overrides what its store can do (local: read-ahead hints and a descriptor to close)."""
+
+    def advise_sequential(self) -> None:
+        pass
+
+    def drop_cache(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 class ObjectWriter(Protocol):

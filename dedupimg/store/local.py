@@ -13,7 +13,6 @@ import stat
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 
 from dedupimg.core.errors import PermissionDenied
 from dedupimg.core.fsutil import DIR_MODE, FILE_MODE, fsync_dir, make_dirs, raise_for_space
@@ -24,6 +23,7 @@ from dedupimg.store.base import (
     NotAnObject,
     ObjectInfo,
     ObjectMissing,
+    ReaderBase,
     StoreError,
     StoreSpec,
     check_name,
@@ -199,7 +199,7 @@ def _file_kind(mode: int) -> str:
     return "a special file"
 
 
-class LocalReader:
+class LocalReader(ReaderBase):
     """An open file: ``pread`` is os.pread on its descriptor (no layer between a read and the system call)."""
 
     def __init__(self, fd: int, size: int, where: str) -> None:
@@ -220,13 +220,6 @@ class LocalReader:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> LocalReader:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 class LocalWriter:

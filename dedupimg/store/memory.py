@@ -23,6 +23,7 @@ from dedupimg.store.base import (
     Listing,
     ObjectInfo,
     ObjectMissing,
+    ReaderBase,
     StoreError,
     StoreSpec,
     check_name,
@@ -136,7 +137,7 @@ class MemoryStore:
         return Listing(sorted(objects, key=lambda o: o.name), sorted(dirs))
 
 
-class MemoryReader:
+class MemoryReader(ReaderBase):
     """Range reads of bytes held in memory (also what tests use to parse a pack given as bytes)."""
 
     def __init__(self, data: bytes, where: str = "memory") -> None:
@@ -148,22 +149,6 @@ class MemoryReader:
         if offset < 0 or length < 0:
             raise OSError(errno.EINVAL, "negative offset or length")
         return self._data[offset : offset + length]
-
-    def advise_sequential(self) -> None:
-        pass
-
-    def drop_cache(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> MemoryReader:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 class MemoryWriter:

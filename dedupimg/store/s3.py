@@ -47,6 +47,7 @@ from dedupimg.store.base import (
     Listing,
     ObjectInfo,
     ObjectMissing,
+    ReaderBase,
     StoreError,
     StoreSpec,
     check_name,
@@ -181,7 +182,7 @@ class S3Store:
         return Listing(sorted(objects, key=lambda o: o.name), sorted(dirs))
 
 
-class S3Reader:
+class S3Reader(ReaderBase):
     """An object opened for range reads: each ``pread`` is one ranged GET (failures are OSError, as a disk's)."""
 
     def __init__(self, store: S3Store, name: str, size: int, where: str) -> None:
@@ -199,22 +200,6 @@ class S3Reader:
             raise OSError(errno.ENOENT, f"the object is gone: {exc.reason}") from None
         except StoreError as exc:
             raise OSError(errno.EIO, exc.reason) from None
-
-    def advise_sequential(self) -> None:
-        pass
-
-    def drop_cache(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> S3Reader:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 class S3Writer:

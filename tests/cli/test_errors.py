@@ -204,8 +204,8 @@ OTHER_UID = 1234
 @pytest.fixture
 def shared_tmp() -> Iterator[Path]:
     """A directory another user can reach (pytest's own tmp_path is root's alone)."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run the CLI as another user")
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:  # as CI runs: root, util-linux from setup.sh
+        pytest.fail("these tests run the CLI as another user: they need root and setpriv (util-linux)")
     path = Path(tempfile.mkdtemp(prefix="dedupimg-perm-"))
     path.chmod(0o755)
     try:
