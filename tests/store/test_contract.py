@@ -42,7 +42,7 @@ def _local(tmp_path: Path) -> LocalStore:
 
 
 def _s3(request: pytest.FixtureRequest) -> S3Store:
-    """A fresh prefix in the session's S3 bucket (tests/store/conftest.py: SeaweedFS, or DEDUPIMG_TEST_S3)."""
+    """A fresh prefix in the session's S3 bucket (tests/s3server.py: SeaweedFS, or DEDUPIMG_TEST_S3)."""
     server = request.getfixturevalue("s3_server")
     request.getfixturevalue("s3_credentials")
     return S3Store(server.endpoint, server.bucket, f"contract/{os.getpid()}-{uuid.uuid4().hex[:12]}")
