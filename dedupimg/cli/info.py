@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dedupimg.cli.app import JsonOption, RepoOption, open_repo, repo_path
+from dedupimg.cli.app import JsonOption, RepoOption, open_repo
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, stdout
 
 
@@ -17,11 +17,12 @@ def info(
     with open_repo(ctx) as repo:
         stats = repo.stats()
         config = repo.config
+        location = repo.location
     dedup = stats.logical_bytes / stats.unique_bytes if stats.unique_bytes else 0.0
     compression = stats.unique_bytes / stats.chunk_stored_bytes if stats.chunk_stored_bytes else 0.0
     doc = {
         "repo_id": config.repo_id,
-        "path": str(repo_path(ctx)),
+        "path": location,
         "snapshots": stats.snapshots,
         "logical_bytes": stats.logical_bytes,
         "unique_bytes": stats.unique_bytes,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.app import RepoOption, repo_path
+from dedupimg.cli.app import RepoOption, repo_location
 from dedupimg.cli.render import exit_codes_help, stdout
 from dedupimg.core.config import DEFAULT_CHUNK_SIZE, ChunkerParams
 from dedupimg.repo.repository import Repository
@@ -24,10 +24,9 @@ def init(
     repo_dir: RepoOption = None,
 ) -> None:
     """Create a new repository (readable by its owner only)."""
-    path = repo_path(ctx)
-    repo = Repository.init(path, ChunkerParams.for_average(chunk_size), pack_size, compression_level)
+    repo = Repository.init(repo_location(ctx), ChunkerParams.for_average(chunk_size), pack_size, compression_level)
     repo.close()
-    stdout.print(f"created repository {repo.config.repo_id[:8]} at {path}")
+    stdout.print(f"created repository {repo.config.repo_id[:8]} at {repo.location}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

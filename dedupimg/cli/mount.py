@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.app import LockWait, RepoOption, repo_path
+from dedupimg.cli.app import LockWait, RepoOption, repo_location
 from dedupimg.cli.render import exit_codes_help, stdout
 from dedupimg.serve.mount import mount as mount_snapshots
 
@@ -26,7 +26,7 @@ def mount(
     Returns once the mount is up; a background process serves it until 'fusermount3 -u MOUNTPOINT'.
     Loop-mount an image file (mount -o loop,ro IMAGE DIR) to browse the files inside it.
     """
-    path = repo_path(ctx)
+    path = repo_location(ctx)
 
     def ready() -> None:
         how = "Ctrl-C or " if foreground else ""

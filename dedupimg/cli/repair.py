@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dedupimg.cli.app import JsonOption, LockWait, RepoOption, repo_path
+from dedupimg.cli.app import JsonOption, LockWait, RepoOption, repo_location
 from dedupimg.cli.render import exit_codes_help, print_json, progress_sink, stdout
 from dedupimg.ops.repair import RepairReport, repair_index
 
@@ -23,7 +23,7 @@ def index(
     Use it when the index is missing or damaged. Damaged packs are reported and skipped; snapshots whose data
     is then incomplete are left out and reported; forgotten snapshots stay forgotten.
     """
-    report = repair_index(repo_path(ctx), lock_wait, progress_sink(item_tasks=("repair index",)))
+    report = repair_index(repo_location(ctx), lock_wait, progress_sink(item_tasks=("repair index",)))
     if json:
         print_json(_repair_json(report))
         return

@@ -17,6 +17,7 @@ from dedupimg.repo.repository import Repository
 __all__ = ["LeftOut", "RepairReport", "repair_index"]
 
 
-def repair_index(path: Path, lock_wait: float = 0.0, progress: Progress | None = None) -> RepairReport:
-    """Rebuild ``path``'s index under an EXCLUSIVE lock (waiting up to ``lock_wait`` seconds for it)."""
-    return Repository.rebuild_index(path, lock_wait, progress)
+def repair_index(location: Path | str, lock_wait: float = 0.0, progress: Progress | None = None) -> RepairReport:
+    """Rebuild the index of the repository at ``location`` (a directory or ``s3:`` URL) under an EXCLUSIVE lock
+    (waiting up to ``lock_wait`` seconds for it)."""
+    return Repository.rebuild_index(location, lock_wait, progress)

@@ -239,7 +239,9 @@ def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] |
         [w.row.pack_no for w in todo.delete + todo.repack if w.name not in kept],
         todo.garbage,
     )
-    # Deleted, then each directory fsynced once (the store does both).
+    # A remote repository's index objects stop naming the packs first, so no host's cache can take them up
+    # again; then they are deleted, and each directory fsynced once (the store does both).
+    repo.unlist_packs([w.row.id for w in todo.delete + todo.repack if w.name not in kept])
     gone = [n for n in [w.name for w in todo.delete + todo.repack] + todo.orphan_packs + todo.tmp_files
             if n not in kept]
     freed = repo.store.delete(gone)

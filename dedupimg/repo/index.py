@@ -7,7 +7,8 @@ Named databases (docs/format.md gives each key and value byte for byte):
 ``pack_ids``  pack id -> pack number
 ``segments``  segment id -> encoded segment (a copy of the blob, for fast reads)
 ``snapshots`` snapshot id -> encoded snapshot record
-``meta``      b"next_pack" -> u32
+``meta``      b"next_pack" -> u32; in a remote repository's cache also b"obj/<index object name>" -> the
+              ids of the packs it lists, for every index object applied (repo/indexobjects.py)
 ``dead``      blob id -> b"": every chunk or segment row with refcount 0, and every forgotten snapshot record's
               row; what a prune starts from, so that its work follows what died, not the repository's size
 ``garbage``   pack number -> u64: bytes of blobs in that pack that no row points at any more (a prune
@@ -25,15 +26,16 @@ import os
 import stat
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar
 
 import lmdb
 
 from dedupimg.core.errors import IntegrityError, NoSpaceError, PermissionDenied, RepositoryLocked
+from dedupimg.core.manifest import SnapshotRecord, decode_segment, decode_tombstone
 
 BLOB_VALUE = struct.Struct("<BBIQIII")
 PACK_NO = struct.Struct(">I")
@@ -43,6 +45,7 @@ REFCOUNT_OFFSET = BLOB_VALUE.size - 4  # the refcount is the last field of a blo
 BLOB_HEADER_SIZE = 44  # pack.BLOB_HEADER.size: a blob takes this plus its stored length in its pack
 INITIAL_MAP = 64 << 20
 DATA_FILE = "data.mdb"
+OBJECT_KEY = b"obj/"  # meta: b"obj/" + index object name -> the 32-byte ids of the packs it lists (remote only)
 # Blob types whose rows are counted (pack.CHUNK, pack.SEGMENT), the record type, and the tombstone type
 # (pack.TOMBSTONE), whose rows hold a permanent count of 1: tombstones are never garbage.
 _COUNTED = (0, 1)
@@ -82,11 +85,15 @@ class SealedPack:
     id: bytes
     size: int
     blobs: list[NewBlob]
+    # A remote repository's index object that lists this pack (repo/indexobjects.py), published before the
+    # transaction that registers the pack; the transaction records it as seen (``meta``: b"obj/" + name).
+    published: str | None = None
 
     @classmethod
-    def from_entries(cls, pack_id: bytes, size: int, entries: Iterable[BlobEntryLike]) -> SealedPack:
+    def from_entries(cls, pack_id: bytes, size: int, entries: Iterable[BlobEntryLike],
+                     published: str | None = None) -> SealedPack:
         return cls(pack_id, size, [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id)
-                                   for e in entries])
+                                   for e in entries], published)
 
 
 class BlobEntryLike(Protocol):
@@ -118,6 +125,25 @@ class NewSnapshot:
     id: bytes
     raw: bytes
     segment_ids: list[bytes]
+
+
+class ObjectListing(Protocol):
+    """One pack as an index object lists it (indexobjects.PackListing), without importing that module."""
+
+    @property
+    def sealed(self) -> SealedPack: ...
+    @property
+    def metadata(self) -> dict[bytes, bytes]: ...
+
+
+@dataclass
+class SyncReport:
+    objects: int = 0  # index objects added
+    packs: int = 0
+    segments: int = 0
+    snapshots: int = 0  # records listed
+    forgotten: int = 0  # listed records a tombstone dropped
+    left_out: list[bytes] = field(default_factory=list)  # records whose segments are not all stored
 
 
 @dataclass(frozen=True)
@@ -576,6 +602,8 @@ class Index:
                 txn.delete(i, db=self._blobs)
                 txn.delete(i, db=self._dead)
             for sealed in new_packs:
+                if sealed.published is not None:
+                    self._note_object(txn, sealed.published, [sealed.id])
                 pack_no, _new = self._list_pack(txn, sealed.id, sealed.size, len(sealed.blobs))  # rows move there
                 for b in sealed.blobs:
                     v = txn.get(b.id, db=self._blobs)
@@ -595,6 +623,105 @@ class Index:
                 _add_garbage(txn, self._garbage, pack_no, nbytes)
 
         self._write(run)
+
+    # -- a remote repository's cache: index objects (repo/indexobjects.py) ---------------------------------------
+
+    def index_objects(self) -> dict[str, list[bytes]]:
+        """The index objects this cache holds, each with the ids of the packs it lists."""
+
+        def run(txn: lmdb.Transaction) -> dict[str, list[bytes]]:
+            out = {}
+            with txn.cursor(db=self._meta) as cur:
+                if cur.set_range(OBJECT_KEY):
+                    for k, v in cur:
+                        if not bytes(k).startswith(OBJECT_KEY):
+                            break
+                        v = bytes(v)
+                        out[bytes(k)[len(OBJECT_KEY):].decode()] = [v[i:i + 32] for i in range(0, len(v), 32)]
+            return out
+
+        return self._read(run)
+
+    def replace_objects(self, removed: Iterable[str], added: dict[str, list[bytes]]) -> None:
+        """Record that index objects were replaced (a prune rewrote those listing deleted packs)."""
+
+        def run(txn: lmdb.Transaction) -> None:
+            for name in removed:
+                txn.delete(OBJECT_KEY + name.encode(), db=self._meta)
+            for name, pack_ids in added.items():
+                self._note_object(txn, name, pack_ids)
+
+        self._write(run)
+
+    def sync(self, objects: Mapping[str, Sequence[ObjectListing]], replace: bool = False) -> SyncReport:
+        """Add what index objects list to this cache, in one transaction; with ``replace``, the cache is
+        emptied first and rebuilt from ``objects`` alone (they must then be every object in the store).
+
+        The same derivation as ``repair index`` (repo/repair.py), from listings instead of pack trailers:
+        packs are registered with all their blobs; a segment all of whose chunks are indexed is stored; a new
+        snapshot record is listed when no tombstone names it and its segments are stored; a tombstone drops
+        the listed records it names. Objects this cache has seen already are skipped (another process of this
+        host may have applied them meanwhile).
+        """
+
+        def run(txn: lmdb.Transaction) -> SyncReport:
+            report = SyncReport()
+            if replace:
+                for db in self._dbs:
+                    txn.drop(db, delete=False)
+            todo = {n: ls for n, ls in objects.items() if txn.get(OBJECT_KEY + n.encode(), db=self._meta) is None}
+            new_records: dict[bytes, bytes] = {}
+            segments: dict[bytes, bytes] = {}
+            forgotten: set[bytes] = set()
+            for name, listings in sorted(todo.items()):
+                for listing in listings:
+                    for b in listing.sealed.blobs:
+                        raw = listing.metadata.get(b.id)
+                        if b.type == _SNAPSHOT_TYPE and raw is not None and txn.get(b.id, db=self._blobs) is None:
+                            new_records[b.id] = raw
+                        elif b.type == 1 and raw is not None:
+                            segments[b.id] = raw
+                        elif b.type == _TOMBSTONE_TYPE and raw is not None:
+                            forgotten.update(decode_tombstone(raw))
+                    self._register_pack(txn, listing.sealed)
+                    report.packs += 1
+                self._note_object(txn, name, [ls.sealed.id for ls in listings])
+            stored = []
+            for seg_id, raw in segments.items():
+                if txn.get(seg_id, db=self._segments) is None:
+                    chunk_ids = decode_segment(raw).chunk_ids()
+                    if all(txn.get(c, db=self._blobs) is not None for c in chunk_ids):
+                        stored.append(NewSegment(seg_id, raw, chunk_ids))
+            self._store_segments(txn, stored)
+            report.segments = len(stored)
+            for rec_id, raw in sorted(new_records.items()):
+                if rec_id in forgotten:
+                    txn.put(rec_id, b"", db=self._dead)
+                    continue
+                seg_ids = [sid for sid, _ in SnapshotRecord.decode(raw).segments]
+                if all(txn.get(sid, db=self._segments) is not None for sid in seg_ids):
+                    self._store_snapshot(txn, NewSnapshot(rec_id, raw, seg_ids))
+                    report.snapshots += 1
+                else:
+                    report.left_out.append(rec_id)
+            for rec_id in sorted(forgotten):
+                listed = txn.get(rec_id, db=self._snapshots)
+                if listed is not None:
+                    txn.delete(rec_id, db=self._snapshots)
+                    _add_refs(txn, self._blobs, self._dead,
+                              [sid for sid, _ in SnapshotRecord.decode(bytes(listed)).segments], -1)
+                    txn.put(rec_id, b"", db=self._dead)
+                    report.forgotten += 1
+            report.objects = len(todo)
+            return report
+
+        return self._write(run)
+
+    def _note_object(self, txn: lmdb.Transaction, name: str, pack_ids: list[bytes]) -> None:
+        key = OBJECT_KEY + name.encode()
+        before = txn.get(key, db=self._meta) or b""
+        have = {bytes(before[i:i + 32]) for i in range(0, len(before), 32)}
+        txn.put(key, bytes(before) + b"".join(p for p in pack_ids if p not in have), db=self._meta)
 
     # -- shared steps of the writes ----------------------------------------------------------------------------
 
@@ -617,6 +744,8 @@ class Index:
         return pack_no, True
 
     def _register_pack(self, txn: lmdb.Transaction, sealed: SealedPack) -> int:
+        if sealed.published is not None:
+            self._note_object(txn, sealed.published, [sealed.id])
         pack_no, new = self._list_pack(txn, sealed.id, sealed.size, len(sealed.blobs))
         if not new:
             return pack_no  # its blobs are registered already, at these very offsets

@@ -71,6 +71,9 @@ class PackWriter:
         self._out = out
         self._offset = len(PACK_MAGIC)
         self.entries: list[BlobEntry] = []
+        # The stored bytes of metadata blobs (segments, records, tombstones): a remote repository publishes
+        # them in the pack's index object (repo/indexobjects.py), so that other hosts need not read the pack.
+        self.metadata: dict[bytes, tuple[int, bytes]] = {}
         out.write(PACK_MAGIC)
 
     @property
@@ -88,6 +91,8 @@ class PackWriter:
         write(stored)
         self._offset += BLOB_HEADER.size + len(stored)
         self.entries.append(entry)
+        if type_ != CHUNK:
+            self.metadata[id_] = (codec, bytes(stored))
         return entry
 
     def finish(self) -> tuple[bytes, int]:

@@ -29,10 +29,10 @@ from dedupimg.core.errors import IntegrityError
 from dedupimg.core.fsutil import DIR_MODE, fsync_dir
 from dedupimg.core.manifest import SnapshotRecord, decode_segment, decode_tombstone
 from dedupimg.core.progress import NoProgress, Progress
-from dedupimg.repo import integrity, pack
+from dedupimg.repo import indexobjects, integrity, pack
 from dedupimg.repo.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack
-from dedupimg.repo.repository import INDEX, TMP, Repository, store_for
-from dedupimg.store import Store
+from dedupimg.repo.repository import INDEX, TMP, Repository, cache_home, read_remote_config, store_for
+from dedupimg.store import Store, location_spec, open_store
 from dedupimg.store.lock import LockMode
 
 
@@ -60,47 +60,78 @@ class RepairReport:
     seconds: float = 0.0
 
 
-def repair_index(path: Path, lock_wait: float = 0.0, progress: Progress | None = None) -> RepairReport:
-    """Rebuild ``path/index`` from ``path/packs`` under an EXCLUSIVE lock; returns what was found."""
+def repair_index(location: Path | str, lock_wait: float = 0.0, progress: Progress | None = None) -> RepairReport:
+    """Rebuild the index of the repository at ``location`` from its packs under an EXCLUSIVE lock; returns what
+    was found. Local: ``path/index``. Remote: this host's cache, and the store's index objects are replaced
+    by one listing every pack registered."""
     started = _time.monotonic()
-    path = Path(path)
-    Repository.read_config(path)  # a missing or non-repository path fails before any lock file is made
+    spec = location_spec(str(location))
     progress = progress or NoProgress()
-    store = store_for(path)
-    with store.lock(LockMode.EXCLUSIVE, lock_wait, "repair index"):
-        report = RepairReport()
-        tmp = path / TMP
-        # Under the exclusive lock no other repair runs: any rebuild or old index in tmp/ is a leftover.
-        for name in sorted(os.listdir(tmp)):
-            if name.startswith((integrity.REBUILD_PREFIX, integrity.OLD_PREFIX)):
-                _remove(tmp / name)
-                report.leftovers_removed.append(name)
-        work = tmp / f"{integrity.REBUILD_PREFIX}{os.getpid()}"
-        os.mkdir(work, DIR_MODE)
-        try:
-            index = Index(work, create=True)
-            try:
-                _rebuild(path, index, report, progress)
-            finally:
-                index.close()
-            _swap_in(path, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)  # gone after a successful swap
+    if spec["kind"] == "local":
+        path = Path(spec["root"])
+        Repository.read_config(path)  # a missing or non-repository path fails before any lock file is made
+        store = store_for(path)
+    else:
+        store = open_store(spec)
+        config = read_remote_config(store)
+    try:
+        with store.lock(LockMode.EXCLUSIVE, lock_wait, "repair index"):
+            if spec["kind"] != "local":
+                path = cache_home(None, config.repo_id)
+                os.makedirs(path / TMP, DIR_MODE, exist_ok=True)
+            report = _repair_under_lock(path, store, progress, remote=spec["kind"] != "local")
+    finally:
+        store.close()
     report.seconds = _time.monotonic() - started
     return report
 
 
+def _repair_under_lock(path: Path, store: Store, progress: Progress, remote: bool) -> RepairReport:
+    report = RepairReport()
+    tmp = path / TMP
+    # Under the exclusive lock no other repair runs: any rebuild or old index in tmp/ is a leftover.
+    for name in sorted(os.listdir(tmp)):
+        if name.startswith((integrity.REBUILD_PREFIX, integrity.OLD_PREFIX)):
+            _remove(tmp / name)
+            report.leftovers_removed.append(name)
+    work = tmp / f"{integrity.REBUILD_PREFIX}{os.getpid()}"
+    os.mkdir(work, DIR_MODE)
+    try:
+        index = Index(work, create=True)
+        try:
+            listings = _rebuild(store, index, report, progress)
+            old: set[str] = set()
+            if remote:
+                # One index object lists every pack registered; it is durable before the old ones go, so
+                # other hosts always find each live pack listed (their caches rebuild: the old names vanish).
+                old = indexobjects.names(store)
+                name = indexobjects.publish(store, listings)
+                index.replace_objects([], {name: [sealed.id for sealed, _ in listings]})
+                old.discard(name)
+        finally:
+            index.close()
+        store.delete(sorted(old))
+        _swap_in(path, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # gone after a successful swap
+    return report
 
 
-def _rebuild(path: Path, index: Index, report: RepairReport, progress: Progress) -> None:
-    store = store_for(path)
+Listing = tuple[SealedPack, dict[bytes, tuple[int, bytes]]]
+
+
+def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progress) -> list[Listing]:
+    """Fill ``index`` from the packs of ``store``; returns each registered pack with its metadata blobs."""
     skipped: list[str] = []
     names = [obj.name for obj in pack.list_packs(store, skipped)]
     report.skipped = [store.location(d) for d in skipped]
     metadata: list[tuple[str, list[pack.BlobEntry]]] = []
+    listings: dict[str, Listing] = {}
     progress.start("repair index: read pack trailers", len(names))
     for name in names:
-        entries = _register(index, store, name, report)
+        sealed, entries = _register(index, store, name, report)
+        if sealed is not None:
+            listings[name] = (sealed, {})
         if entries:
             metadata.append((name, entries))
         progress.advance(1)
@@ -119,6 +150,7 @@ def _rebuild(path: Path, index: Index, report: RepairReport, progress: Progress)
                 report.damaged_blobs.append(raw)
                 continue  # another copy, in another pack, may still read
             done.add(entry.id)
+            listings[name][1][entry.id] = (pack.RAW, raw)
             try:
                 if entry.type == pack.SEGMENT:
                     chunk_ids = decode_segment(raw).chunk_ids()
@@ -155,25 +187,28 @@ def _rebuild(path: Path, index: Index, report: RepairReport, progress: Progress)
     report.snapshots = len(live)
     dead = sorted(forgotten)
     index.mark_dead([i for i, known in zip(dead, index.has_blobs(dead), strict=True) if known])
+    return list(listings.values())
 
 
-def _register(index: Index, store: Store, name: str, report: RepairReport) -> list[pack.BlobEntry]:
-    """Register one pack with all its blobs; returns its metadata entries ([] when skipped as damaged)."""
+def _register(index: Index, store: Store, name: str, report: RepairReport
+              ) -> tuple[SealedPack | None, list[pack.BlobEntry]]:
+    """Register one pack with all its blobs; returns it and its metadata entries (None, [] when skipped)."""
     file_name = integrity.base_name(name)
     try:
         info = integrity.read_pack_info(store, name)
     except IntegrityError as exc:
         report.damaged_packs.append((file_name, str(exc).replace(f"{store.location(name)}: ", "")))
-        return []
+        return None, []
     problems = integrity.layout_problems(info)
     if info.id != integrity.pack_file_id(name):
         problems.insert(0, "its trailer hash does not match its name")
     if problems:
         report.damaged_packs.append((file_name, "; ".join(problems)))
-        return []
-    index.commit_pack(SealedPack.from_entries(info.id, info.size, info.entries), [])
+        return None, []
+    sealed = SealedPack.from_entries(info.id, info.size, info.entries)
+    index.commit_pack(sealed, [])
     report.packs += 1
-    return [e for e in info.entries if e.type in integrity.META_TYPES]
+    return sealed, [e for e in info.entries if e.type in integrity.META_TYPES]
 
 
 def _swap_in(path: Path, work: Path) -> None:

@@ -9,6 +9,7 @@ transaction as the last pack it needs.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -35,21 +36,22 @@ from dedupimg.core.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
 from dedupimg.core.manifest import Segment, SnapshotRecord, decode_segment, decode_tombstone, encode_tombstone
 from dedupimg.core.progress import Progress
 from dedupimg.repo import audit as audit_mod
-from dedupimg.repo import compaction, pack, readpool
-from dedupimg.repo.index import Index, NewSegment, NewSnapshot, SealedPack
+from dedupimg.repo import compaction, indexobjects, pack, readpool
+from dedupimg.repo.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack, SyncReport
 from dedupimg.repo.readpool import Landed, ReadPool
-from dedupimg.store import Store
+from dedupimg.store import Store, location_spec, open_store
 from dedupimg.store.lock import LockMode
 
 if TYPE_CHECKING:
     from dedupimg.repo import repair as repair_mod
-from dedupimg.store.base import ObjectReader, StoreLock
+from dedupimg.store.base import ObjectMissing, ObjectReader, StoreLock
 from dedupimg.store.local import LocalStore
 
 CONFIG = "config"
 PACKS = "packs"
 TMP = "tmp"
 INDEX = "index"
+CACHE_ENV = "DEDUPIMG_CACHE_DIR"
 OPEN_PACKS = 64
 MAX_READ = 16 << 20  # largest single pread of adjacent blobs
 POOL_RUN = 1 << 20  # a read worker's unit of work: a read-ahead window spreads over the workers
@@ -58,6 +60,24 @@ POOL_RUN = 1 << 20  # a read worker's unit of work: a read-ahead window spreads 
 def store_for(path: Path) -> Store:
     """The store that holds the packs of the repository at ``path``: its own directory (packs/, tmp/)."""
     return LocalStore(path)
+
+
+def default_cache_root() -> Path:
+    """Where remote repositories' caches live unless told: ``$XDG_CACHE_HOME/dedupimg`` (~/.cache/dedupimg)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dedupimg"
+
+
+def cache_home(cache_dir: Path | str | None, repo_id: str) -> Path:
+    """A remote repository's cache directory, ``<cache root>/<repo id>/`` (made, mode 0700)."""
+    home = Path(cache_dir or os.environ.get(CACHE_ENV) or default_cache_root()) / repo_id
+    try:
+        make_dirs(home)
+    except PermissionError:
+        raise PermissionDenied(f"cannot create the cache directory {home}: permission denied") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create the cache directory {home}: {exc.strerror}") from None
+    return home
 
 
 def _is_repository(path: Path) -> bool:
@@ -99,13 +119,25 @@ class RepoStats:
 
 
 class Repository:
-    def __init__(self, path: Path, config: Config, store: Store | None = None, owns_store: bool = False) -> None:
+    """A repository: its config, its store (packs) and its index.
+
+    Local (a directory): ``path`` is the repository, its index ``path/index``. Remote (an object store,
+    ``remote=True``): the store holds the config, packs and index objects (repo/indexobjects.py); ``path``
+    is this host's cache directory, whose ``index/`` is rebuilt from the index objects whenever it is missing,
+    damaged or behind (:meth:`sync`).
+    """
+
+    def __init__(self, path: Path, config: Config, store: Store | None = None, owns_store: bool = False,
+                 remote: bool = False) -> None:
         self.path = path
         self.config = config
+        self.remote = remote
         self.store: Store = store_for(path) if store is None else store  # every pack is read and written here
         self._owns_store = store is None or owns_store  # a store given by the caller is the caller's to close
+        # Where users find the repository: the directory, or the store's URL (s3:http://host/bucket/prefix).
+        self.location = self.store.location("").rstrip("/") if remote else str(path)
         try:
-            self.index = Index(path / INDEX)
+            self.index = _open_cache(path) if remote else Index(path / INDEX)
         except PermissionError as exc:  # index/ itself unreadable (lmdb's own refusals: index._translate)
             where = exc.filename or path / INDEX
             raise PermissionDenied(f"cannot open the index at {where}: permission denied") from None
@@ -118,12 +150,24 @@ class Repository:
     @classmethod
     def init(
         cls,
-        path: Path,
+        location: Path | str,
         chunker: ChunkerParams | None = None,
         pack_size: int | None = None,
         compression_level: int | None = None,
+        cache_dir: Path | str | None = None,
     ) -> Repository:
-        path = Path(path)
+        """Create a repository at ``location``: a local directory, or ``s3:...`` (store/__init__.py)."""
+        spec = location_spec(str(location))
+        config = Config(chunker=chunker or ChunkerParams())
+        if pack_size:
+            config = replace(config, pack_size=pack_size)
+        if compression_level is not None:
+            if not -7 <= compression_level <= 22:
+                raise UsageError(f"compression level must be from -7 to 22, got {compression_level}")
+            config = replace(config, compression_level=compression_level)
+        if spec["kind"] != "local":
+            return cls._init_remote(open_store(spec), config, cache_dir)
+        path = Path(spec["root"])
         outer = _enclosing_repository(path)
         if outer is not None:
             raise RepositoryExists(f"{path} is inside the dedupimg repository {outer}; refusing to create a "
@@ -138,13 +182,6 @@ class Repository:
             os.chmod(path, DIR_MODE)
         else:
             make_dirs(path)
-        config = Config(chunker=chunker or ChunkerParams())
-        if pack_size:
-            config = replace(config, pack_size=pack_size)
-        if compression_level is not None:
-            if not -7 <= compression_level <= 22:
-                raise UsageError(f"compression level must be from -7 to 22, got {compression_level}")
-            config = replace(config, compression_level=compression_level)
         # tmp/, packs/ and packs/00 ... packs/ff; the 256 entries are made durable by one fsync of packs/.
         LocalStore(path).initialize(pack.pack_levels())
         os.mkdir(path / INDEX, DIR_MODE)
@@ -155,22 +192,71 @@ class Repository:
         return cls(path, config)
 
     @classmethod
-    def open(cls, path: Path, lock: LockMode | None = None, lock_wait: float = 0.0, purpose: str = "") -> Repository:
+    def _init_remote(cls, store: Store, config: Config, cache_dir: Path | str | None) -> Repository:
+        """A new repository in an object store: the bucket made if missing, the config object written last."""
+        try:
+            make_bucket = getattr(store, "create_bucket", None)
+            if make_bucket is not None:
+                make_bucket()
+            top = store.list("")
+            if any(o.name == CONFIG for o in top.objects):
+                raise RepositoryExists(f"{store.location('').rstrip('/')} is a dedupimg repository already")
+            if top.objects or top.dirs:
+                raise RepositoryExists(f"{store.location('').rstrip('/')} is not empty; refusing to create a "
+                                       "repository there")
+            home = cache_home(cache_dir, config.repo_id)
+            Index(_fresh_cache(home), create=True).close()
+            writer = store.create()
+            try:
+                writer.write(config.to_bytes())
+                writer.commit(CONFIG)
+            except BaseException:
+                writer.abort()
+                raise
+            return cls(home, config, store, owns_store=True, remote=True)
+        except BaseException:
+            store.close()
+            raise
+
+    @classmethod
+    def open(cls, location: Path | str, lock: LockMode | None = None, lock_wait: float = 0.0, purpose: str = "",
+             cache_dir: Path | str | None = None) -> Repository:
         """Open a repository; with ``lock``, hold the store's repository lock (local: a flock on REPO/lock)
         until :meth:`close`.
 
         snapshot, restore, mount and serve take a SHARED lock, forget and prune an EXCLUSIVE one; a conflicting
         holder is waited for up to ``lock_wait`` seconds (RepositoryLocked then). ``purpose`` names the command
-        in lock messages.
+        in lock messages. A remote repository's cache (``cache_dir``, $DEDUPIMG_CACHE_DIR or
+        :func:`default_cache_root`) is brought up to date with the store once the lock is held.
         """
-        path = Path(path)
-        config = cls.read_config(path)
-        store = store_for(path)
+        spec = location_spec(str(location))
+        remote = spec["kind"] != "local"
+        if remote:
+            store = open_store(spec)
+            try:
+                config = read_remote_config(store)
+            except BaseException:
+                store.close()
+                raise
+            path = Path()
+        else:
+            path = Path(spec["root"])
+            config = cls.read_config(path)
+            store = store_for(path)
         held = store.lock(lock, lock_wait, purpose) if lock is not None else None
         try:
             if held is not None:
                 held.acquire()
-            repo = cls(path, config, store, owns_store=True)
+            if remote:
+                path = cache_home(cache_dir, config.repo_id)
+            repo = cls(path, config, store, owns_store=True, remote=remote)
+            if remote:
+                try:
+                    repo.sync()
+                except BaseException:
+                    repo._owns_store = False
+                    repo.close()
+                    raise
         except BaseException:
             if held is not None:
                 held.release()
@@ -193,6 +279,37 @@ class Repository:
         except OSError as exc:
             raise NotARepository(f"cannot read {path / CONFIG}: {exc.strerror}") from None
         return Config.from_bytes(raw, str(path / CONFIG))
+
+    def sync(self) -> SyncReport:
+        """Bring a remote repository's cache up to date with the index objects in the store: add new ones;
+        rebuild it from all of them when some it holds are gone (a prune or repair rewrote them)."""
+        if not self.remote:
+            return SyncReport()
+        have = set(self.index.index_objects())
+        present = indexobjects.names(self.store)
+        if have - present:
+            return self.index.sync(indexobjects.fetch(self.store, present), replace=True)
+        if present - have:
+            return self.index.sync(indexobjects.fetch(self.store, present - have))
+        return SyncReport()
+
+    def unlist_packs(self, pack_ids: list[bytes]) -> None:
+        """Before packs are deleted (prune): rewrite the index objects that list them without them, so that no
+        index object in the store names a pack that is gone (remote repositories; local: nothing to do)."""
+        if not self.remote or not pack_ids:
+            return
+        gone = set(pack_ids)
+        affected = [n for n, ids in self.index.index_objects().items() if gone.intersection(ids)]
+        added: dict[str, list[bytes]] = {}
+        for listings in indexobjects.fetch(self.store, affected).values():
+            keep = [ls for ls in listings if ls.sealed.id not in gone]
+            if keep:
+                name = indexobjects.publish(self.store, [(ls.sealed, {i: (pack.RAW, raw) for i, raw in
+                                                                      ls.metadata.items()}) for ls in keep])
+                added[name] = [ls.sealed.id for ls in keep]
+        # The replacements are durable first; then the cache forgets the old objects, then the store does.
+        self.index.replace_objects(affected, added)
+        self.store.delete(affected)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -379,10 +496,19 @@ class Repository:
         except BaseException:
             writer.abort()
             raise
-        return SealedPack.from_entries(pack_id, size, writer.entries)
+        sealed = SealedPack.from_entries(pack_id, size, writer.entries)
+        if self.remote:
+            # The pack's index object: the commit point for every other host (repo/indexobjects.py). If this
+            # fails the pack is an orphan, which prune collects.
+            sealed = replace(sealed, published=indexobjects.publish(self.store, [(sealed, writer.metadata)]))
+        return sealed
 
     def discard_unlisted(self, sealed: SealedPack) -> None:
-        """Delete a sealed pack whose commit failed, unless the index lists that very file (same content)."""
+        """Delete a sealed pack whose commit failed, unless the index lists that very file (same content), or
+        an index object published it (remote: other hosts count it committed; this host's cache adds it at its
+        next sync)."""
+        if sealed.published is not None:
+            return
         try:
             if self.index.pack_numbers([sealed.id]):
                 return
@@ -405,11 +531,12 @@ class Repository:
     # -- repair (repo/repair.py) ------------------------------------------------------------------------------
 
     @staticmethod
-    def rebuild_index(path: Path, lock_wait: float = 0.0, progress: Progress | None = None) -> repair_mod.RepairReport:
-        """Rebuild ``path/index`` from the packs alone, never opening the old index (see repo/repair.py)."""
+    def rebuild_index(location: Path | str, lock_wait: float = 0.0,
+                      progress: Progress | None = None) -> repair_mod.RepairReport:
+        """Rebuild the index from the packs alone, never opening the old one (see repo/repair.py)."""
         from dedupimg.repo import repair as repair_mod  # imports this module: loaded on first use
 
-        return repair_mod.repair_index(path, lock_wait, progress)
+        return repair_mod.repair_index(location, lock_wait, progress)
 
     # -- check (repo/audit.py) -------------------------------------------------------------------------------
 
@@ -595,3 +722,35 @@ class BlobWriter:
             self._pack = None
         self._pending.clear()
         self._segments.clear()
+
+
+def read_remote_config(store: Store) -> Config:
+    """The config object of a repository in an object store."""
+    where = store.location(CONFIG)
+    try:
+        raw = store.read(CONFIG, where=where)
+    except ObjectMissing:
+        raise NotARepository(f"{store.location('').rstrip('/')} is not a dedupimg repository (no config object)"
+                             ) from None
+    return Config.from_bytes(raw, where)
+
+
+def _fresh_cache(home: Path) -> Path:
+    """``home/index`` emptied, to build a cache in."""
+    index_dir = home / INDEX
+    if index_dir.exists() or index_dir.is_symlink():
+        shutil.rmtree(index_dir) if index_dir.is_dir() and not index_dir.is_symlink() else index_dir.unlink()
+    os.mkdir(index_dir, DIR_MODE)
+    return index_dir
+
+
+def _open_cache(home: Path) -> Index:
+    """A remote repository's cache index: made when missing; a damaged one is thrown away and made again
+    (the index objects in the store rebuild it: :meth:`Repository.sync`)."""
+    index_dir = home / INDEX
+    if (index_dir / DATA_FILE).is_file():
+        try:
+            return Index(index_dir)
+        except IntegrityError:
+            pass
+    return Index(_fresh_cache(home), create=True)

@@ -40,6 +40,7 @@ from dedupimg.core.errors import DedupimgError, MountError, TargetError
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.repo.repository import Repository
 from dedupimg.serve.reader import SnapshotReader
+from dedupimg.store import normalize_location
 from dedupimg.store.lock import LockMode
 
 BY_ID = "by-id"
@@ -331,11 +332,11 @@ def _direct_read_fuse(fuse: ModuleType) -> Any:
 
 
 def serve(
-    repo_path: Path, mountpoint: Path, ready: Callable[[], None] | None = None, lock_wait: float = 0.0
+    location: Path | str, mountpoint: Path, ready: Callable[[], None] | None = None, lock_wait: float = 0.0
 ) -> None:
     """Mount and serve in this thread until unmounted (fusermount3 -u, SIGINT, SIGTERM or SIGHUP)."""
     # Absolute paths: libfuse changes the working directory to / once mounted.
-    repo_path, mountpoint = Path(os.path.abspath(repo_path)), Path(os.path.abspath(mountpoint))
+    location, mountpoint = normalize_location(str(location)), Path(os.path.abspath(mountpoint))
     fuse = _mfusepy()
 
     def on_ready() -> None:
@@ -344,7 +345,7 @@ def serve(
             ready()
 
     # The serving process holds the shared lock for as long as the mount is up (prune waits for it).
-    with Repository.open(repo_path, LockMode.SHARED, lock_wait, "mount") as repo:
+    with Repository.open(location, LockMode.SHARED, lock_wait, "mount") as repo:
         repo.start_read_pool()  # worker processes decompress and verify for the FUSE thread (readpool.py)
         fs = SnapshotFS(repo, on_ready)
         fs.load()  # a damaged index fails here, with its exit code, and not at the first ls
@@ -354,7 +355,7 @@ def serve(
                 saved[sig] = signal.signal(sig, signal.SIG_DFL)
         except ValueError:
             pass  # not the main thread: signals stay as they are
-        fsname = f"dedupimg:{repo_path}".replace("\\", "\\\\").replace(",", "\\,")  # libfuse's -o escapes
+        fsname = f"dedupimg:{location}".replace("\\", "\\\\").replace(",", "\\,")  # libfuse's -o escapes
         try:
             # The multi-threaded loop with two threads (FUSE_OPTIONS says why), or one when reads run in this
             # process (no read workers), where more threads only contend for the GIL.
@@ -385,7 +386,7 @@ def _raise_read_ahead(mountpoint: Path) -> None:
 
 
 def mount(
-    repo_path: Path,
+    location: Path | str,
     mountpoint: Path,
     foreground: bool = False,
     ready: Callable[[], None] | None = None,
@@ -396,13 +397,13 @@ def mount(
     In the foreground, serve until unmounted; ``ready`` is called (from a FUSE thread) once the mount is up.
     Otherwise fork a server that outlives this process and return once the mount is up, calling ``ready``
     first. The repository is opened by the serving process (an LMDB environment must not cross a fork), so it
-    takes a path.
+    takes a location (a directory or an ``s3:`` URL).
     """
     mountpoint = check_mountpoint(Path(mountpoint))
     check_fuse()
-    repo_path = Path(os.path.abspath(repo_path))  # the server runs in /
+    location = normalize_location(str(location))  # the server runs in /
     if foreground:
-        serve(repo_path, mountpoint, ready, lock_wait)
+        serve(location, mountpoint, ready, lock_wait)
         return
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -410,7 +411,7 @@ def mount(
         os.close(rfd)
         os.setsid()
         if os.fork() == 0:
-            _daemon(repo_path, mountpoint, wfd, lock_wait)
+            _daemon(location, mountpoint, wfd, lock_wait)
         os._exit(0)
     os.close(wfd)
     os.waitpid(pid, 0)
@@ -422,7 +423,7 @@ def mount(
         ready()
 
 
-def _daemon(repo_path: Path, mountpoint: Path, wfd: int, lock_wait: float) -> NoReturn:
+def _daemon(location: str, mountpoint: Path, wfd: int, lock_wait: float) -> NoReturn:
     """The background server: tells the parent READY or its error (pickled) through ``wfd``, then serves."""
     status = os.fdopen(wfd, "wb")
     null = os.open(os.devnull, os.O_RDWR)
@@ -441,7 +442,7 @@ def _daemon(repo_path: Path, mountpoint: Path, wfd: int, lock_wait: float) -> No
         os.chdir("/")
         os.dup2(null, 0)
         os.dup2(null, 1)
-        serve(repo_path, mountpoint, ready, lock_wait)
+        serve(location, mountpoint, ready, lock_wait)
     except BaseException as exc:  # noqa: BLE001  (reported to the parent, whatever it is)
         code = 1
         if not isinstance(exc, DedupimgError):

@@ -8,8 +8,36 @@ server (docs/storage.md). :func:`open_store` opens a store from its ``spec()``, 
 
 from __future__ import annotations
 
+import os
+from urllib.parse import urlsplit
+
 from dedupimg.core.errors import UsageError
 from dedupimg.store.base import Store, StoreSpec
+
+S3_SCHEME = "s3:"
+
+
+def location_spec(location: str) -> StoreSpec:
+    """The store a repository location names: ``s3:http(s)://HOST[:PORT]/BUCKET[/PREFIX]`` (restic's form;
+    ``s3:HOST/BUCKET/PREFIX`` means https), anything else a local directory (made absolute)."""
+    if not location.startswith(S3_SCHEME):
+        return {"kind": "local", "root": os.path.abspath(location)}
+    rest = location[len(S3_SCHEME):]
+    if not rest.startswith(("http://", "https://")):
+        rest = "https://" + rest
+    url = urlsplit(rest)
+    bucket, _, prefix = url.path.lstrip("/").partition("/")
+    if not url.netloc or not bucket or url.query or url.fragment:
+        raise UsageError(f"repository {location!r}: expected s3:http://HOST:PORT/BUCKET/PREFIX "
+                         "(or s3:https://...)")
+    return {"kind": "s3", "endpoint": f"{url.scheme}://{url.netloc}", "bucket": bucket,
+            "prefix": prefix.strip("/"), "region": ""}
+
+
+def normalize_location(location: str) -> str:
+    """``location`` as every process reads it the same way: a local directory made absolute."""
+    spec = location_spec(location)
+    return spec["root"] if spec["kind"] == "local" else location
 
 
 def open_store(spec: StoreSpec) -> Store:
@@ -30,4 +58,4 @@ def open_store(spec: StoreSpec) -> Store:
     raise UsageError(f"unknown kind of store {kind!r}")
 
 
-__all__ = ["Store", "StoreSpec", "open_store"]
+__all__ = ["Store", "StoreSpec", "location_spec", "normalize_location", "open_store"]
