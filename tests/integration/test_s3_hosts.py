@@ -1,0 +1,105 @@
+"""Several hosts on one S3 repository, as real concurrent processes (issue 13 §2).
+
+Each "host" is a process with its own cache directory. Two snapshots at the same time both succeed; a prune
+started while a snapshot runs waits for it (the snapshot's SHARED lock object against prune's EXCLUSIVE one),
+and a snapshot started while a prune runs waits for the prune: afterwards every snapshot restores bit-exact
+and check is clean.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dedupimg.store import location_spec
+from dedupimg.store.s3 import S3Store
+from tests.helpers import cli_env, det_bytes, ok, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def s3loc(s3_server: Any, s3_credentials: None) -> str:
+    return f"s3:{s3_server.endpoint}/{s3_server.bucket}/hosts-{uuid.uuid4().hex[:12]}"
+
+
+def host_env(tmp_path: Path, host: str) -> dict[str, str]:
+    return {"DEDUPIMG_CACHE_DIR": str(tmp_path / f"cache-{host}")}
+
+
+def start(tmp_path: Path, host: str, *args: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "dedupimg", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(**host_env(tmp_path, host)))
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float = 300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, (proc.args, proc.returncode, err.decode()[-2000:])
+    return out.decode()
+
+
+def wait_for_lock(loc: str, proc: subprocess.Popen[bytes]) -> None:
+    """Until ``proc`` holds a lock object in the store (and is still running: the test is meaningful)."""
+    spec = location_spec(loc)
+    store = S3Store(spec["endpoint"], spec["bucket"], spec["prefix"])
+    deadline = time.monotonic() + 60
+    while not store.list("locks/").objects:
+        assert proc.poll() is None and time.monotonic() < deadline, "the command ended before it was seen locked"
+        time.sleep(0.02)
+    assert proc.poll() is None, "the command ended too soon for the test to mean anything: use a larger image"
+
+
+def restore_equals(loc: str, tmp_path: Path, host: str, snap: str, data: bytes) -> None:
+    target = tmp_path / f"restore-{snap[:8]}-{host}.img"
+    ok(run_cli("-r", loc, "restore", snap, target, env=host_env(tmp_path, host)))
+    assert target.read_bytes() == data
+    target.unlink()
+
+
+def test_two_hosts_snapshot_at_once_and_prune_waits(s3loc: str, tmp_path: Path) -> None:
+    ok(run_cli("-r", s3loc, "init", "--chunk-size", "4096", env=host_env(tmp_path, "a")))
+    shared = det_bytes(1, 4 << 20)
+    images = {h: shared + det_bytes(ord(h), 12 << 20) for h in "ab"}
+    for h, data in images.items():
+        (tmp_path / f"{h}.img").write_bytes(data)
+    procs = {h: start(tmp_path, h, "-r", s3loc, "snapshot", tmp_path / f"{h}.img", "--name", h, "--json")
+             for h in "ab"}
+    ids = {h: json.loads(finish(p))["id"] for h, p in procs.items()}
+    for h in "ab":  # each host sees both snapshots, and each restores on the other host
+        listed = json.loads(ok(run_cli("-r", s3loc, "snapshots", "--json", env=host_env(tmp_path, h))))
+        assert {s["id"] for s in listed} == set(ids.values())
+    restore_equals(s3loc, tmp_path, "b", ids["a"], images["a"])
+    restore_equals(s3loc, tmp_path, "a", ids["b"], images["b"])
+
+    # Forget a's snapshot (garbage for the prune), then prune from b while host a snapshots again.
+    ok(run_cli("-r", s3loc, "forget", ids["a"], env=host_env(tmp_path, "a")))
+    new_a = det_bytes(9, 64 << 20)
+    (tmp_path / "a2.img").write_bytes(new_a)
+    snap = start(tmp_path, "a", "-r", s3loc, "snapshot", tmp_path / "a2.img", "--name", "a", "--json")
+    wait_for_lock(s3loc, snap)
+    prune = start(tmp_path, "b", "-r", s3loc, "prune", "--lock-wait", "300")
+    snap_id = json.loads(finish(snap))["id"]
+    finish(prune)
+    listed = json.loads(ok(run_cli("-r", s3loc, "snapshots", "--json", env=host_env(tmp_path, "b"))))
+    assert {s["id"] for s in listed} == {ids["b"], snap_id}
+    restore_equals(s3loc, tmp_path, "b", snap_id, new_a)
+    restore_equals(s3loc, tmp_path, "a", ids["b"], images["b"])
+
+    # And the other way round: a snapshot started during a prune waits for it (--lock-wait).
+    ok(run_cli("-r", s3loc, "forget", snap_id, env=host_env(tmp_path, "b")))
+    prune = start(tmp_path, "b", "-r", s3loc, "prune")
+    wait_for_lock(s3loc, prune)
+    again = start(tmp_path, "a", "-r", s3loc, "snapshot", tmp_path / "a2.img", "--name", "a", "--json",
+                  "--lock-wait", "300")
+    finish(prune)
+    again_id = json.loads(finish(again))["id"]
+    restore_equals(s3loc, tmp_path, "b", again_id, new_a)
+    for h in "ab":
+        ok(run_cli("-r", s3loc, "check", "--read-data", env=host_env(tmp_path, h)))
