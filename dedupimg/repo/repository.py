@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,6 +54,7 @@ INDEX = "index"
 CACHE_ENV = "DEDUPIMG_CACHE_DIR"
 OPEN_PACKS = 64
 MAX_READ = 16 << 20  # largest single pread of adjacent blobs
+UPLOADS_AHEAD = 3  # packs of a remote repository uploaded at once while the next one fills (each up to 32 MiB)
 POOL_RUN = 1 << 20  # a read worker's unit of work: a read-ahead window spreads over the workers
 
 
@@ -622,14 +623,20 @@ class BlobWriter:
         self._repo = repo
         self._compressor = pack.Compressor(repo.config.compression_level)
         self._pack: pack.PackWriter | None = None
-        self._pending: set[bytes] = set()  # ids in the open pack (not yet in the index)
+        self._pending: set[bytes] = set()  # ids in the open pack or in packs being sealed (not yet indexed)
         self._segments: list[NewSegment] = []
+        # Packs being sealed (uploaded) on other threads, oldest first, each committed to the index once its
+        # upload is done: an object store's PUTs are slow one at a time, and several at once fill the link.
+        self._sealing: deque[tuple[Future[SealedPack], set[bytes], list[NewSegment]]] = deque()
+        self._uploads: ThreadPoolExecutor | None = None
+        if repo.remote and UPLOADS_AHEAD:
+            self._uploads = ThreadPoolExecutor(UPLOADS_AHEAD, thread_name_prefix="dedupimg-upload")
         self.stored_bytes = 0  # bytes of the packs this writer made durable
         self.new_chunks = 0
         self.new_chunk_bytes = 0
 
     def missing(self, ids: list[bytes]) -> list[bool]:
-        """For each id, True when neither the index nor the open pack has it (one read transaction)."""
+        """For each id, True when neither the index nor a pack not yet indexed has it (one read transaction)."""
         known = self._repo.index.has_blobs(ids)
         return [not k and i not in self._pending for i, k in zip(ids, known, strict=True)]
 
@@ -681,30 +688,54 @@ class BlobWriter:
             if self._repo.index.get_snapshot(record.id) is None:
                 raise UsageError("this exact snapshot (same image, name, tags and --time) was taken and "
                                  "forgotten before; give another --time")
-            if self._pack is not None:
-                self._commit_open_pack(None)
+            self.flush()
+            self.close()
             return
         self._add(pack.SNAPSHOT, record.id, raw)
         self._commit_open_pack(NewSnapshot(record.id, raw, [sid for sid, _ in record.segments]))
+        self.close()
 
     def flush(self) -> None:
         """Commit the open pack, if any, with no snapshot record (what an interrupted snapshot leaves)."""
         if self._pack is not None:
             self._commit_open_pack(None)
+        self._drain(0)
 
     def _commit_open_pack(self, snapshot: NewSnapshot | None) -> None:
         writer = self._pack
         if writer is None:
             raise AssertionError("no open pack to commit")  # commit_snapshot always leaves its record there
         self._pack = None
+        ids = {e.id for e in writer.entries}
+        seg_ids = {e.id for e in writer.entries if e.type == pack.SEGMENT}
+        segments = [s for s in self._segments if s.id in seg_ids]
+        self._segments = [s for s in self._segments if s.id not in seg_ids]
+        if snapshot is None and self._uploads is not None:
+            # Sealed on an upload thread; its ids stay pending (known to missing()) until it is indexed.
+            self._sealing.append((self._uploads.submit(self._repo.seal, writer), ids, segments))
+            self._drain(UPLOADS_AHEAD)
+            return
+        # A snapshot's record commits last: every pack before it is sealed and indexed first.
+        self._drain(0)
         try:
             sealed = self._repo.seal(writer)
         finally:
-            self._pending.clear()
+            self._pending -= ids
+        self._index(sealed, segments, snapshot)
+
+    def _drain(self, keep: int) -> None:
+        """Index sealed packs, oldest first, until at most ``keep`` are still being sealed."""
+        while self._sealing and (len(self._sealing) > keep or self._sealing[0][0].done()):
+            future, ids, segments = self._sealing[0]
+            try:
+                sealed = future.result()
+            finally:
+                self._sealing.popleft()
+                self._pending -= ids
+            self._index(sealed, segments, None)
+
+    def _index(self, sealed: SealedPack, segments: list[NewSegment], snapshot: NewSnapshot | None) -> None:
         self.stored_bytes += sealed.size
-        seg_ids = {b.id for b in sealed.blobs if b.type == pack.SEGMENT}
-        segments = [s for s in self._segments if s.id in seg_ids]
-        self._segments = [s for s in self._segments if s.id not in seg_ids]
         try:
             self._repo.index.commit_pack(sealed, segments, snapshot)
             if snapshot is not None:
@@ -716,12 +747,26 @@ class BlobWriter:
             raise
 
     def abort(self) -> None:
-        """Drop the open pack; what was committed stays (unreferenced until a snapshot uses it)."""
+        """Drop the open pack and wait for packs being sealed; what was committed stays (unreferenced until a
+        snapshot uses it), and a pack sealed but not indexed is an orphan, which prune collects."""
         if self._pack is not None:
             self._pack.abort()
             self._pack = None
+        while self._sealing:
+            future, _ids, _segments = self._sealing.popleft()
+            future.cancel()
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001, S110  (the error that made us abort is the one to report)
+                pass
+        self.close()
         self._pending.clear()
         self._segments.clear()
+
+    def close(self) -> None:
+        if self._uploads is not None:
+            self._uploads.shutdown(wait=True)
+            self._uploads = None
 
 
 def read_remote_config(store: Store) -> Config:
