@@ -7,8 +7,10 @@ from typing import Annotated
 import typer
 
 from dedupimg.cli.app import RepoOption, repo_location
-from dedupimg.cli.render import exit_codes_help, stdout
-from dedupimg.core.config import DEFAULT_CHUNK_SIZE, ChunkerParams
+from dedupimg.cli.render import exit_codes_help, stderr, stdout
+from dedupimg.core.config import DEFAULT_CHUNK_SIZE, ChunkerParams, SegmentParams
+from dedupimg.core.errors import UsageError
+from dedupimg.ops.copy import repository_config
 from dedupimg.repo.repository import Repository
 
 
@@ -21,13 +23,29 @@ def init(
         int | None, typer.Option(help="zstd level for new chunks (-7 fastest .. 22 smallest).")
     ] = None,
     pack_size: Annotated[int | None, typer.Option(hidden=True, help="Target pack size (tests).")] = None,
+    copy_chunker_params_from: Annotated[
+        str | None,
+        typer.Option(metavar="REPOSITORY", help="Cut chunks as this repository does (its chunker parameters), so "
+                                                "that 'copy' between the two deduplicates fully."),
+    ] = None,
     repo_dir: RepoOption = None,
 ) -> None:
     """Create a new repository (readable by its owner only)."""
-    repo = Repository.init(repo_location(ctx), ChunkerParams.for_average(chunk_size), pack_size, compression_level)
+    chunker = ChunkerParams.for_average(chunk_size)
+    if copy_chunker_params_from is not None:
+        given = ctx.get_parameter_source("chunk_size")
+        if given is not None and given.name != "DEFAULT":
+            raise UsageError("give either --chunk-size or --copy-chunker-params-from, not both")
+        source = repository_config(copy_chunker_params_from)
+        chunker = source.chunker
+        if source.segments != SegmentParams():
+            stderr.print(f"dedupimg: warning: {copy_chunker_params_from} cuts manifest segments with other "
+                         "parameters; they are not copied (snapshots still copy whole)")
+    repo = Repository.init(repo_location(ctx), chunker, pack_size, compression_level)
     repo.close()
     stdout.print(f"created repository {repo.config.repo_id[:8]} at {repo.location}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
-    app.command(epilog=exit_codes_help(16, 18, 21, opens_repository=False))(init)
+    # 10, 12, 17: --copy-chunker-params-from names no repository, a damaged one, or one that cannot be read.
+    app.command(epilog=exit_codes_help(10, 12, 16, 17, 18, 21, opens_repository=False))(init)

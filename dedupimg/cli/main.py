@@ -13,6 +13,7 @@ import typer
 
 from dedupimg.cli import (
     check,
+    copy,
     forget,
     info,
     init,
@@ -30,7 +31,7 @@ from dedupimg.core import interrupts
 from dedupimg.core.errors import DedupimgError, Interrupted, PermissionDenied
 
 # ``dedupimg --help`` lists the commands in this order (command groups, here ``repair``, come last).
-COMMANDS = (check, init, snapshot, snapshots, restore, verify, info, forget, prune, mount, serve, repair)
+COMMANDS = (check, init, snapshot, snapshots, restore, verify, info, copy, forget, prune, mount, serve, repair)
 for _command in COMMANDS:
     _command.register(app)
 

@@ -1,0 +1,201 @@
+"""Copying snapshots from one repository into another (``restic copy``): only the chunks the destination lacks
+travel.
+
+A snapshot record is content-addressed, so a copied snapshot keeps its id, and one the destination already
+lists is skipped. Each snapshot is copied with its own :class:`BlobWriter`: its segments are walked in order,
+the destination is asked which of their chunks it lacks, those are read from the source (verified against
+their ids) a few MiB at a time and stored, then the segments (whose ids must come out the same) and last the
+very same record, committed with the pack that holds it. Chunks are blobs named by their content, so the two
+repositories may use different chunker parameters: the copy is whole either way, it only shares fewer chunks
+with the destination's own snapshots (``init --copy-chunker-params-from`` avoids that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from dedupimg.core import interrupts
+from dedupimg.core.config import Config
+from dedupimg.core.errors import IntegrityError, UsageError
+from dedupimg.core.manifest import Segment, SnapshotRecord
+from dedupimg.core.progress import NoProgress, Progress
+from dedupimg.repo.repository import BlobWriter, Repository, read_remote_config
+from dedupimg.store import location_spec, open_store
+from dedupimg.store.lock import LockMode
+
+BATCH_BYTES = 8 << 20  # raw bytes of chunks read from the source before they are stored in the destination
+BATCH_SEGMENTS = 64  # segments waiting for their chunks' batch, at most
+
+ALREADY_THERE = "already in the destination"
+FORGOTTEN_THERE = "forgotten in the destination"
+
+
+@dataclass(frozen=True)
+class SnapshotCopy:
+    """What became of one snapshot: copied, or skipped (``skipped`` says why)."""
+
+    record: SnapshotRecord
+    skipped: str = ""
+    chunks: int = 0  # chunks the destination lacked and now has
+    bytes_copied: int = 0  # their raw bytes
+    bytes_uploaded: int = 0  # bytes of the packs written to the destination
+
+    @property
+    def copied(self) -> bool:
+        return not self.skipped
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    snapshots: list[SnapshotCopy]  # in the order they were handled
+
+    @property
+    def copied(self) -> list[bytes]:
+        return [s.record.id for s in self.snapshots if s.copied]
+
+    @property
+    def skipped(self) -> list[bytes]:
+        return [s.record.id for s in self.snapshots if not s.copied]
+
+    @property
+    def chunks(self) -> int:
+        return sum(s.chunks for s in self.snapshots)
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(s.bytes_copied for s in self.snapshots)
+
+    @property
+    def bytes_uploaded(self) -> int:
+        return sum(s.bytes_uploaded for s in self.snapshots)
+
+
+def copy_snapshots(src: Repository, dst: Repository, refs: list[str] | None,
+                   progress: Progress | None = None) -> CopyResult:
+    """Copy the snapshots ``refs`` names in ``src`` (ids, prefixes, ``latest``, ``NAME@latest``; None or empty:
+    every snapshot of ``src``) into ``dst``. The caller holds a SHARED lock on both.
+
+    Every reference is resolved before anything is copied. Snapshots copied before an error or interrupt stay
+    copied (each is committed whole); a re-run skips them.
+    """
+    _refuse_same(src.location, src.config.repo_id, dst)
+    progress = progress or NoProgress()
+    records = src.snapshots() if not refs else list({r.id: r for r in map(src.resolve, refs)}.values())
+    present = {r.id for r in dst.snapshots()}
+    out: list[SnapshotCopy] = []
+    for record in records:
+        if record.id in present:
+            out.append(SnapshotCopy(record, ALREADY_THERE))
+            continue
+        # A snapshot committed before marked the process past its commit (a signal would be ignored): the next
+        # one is new work that an interrupt may still stop.
+        interrupts.reset()
+        out.append(_copy_one(src, dst, record, progress))
+    return CopyResult(out)
+
+
+def open_source(location: str, dst: Repository, lock_wait: float = 0.0, purpose: str = "copy") -> Repository:
+    """The repository to copy into ``dst`` from, opened with a SHARED lock. ``dst`` itself is refused before it
+    is opened (its config read first): one process cannot open a repository's index twice."""
+    _refuse_same(location, repository_config(location).repo_id, dst)
+    return Repository.open(location, LockMode.SHARED, lock_wait, purpose)
+
+
+def _refuse_same(location: str, repo_id: str, dst: Repository) -> None:
+    if repo_id == dst.config.repo_id:
+        raise UsageError(f"{location} and {dst.location} are the same repository (id {repo_id[:8]}); "
+                         "nothing to copy")
+
+
+def repository_config(location: str) -> Config:
+    """The config of the repository at ``location`` (a directory or ``s3:...``), read without a lock and
+    without opening its index or cache: ``init --copy-chunker-params-from`` needs its chunker parameters."""
+    spec = location_spec(location)
+    if spec["kind"] == "local":
+        return Repository.read_config(Path(spec["root"]))
+    store = open_store(spec)
+    try:
+        return read_remote_config(store)
+    finally:
+        store.close()
+
+
+def _copy_one(src: Repository, dst: Repository, record: SnapshotRecord, progress: Progress) -> SnapshotCopy:
+    _check_record(record)
+    writer = dst.writer()
+    if not writer.missing([record.id])[0]:
+        # The destination stores this very record but does not list it: a forget there removed it (and its
+        # tombstone keeps it removed), so copying it again would not bring it back.
+        writer.abort()
+        return SnapshotCopy(record, FORGOTTEN_THERE)
+    try:
+        progress.start(f"copy {record.name}@{record.short_id}", record.size)
+        _Transfer(src, writer, progress).run(record)
+        writer.commit_snapshot(record)
+        progress.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return SnapshotCopy(record, "", writer.new_chunks, writer.new_chunk_bytes, writer.stored_bytes)
+
+
+def _check_record(record: SnapshotRecord) -> None:
+    """The record must encode to the bytes of its id, or the copy would be another snapshot."""
+    again = dataclasses.replace(record)
+    again.encode()
+    if again.id != record.id:
+        raise IntegrityError(f"snapshot record {record.short_id} does not encode back to its id; not copied")
+
+
+class _Transfer:
+    """Chunks the destination lacks, in batches of about BATCH_BYTES, then the segments that need them."""
+
+    def __init__(self, src: Repository, writer: BlobWriter, progress: Progress) -> None:
+        self._src = src
+        self._writer = writer
+        self._progress = progress
+        self._chunks: dict[bytes, int] = {}  # id -> raw length, to read from the source
+        self._chunk_bytes = 0
+        self._segments: list[tuple[bytes, Segment]] = []  # waiting for the chunks above to be stored
+
+    def run(self, record: SnapshotRecord) -> None:
+        seen: set[bytes] = set()
+        for seg_id, length in record.segments:
+            if seg_id not in seen:
+                seen.add(seg_id)
+                self._segment(seg_id)
+            self._progress.advance(length)
+        self._flush()
+
+    def _segment(self, seg_id: bytes) -> None:
+        segment = self._src.segment(seg_id)
+        extents = {i: n for n, i in segment.extents() if i is not None and i not in self._chunks}
+        ids = list(extents)
+        for id_, lacking in zip(ids, self._writer.missing(ids), strict=True):
+            if lacking:
+                self._chunks[id_] = extents[id_]
+                self._chunk_bytes += extents[id_]
+                if self._chunk_bytes >= BATCH_BYTES:
+                    self._store_chunks()
+        self._segments.append((seg_id, segment))
+        if len(self._segments) >= BATCH_SEGMENTS or not self._chunks:
+            self._flush()
+
+    def _store_chunks(self) -> None:
+        ids = list(self._chunks)
+        for id_, raw in zip(ids, self._src.read_blobs(ids), strict=True):
+            self._writer.add_chunk(id_, raw)
+        self._chunks.clear()
+        self._chunk_bytes = 0
+
+    def _flush(self) -> None:
+        """Store the waiting chunks, then the segments that name them: a segment never goes into the destination
+        before its chunks."""
+        self._store_chunks()
+        for seg_id, segment in self._segments:
+            if self._writer.add_segment(segment) != seg_id:
+                raise IntegrityError(f"manifest segment {seg_id.hex()[:16]} does not encode back to its id; "
+                                     "not copied")
+        self._segments.clear()
