@@ -24,10 +24,11 @@ read is PermissionDenied (exit 16): not damage. A full disk while writing is NoS
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 from dedupimg.core.errors import IntegrityError
 from dedupimg.store.lock import LockMode
@@ -179,6 +180,16 @@ class Store(Protocol):
         ``wait`` seconds, then RepositoryLocked (exit 11). Local: ``flock`` on ``lock`` (store/lock.py)."""
         ...
 
+    def list_locks(self) -> builtins.list[dict[str, Any]]:
+        """The lock records this store keeps as objects (host, pid, time, mode, what, name, stale); ``[]`` for
+        a store whose locks are not objects (local: flock; memory)."""
+        ...
+
+    def remove_locks(self, all_locks: bool = False) -> builtins.list[str]:
+        """Remove the stale lock objects (every one with ``all_locks``: ``unlock --remove-all``) and say what
+        was removed, one description each. ``[]`` for local and memory stores: their locks die with the holder."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -189,6 +200,11 @@ class StoreLock(Protocol):
     def locked(self) -> bool: ...
 
     def acquire(self) -> None: ...
+
+    def check(self) -> None:
+        """RepositoryLocked unless the lock is still held: not acquired, released, or lost (an S3 lock whose
+        object was removed or could not be refreshed in time). Called before deleting (prune)."""
+        ...
 
     def release(self) -> None: ...
 

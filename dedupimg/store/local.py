@@ -13,6 +13,7 @@ import stat
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from dedupimg.core.errors import PermissionDenied
 from dedupimg.core.fsutil import DIR_MODE, FILE_MODE, fsync_dir, make_dirs, raise_for_space
@@ -63,6 +64,12 @@ class LocalStore:
 
     def lock(self, mode: LockMode, wait: float = 0.0, what: str = "") -> RepositoryLock:
         return RepositoryLock(self.root, mode, wait, what)
+
+    def list_locks(self) -> list[dict[str, Any]]:
+        return []  # flock: the kernel keeps the lock, no object to list
+
+    def remove_locks(self, all_locks: bool = False) -> list[str]:
+        return []  # a flock dies with its process: never a stale one to remove
 
     def spec(self) -> StoreSpec:
         return {"kind": "local", "root": os.path.abspath(self.root)}

@@ -104,6 +104,13 @@ class RepositoryLock:
         self._fd = fd
         self._acquired = True
 
+    def check(self) -> None:
+        """A flock is never lost while its descriptor is open: RepositoryLocked only before acquire or after
+        release (a SHARED lock that proceeded unlocked on read-only media counts as held)."""
+        if not self._acquired:
+            raise RepositoryLocked(f"the {self.mode.value} lock of {self.what or 'this command'} on "
+                                   f"{self.repo_path} is not held")
+
     def release(self) -> None:
         """Close the descriptor: the lock goes when no forked child still shares it (no ``LOCK_UN``)."""
         fd, self._fd = self._fd, None

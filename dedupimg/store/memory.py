@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import Iterable
 from types import TracebackType
+from typing import Any
 
 from dedupimg.core.errors import RepositoryLocked, UsageError
 from dedupimg.store.base import (
@@ -54,6 +55,12 @@ class MemoryStore:
 
     def lock(self, mode: LockMode, wait: float = 0.0, what: str = "") -> MemoryLock:
         return MemoryLock(self, mode, wait, what)
+
+    def list_locks(self) -> list[dict[str, Any]]:
+        return []  # the lock is a counter in this process: nothing to list or go stale
+
+    def remove_locks(self, all_locks: bool = False) -> list[str]:
+        return []
 
     def spec(self) -> StoreSpec:
         return {"kind": "memory", "id": self.id}
@@ -203,6 +210,12 @@ class MemoryLock:
             shared, _ = self._store._holders
             self._store._holders = (shared - 1, False) if self.mode is LockMode.SHARED else (0, False)
         self._held = False
+
+    def check(self) -> None:
+        """Never lost: only a holder that has not acquired, or has released, is refused."""
+        if not self._held:
+            raise RepositoryLocked(f"the {self.mode.value} lock of {self.what or 'this command'} on "
+                                   f"{self._store.location('')} is not held")
 
     def __enter__(self) -> MemoryLock:
         self.acquire()

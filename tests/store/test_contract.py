@@ -268,6 +268,16 @@ def test_delete(store: Store):
     assert store.delete([]) == 0
 
 
+def test_delete_many_at_once(store: Store):
+    """An object store deletes several at a time: each is freed once (also when named twice), missing skipped."""
+    names = [f"packs/ab/{i:02d}" + "ab" * 31 + ".pack" for i in range(20)]
+    for i, name in enumerate(names):
+        put(store, name, b"x" * (i + 1), pieces=1)
+    missing = "packs/cd/" + "cd" * 32 + ".pack"
+    assert store.delete([*names, missing, names[0], names[5]]) == sum(range(1, 21))
+    assert visible(store) == []
+
+
 # -- another process --------------------------------------------------------------------------------------
 
 
@@ -312,6 +322,28 @@ def test_lock_shared_holders_share_and_exclude_an_exclusive_one(store: Store):
             with pytest.raises(RepositoryLocked):
                 store.lock(mode, wait=0.0).acquire()
     assert not held.locked
+
+
+def test_lock_check_says_whether_it_is_held(store: Store):
+    """check() (what prune calls before it deletes) passes while the lock is held, and refuses before and after."""
+    lock = store.lock(LockMode.EXCLUSIVE, what="prune")
+    with pytest.raises(RepositoryLocked, match="not held"):
+        lock.check()
+    with lock:
+        lock.check()
+        lock.check()
+    with pytest.raises(RepositoryLocked, match="not held"):
+        lock.check()
+
+
+def test_remove_locks_leaves_live_locks_alone(store: Store):
+    """unlock's call: nothing held is stale, so remove_locks(False) removes nothing (local and memory locks never
+    go stale: they are [] always, also with all_locks)."""
+    with store.lock(LockMode.SHARED, what="snapshot") as held:
+        assert store.remove_locks(False) == []
+        assert [r["what"] for r in store.list_locks()] == ([] if not isinstance(store, S3Store) else ["snapshot"])
+        held.check()
+    assert store.remove_locks(True) == [] and store.list_locks() == []
 
 
 def test_lock_waits_for_a_holder_that_lets_go(store: Store):

@@ -263,6 +263,18 @@ def test_read_only_repository_without_lock_file(repo: Path, monkeypatch: pytest.
     read_only(monkeypatch, code)
     with RepositoryLock(repo, SHARED, what="restore") as lock:
         assert not lock.locked  # read-only media: proceed unlocked
+        lock.check()  # ... which counts as held: nothing can change the repository through this path
     with pytest.raises(PermissionDenied, match=f"cannot open {repo / 'lock'}: .*prune needs write access"):
         RepositoryLock(repo, EXCLUSIVE, what="prune").acquire()
     assert not (repo / "lock").exists()
+
+
+def test_check_refuses_only_before_acquire_and_after_release(repo: Path) -> None:
+    """A flock is never lost while held (the kernel keeps it): check() is prune's question before deleting."""
+    lock = RepositoryLock(repo, EXCLUSIVE, what="prune")
+    with pytest.raises(RepositoryLocked, match=f"exclusive lock of prune on {repo} is not held"):
+        lock.check()
+    with lock:
+        lock.check()
+    with pytest.raises(RepositoryLocked, match="not held"):
+        lock.check()
