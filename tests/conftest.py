@@ -10,7 +10,7 @@ from hypothesis import settings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.helpers import small_repo  # noqa: E402
-from tests.s3server import s3_credentials, s3_server  # noqa: E402,F401  (fixtures for every folder)
+from tests.s3server import private_s3, s3_credentials, s3_server  # noqa: E402,F401  (fixtures for every folder)
 
 # Property tests run a fixed set of examples by default, so that a run is repeatable and a red CI run means
 # a change broke something. HYPOTHESIS_PROFILE=explore draws new examples: run it now and then (it has found

@@ -108,6 +108,55 @@ def _warm_up(endpoint: str, bucket: str) -> None:
             pass
 
 
+class WeedServer:
+    """One ``weed server -s3`` on loopback with free ports and its own data directory; ``stop()`` kills it
+    (kill -9, as a crash would) and ``start()`` brings it back on the same ports and data."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.s3, self.master, self.volume, self.filer = _ports(4)
+        self.endpoint = f"http://127.0.0.1:{self.s3}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = None
+
+    def start(self) -> None:
+        self._log = open(self.data / "weed.log", "ab")
+        self.proc = subprocess.Popen(
+            [_weed(), "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={self.master}", f"-volume.port={self.volume}", f"-filer.port={self.filer}",
+             "-s3", f"-s3.port={self.s3}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+             "-volume.max=100", "-master.volumeSizeLimitMB=64", f"-master.dir={self.data}"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            # SeaweedFS turns AWS_ACCESS_KEY_ID/SECRET in its environment into an identity and then refuses
+            # unsigned requests: the server runs without them, so that it accepts any client's credentials.
+            env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _answers(self.endpoint + "/"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.data / "weed.log").read_text(errors="replace")[-2000:]
+                self.stop()
+                pytest.fail(f"SeaweedFS did not start (exit {self.proc.poll()}):\n{tail}", pytrace=False)
+            time.sleep(0.2)
+
+    def ready(self, bucket: str) -> None:
+        """Until ``bucket`` takes a write (SeaweedFS grows volumes on the first one)."""
+        _make_bucket(self.endpoint, bucket)
+        _warm_up(self.endpoint, bucket)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()  # no graceful stop: SIGTERM takes 10 s, and a crash is what tests want
+            self.proc.wait()
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        for port in (self.s3, self.master, self.volume, self.filer):  # the Unix sockets weed makes
+            for number in (port, port + 10000):
+                for sock in Path("/tmp").glob(f"seaweedfs-*-{number}.sock"):
+                    sock.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     given = os.environ.get("DEDUPIMG_TEST_S3")
@@ -118,35 +167,27 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             pytest.fail(f"DEDUPIMG_TEST_S3={given!r}: expected http://host:port/bucket", pytrace=False)
         yield S3Server(f"{scheme}://{host}", bucket.strip("/"))
         return
-    weed = _weed()
-    data = tmp_path_factory.mktemp("seaweedfs")
-    s3, master, volume, filer = _ports(4)
-    log = open(data / "weed.log", "wb")
-    proc = subprocess.Popen(
-        [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-         "-s3", f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-         "-volume.max=8", "-master.volumeSizeLimitMB=64", f"-master.dir={data}"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{s3}"
+    server = WeedServer(tmp_path_factory.mktemp("seaweedfs"))
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _answers(endpoint + "/"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (data / "weed.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"SeaweedFS did not start (exit {proc.poll()}):\n{tail}", pytrace=False)
-            time.sleep(0.2)
-        _make_bucket(endpoint, BUCKET)
-        _warm_up(endpoint, BUCKET)
-        yield S3Server(endpoint, BUCKET)
+        server.start()
+        server.ready(BUCKET)
+        yield S3Server(server.endpoint, BUCKET)
     finally:
-        proc.kill()  # its data is thrown away: no need to wait for a graceful stop (SIGTERM takes 10 s)
-        proc.wait()
-        log.close()
-        for port in (s3, master, volume, filer):  # the Unix sockets weed makes next to its ports
-            for number in (port, port + 10000):
-                for sock in Path("/tmp").glob(f"seaweedfs-*-{number}.sock"):
-                    sock.unlink(missing_ok=True)
+        server.stop()
+
+
+@pytest.fixture
+def private_s3(tmp_path: Path, s3_credentials: None) -> Iterator[WeedServer]:
+    """A SeaweedFS of this test's own, which the test may kill and restart (``stop()``, ``start()``); the
+    bucket BUCKET exists. Always local: a server given by DEDUPIMG_TEST_S3 cannot be restarted."""
+    (tmp_path / "weed").mkdir()
+    server = WeedServer(tmp_path / "weed")
+    try:
+        server.start()
+        server.ready(BUCKET)
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from dedupimg.cli import (
     serve,
     snapshot,
     snapshots,
+    unlock,
     verify,
 )
 from dedupimg.cli.app import app
@@ -31,7 +32,8 @@ from dedupimg.core import interrupts
 from dedupimg.core.errors import DedupimgError, Interrupted, PermissionDenied
 
 # ``dedupimg --help`` lists the commands in this order (command groups, here ``repair``, come last).
-COMMANDS = (check, init, snapshot, snapshots, restore, verify, info, copy, forget, prune, mount, serve, repair)
+COMMANDS = (check, init, snapshot, snapshots, restore, verify, info, copy, forget, prune, unlock, mount, serve,
+            repair)
 for _command in COMMANDS:
     _command.register(app)
 

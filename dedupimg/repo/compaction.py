@@ -239,6 +239,7 @@ def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] |
         [w.row.pack_no for w in todo.delete + todo.repack if w.name not in kept],
         todo.garbage,
     )
+    repo.check_lock()  # nothing is deleted under a lock that was lost meanwhile
     # A remote repository's index objects stop naming the packs first, so no host's cache can take them up
     # again; then they are deleted, and each directory fsynced once (the store does both).
     repo.unlist_packs([w.row.id for w in todo.delete + todo.repack if w.name not in kept])

@@ -294,6 +294,12 @@ class Repository:
             return self.index.sync(indexobjects.fetch(self.store, present - have))
         return SyncReport()
 
+    def check_lock(self) -> None:
+        """RepositoryLocked unless the lock this repository was opened with is still held (an object store's
+        lock can be lost: removed by ``unlock --remove-all``, or not refreshed in time); before deleting."""
+        if self._lock is not None:
+            self._lock.check()
+
     def unlist_packs(self, pack_ids: list[bytes]) -> None:
         """Before packs are deleted (prune): rewrite the index objects that list them without them, so that no
         index object in the store names a pack that is gone (remote repositories; local: nothing to do)."""
@@ -775,6 +781,10 @@ def read_remote_config(store: Store) -> Config:
     try:
         raw = store.read(CONFIG, where=where)
     except ObjectMissing:
+        bucket_exists = getattr(store, "bucket_exists", None)
+        if bucket_exists is not None and not bucket_exists():
+            raise RepositoryNotFound(f"repository {store.location('').rstrip('/')} does not exist (no such bucket; "
+                                     "'init' makes it)") from None
         raise NotARepository(f"{store.location('').rstrip('/')} is not a dedupimg repository (no config object)"
                              ) from None
     return Config.from_bytes(raw, where)

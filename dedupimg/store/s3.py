@@ -19,7 +19,7 @@ Listing is one level with delimiter ``/``. Deleting asks each object's size firs
 freed, then deletes it; DELETE_THREADS objects at a time.
 
 Retries and timeouts come from the environment (read workers inherit it), checked when a store is made:
-``DEDUPIMG_S3_MAX_RETRIES`` (default 10), ``DEDUPIMG_S3_RETRY_TIMEOUT`` (seconds from a request's first attempt
+``DEDUPIMG_S3_MAX_RETRIES`` (default 30), ``DEDUPIMG_S3_RETRY_TIMEOUT`` (seconds from a request's first attempt
 after which no retry starts, default 180), ``DEDUPIMG_S3_TIMEOUT`` (seconds one attempt may take, connecting to
 the last byte of the answer, default 60: a stalled connection fails then and is retried) and
 ``DEDUPIMG_S3_CONNECT_TIMEOUT`` (default 5). A bad value is a UsageError.
@@ -86,7 +86,7 @@ DELETE_THREADS = 8
 class S3Settings:
     """Retries and timeouts of every request, from the environment (:meth:`from_env`)."""
 
-    max_retries: int = 10
+    max_retries: int = 30  # retry_timeout is what bounds the time: a server restart takes tens of seconds
     retry_timeout: float = 180.0  # seconds since a request's first attempt after which no retry starts
     timeout: float = 60.0  # seconds one attempt may take, from connecting to the answer's last byte
     connect_timeout: float = 5.0
@@ -129,16 +129,55 @@ def _xml(body: bytes, tag: str) -> str:
     return found.group(1).decode(errors="replace").strip() if found else ""
 
 
+TRANSPORT_RETRIES = 4  # more tries for a transport error that obstore gives up on at once (below)
+
+
+def _unretried_transport_error(exc: BaseException) -> bool:
+    """A connection error that obstore did not retry: hyper's "connection was not ready" after a reset
+    (object_store files it as an unknown kind, so it is returned at the first attempt). Every request this store
+    makes is idempotent (content-named PUTs, GET, HEAD, LIST, DELETE), so trying again is safe."""
+    text = str(exc)
+    return isinstance(exc, obstore.exceptions.GenericError) and "retries" not in text and (
+        "error sending request" in text or "connection" in text.lower() or "Canceled" in text)
+
+
 def _call(where: str, fn: Callable[[], T]) -> T:
     """``fn()``, with obstore's errors turned into the store's (one line each, no traceback for the user)."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise ObjectMissing(where, "the pack file is missing") from None
+        except (obstore.exceptions.PermissionDeniedError, obstore.exceptions.UnauthenticatedError) as exc:
+            raise PermissionDenied(f"{where}: access denied by the S3 server: {_first_line(exc)}") from None
+        except (obstore.exceptions.BaseError, OSError) as exc:
+            attempt += 1
+            if attempt < TRANSPORT_RETRIES and _unretried_transport_error(exc):
+                time.sleep(0.2 * 2 ** attempt)
+                continue
+            raise StoreError(where, f"S3 request failed: {_first_line(exc)}") from None
+
+
+def is_stale(record: dict[str, Any], now: float) -> bool:
+    """A lock record is stale when it was not refreshed for LOCK_STALE_SECONDS, or when it names this host and a
+    process that no longer runs here (a command killed with -9, or one that could not delete its lock because
+    the server was gone: restic's rule too). Hosts are told apart by hostname: machines or containers that
+    write to one repository need hostnames of their own."""
+    if now - record["time"] > LOCK_STALE_SECONDS:
+        return True
+    if record.get("host") != socket.gethostname():
+        return False
+    pid = record.get("pid")
+    if type(pid) is not int or pid <= 0:
+        return False
     try:
-        return fn()
-    except FileNotFoundError:
-        raise ObjectMissing(where, "the pack file is missing") from None
-    except (obstore.exceptions.PermissionDeniedError, obstore.exceptions.UnauthenticatedError) as exc:
-        raise PermissionDenied(f"{where}: access denied by the S3 server: {_first_line(exc)}") from None
-    except (obstore.exceptions.BaseError, OSError) as exc:
-        raise StoreError(where, f"S3 request failed: {_first_line(exc)}") from None
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it runs, as another user
+    return False
 
 
 class S3Store:
@@ -167,8 +206,12 @@ class S3Store:
                 client_options={"allow_http": self.endpoint.startswith("http://"),
                                 "timeout": timedelta(seconds=self.settings.timeout),
                                 "connect_timeout": timedelta(seconds=self.settings.connect_timeout)},
+                # Backoff from 1 s up to 15 s (with jitter), until max_retries or retry_timeout: this outlasts a
+                # server restart of tens of seconds, which obstore's default (100 ms, 10 retries) gave up on in 3 s.
                 retry_config={"max_retries": self.settings.max_retries,
-                              "retry_timeout": timedelta(seconds=self.settings.retry_timeout)},
+                              "retry_timeout": timedelta(seconds=self.settings.retry_timeout),
+                              "backoff": {"init_backoff": timedelta(seconds=1),
+                                          "max_backoff": timedelta(seconds=15), "base": 2}},
             )
         except (obstore.exceptions.BaseError, ValueError) as exc:
             raise UsageError(f"cannot use S3 at {self.location('')}: {_first_line(exc)}") from None
@@ -197,7 +240,7 @@ class S3Store:
         for info in self.list(LOCK_PREFIX).objects:
             record = self._lock_record(info.name)
             if record is not None:
-                found.append({**record, "name": info.name, "stale": now - record["time"] > LOCK_STALE_SECONDS})
+                found.append({**record, "name": info.name, "stale": is_stale(record, now)})
         return found
 
     def remove_locks(self, all_locks: bool = False) -> list[str]:
@@ -446,7 +489,7 @@ class S3Lock:
             if info.name == mine:
                 continue
             record = self._store._lock_record(info.name)  # None: released meanwhile, or not a lock of ours
-            if record is None or time.time() - record["time"] > LOCK_STALE_SECONDS:
+            if record is None or is_stale(record, time.time()):
                 continue
             if LockMode.EXCLUSIVE in (LockMode(record["mode"]), self.mode):
                 return record

@@ -121,3 +121,57 @@ def test_s3_location_errors(s3repo: dict[str, Any], tmp_path: Path) -> None:
     fails(run_cli("-r", f"s3:http://127.0.0.1:1/{s3repo['bucket']}/x", "snapshots",
                   env={**env, "DEDUPIMG_S3_MAX_RETRIES": "0", "DEDUPIMG_S3_RETRY_TIMEOUT": "1"}), 17, "S3")
     os.environ.get("X")
+
+
+def test_unlock_removes_stale_locks(s3repo: dict[str, Any], tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from dedupimg.store import location_spec
+    from dedupimg.store.s3 import S3Store
+
+    ok(dd(s3repo, "init"))
+    spec = location_spec(s3repo["location"])
+    store = S3Store(spec["endpoint"], spec["bucket"], spec["prefix"])
+    here = socket.gethostname()
+    dead = subprocess_pid_gone()
+    records = {
+        "locks/exclusive-elsewhere-1-old": {"host": "elsewhere", "pid": 1, "time": time.time() - 7200,
+                                            "mode": "exclusive", "what": "prune"},
+        "locks/shared-here-dead": {"host": here, "pid": dead, "time": time.time(), "mode": "shared",
+                                   "what": "snapshot"},
+        "locks/shared-elsewhere-live": {"host": "elsewhere", "pid": 7, "time": time.time(), "mode": "shared",
+                                        "what": "snapshot"},
+    }
+    for name, rec in records.items():
+        store._put(name, json.dumps(rec).encode())
+    # the dead process's lock does not stop an exclusive command; the fresh one of another host does
+    fails(dd(s3repo, "prune"), 11, "locked by snapshot", "elsewhere")
+    out = ok(dd(s3repo, "unlock"))
+    assert "2 locks removed" in out and "prune" in out, out
+    assert [o.name for o in store.list("locks/").objects] == ["locks/shared-elsewhere-live"]
+    assert json.loads(ok(dd(s3repo, "unlock", "--remove-all", "--json")))["removed"]
+    assert not store.list("locks/").objects
+    ok(dd(s3repo, "prune"))
+    local = tmp_path / "local"
+    ok(run_cli("-r", local, "init"))
+    assert "0 locks removed" in ok(run_cli("-r", local, "unlock"))
+
+
+def subprocess_pid_gone() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_init_creates_the_bucket(s3repo: dict[str, Any], tmp_path: Path) -> None:
+    location = f"s3:{s3repo['endpoint']}/new-{uuid.uuid4().hex[:12]}/vms"
+    env = {"DEDUPIMG_CACHE_DIR": str(tmp_path / "c")}
+    fails(run_cli("-r", location, "snapshots", env=env), 10, "does not exist", "bucket")
+    ok(run_cli("-r", location, "init", env=env))
+    (tmp_path / "x.img").write_bytes(det_bytes(5, 100_000))
+    ok(run_cli("-r", location, "snapshot", tmp_path / "x.img", env=env))
+    assert "1 snapshot" in ok(run_cli("-r", location, "snapshots", env=env))

@@ -61,6 +61,7 @@ def test_bad_endpoints_and_buckets_are_usage_errors():
 def test_an_unreachable_server_is_one_line_store_error(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("DEDUPIMG_S3_MAX_RETRIES", "1")  # the default retries a refused connection for minutes
     store = S3Store("http://127.0.0.1:9", "bucket")  # port 9 (discard): nothing listens on loopback
     with pytest.raises(StoreError) as info:
         store.size("packs/x")
@@ -330,7 +331,7 @@ def test_sigv4_signature():
 
 
 def test_retry_and_timeout_settings_come_from_the_environment():
-    assert S3Settings.from_env({}) == S3Settings(max_retries=10, retry_timeout=180.0, timeout=60.0,
+    assert S3Settings.from_env({}) == S3Settings(max_retries=30, retry_timeout=180.0, timeout=60.0,
                                                  connect_timeout=5.0)
     env = {"DEDUPIMG_S3_MAX_RETRIES": "3", "DEDUPIMG_S3_RETRY_TIMEOUT": "20", "DEDUPIMG_S3_TIMEOUT": "1.5",
            "DEDUPIMG_S3_CONNECT_TIMEOUT": " 2 "}
