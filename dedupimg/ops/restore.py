@@ -89,13 +89,14 @@ def _restore_into(repo: Repository, record: SnapshotRecord, out: Target | NullTa
                   task_name: str) -> tuple[int, int]:
     """Write the image into ``out`` and prove it against the recorded hash; returns (written, read)."""
     delta = out.readable
-    hasher = ImageHasher(AHEAD + 2)
+    hasher = ImageHasher(max(AHEAD, repo.concurrent_reads + 2) + 2)
     written = read = 0
     try:
         progress.start(task_name, record.size)
-        with ThreadPoolExecutor(WORKERS, thread_name_prefix="dedupimg-restore") as pool:
+        workers = repo.concurrent_reads  # an object store: more, each waiting on its request
+        with ThreadPoolExecutor(workers, thread_name_prefix="dedupimg-restore") as pool:
             task = functools.partial(_delta_run if delta else _full_run, repo, out)
-            for run, result in _pipelined(pool, plan_runs(repo, record), task):
+            for run, result in _pipelined(pool, plan_runs(repo, record), task, max(AHEAD, workers + 2)):
                 if result.data is None:
                     hasher.add_zeros(run.length)
                 else:
@@ -136,10 +137,10 @@ def _left_partial(exc: DedupimgError, out: Target | NullTarget, record: Snapshot
                      f"snapshot {record.short_id}: {again}")
 
 
-def _pipelined(pool: ThreadPoolExecutor, runs: Iterator[Run],
-               task: Callable[[Run], RunResult]) -> Iterator[tuple[Run, RunResult]]:
-    """Results in image order, with up to AHEAD runs in flight."""
-    for run, future in started_ahead(runs, lambda run: pool.submit(task, run), AHEAD):
+def _pipelined(pool: ThreadPoolExecutor, runs: Iterator[Run], task: Callable[[Run], RunResult],
+               ahead: int = AHEAD) -> Iterator[tuple[Run, RunResult]]:
+    """Results in image order, with up to ``ahead`` runs in flight."""
+    for run, future in started_ahead(runs, lambda run: pool.submit(task, run), ahead):
         yield run, future.result()
 
 

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -114,39 +114,61 @@ def _receive(fd: int) -> list[object] | None:
 # -- the worker side --------------------------------------------------------------------------------------------
 
 
-def worker_main(arena_fd: int, slot_bytes: int, slots: int, spec: StoreSpec, inp: int = 0, out: int = 1) -> None:
-    """Serve requests from ``inp`` until it closes, writing each run's raw bytes into its slot."""
+def worker_main(arena_fd: int, slot_bytes: int, slots: int, spec: StoreSpec, inp: int = 0, out: int = 1,
+                threads: int = 1) -> None:
+    """Serve requests from ``inp`` until it closes, writing each run's raw bytes into its slot.
+
+    With ``threads`` > 1 (an object store, where each read is a request that waits on the network) several
+    requests are worked on at once and answered as they finish; the server matches answers by task."""
     arena = memoryview(mmap.mmap(arena_fd, slot_bytes * slots))
     store = open_store(spec)
     readers: OrderedDict[str, ObjectReader] = OrderedDict()
+    lock = threading.Lock()  # readers, and the answer pipe
     _send(out, [READY])
-    while (msg := _receive(inp)) is not None:
+
+    def reader_of(name: str, where: str) -> ObjectReader:
+        with lock:
+            reader = readers.get(name)
+            if reader is not None:
+                readers.move_to_end(name)
+                return reader
+        reader = store.open(name, where)  # IntegrityError: missing, not a file; PermissionDenied
+        with lock:
+            readers[name] = reader  # (a reader of another thread's open of the same pack is dropped)
+            if len(readers) > WORKER_PACKS:
+                readers.popitem(last=False)[1].close()
+        return reader
+
+    def serve(msg: list[object]) -> None:
         task, slot, name, start, length, offsets, ids, where = msg
         assert isinstance(name, str) and isinstance(slot, int) and isinstance(where, str)
         assert isinstance(start, int) and isinstance(length, int)
         assert isinstance(offsets, list) and isinstance(ids, list)
         try:
-            reader = readers.get(name)
-            if reader is None:
-                reader = store.open(name, where)  # IntegrityError: missing, not a file; PermissionDenied
-                readers[name] = reader
-                if len(readers) > WORKER_PACKS:
-                    readers.popitem(last=False)[1].close()
-            readers.move_to_end(name)
+            reader = reader_of(name, where)
             raws = pack.read_blob_run(reader, start, length, list(zip(offsets, ids, strict=True)), where)
             if sum(len(r) for r in raws) > slot_bytes:
                 raise IntegrityError(f"{where}: the blobs at {start} are larger than the index says")
         except IntegrityError as exc:
-            _send(out, [task, False, str(exc)])
-            continue
+            answer: list[object] = [task, False, str(exc)]
         except Exception as exc:  # noqa: BLE001  (the worker has no stderr: the server reports it)
-            _send(out, [task, False, f"read worker failed: {type(exc).__name__}: {exc}"])
-            continue
-        pos = slot * slot_bytes
-        for raw in raws:
-            arena[pos : pos + len(raw)] = raw
-            pos += len(raw)
-        _send(out, [task, True, [len(r) for r in raws]])
+            answer = [task, False, f"read worker failed: {type(exc).__name__}: {exc}"]
+        else:
+            pos = slot * slot_bytes
+            for raw in raws:
+                arena[pos : pos + len(raw)] = raw
+                pos += len(raw)
+            answer = [task, True, [len(r) for r in raws]]
+        with lock:
+            _send(out, answer)
+
+    if threads <= 1:
+        while (msg := _receive(inp)) is not None:
+            serve(msg)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="dedupimg-readworker") as pool:
+        while (msg := _receive(inp)) is not None:
+            pool.submit(serve, msg)
 
 
 # -- the serving side -------------------------------------------------------------------------------------------
@@ -159,7 +181,7 @@ class _Worker:
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, **WORKER_MALLOC,
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        args = [str(arena_fd), str(pool.slot_bytes), str(pool.slots), json.dumps(pool.store_spec)]
+        args = [str(arena_fd), str(pool.slot_bytes), str(pool.slots), json.dumps(pool.store_spec), str(pool.threads)]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dedupimg.repo.readpool", *args],
             # No stderr: a background mount's caller waits for the end of the server's stderr, which a
@@ -231,8 +253,9 @@ class ReadPool:
     being refilled until :meth:`unpin`.
     """
 
-    def __init__(self, workers: int, slot_bytes: int, slots: int, store_spec: StoreSpec) -> None:
+    def __init__(self, workers: int, slot_bytes: int, slots: int, store_spec: StoreSpec, threads: int = 1) -> None:
         self.store_spec = store_spec  # what the workers open packs from
+        self.threads = threads  # runs each worker reads at once
         self.lock = threading.Lock()
         self._slot_free = threading.Condition(self.lock)
         self.slot_bytes, self.slots = slot_bytes, slots
@@ -334,4 +357,5 @@ class ReadPool:
 
 
 if __name__ == "__main__":
-    worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]))
+    worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]),
+                threads=int(sys.argv[5]) if len(sys.argv) > 5 else 1)

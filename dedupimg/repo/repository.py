@@ -34,10 +34,11 @@ from dedupimg.core.errors import (
 )
 from dedupimg.core.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
 from dedupimg.core.manifest import Segment, SnapshotRecord, decode_segment, decode_tombstone, encode_tombstone
+from dedupimg.core.parallel import worker_count
 from dedupimg.core.progress import Progress
 from dedupimg.repo import audit as audit_mod
 from dedupimg.repo import compaction, indexobjects, pack, readpool
-from dedupimg.repo.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack, SyncReport
+from dedupimg.repo.index import DATA_FILE, BlobLocation, Index, NewSegment, NewSnapshot, SealedPack, SyncReport
 from dedupimg.repo.readpool import Landed, ReadPool
 from dedupimg.store import Store, location_spec, open_store
 from dedupimg.store.lock import LockMode
@@ -54,6 +55,10 @@ INDEX = "index"
 CACHE_ENV = "DEDUPIMG_CACHE_DIR"
 OPEN_PACKS = 64
 MAX_READ = 16 << 20  # largest single pread of adjacent blobs
+# An object store: reads in flight at once (restore), and per read worker (mount, serve).
+REMOTE_READS = int(os.environ.get("DEDUPIMG_REMOTE_READS", "8"))  # (an override for measurements)
+REMOTE_READS_PER_WORKER = int(os.environ.get("DEDUPIMG_REMOTE_READS_PER_WORKER", "4"))
+REMOTE_GAP = 512 << 10  # bytes of other blobs one request may read over rather than make two (object stores)
 UPLOADS_AHEAD = 3  # packs of a remote repository uploaded at once while the next one fills (each up to 32 MiB)
 POOL_RUN = 1 << 20  # a read worker's unit of work: a read-ahead window spreads over the workers
 
@@ -344,7 +349,12 @@ class Repository:
         Blobs that lie back to back in one pack (chunks stored in image order usually do) are read with
         one pread, up to MAX_READ bytes.
         """
-        return [raw for run in self._runs(ids, MAX_READ) for raw in self._read_run(run)]
+        if not self.remote:
+            return [raw for run in self._runs(ids, MAX_READ) for raw in self._read_run(run)]
+        found: dict[bytes, bytes] = {}  # runs grouped by pack (below): put back in the order asked
+        for run in self._runs(ids, MAX_READ):
+            found.update(zip((i for _, i in run.blobs), self._read_run(run), strict=True))
+        return [found[i] for i in ids]
 
     def _read_run(self, run: _Run) -> list[bytes]:
         with self._packs.use(run.pack_no) as reader:
@@ -357,7 +367,14 @@ class Repository:
         ``cache_bytes``. Runs must fit a slot, so a slot holds at least the largest chunk."""
         if self._pool is None and workers > 0 and hasattr(os, "memfd_create") and self.store.cross_process:
             slot = max(POOL_RUN, self.config.chunker.max_size)  # (not Linux, or an in-memory store: read here)
-            self._pool = ReadPool(workers, slot, max(16, cache_bytes // slot), self.store.spec())
+            self._pool = ReadPool(workers, slot, max(16, cache_bytes // slot), self.store.spec(),
+                                  threads=REMOTE_READS_PER_WORKER if self.remote else 1)
+
+    @property
+    def concurrent_reads(self) -> int:
+        """How many reads of packs are worth having in flight at once: an object store answers each after a
+        round trip, so many; a local disk, about one per core."""
+        return REMOTE_READS if self.remote else worker_count()
 
     @property
     def parallel_reads(self) -> bool:
@@ -395,14 +412,30 @@ class Repository:
     def _runs(self, ids: list[bytes], max_run: int, max_raw: int | None = None) -> list[_Run]:
         """``ids`` grouped into runs of blobs that lie back to back in one pack, in order, each at most
         ``max_run`` bytes long (and holding at most ``max_raw`` raw bytes, or one blob); IntegrityError for an
-        id the index does not have."""
+        id the index does not have.
+
+        In an object store every run is a request, which costs far more than the bytes around it: there the
+        blobs are grouped by pack, sorted by offset, once each, and a run may jump over up to REMOTE_GAP
+        bytes of other blobs (a later version's chunks lie between its parent's, so image order alternates
+        between packs and would make a request of every few chunks)."""
+        locations = zip(ids, self.index.lookup_blobs(ids), strict=True)
+        gap = 0
+        if self.remote:
+            by_pack: dict[int, dict[bytes, BlobLocation]] = {}
+            for id_, loc in locations:
+                if loc is None:
+                    raise IntegrityError(f"blob {id_.hex()[:16]} is not in the index")
+                by_pack.setdefault(loc.pack_no, {})[id_] = loc
+            locations = ((i, loc) for blobs in by_pack.values()  # type: ignore[assignment]
+                         for i, loc in sorted(blobs.items(), key=lambda kv: kv[1].offset))
+            gap = REMOTE_GAP
         runs: list[_Run] = []
         run: _Run | None = None
-        for id_, loc in zip(ids, self.index.lookup_blobs(ids), strict=True):
+        for id_, loc in locations:
             if loc is None:
                 raise IntegrityError(f"blob {id_.hex()[:16]} is not in the index")
             end = loc.offset + pack.blob_span(loc.stored_len)
-            if run is None or loc.pack_no != run.pack_no or loc.offset != run.start + run.length \
+            if run is None or loc.pack_no != run.pack_no or not 0 <= loc.offset - (run.start + run.length) <= gap \
                     or end - run.start > max_run or (max_raw is not None and run.raw + loc.raw_len > max_raw):
                 run = _Run(loc.pack_no, loc.offset, 0, [])
                 runs.append(run)

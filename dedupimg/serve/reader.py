@@ -42,7 +42,8 @@ class SnapshotReader:
         # read different parts of the image over parallel connections, each part front to back.
         self._streams: OrderedDict[int, int] = OrderedDict()
         # With a read pool the window runs ahead while this thread serves; without, it is read in line.
-        self._window = READ_AHEAD_POOL if self.chunks.parallel else READ_AHEAD
+        self._window = READ_AHEAD if not self.chunks.parallel else \
+            READ_AHEAD_POOL * (4 if repo.remote else 1)  # an object store: more runs in flight, each a request
 
     # -- mapping ----------------------------------------------------------------------------------------------
 

@@ -327,7 +327,7 @@ class S3Store:
     def create(self) -> S3Writer:
         return S3Writer(self)
 
-    def _put(self, name: str, data: bytes) -> None:
+    def _put(self, name: str, data: bytes | memoryview) -> None:
         _call(self.location(name), lambda: obstore.put(self._os, name, data, mode="overwrite"))
 
     def delete(self, names: Iterable[str]) -> int:
@@ -418,28 +418,30 @@ class S3Reader(ReaderBase):
 
 
 class S3Writer:
-    """A new object gathered in memory; its temporary name is never an S3 key (S3 has no rename)."""
+    """A new object gathered in memory; its temporary name is never an S3 key (S3 has no rename).
+
+    One growing buffer, handed to obstore as it is: no list of pieces joined into a second copy at commit
+    (a snapshot keeps several packs of up to 32 MiB uploading at once, so copies count)."""
 
     def __init__(self, store: S3Store) -> None:
         self._store = store
         self.temp_name = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(8).hex()}{TEMP_SUFFIX}"
-        self._parts: list[bytes] | None = []
+        self._buf: bytearray | None = bytearray()
 
     def write(self, data: bytes) -> None:
-        if self._parts is None:
+        if self._buf is None:
             raise StoreError(self.temp_name, "the writer was committed or aborted already")
-        self._parts.append(bytes(data))
+        self._buf += data
 
     def commit(self, name: str) -> None:
         check_name(name)
-        if self._parts is None:
+        if self._buf is None:
             raise StoreError(self.temp_name, "the writer was committed or aborted already")
-        data = b"".join(self._parts)
-        self._store._put(name, data)
-        self._parts = None
+        self._store._put(name, memoryview(self._buf))
+        self._buf = None
 
     def abort(self) -> None:
-        self._parts = None
+        self._buf = None
 
 
 class S3Lock:
