@@ -26,7 +26,7 @@ if [ -z "${OFFSITE:-}" ]; then
     -master.volumeSizeLimitMB=64 >"$WORK/weed.log" 2>&1 &
   WEED=$!
   trap 'kill -9 $WEED 2>/dev/null || true' EXIT
-  until curl -s -o /dev/null "http://127.0.0.1:$PORT/"; do sleep 0.3; done
+  until $PY -c "import socket,sys; socket.create_connection(('127.0.0.1', $PORT), 1)" 2>/dev/null; do sleep 0.3; done
   export AWS_ACCESS_KEY_ID=example AWS_SECRET_ACCESS_KEY=example-secret AWS_DEFAULT_REGION=us-east-1
   OFFSITE="s3:http://127.0.0.1:$PORT/dedupimg-offsite/vms"
 fi
