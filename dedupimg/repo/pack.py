@@ -171,8 +171,8 @@ def read_blob_run(reader: ObjectReader, start: int, length: int, blobs: list[tup
     """Read adjacent blobs with one pread: ``blobs`` are (offset, id) within ``[start, start+length)``."""
     if start < 0 or length < 0:
         raise IntegrityError(f"{where}: blob run at {start} (+{length}) is out of range")
-    data = reader.pread(length, start)
-    view = memoryview(data)
+    pread_view = getattr(reader, "pread_view", None)  # an object store's reader: the bytes as received
+    view = memoryview(reader.pread(length, start) if pread_view is None else pread_view(length, start))
     return [parse_blob(view, offset - start, id_, where, offset)[1] for offset, id_ in blobs]
 
 
