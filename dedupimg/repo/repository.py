@@ -540,9 +540,15 @@ class Repository:
             raise
         sealed = SealedPack.from_entries(pack_id, size, writer.entries)
         if self.remote:
-            # The pack's index object: the commit point for every other host (repo/indexobjects.py). If this
-            # fails the pack is an orphan, which prune collects.
-            sealed = replace(sealed, published=indexobjects.publish(self.store, [(sealed, writer.metadata)]))
+            # The pack's index object: the commit point for every other host (repo/indexobjects.py). If it
+            # cannot be written, the pack goes too (best effort), as a local pack whose commit failed does:
+            # an orphan holding a snapshot record would stop prune until 'repair index'.
+            try:
+                name = indexobjects.publish(self.store, [(sealed, writer.metadata)])
+            except BaseException:
+                self.discard_unlisted(sealed)
+                raise
+            sealed = replace(sealed, published=name)
         return sealed
 
     def discard_unlisted(self, sealed: SealedPack) -> None:
