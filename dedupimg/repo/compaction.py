@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from dedupimg.core.config import DEFAULT_MAX_UNUSED
 from dedupimg.core.errors import IntegrityError, UsageError
 from dedupimg.core.manifest import decode_segment
-from dedupimg.repo import pack
+from dedupimg.repo import integrity, pack
 from dedupimg.repo.index import BlobLocation, NewSegment, PackRow, SealedPack
 from dedupimg.store.base import TEMP_PREFIX, TEMP_SUFFIX, NotAnObject, ObjectMissing
 
@@ -242,7 +242,11 @@ def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] |
     repo.check_lock()  # nothing is deleted under a lock that was lost meanwhile
     # A remote repository's index objects stop naming the packs first, so no host's cache can take them up
     # again; then they are deleted, and each directory fsynced once (the store does both).
-    repo.unlist_packs([w.row.id for w in todo.delete + todo.repack if w.name not in kept])
+    # Orphans too: a prune killed after its index transaction leaves the packs it dropped listed by the index
+    # objects of the store (other hosts' caches still use them) but not by this cache.
+    orphan_ids = [pid for pid in map(integrity.pack_file_id, (n for n in todo.orphan_packs if n not in kept))
+                  if pid is not None]
+    repo.unlist_packs([w.row.id for w in todo.delete + todo.repack if w.name not in kept] + orphan_ids)
     gone = [n for n in [w.name for w in todo.delete + todo.repack] + todo.orphan_packs + todo.tmp_files
             if n not in kept]
     freed = repo.store.delete(gone)

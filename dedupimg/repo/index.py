@@ -7,8 +7,9 @@ Named databases (docs/format.md gives each key and value byte for byte):
 ``pack_ids``  pack id -> pack number
 ``segments``  segment id -> encoded segment (a copy of the blob, for fast reads)
 ``snapshots`` snapshot id -> encoded snapshot record
-``meta``      b"next_pack" -> u32; in a remote repository's cache also b"obj/<index object name>" -> the
-              ids of the packs it lists, for every index object applied (repo/indexobjects.py)
+``meta``      b"next_pack" -> u32; b"forgot/" + record id -> b"" for every record a tombstone named; in a
+              remote repository's cache also b"obj/<index object name>" -> the ids of the packs it lists, for
+              every index object applied (repo/indexobjects.py)
 ``dead``      blob id -> b"": every chunk or segment row with refcount 0, and every forgotten snapshot record's
               row; what a prune starts from, so that its work follows what died, not the repository's size
 ``garbage``   pack number -> u64: bytes of blobs in that pack that no row points at any more (a prune
@@ -45,6 +46,7 @@ REFCOUNT_OFFSET = BLOB_VALUE.size - 4  # the refcount is the last field of a blo
 BLOB_HEADER_SIZE = 44  # pack.BLOB_HEADER.size: a blob takes this plus its stored length in its pack
 INITIAL_MAP = 64 << 20
 DATA_FILE = "data.mdb"
+FORGOTTEN_KEY = b"forgot/"  # meta: b"forgot/" + record id -> b"": a record a tombstone names (forget, sync)
 OBJECT_KEY = b"obj/"  # meta: b"obj/" + index object name -> the 32-byte ids of the packs it lists (remote only)
 # Blob types whose rows are counted (pack.CHUNK, pack.SEGMENT), the record type, and the tombstone type
 # (pack.TOMBSTONE), whose rows hold a permanent count of 1: tombstones are never garbage.
@@ -557,6 +559,7 @@ class Index:
 
         def run(txn: lmdb.Transaction) -> None:
             self._register_pack(txn, tombstone_pack)
+            self._note_forgotten(txn, [snap.id for snap in forgotten])
             for snap in forgotten:
                 if not txn.delete(snap.id, db=self._snapshots):
                     continue  # forgotten already (a re-run after a crash)
@@ -605,6 +608,9 @@ class Index:
                 if sealed.published is not None:
                     self._note_object(txn, sealed.published, [sealed.id])
                 pack_no, _new = self._list_pack(txn, sealed.id, sealed.size, len(sealed.blobs))  # rows move there
+                # Every blob of it is live and pointed at: a listed pack of the same content (a rewrite that an
+                # interrupted prune made durable, or another host's twin) loses the garbage it had counted.
+                txn.delete(PACK_NO.pack(pack_no), db=self._garbage)
                 for b in sealed.blobs:
                     v = txn.get(b.id, db=self._blobs)
                     if v is None:
@@ -688,14 +694,17 @@ class Index:
                 self._note_object(txn, name, [ls.sealed.id for ls in listings])
             stored = []
             for seg_id, raw in segments.items():
-                if txn.get(seg_id, db=self._segments) is None:
+                # Only a segment with a row: a prune of this cache drops the rows of dead segments in packs it
+                # keeps, and an object listing such a pack must not bring the segment back without its row.
+                if txn.get(seg_id, db=self._segments) is None and txn.get(seg_id, db=self._blobs) is not None:
                     chunk_ids = decode_segment(raw).chunk_ids()
                     if all(txn.get(c, db=self._blobs) is not None for c in chunk_ids):
                         stored.append(NewSegment(seg_id, raw, chunk_ids))
             self._store_segments(txn, stored)
             report.segments = len(stored)
+            self._note_forgotten(txn, forgotten)
             for rec_id, raw in sorted(new_records.items()):
-                if rec_id in forgotten:
+                if rec_id in forgotten or txn.get(FORGOTTEN_KEY + rec_id, db=self._meta) is not None:
                     txn.put(rec_id, b"", db=self._dead)
                     continue
                 seg_ids = [sid for sid, _ in SnapshotRecord.decode(raw).segments]
@@ -716,6 +725,16 @@ class Index:
             return report
 
         return self._write(run)
+
+    def note_forgotten(self, record_ids: Iterable[bytes]) -> None:
+        """Remember records that tombstones name (repair index: the tombstones it read)."""
+        self._write(lambda txn: self._note_forgotten(txn, record_ids))
+
+    def _note_forgotten(self, txn: lmdb.Transaction, record_ids: Iterable[bytes]) -> None:
+        # Forgotten records stay forgotten: an index object that reappears (a prune killed before it deleted
+        # the objects it replaced) must not list a record again whose tombstone this cache applied long ago.
+        for rec_id in record_ids:
+            txn.put(FORGOTTEN_KEY + rec_id, b"", db=self._meta)
 
     def _note_object(self, txn: lmdb.Transaction, name: str, pack_ids: list[bytes]) -> None:
         key = OBJECT_KEY + name.encode()

@@ -103,6 +103,11 @@ def publish(store: Store, packs: list[tuple[SealedPack, dict[bytes, tuple[int, b
     """Write (durably) one index object listing ``packs``; returns its name."""
     data = encode(packs)
     name = name_of(data)
+    write(store, name, data)
+    return name
+
+
+def write(store: Store, name: str, data: bytes) -> None:
     writer = store.create()
     try:
         writer.write(data)
@@ -110,7 +115,6 @@ def publish(store: Store, packs: list[tuple[SealedPack, dict[bytes, tuple[int, b
     except BaseException:
         writer.abort()
         raise
-    return name
 
 
 def names(store: Store) -> set[str]:

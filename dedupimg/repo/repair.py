@@ -99,7 +99,7 @@ def _repair_under_lock(path: Path, store: Store, progress: Progress, remote: boo
     try:
         index = Index(work, create=True)
         try:
-            listings = _rebuild(store, index, report, progress)
+            listings = _rebuild(store, index, report, progress, collect=remote)
             old: set[str] = set()
             if remote:
                 # One index object lists every pack registered; it is durable before the old ones go, so
@@ -120,8 +120,10 @@ def _repair_under_lock(path: Path, store: Store, progress: Progress, remote: boo
 Listing = tuple[SealedPack, dict[bytes, tuple[int, bytes]]]
 
 
-def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progress) -> list[Listing]:
-    """Fill ``index`` from the packs of ``store``; returns each registered pack with its metadata blobs."""
+def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progress, collect: bool = False
+             ) -> list[Listing]:
+    """Fill ``index`` from the packs of ``store``; returns each registered pack, with its metadata blobs when
+    ``collect`` (a remote repository's new index object needs them: then all of them are held in memory)."""
     skipped: list[str] = []
     names = [obj.name for obj in pack.list_packs(store, skipped)]
     report.skipped = [store.location(d) for d in skipped]
@@ -142,15 +144,20 @@ def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progres
     records: dict[bytes, tuple[SnapshotRecord, bytes]] = {}
     forgotten: set[bytes] = set()
     done: set[bytes] = set()
+    read: dict[bytes, bytes] = {}  # (collect) metadata read so far: a second copy's listing needs it too
     progress.start("repair index: read manifests", len(metadata))
     for name, entries in metadata:
         new_segments: list[NewSegment] = []
+        if collect:
+            listings[name][1].update((e.id, (pack.RAW, read[e.id])) for e in entries if e.id in read)
         for entry, raw in integrity.read_blobs(store, name, [e for e in entries if e.id not in done]):
             if isinstance(raw, str):
                 report.damaged_blobs.append(raw)
                 continue  # another copy, in another pack, may still read
             done.add(entry.id)
-            listings[name][1][entry.id] = (pack.RAW, raw)
+            if collect:
+                listings[name][1][entry.id] = (pack.RAW, raw)
+                read[entry.id] = raw
             try:
                 if entry.type == pack.SEGMENT:
                     chunk_ids = decode_segment(raw).chunk_ids()
@@ -185,6 +192,7 @@ def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progres
         live.append(NewSnapshot(rec_id, raw, [sid for sid, _ in rec.segments]))
     index.add_references([], live)
     report.snapshots = len(live)
+    index.note_forgotten(forgotten)
     dead = sorted(forgotten)
     index.mark_dead([i for i, known in zip(dead, index.has_blobs(dead), strict=True) if known])
     return list(listings.values())

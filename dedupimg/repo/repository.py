@@ -290,16 +290,25 @@ class Repository:
 
     def sync(self) -> SyncReport:
         """Bring a remote repository's cache up to date with the index objects in the store: add new ones;
-        rebuild it from all of them when some it holds are gone (a prune or repair rewrote them)."""
+        rebuild it from all of them when some it holds are gone (a prune or repair rewrote them).
+
+        Called by :meth:`open` before anything is read: a rebuild renumbers packs, so it must not run under
+        readers that hold pack numbers (open pack handles, a read pool's runs)."""
         if not self.remote:
             return SyncReport()
         have = set(self.index.index_objects())
         present = indexobjects.names(self.store)
-        if have - present:
-            return self.index.sync(indexobjects.fetch(self.store, present), replace=True)
-        if present - have:
-            return self.index.sync(indexobjects.fetch(self.store, present - have))
-        return SyncReport()
+        if not have - present and present - have:
+            report = self.index.sync(indexobjects.fetch(self.store, present - have))
+            if not report.left_out:
+                return report
+            # A new record names a segment (or a segment a chunk) that this cache has no row for, while the
+            # index objects list it: this host's prune dropped the rows of dead blobs in packs it kept, and
+            # another host, whose cache was rebuilt from the objects, reused them. Rebuilding this cache from
+            # the objects brings those rows back, so the record is listed and its data is never pruned.
+        elif not have - present:
+            return SyncReport()
+        return self.index.sync(indexobjects.fetch(self.store, present), replace=True)
 
     def check_lock(self) -> None:
         """RepositoryLocked unless the lock this repository was opened with is still held (an object store's
@@ -321,9 +330,12 @@ class Repository:
                 name = indexobjects.publish(self.store, [(ls.sealed, {i: (pack.RAW, raw) for i, raw in
                                                                       ls.metadata.items()}) for ls in keep])
                 added[name] = [ls.sealed.id for ls in keep]
-        # The replacements are durable first; then the cache forgets the old objects, then the store does.
-        self.index.replace_objects(affected, added)
+        # The replacements are durable first; then the store drops the old objects, and only then this cache
+        # records the change: killed before that, the cache still names an object that is gone, so its next
+        # sync rebuilds it from the objects; never does a surviving old object look new to it (an incremental
+        # sync of one would bring back rows this prune dropped).
         self.store.delete(affected)
+        self.index.replace_objects(affected, added)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -543,10 +555,19 @@ class Repository:
             # The pack's index object: the commit point for every other host (repo/indexobjects.py). If it
             # cannot be written, the pack goes too (best effort), as a local pack whose commit failed does:
             # an orphan holding a snapshot record would stop prune until 'repair index'.
+            data = indexobjects.encode([(sealed, writer.metadata)])
+            name = indexobjects.name_of(data)
             try:
-                name = indexobjects.publish(self.store, [(sealed, writer.metadata)])
+                indexobjects.write(self.store, name, data)
             except BaseException:
-                self.discard_unlisted(sealed)
+                # The object may have landed although its answer was lost: it goes first, and the pack only
+                # once it is surely gone (else the pack stays, an orphan that 'repair index' can list).
+                try:
+                    self.store.delete([name])
+                except (OSError, DedupimgError):
+                    pass
+                else:
+                    self.discard_unlisted(sealed)
                 raise
             sealed = replace(sealed, published=name)
         return sealed
@@ -721,7 +742,9 @@ class BlobWriter:
         """Store ``segment`` unless an identical one exists; returns its id."""
         raw = segment.encode()
         seg_id = pack.blob_id(raw)
-        if self.missing([seg_id])[0]:
+        # A stored segment, not just a blob row: a cache rebuilt from index objects (or an index rebuilt by
+        # repair) has rows for segments in kept packs whose chunks are gone, and does not store those.
+        if seg_id not in self._pending and not self._repo.index.has_segments([seg_id])[0]:
             self._segments.append(NewSegment(seg_id, raw, segment.chunk_ids()))
             self._add(pack.SEGMENT, seg_id, raw)
         return seg_id
