@@ -51,6 +51,7 @@ OBJECT_KEY = b"obj/"  # meta: b"obj/" + index object name -> the 32-byte ids of 
 # Blob types whose rows are counted (pack.CHUNK, pack.SEGMENT), the record type, and the tombstone type
 # (pack.TOMBSTONE), whose rows hold a permanent count of 1: tombstones are never garbage.
 _COUNTED = (0, 1)
+_SEGMENT_TYPE = 1
 _SNAPSHOT_TYPE = 2
 _TOMBSTONE_TYPE = 3
 T = TypeVar("T")
@@ -561,10 +562,7 @@ class Index:
             self._register_pack(txn, tombstone_pack)
             self._note_forgotten(txn, [snap.id for snap in forgotten])
             for snap in forgotten:
-                if not txn.delete(snap.id, db=self._snapshots):
-                    continue  # forgotten already (a re-run after a crash)
-                _add_refs(txn, self._blobs, self._dead, snap.segment_ids, -1)
-                txn.put(snap.id, b"", db=self._dead)
+                self._drop_snapshot(txn, snap.id, snap.segment_ids)  # False: forgotten already (a re-run)
 
         self._write(run)
 
@@ -685,7 +683,7 @@ class Index:
                         raw = listing.metadata.get(b.id)
                         if b.type == _SNAPSHOT_TYPE and raw is not None and txn.get(b.id, db=self._blobs) is None:
                             new_records[b.id] = raw
-                        elif b.type == 1 and raw is not None:
+                        elif b.type == _SEGMENT_TYPE and raw is not None:
                             segments[b.id] = raw
                         elif b.type == _TOMBSTONE_TYPE and raw is not None:
                             forgotten.update(decode_tombstone(raw))
@@ -716,10 +714,7 @@ class Index:
             for rec_id in sorted(forgotten):
                 listed = txn.get(rec_id, db=self._snapshots)
                 if listed is not None:
-                    txn.delete(rec_id, db=self._snapshots)
-                    _add_refs(txn, self._blobs, self._dead,
-                              [sid for sid, _ in SnapshotRecord.decode(bytes(listed)).segments], -1)
-                    txn.put(rec_id, b"", db=self._dead)
+                    self._drop_snapshot(txn, rec_id, [sid for sid, _ in SnapshotRecord.decode(bytes(listed)).segments])
                     report.forgotten += 1
             report.objects = len(todo)
             return report
@@ -785,6 +780,15 @@ class Index:
         for seg in segments:
             if txn.put(seg.id, seg.raw, db=self._segments, overwrite=False):
                 _add_refs(txn, self._blobs, self._dead, seg.chunk_ids, +1)
+
+    def _drop_snapshot(self, txn: lmdb.Transaction, rec_id: bytes, segment_ids: list[bytes]) -> bool:
+        """Unlist a record (forget, or a tombstone a sync applies): its segments lose one reference each and
+        its row goes to ``dead``. False when it was not listed."""
+        if not txn.delete(rec_id, db=self._snapshots):
+            return False
+        _add_refs(txn, self._blobs, self._dead, segment_ids, -1)
+        txn.put(rec_id, b"", db=self._dead)
+        return True
 
     def _store_snapshot(self, txn: lmdb.Transaction, snapshot: NewSnapshot) -> None:
         if txn.put(snapshot.id, snapshot.raw, db=self._snapshots, overwrite=False):

@@ -298,7 +298,9 @@ class Repository:
             return SyncReport()
         have = set(self.index.index_objects())
         present = indexobjects.names(self.store)
-        if not have - present and present - have:
+        if not have - present:  # nothing gone: add what is new, if anything
+            if present == have:
+                return SyncReport()
             report = self.index.sync(indexobjects.fetch(self.store, present - have))
             if not report.left_out:
                 return report
@@ -306,8 +308,6 @@ class Repository:
             # index objects list it: this host's prune dropped the rows of dead blobs in packs it kept, and
             # another host, whose cache was rebuilt from the objects, reused them. Rebuilding this cache from
             # the objects brings those rows back, so the record is listed and its data is never pruned.
-        elif not have - present:
-            return SyncReport()
         return self.index.sync(indexobjects.fetch(self.store, present), replace=True)
 
     def check_lock(self) -> None:
@@ -432,22 +432,22 @@ class Repository:
         blobs are grouped by pack, sorted by offset, once each, and a run may jump over up to REMOTE_GAP
         bytes of other blobs (a later version's chunks lie between its parent's, so image order alternates
         between packs and would make a request of every few chunks)."""
-        locations = zip(ids, self.index.lookup_blobs(ids), strict=True)
+        found = self.index.lookup_blobs(ids)
+        if None in found:
+            missing = ids[found.index(None)]
+            raise IntegrityError(f"blob {missing.hex()[:16]} is not in the index")
+        locations: list[tuple[bytes, BlobLocation]] = list(zip(ids, found, strict=True))  # type: ignore[arg-type]
         gap = 0
         if self.remote:
             by_pack: dict[int, dict[bytes, BlobLocation]] = {}
             for id_, loc in locations:
-                if loc is None:
-                    raise IntegrityError(f"blob {id_.hex()[:16]} is not in the index")
                 by_pack.setdefault(loc.pack_no, {})[id_] = loc
-            locations = ((i, loc) for blobs in by_pack.values()  # type: ignore[assignment]
-                         for i, loc in sorted(blobs.items(), key=lambda kv: kv[1].offset))
+            locations = [(i, loc) for blobs in by_pack.values()
+                         for i, loc in sorted(blobs.items(), key=lambda kv: kv[1].offset)]
             gap = REMOTE_GAP
         runs: list[_Run] = []
         run: _Run | None = None
         for id_, loc in locations:
-            if loc is None:
-                raise IntegrityError(f"blob {id_.hex()[:16]} is not in the index")
             end = loc.offset + pack.blob_span(loc.stored_len)
             if run is None or loc.pack_no != run.pack_no or not 0 <= loc.offset - (run.start + run.length) <= gap \
                     or end - run.start > max_run or (max_raw is not None and run.raw + loc.raw_len > max_raw):
