@@ -11,10 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dedupimg.repo.repository import Repository
+from dedupimg.repo.repository import Repository, read_remote_config
+from dedupimg.store import location_spec, open_store
 
 
 def unlock(location: Path | str, all_locks: bool = False) -> list[str]:
-    """Remove stale lock objects (every one with ``all_locks``); returns what was removed, in words."""
-    with Repository.open(location) as repo:  # no lock taken: this is what removes them
-        return repo.store.remove_locks(all_locks)
+    """Remove stale lock objects (every one with ``all_locks``); returns what was removed, in words.
+
+    Only the store is opened, after its config proves it a repository: no lock is taken (this is what removes
+    them) and no index cache is read or synced."""
+    spec = location_spec(str(location))
+    if spec["kind"] == "local":
+        Repository.read_config(Path(spec["root"]))  # a repository at all (exit 10 otherwise)
+    store = open_store(spec)
+    try:
+        if spec["kind"] != "local":
+            read_remote_config(store)
+        return store.remove_locks(all_locks)
+    finally:
+        store.close()
