@@ -775,18 +775,21 @@ class BlobWriter:
         writer = self._pack
         if writer is None:
             raise AssertionError("no open pack to commit")  # commit_snapshot always leaves its record there
-        self._pack = None
+        uploads = self._uploads if snapshot is None else None  # sealed in the background, or here
+        if uploads is None:
+            self._drain(0)  # a snapshot's record commits last: every pack before it is indexed first
         ids = {e.id for e in writer.entries}
         seg_ids = {e.id for e in writer.entries if e.type == pack.SEGMENT}
         segments = [s for s in self._segments if s.id in seg_ids]
         self._segments = [s for s in self._segments if s.id not in seg_ids]
-        if snapshot is None and self._uploads is not None:
+        # From here the writer is seal's to finish or abort, and nothing runs in between: a Ctrl-C there would
+        # leave its temp file, which abort() no longer sees.
+        self._pack = None
+        if uploads is not None:
             # Sealed on an upload thread; its ids stay pending (known to missing()) until it is indexed.
-            self._sealing.append((self._uploads.submit(self._repo.seal, writer), ids, segments))
+            self._sealing.append((uploads.submit(self._repo.seal, writer), ids, segments))
             self._drain(UPLOADS_AHEAD)
             return
-        # A snapshot's record commits last: every pack before it is sealed and indexed first.
-        self._drain(0)
         try:
             sealed = self._repo.seal(writer)
         finally:
