@@ -13,6 +13,7 @@ protocol loses its own connection and nothing else.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import socketserver
@@ -149,6 +150,30 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise UsageError(f"--listen {text!r} is not HOST:PORT (like {DEFAULT_HOST}:{DEFAULT_PORT})")
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server listening on ``host`` is reachable from this machine only.
+
+    True for 127.0.0.0/8 and ::1 (an IPv4-mapped one too) and for a name every address of which is one of those
+    (``localhost``). False for the all-interfaces addresses 0.0.0.0 and ::, for any other address, for a name
+    that resolves to any other address, and for a name that does not resolve.
+    """
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses) and all(_loopback_address(str(a)) for a in addresses)
+
+
+def _loopback_address(text: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])  # without an IPv6 zone (fe80::1%eth0)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
 
 
 class NbdServer:
