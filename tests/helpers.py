@@ -44,9 +44,11 @@ def text_bytes(seed: int, n: int) -> bytes:
     return bytes(out[:n])
 
 
-def small_repo(path: Path, avg: int = 1024) -> Repository:
-    """Small chunks and 64 KiB packs, so that every test crosses many packs and segments."""
-    return Repository.init(path, ChunkerParams.for_average(avg), pack_size=1 << 16)
+def small_repo(path: Path, avg: int = 1024, encrypted: bool = False) -> Repository:
+    """Small chunks and 64 KiB packs, so that every test crosses many packs and segments; ``encrypted``:
+    AES-256-GCM with the test password (tests/conftest.py)."""
+    return Repository.init(path, ChunkerParams.for_average(avg), pack_size=1 << 16,
+                           encryption="aes-256-gcm" if encrypted else "none")
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dedupimg.repo import pack
+from dedupimg.repo import keys, pack
 from dedupimg.repo.repository import Repository
 from dedupimg.store.local import LocalReader, LocalStore
 
@@ -30,16 +30,33 @@ def open_file(path: Path) -> LocalReader:
     return LocalStore(path.parent).open(path.name)
 
 
+def blob_format(path: Path) -> pack.BlobFormat:
+    """How the blobs of the pack file ``path`` are laid out: plain, or sealed with the keys of its repository
+    (the repository that holds it, opened with the test password: tests/conftest.py)."""
+    if path.parent.parent.name != "packs":
+        return pack.PLAIN  # a pack file on its own (tests of the format)
+    return repo_format(path.parent.parent.parent)
+
+
+def repo_format(root: Path) -> pack.BlobFormat:
+    """The blob format of the local repository at ``root`` (plain when there is none)."""
+    if not (root / "config").is_file():
+        return pack.PLAIN
+    config, unlocked, store = Repository.read_config_and_keys(root)
+    store.close()
+    return pack.PLAIN if unlocked is None else keys.blob_format(config, unlocked.master)
+
+
 def trailer(path: Path) -> list[pack.BlobEntry]:
     """The trailer rows of the pack file ``path``, with every check of pack.read_trailer."""
     with open_file(path) as reader:
-        return pack.read_trailer(reader)
+        return pack.read_trailer(reader, blob_format(path))
 
 
 def write_pack(root: Path, blobs: list[tuple[int, bytes, int, bytes, int]]) -> tuple[bytes, Path, int]:
     """Write a pack of ``blobs`` (type, id, codec, stored, raw_len) into the local store at ``root`` (which
     has ``tmp/``), durable but in no index; returns (pack id, its file, its size)."""
-    writer = pack.PackWriter(LocalStore(root).create())
+    writer = pack.PackWriter(LocalStore(root).create(), repo_format(root))
     for type_, id_, codec, stored, raw_len in blobs:
         writer.add(type_, id_, codec, stored, raw_len)
     pack_id, size = writer.finish()

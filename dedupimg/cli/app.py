@@ -7,13 +7,16 @@ Command modules import this module and nothing else of the CLI but ``render``; `
 
 from __future__ import annotations
 
+import getpass
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from dedupimg.core.errors import UsageError
+from dedupimg.core.errors import UsageError, WrongPassword
+from dedupimg.core.password import set_prompt
 from dedupimg.repo.repository import CACHE_ENV, Repository
 from dedupimg.store import normalize_location
 from dedupimg.store.lock import LockMode
@@ -43,11 +46,39 @@ def root(
                      help="Where a remote (S3) repository's index cache lives (or $DEDUPIMG_CACHE_DIR; default "
                           "$XDG_CACHE_HOME/dedupimg/REPO_ID). Deleting it loses nothing."),
     ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option("--password-file", envvar="DEDUPIMG_PASSWORD_FILE", dir_okay=False,
+                     help="Read an encrypted repository's password from the first line of this file (or "
+                          "$DEDUPIMG_PASSWORD, $DEDUPIMG_PASSWORD_FILE; else asked on the terminal)."),
+    ] = None,
+    password_command: Annotated[
+        str | None,
+        typer.Option("--password-command", envvar="DEDUPIMG_PASSWORD_COMMAND", metavar="COMMAND",
+                     help="Run this (no shell) and take the first line it prints as the password."),
+    ] = None,
 ) -> None:
     ctx.obj = repo
+    # The library, and the processes a command starts (a mount's server), read these from the environment.
     if cache_dir is not None:
-        # The library, and the processes a command starts (a mount's server), read it from the environment.
         os.environ[CACHE_ENV] = os.path.abspath(cache_dir)
+    if password_file is not None:
+        os.environ["DEDUPIMG_PASSWORD_FILE"] = os.path.abspath(password_file)
+    if password_command is not None:
+        os.environ["DEDUPIMG_PASSWORD_COMMAND"] = password_command
+    if sys.stdin.isatty():
+        set_prompt(_ask_password)
+
+
+def _ask_password(what: str, confirm: bool) -> str:
+    """Ask on the terminal without echo (twice for a new password)."""
+    try:
+        first = getpass.getpass(f"enter {what}: ")
+        if confirm and getpass.getpass(f"enter {what} again: ") != first:
+            raise WrongPassword("the two passwords differ")
+    except EOFError:
+        raise WrongPassword(f"no password given for {what}") from None
+    return first
 
 
 def _repo_after_command(ctx: typer.Context, value: str | None) -> None:

@@ -9,6 +9,7 @@ import typer
 from dedupimg.cli.app import RepoOption, repo_location
 from dedupimg.cli.render import exit_codes_help, stderr, stdout
 from dedupimg.core.config import DEFAULT_CHUNK_SIZE, ChunkerParams, SegmentParams
+from dedupimg.core.crypto import default_aead
 from dedupimg.core.errors import UsageError
 from dedupimg.ops.copy import repository_config
 from dedupimg.repo.repository import Repository
@@ -23,6 +24,14 @@ def init(
         int | None, typer.Option(help="zstd level for new chunks (-7 fastest .. 22 smallest).")
     ] = None,
     pack_size: Annotated[int | None, typer.Option(hidden=True, help="Target pack size (tests).")] = None,
+    encryption: Annotated[
+        str, typer.Option(metavar="AEAD", help="auto (AES-256-GCM where the CPU has AES instructions, else "
+                                              "ChaCha20-Poly1305), aes-256-gcm, chacha20-poly1305, or none "
+                                              "(an unencrypted repository, on purpose).")
+    ] = "auto",
+    padding: Annotated[
+        int | None, typer.Option(hidden=True, help="Encrypted blobs' spans are multiples of this (measurements).")
+    ] = None,
     copy_chunker_params_from: Annotated[
         str | None,
         typer.Option(metavar="REPOSITORY", help="Cut chunks as this repository does (its chunker parameters), so "
@@ -36,16 +45,22 @@ def init(
         given = ctx.get_parameter_source("chunk_size")
         if given is not None and given.name != "DEFAULT":
             raise UsageError("give either --chunk-size or --copy-chunker-params-from, not both")
-        source = repository_config(copy_chunker_params_from)
+        source, source_keys = repository_config(copy_chunker_params_from)
         chunker = source.chunker
         if source.segments != SegmentParams():
             stderr.print(f"dedupimg: warning: {copy_chunker_params_from} cuts manifest segments with other "
                          "parameters; they are not copied (snapshots still copy whole)")
-    repo = Repository.init(repo_location(ctx), chunker, pack_size, compression_level)
+    else:
+        source_keys = None
+    aead = default_aead() if encryption == "auto" else encryption
+    repo = Repository.init(repo_location(ctx), chunker, pack_size, compression_level, encryption=aead,
+                           hashing_of=source_keys, copied_params=copy_chunker_params_from is not None,
+                           padding=padding)
     repo.close()
-    stdout.print(f"created repository {repo.config.repo_id[:8]} at {repo.location}", markup=False)
+    how = f"encrypted with {repo.config.encryption}" if repo.config.encrypted else "unencrypted"
+    stdout.print(f"created repository {repo.config.repo_id[:8]} at {repo.location} ({how})", markup=False)
 
 
 def register(app: typer.Typer) -> None:
     # 10, 12, 17: --copy-chunker-params-from names no repository, a damaged one, or one that cannot be read.
-    app.command(epilog=exit_codes_help(10, 12, 16, 17, 18, 21, opens_repository=False))(init)
+    app.command(epilog=exit_codes_help(10, 12, 16, 17, 18, 21, 22, opens_repository=False))(init)

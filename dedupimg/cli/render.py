@@ -38,7 +38,7 @@ stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
 # command that opens a repository: none there, its config damaged or too new, a file of it not readable
 # (permission denied), its index missing or damaged ("run repair index").
 ANY_COMMAND_CODES = (0, 1, 2, 130)
-OPENS_REPOSITORY_CODES = (10, 12, 16, 17)
+OPENS_REPOSITORY_CODES = (10, 12, 16, 17, 22)
 
 
 def exit_codes_help(*codes: int, opens_repository: bool = True) -> str:

@@ -6,6 +6,7 @@ format: they are fixed when the repository is created and never change afterward
 
 from __future__ import annotations
 
+import base64
 import json
 import reprlib
 import secrets
@@ -15,7 +16,11 @@ from typing import Any
 from dedupimg.core.errors import UnsupportedFormat, UsageError
 
 FORMAT_NAME = "dedupimg"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # unencrypted repositories
+ENCRYPTED_VERSION = 2  # encrypted: sealed blobs and trailers (docs/format.md §10)
+VERSIONS = (FORMAT_VERSION, ENCRYPTED_VERSION)
+NO_ENCRYPTION = "none"
+DEFAULT_PADDING = 64  # an encrypted blob's stored span is a multiple of this (docs/security.md)
 
 DEFAULT_CHUNK_SIZE = 16384
 DEFAULT_MAX_UNUSED = 0.05  # prune rewrites a pack once more than this share of it is unused
@@ -63,10 +68,21 @@ class Config:
     compression_level: int = 1  # at 16 KiB chunks, level 3 costs twice the CPU for ~1% (docs/performance.md)
     pack_size: int = 32 << 20
     version: int = FORMAT_VERSION
+    encryption: str = NO_ENCRYPTION  # or an AEAD of core/crypto.py (then version 2)
+    padding: int = DEFAULT_PADDING  # encrypted only
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption != NO_ENCRYPTION
 
     def to_bytes(self) -> bytes:
+        """The config as JSON; an encrypted repository's, the document that is sealed into its config file."""
         doc: dict[str, Any] = {"format": FORMAT_NAME, "version": self.version, "hash": "blake3-256"}
         doc.update(asdict(self))
+        if not self.encrypted:  # version 1 configs stay byte for byte as before
+            del doc["encryption"], doc["padding"]
+        else:
+            doc["chunker"]["seed"] = 0  # the key's (core/crypto.py MasterKeys), never written here
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -76,11 +92,14 @@ class Config:
             if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
                 raise ValueError("not a dedupimg config")
             version = doc.get("version")
-            if type(version) is not int or version != FORMAT_VERSION:  # not true, not 1.0
+            if type(version) is not int or version not in VERSIONS:  # not true, not 1.0
                 raise UnsupportedFormat(
                     f"{where}: repository format version {reprlib.repr(version)} is not supported "
-                    f"(this dedupimg reads version {FORMAT_VERSION})"
+                    f"(this dedupimg reads versions {FORMAT_VERSION} and {ENCRYPTED_VERSION})"
                 )
+            encryption = doc.get("encryption", NO_ENCRYPTION)
+            if (encryption == NO_ENCRYPTION) != (version == FORMAT_VERSION) or not isinstance(encryption, str):
+                raise ValueError("encryption does not match the format version")
             if doc.get("hash") != "blake3-256" or doc.get("compression") != "zstd":
                 raise ValueError("unknown hash or compression")
             chunker = ChunkerParams(**_section(doc, "chunker", ChunkerParams))
@@ -94,6 +113,8 @@ class Config:
                 compression_level=_int(doc["compression_level"], "compression_level"),
                 pack_size=_int(doc["pack_size"], "pack_size"),
                 version=version,
+                encryption=encryption,
+                padding=_int(doc.get("padding", DEFAULT_PADDING), "padding"),
             )
             _check_ranges(config)
             return config
@@ -136,5 +157,39 @@ def _check_ranges(config: Config) -> None:
     if not (1 <= config.segments.max_extents <= 1 << 20 and 0 <= config.segments.cut_mask < 1 << 16):
         raise ValueError("segment parameters out of range")
     # 4 KiB packs only make sense in tests (tests/ops/test_state_machine.py hits every pack boundary with them).
+    if not 1 <= config.padding <= 4096:
+        raise ValueError("padding out of range")
     if not (1 << 12 <= config.pack_size <= 1 << 30 and -7 <= config.compression_level <= 22):
         raise ValueError("pack size or compression level out of range")
+
+
+@dataclass(frozen=True)
+class SealedConfig:
+    """What an encrypted repository's config file shows: enough to find and use its keys, nothing else."""
+
+    repo_id: str
+    encryption: str
+    sealed: bytes  # the Config JSON, sealed under the master key (repo/keys.py opens it)
+
+    def to_bytes(self) -> bytes:
+        doc = {"format": FORMAT_NAME, "version": ENCRYPTED_VERSION, "repo_id": self.repo_id,
+               "encryption": self.encryption, "sealed": base64.b64encode(self.sealed).decode()}
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def parse_config_file(data: bytes, where: str = "config") -> Config | SealedConfig:
+    """A config file: the Config of an unencrypted repository, or what an encrypted one's shows."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        doc = None
+    if not (isinstance(doc, dict) and doc.get("format") == FORMAT_NAME and doc.get("version") == ENCRYPTED_VERSION
+            and "sealed" in doc):
+        return Config.from_bytes(data, where)
+    try:
+        repo_id, encryption = doc["repo_id"], doc["encryption"]
+        if not (isinstance(repo_id, str) and isinstance(encryption, str) and isinstance(doc["sealed"], str)):
+            raise ValueError("a field has the wrong type")
+        return SealedConfig(repo_id, encryption, base64.b64decode(doc["sealed"].encode(), validate=True))
+    except (KeyError, ValueError) as exc:
+        raise UnsupportedFormat(f"{where}: damaged repository config ({' '.join(str(exc).split())})") from None

@@ -122,6 +122,13 @@ class Interrupted(DedupimgError):
     exit_code = 130
 
 
+class WrongPassword(DedupimgError):
+    """22: the password opens no key of the repository, or none was given (no terminal to ask on)."""
+
+    exit_code = 22
+    label = "error"
+
+
 class ListenError(DedupimgError):
     """``serve`` cannot listen on the address asked for (port in use, not a local address, ...)."""
 
@@ -155,5 +162,6 @@ EXIT_CODES: dict[int, str] = {
     19: "cannot listen on the address (port in use, not a local address)",
     20: "FUSE is not available on this machine (no /dev/fuse or libfuse3), or the mount failed",
     21: "init: the path is taken (a file, a non-empty directory, a repository) or inside a repository",
+    22: "wrong or missing password (no key of the repository opens with it)",
     130: "interrupted",
 }

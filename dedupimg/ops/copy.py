@@ -7,7 +7,10 @@ the destination is asked which of their chunks it lacks, those are read from the
 their ids) a few MiB at a time and stored, then the segments (whose ids must come out the same) and last the
 very same record, committed with the pack that holds it. Chunks are blobs named by their content, so the two
 repositories may use different chunker parameters: the copy is whole either way, it only shares fewer chunks
-with the destination's own snapshots (``init --copy-chunker-params-from`` avoids that).
+with the destination's own snapshots (``init --copy-chunker-params-from`` avoids that). They must name chunks
+alike, though: an encrypted repository names them with a keyed hash (docs/security.md), so a copy between two
+repositories whose keys differ is refused, and ``init --copy-chunker-params-from`` gives the new repository
+the source's id key and chunker seed (its encryption key stays its own).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from pathlib import Path
 
 from dedupimg.core import interrupts
 from dedupimg.core.config import Config
+from dedupimg.core.crypto import MasterKeys
 from dedupimg.core.errors import IntegrityError, UsageError
 from dedupimg.core.manifest import Segment, SnapshotRecord
+from dedupimg.core.password import SOURCE_REPOSITORY
 from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.repo.repository import BlobWriter, Repository, read_remote_config
 from dedupimg.store import location_spec, open_store
@@ -81,6 +86,11 @@ def copy_snapshots(src: Repository, dst: Repository, refs: list[str] | None,
     copied (each is committed whole); a re-run skips them.
     """
     _refuse_same(src.location, src.config.repo_id, dst)
+    probe = b"dedupimg: do both repositories name chunks alike?"
+    if src.chunk_id(probe) != dst.chunk_id(probe):
+        raise UsageError(f"{src.location} and {dst.location} name chunks differently (different id keys, or one "
+                         "is encrypted and the other not): copy needs a destination made with 'dedupimg init "
+                         "--copy-chunker-params-from SOURCE'")
     progress = progress or NoProgress()
     records = src.snapshots() if not refs else list({r.id: r for r in map(src.resolve, refs)}.values())
     present = {r.id for r in dst.snapshots()}
@@ -99,8 +109,8 @@ def copy_snapshots(src: Repository, dst: Repository, refs: list[str] | None,
 def open_source(location: str, dst: Repository, lock_wait: float = 0.0, purpose: str = "copy") -> Repository:
     """The repository to copy into ``dst`` from, opened with a SHARED lock. ``dst`` itself is refused before it
     is opened (its config read first): one process cannot open a repository's index twice."""
-    _refuse_same(location, repository_config(location).repo_id, dst)
-    return Repository.open(location, LockMode.SHARED, lock_wait, purpose)
+    _refuse_same(location, _repository_id(location), dst)
+    return Repository.open(location, LockMode.SHARED, lock_wait, purpose, password=SOURCE_REPOSITORY)
 
 
 def _refuse_same(location: str, repo_id: str, dst: Repository) -> None:
@@ -109,15 +119,23 @@ def _refuse_same(location: str, repo_id: str, dst: Repository) -> None:
                          "nothing to copy")
 
 
-def repository_config(location: str) -> Config:
-    """The config of the repository at ``location`` (a directory or ``s3:...``), read without a lock and
-    without opening its index or cache: ``init --copy-chunker-params-from`` needs its chunker parameters."""
+def repository_config(location: str) -> tuple[Config, MasterKeys | None]:
+    """The config of the repository at ``location`` (a directory or ``s3:...``), and its master keys if it is
+    encrypted (its password from $DEDUPIMG_FROM_PASSWORD...), read without a lock and without opening its index
+    or cache: ``init --copy-chunker-params-from`` needs its chunker parameters and chunk id key."""
+    config, unlocked, store = Repository.read_config_and_keys(location, SOURCE_REPOSITORY)
+    store.close()
+    return config, None if unlocked is None else unlocked.master
+
+
+def _repository_id(location: str) -> str:
+    """The id of the repository at ``location``, from its config file alone (no password asked)."""
     spec = location_spec(location)
     if spec["kind"] == "local":
-        return Repository.read_config(Path(spec["root"]))
+        return Repository.read_config_file(Path(spec["root"])).repo_id
     store = open_store(spec)
     try:
-        return read_remote_config(store)
+        return read_remote_config(store).repo_id
     finally:
         store.close()
 

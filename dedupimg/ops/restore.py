@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import blake3
-
 from dedupimg.core.errors import DedupimgError, IntegrityError, Interrupted
 from dedupimg.core.extents import ExtentMap
 from dedupimg.core.imagehash import Buffer, ImageHasher
@@ -219,7 +217,7 @@ def _delta_run(repo: Repository, target: Target | NullTarget, run: Run) -> RunRe
     pos = 0
     for i, (id_, n) in enumerate(zip(run.ids, run.lengths, strict=True)):
         piece = view[pos : pos + n]
-        if len(piece) == n and blake3.blake3(piece).digest() == id_:
+        if len(piece) == n and repo.chunk_id(piece) == id_:
             pieces.append(piece)
         else:
             pieces.append(b"")

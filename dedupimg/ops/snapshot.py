@@ -14,12 +14,10 @@ import socket
 import threading
 import time as _time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-import blake3
 
 from dedupimg.core.buffers import PoolClosed
 from dedupimg.core.chunker import Batch, Chunker
@@ -213,11 +211,12 @@ class _Reader:
         self._thread.join()
 
 
-def _chunk_ids(batch: Batch) -> list[bytes | None]:
-    """blake3 of each chunk, None for all-zero chunks (never hashed). Runs on a pool thread."""
+def _chunk_ids(chunk_id: Callable[[memoryview], bytes], batch: Batch) -> list[bytes | None]:
+    """The id of each chunk (blake3, keyed in an encrypted repository), None for all-zero chunks (never
+    hashed). Runs on a pool thread."""
     buf = batch.buf
     view = memoryview(buf)
-    return [None if is_zero(buf, s, e) else blake3.blake3(view[s:e]).digest() for s, e in batch.cuts]
+    return [None if is_zero(buf, s, e) else chunk_id(view[s:e]) for s, e in batch.cuts]
 
 
 @dataclass
@@ -241,6 +240,7 @@ class _Store:
         self._writer = writer
         self._progress = progress
         self._compressor = Compressor(repo.config.compression_level)
+        self._chunk_id = repo.chunk_id
         self._in_flight: set[bytes] = set()
         self.hasher = ImageHasher(AHEAD + QUEUE + 2)
         self.segments: list[tuple[bytes, int]] = []
@@ -252,7 +252,7 @@ class _Store:
 
     def run(self, reader: _Reader, pool: ThreadPoolExecutor) -> None:
         def hash_ids(item: Batch | int) -> Future[list[bytes | None]] | None:
-            return pool.submit(_chunk_ids, item) if isinstance(item, Batch) else None
+            return pool.submit(_chunk_ids, self._chunk_id, item) if isinstance(item, Batch) else None
 
         planned: deque[_Planned] = deque()
         for item, ids in started_ahead(reader, hash_ids, AHEAD):

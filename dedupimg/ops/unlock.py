@@ -22,7 +22,7 @@ def unlock(location: Path | str, all_locks: bool = False) -> list[str]:
     them) and no index cache is read or synced."""
     spec = location_spec(str(location))
     if spec["kind"] == "local":
-        Repository.read_config(Path(spec["root"]))  # a repository at all (exit 10 otherwise)
+        Repository.read_config_file(Path(spec["root"]))  # a repository at all (exit 10 otherwise)
     store = open_store(spec)
     try:
         if spec["kind"] != "local":

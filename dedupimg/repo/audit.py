@@ -377,7 +377,7 @@ class _Checker:
         if size != row.size:
             self.add("pack-size", f"pack {name} is {size} bytes, the index says {row.size}", key)
         try:
-            info = integrity.read_pack_info(store, stored_as)
+            info = integrity.read_pack_info(store, stored_as, self.repo.blobs)
         except IntegrityError as exc:
             self.add("pack-damaged", str(exc).replace(store.location(stored_as), f"pack {name}"), key)
             return
@@ -429,7 +429,7 @@ class _Checker:
             if pid in indexed:
                 continue
             try:
-                info = integrity.read_pack_info(store, obj.name)
+                info = integrity.read_pack_info(store, obj.name, self.repo.blobs)
             except IntegrityError as exc:
                 problem = str(exc).removeprefix(f"{path}: ")
                 self.add("pack-damaged", f"pack {file_name}, which the index does not list, is damaged: {problem}")
@@ -465,13 +465,13 @@ class _Checker:
     def _start_pack(self, pool: ThreadPoolExecutor, row: PackRow) -> Future[integrity.PackData] | None:
         name = pack.pack_name(row.id)
         try:
-            info = integrity.read_pack_info(self.repo.store, name)
+            info = integrity.read_pack_info(self.repo.store, name, self.repo.blobs)
         except IntegrityError:
             return None  # reported by the structure check
         locs = self.index.lookup_blobs([e.id for e in info.entries])
         full = {e.offset for e, loc in zip(info.entries, locs, strict=True)
                 if loc is not None and loc.pack_no == row.pack_no and loc.offset == e.offset}
-        return pool.submit(integrity.verify_pack_data, self.repo.store, name, info, full)
+        return pool.submit(integrity.verify_pack_data, self.repo.store, name, info, full, self.repo.blobs)
 
     def _pack_data_done(self, row: PackRow, job: Future[integrity.PackData]) -> None:
         data = job.result()

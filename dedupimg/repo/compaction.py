@@ -145,7 +145,7 @@ def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result
             raise IntegrityError(f"dead blobs name pack number {pack_no}, which the index does not list; run check")
         name = pack.pack_name(row.id)
         with repo.store.open(name) as reader:
-            entries = pack.read_trailer(reader)
+            entries = pack.read_trailer(reader, repo.blobs)
         ids = [e.id for e in entries]
         live = [
             e for e, loc in zip(entries, repo.index.lookup_blobs(ids), strict=True)
@@ -206,7 +206,7 @@ def _refuse_if_index_lost_snapshots(repo: Repository, orphans: list[str], any_pa
     for name in orphans:
         try:
             with repo.store.open(name) as reader:
-                entries = pack.read_trailer(reader)
+                entries = pack.read_trailer(reader, repo.blobs)
         except (NotAnObject, ObjectMissing):
             continue  # a FIFO or socket named like a pack holds no data: it goes like any orphan
         except IntegrityError as exc:
@@ -279,11 +279,14 @@ def _rewrite(
             data = repo.store.read(w.name, where=where)  # the whole pack
             view = memoryview(data)
             for e in w.live:
-                pack.parse_blob(view, e.offset, e.id, where, e.offset)  # raises IntegrityError on damage
+                # Checked whole (IntegrityError on damage), then stored again as it was compressed (a sealed
+                # blob under a fresh nonce).
+                pack.parse_blob(view, e.offset, e.type, e.id, e.stored_len, where, e.offset, repo.blobs)
+                _type, codec, raw_len, stored = repo.blobs.open_blob(view, e.offset, e.type, e.id, e.stored_len,
+                                                                      where, e.offset)
                 if writer is None:
                     writer = repo.new_pack()
-                writer.add(e.type, e.id, e.codec, bytes(view[e.data_offset : e.data_offset + e.stored_len]),
-                           e.raw_len)
+                writer.add(e.type, e.id, codec, bytes(stored), raw_len)
                 if writer.size >= repo.config.pack_size:
                     finish()
             advance(w.row.size)

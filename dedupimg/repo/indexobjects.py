@@ -15,6 +15,8 @@ lists and before the index transaction of the host that wrote it: it is the comm
 A pack no index object lists was never committed (a crash, or a snapshot still running elsewhere).
 
 Its name is its hash, so an object read back is checked whole; each metadata blob is checked against its id.
+In an encrypted repository the whole object is sealed (``pack.BlobFormat.seal``, associated data
+``DIMGIX2``) and named by the hash of the sealed bytes.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from dedupimg.core.codecs import decode_blob
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.ids import BLOB_TYPES, CHUNK, blob_id
 from dedupimg.repo.index import NewBlob, SealedPack
+from dedupimg.repo.pack import PLAIN, BlobFormat
 from dedupimg.store import Store
+from dedupimg.store.base import write_object
 
 PREFIX = "index/"
 VERSION = 1
 FETCH_WORKERS = 8
 MAX_OBJECT = 1 << 30  # refuse to inflate a damaged object beyond this
+SEAL_AD = b"DIMGIX2"
 
 
 @dataclass(frozen=True)
@@ -46,14 +51,14 @@ class PackListing:
     metadata: dict[bytes, bytes]
 
 
-def encode(packs: Iterable[tuple[SealedPack, dict[bytes, tuple[int, bytes]]]]) -> bytes:
+def encode(packs: Iterable[tuple[SealedPack, dict[bytes, tuple[int, bytes]]]], fmt: BlobFormat) -> bytes:
     """An index object listing ``packs``: each a sealed pack and its metadata blobs' (codec, stored bytes)."""
     doc = {"v": VERSION, "packs": [
         [sealed.id, sealed.size,
          [[b.type, b.codec, b.offset, b.raw_len, b.stored_len, b.id] for b in sealed.blobs],
          [[i, codec, _raw_len(sealed, i), stored] for i, (codec, stored) in sorted(meta.items())]]
         for sealed, meta in packs]}
-    return zstandard.ZstdCompressor(level=3).compress(msgpack.packb(doc, use_bin_type=True))
+    return fmt.seal(zstandard.ZstdCompressor(level=3).compress(msgpack.packb(doc, use_bin_type=True)), SEAL_AD)
 
 
 def _raw_len(sealed: SealedPack, id_: bytes) -> int:
@@ -67,10 +72,11 @@ def name_of(data: bytes) -> str:
     return PREFIX + blob_id(data).hex()
 
 
-def decode(data: bytes, name: str, where: str) -> list[PackListing]:
+def decode(data: bytes, name: str, where: str, fmt: BlobFormat = PLAIN) -> list[PackListing]:
     """The packs an index object lists; IntegrityError (one line, ``where`` first) for any damage."""
     if name_of(data) != name:
         raise IntegrityError(f"{where}: index object does not match its name (damaged)")
+    data = fmt.unseal(data, SEAL_AD, f"{where}: index object")
     try:
         doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_OBJECT),
                               raw=False, strict_map_key=False)
@@ -99,35 +105,30 @@ def decode(data: bytes, name: str, where: str) -> list[PackListing]:
         raise IntegrityError(f"{where}: damaged index object ({' '.join(str(exc).split())})") from None
 
 
-def publish(store: Store, packs: list[tuple[SealedPack, dict[bytes, tuple[int, bytes]]]]) -> str:
+def publish(store: Store, packs: list[tuple[SealedPack, dict[bytes, tuple[int, bytes]]]], fmt: BlobFormat
+            ) -> str:
     """Write (durably) one index object listing ``packs``; returns its name."""
-    data = encode(packs)
+    data = encode(packs, fmt)
     name = name_of(data)
     write(store, name, data)
     return name
 
 
 def write(store: Store, name: str, data: bytes) -> None:
-    writer = store.create()
-    try:
-        writer.write(data)
-        writer.commit(name)
-    except BaseException:
-        writer.abort()
-        raise
+    write_object(store, name, data)
 
 
 def names(store: Store) -> set[str]:
     return {o.name for o in store.list(PREFIX).objects}
 
 
-def fetch(store: Store, wanted: Iterable[str]) -> dict[str, list[PackListing]]:
+def fetch(store: Store, wanted: Iterable[str], fmt: BlobFormat = PLAIN) -> dict[str, list[PackListing]]:
     """Read and check the index objects ``wanted`` (several at a time)."""
     wanted = sorted(wanted)
 
     def one(name: str) -> list[PackListing]:
         where = store.location(name)
-        return decode(store.read(name, where=where), name, where)
+        return decode(store.read(name, where=where), name, where, fmt)
 
     if len(wanted) <= 1:
         return {n: one(n) for n in wanted}

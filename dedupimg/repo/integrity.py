@@ -45,11 +45,11 @@ def pack_file_id(name: str) -> bytes | None:
     return bytes.fromhex(base[:64]) if _PACK_NAME.match(base) else None
 
 
-def read_pack_info(store: Store, name: str) -> PackInfo:
+def read_pack_info(store: Store, name: str, fmt: pack.BlobFormat) -> PackInfo:
     """Footer and trailer with every check of :func:`pack.read_trailer`; raises IntegrityError naming the
     pack's location (local: its path)."""
     with store.open(name) as reader:
-        return pack.read_pack_info(reader)
+        return pack.read_pack_info(reader, fmt)
 
 
 def layout_problems(info: PackInfo) -> list[str]:
@@ -75,7 +75,8 @@ def layout_problems(info: PackInfo) -> list[str]:
     return problems
 
 
-def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[int]) -> PackData:
+def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[int], fmt: pack.BlobFormat
+                     ) -> PackData:
     """Read the whole pack sequentially and check it.
 
     Every blob's header must match its trailer row. Blobs whose offset is in ``full`` (those the index points
@@ -92,8 +93,8 @@ def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[in
         return out
     with reader:
         reader.advise_sequential()
-        head = reader.pread(len(pack.PACK_MAGIC), 0)
-        if head != pack.PACK_MAGIC:
+        head = reader.pread(len(fmt.pack_magic), 0)
+        if head != fmt.pack_magic:
             out.errors.append((None, "bad pack magic", False))
         entries = sorted(info.entries, key=lambda e: e.offset)
         i = 0
@@ -115,7 +116,7 @@ def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[in
             view = memoryview(data)
             for e in entries[i:j]:
                 indexed = e.offset in full
-                problem = _check_blob(view, e.offset - start, e, indexed, where, out)
+                problem = _check_blob(view, e.offset - start, e, indexed, where, out, fmt)
                 if problem:
                     out.errors.append((e, problem, indexed))
             i = j
@@ -123,20 +124,17 @@ def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[in
     return out
 
 
-def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where: str, out: PackData) -> str:
-    header = view[pos : pos + pack.BLOB_HEADER.size]
-    if len(header) != pack.BLOB_HEADER.size:
-        return f"blob header at {e.offset} is truncated"
-    magic, type_, codec, raw_len, stored_len, id_ = pack.BLOB_HEADER.unpack(header)
-    if (magic, type_, codec, raw_len, stored_len, id_) != (pack.BLOB_MAGIC, e.type, e.codec, e.raw_len,
-                                                            e.stored_len, e.id):
-        return f"blob header at {e.offset} does not match the trailer (blob {e.id.hex()[:16]})"
-    if len(view) < pos + pack.blob_span(stored_len):
+def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where: str, out: PackData,
+                fmt: pack.BlobFormat) -> str:
+    problem = fmt.header_problem(view, pos, e)
+    if problem:
+        return problem
+    if len(view) < pos + pack.blob_span(e.stored_len):
         return f"blob {e.id.hex()[:16]} at {e.offset} is truncated"
     if not full:
         return ""
     try:
-        _type, raw = pack.parse_blob(view, pos, e.id, where, e.offset)
+        _type, raw = pack.parse_blob(view, pos, e.type, e.id, e.stored_len, where, e.offset, fmt)
     except IntegrityError as exc:
         return str(exc).removeprefix(f"{where}: ")
     if e.type in META_TYPES:
@@ -144,7 +142,8 @@ def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where
     return ""
 
 
-def read_blobs(store: Store, name: str, entries: list[pack.BlobEntry]) -> list[tuple[pack.BlobEntry, bytes | str]]:
+def read_blobs(store: Store, name: str, entries: list[pack.BlobEntry], fmt: pack.BlobFormat
+               ) -> list[tuple[pack.BlobEntry, bytes | str]]:
     """Each blob's verified raw bytes, or the reason it cannot be read (repair: the metadata blobs of a pack)."""
     out: list[tuple[pack.BlobEntry, bytes | str]] = []
     where = base_name(name)
@@ -155,7 +154,7 @@ def read_blobs(store: Store, name: str, entries: list[pack.BlobEntry]) -> list[t
     with reader:
         for e in entries:
             try:
-                type_, raw = pack.read_blob(reader, e.offset, e.id, where)
+                type_, raw = pack.read_blob(reader, e, where, fmt)
                 out.append((e, raw) if type_ == e.type else (e, f"{where}: blob at {e.offset} has the wrong type"))
             except IntegrityError as exc:
                 out.append((e, str(exc)))

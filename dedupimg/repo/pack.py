@@ -12,6 +12,10 @@ Layout (docs/format.md has it byte for byte)::
 A pack is readable without LMDB: the footer finds the trailer, the trailer lists every blob. Every blob's id
 is the blake3-256 of its raw (uncompressed) bytes, so any blob read can be verified.
 
+An encrypted repository (format version 2, :class:`SealedFormat`) keeps this layout with three changes: each
+blob's 44 bytes of overhead are a nonce, a sealed inner header and the AEAD tag around its stored bytes (so no
+id, type or length shows); the trailer is sealed; the footer's blob count is 0. Magics end in ``\x02``/``2``.
+
 This module is the byte format only: it writes into a store's object writer and reads from a store's reader
 handle (``dedupimg.store``), and never opens, lists or deletes anything itself.
 """
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import msgpack
 
 from dedupimg.core.codecs import MAX_BLOB, MIN_SAVING, RAW, ZSTD, Compressor, decode_blob  # noqa: F401
+from dedupimg.core.crypto import NONCE, TAG, Aead, chunk_hasher
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.ids import BLOB_TYPES, CHUNK, SEGMENT, SNAPSHOT, TOMBSTONE, blob_id  # noqa: F401
 from dedupimg.store.base import Listing, ObjectInfo, ObjectReader, ObjectWriter, Store
@@ -33,6 +38,14 @@ FOOTER_MAGIC = b"DIMGEND1"
 BLOB_HEADER = struct.Struct("<2sBBII32s")
 BLOB_MAGIC = b"BL"
 FOOTER = struct.Struct("<QII32s8s")
+SEALED_PACK_MAGIC = b"DIMGPK\x00\x02"
+SEALED_FOOTER_MAGIC = b"DIMGEND2"
+# A sealed blob: nonce (12) | AEAD(inner header (16) | stored bytes | zero padding) | tag (16): 44 bytes of
+# overhead, as a plain blob's header, so that offsets and spans are computed alike in both formats.
+SEALED_INNER = struct.Struct("<BBII6s")  # codec, 0, raw_len, data_len (stored bytes before padding), zeros
+assert NONCE + SEALED_INNER.size + TAG == BLOB_HEADER.size
+BLOB_AD = b"DIMGBL2"
+TRAILER_AD = b"DIMGTR2"
 
 # Blob types and codecs live in core (ids, codecs); the pack format names them here too.
 
@@ -61,20 +74,149 @@ def blob_span(stored_len: int) -> int:
     return BLOB_HEADER.size + stored_len
 
 
+class BlobFormat:
+    """How blobs and trailers are laid out: plain (format version 1). :class:`SealedFormat` encrypts."""
+
+    version = 1
+    encrypted = False
+    pack_magic = PACK_MAGIC
+    footer_magic = FOOTER_MAGIC
+
+    def chunk_id(self, raw: bytes | bytearray | memoryview) -> bytes:
+        return blob_id(raw)
+
+    def verify_id(self, type_: int, raw: bytes | bytearray | memoryview) -> bytes:
+        """The id ``raw`` must have as a blob of ``type_``: chunks may be keyed, other blobs are plain blake3."""
+        return self.chunk_id(raw) if type_ == CHUNK else blob_id(raw)
+
+    def encode(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> tuple[list[bytes], int]:
+        """The pieces a blob is written as, and its stored length (what trailer and index record)."""
+        return [BLOB_HEADER.pack(BLOB_MAGIC, type_, codec, raw_len, len(stored), id_), stored], len(stored)
+
+    def open_blob(self, view: memoryview, pos: int, expect_type: int, expect_id: bytes, stored_len: int,
+                  where: str, offset: int) -> tuple[int, int, int, memoryview]:
+        """(type, codec, raw_len, stored bytes) of the blob at ``view[pos]``, checked but not decompressed.
+        A plain blob's header says its type and length (``expect_type``/``stored_len`` are not needed)."""
+        header = view[pos : pos + BLOB_HEADER.size] if pos >= 0 else b""
+        if len(header) != BLOB_HEADER.size:
+            raise IntegrityError(f"{where}: blob header at {offset} is truncated")
+        magic, type_, codec, raw_len, stored_len, id_ = BLOB_HEADER.unpack(header)
+        if (
+            magic != BLOB_MAGIC
+            or id_ != expect_id
+            or type_ not in BLOB_TYPES
+            or raw_len > MAX_BLOB
+            or stored_len > MAX_BLOB
+        ):
+            raise IntegrityError(f"{where}: blob header at {offset} is damaged")
+        stored = view[pos + BLOB_HEADER.size : pos + BLOB_HEADER.size + stored_len]
+        if len(stored) != stored_len:
+            raise IntegrityError(f"{where}: blob at {offset} is truncated")
+        return type_, codec, raw_len, stored
+
+    def header_problem(self, view: memoryview, pos: int, e: BlobEntry) -> str:
+        """Why the blob at ``view[pos]`` does not match its trailer row ``e`` ("" if it does), read cheaply:
+        a plain header is compared; a sealed blob is authenticated by :meth:`open_blob` instead."""
+        header = view[pos : pos + BLOB_HEADER.size]
+        if len(header) != BLOB_HEADER.size:
+            return f"blob header at {e.offset} is truncated"
+        if BLOB_HEADER.unpack(header) != (BLOB_MAGIC, e.type, e.codec, e.raw_len, e.stored_len, e.id):
+            return f"blob header at {e.offset} does not match the trailer (blob {e.id.hex()[:16]})"
+        return ""
+
+    def seal_trailer(self, trailer: bytes) -> bytes:
+        return trailer
+
+    def open_trailer(self, stored: bytes, where: str) -> bytes:
+        return stored
+
+    def seal(self, data: bytes, ad: bytes) -> bytes:
+        """Whole-object sealing (index objects, the config): plain in version 1."""
+        return data
+
+    def unseal(self, data: bytes, ad: bytes, what: str) -> bytes:
+        return data
+
+
+PLAIN = BlobFormat()
+
+
+class SealedFormat(BlobFormat):
+    """Format version 2: every blob and trailer sealed with an AEAD; chunk ids keyed (core/crypto.py)."""
+
+    version = 2
+    encrypted = True
+    pack_magic = SEALED_PACK_MAGIC
+    footer_magic = SEALED_FOOTER_MAGIC
+
+    def __init__(self, aead: Aead, id_key: bytes, padding: int) -> None:
+        self.aead = aead
+        self._hasher = chunk_hasher(id_key)
+        self.padding = max(1, padding)  # stored blob spans are multiples of this (hides exact chunk sizes)
+
+    def chunk_id(self, raw: bytes | bytearray | memoryview) -> bytes:
+        return bytes(self._hasher(raw).digest())
+
+    def encode(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> tuple[list[bytes], int]:
+        span = BLOB_HEADER.size + len(stored)
+        pad = -span % self.padding
+        inner = SEALED_INNER.pack(codec, 0, raw_len, len(stored), bytes(6))
+        sealed = self.aead.seal(b"".join((inner, stored, bytes(pad))), BLOB_AD + bytes((type_,)) + id_)
+        return [sealed], len(stored) + pad
+
+    def open_blob(self, view: memoryview, pos: int, expect_type: int, expect_id: bytes, stored_len: int,
+                  where: str, offset: int) -> tuple[int, int, int, memoryview]:
+        if pos < 0 or stored_len > MAX_BLOB or expect_type not in BLOB_TYPES:
+            raise IntegrityError(f"{where}: blob at {offset} is out of range")
+        sealed = view[pos : pos + BLOB_HEADER.size + stored_len]
+        if len(sealed) != BLOB_HEADER.size + stored_len:
+            raise IntegrityError(f"{where}: blob at {offset} is truncated")
+        plain = memoryview(self.aead.open(sealed, BLOB_AD + bytes((expect_type,)) + expect_id,
+                                          f"{where}: blob {expect_id.hex()[:16]} at {offset}"))
+        codec, _zero, raw_len, data_len, _zeros = SEALED_INNER.unpack(plain[: SEALED_INNER.size])
+        if data_len > stored_len or raw_len > MAX_BLOB:
+            raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset} has a damaged inner header")
+        return expect_type, codec, raw_len, plain[SEALED_INNER.size : SEALED_INNER.size + data_len]
+
+    def header_problem(self, view: memoryview, pos: int, e: BlobEntry) -> str:
+        if len(view) < pos + blob_span(e.stored_len):
+            return f"blob {e.id.hex()[:16]} at {e.offset} is truncated"
+        try:
+            _t, codec, raw_len, _data = self.open_blob(view, pos, e.type, e.id, e.stored_len, "", e.offset)
+        except IntegrityError as exc:
+            return str(exc).removeprefix(": ")
+        if (codec, raw_len) != (e.codec, e.raw_len):
+            return f"blob {e.id.hex()[:16]} at {e.offset} does not match the trailer"
+        return ""
+
+    def seal_trailer(self, trailer: bytes) -> bytes:
+        return self.aead.seal(trailer, TRAILER_AD)
+
+    def open_trailer(self, stored: bytes, where: str) -> bytes:
+        return self.aead.open(stored, TRAILER_AD, f"{where}: pack trailer")
+
+    def seal(self, data: bytes, ad: bytes) -> bytes:
+        return self.aead.seal(data, ad)
+
+    def unseal(self, data: bytes, ad: bytes, what: str) -> bytes:
+        return self.aead.open(data, ad, what)
+
+
 class PackWriter:
     """Lays out a pack in a store's object writer; ``finish`` makes it a durable, named pack.
 
     The object writer gathers the small writes (a header and the stored bytes per blob) into large ones.
     """
 
-    def __init__(self, out: ObjectWriter) -> None:
+    def __init__(self, out: ObjectWriter, fmt: BlobFormat) -> None:
         self._out = out
-        self._offset = len(PACK_MAGIC)
+        self._fmt = fmt
+        self._offset = len(fmt.pack_magic)
         self.entries: list[BlobEntry] = []
         # The stored bytes of metadata blobs (segments, records, tombstones): a remote repository publishes
         # them in the pack's index object (repo/indexobjects.py), so that other hosts need not read the pack.
         self.metadata: dict[bytes, tuple[int, bytes]] = {}
-        out.write(PACK_MAGIC)
+        out.write(fmt.pack_magic)
 
     @property
     def size(self) -> int:
@@ -85,11 +227,11 @@ class PackWriter:
         return self._out.temp_name
 
     def add(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> BlobEntry:
-        entry = BlobEntry(type_, codec, self._offset, raw_len, len(stored), id_)
-        write = self._out.write
-        write(BLOB_HEADER.pack(BLOB_MAGIC, type_, codec, raw_len, len(stored), id_))
-        write(stored)
-        self._offset += BLOB_HEADER.size + len(stored)
+        pieces, stored_len = self._fmt.encode(type_, id_, codec, stored, raw_len)
+        entry = BlobEntry(type_, codec, self._offset, raw_len, stored_len, id_)
+        for piece in pieces:
+            self._out.write(piece)
+        self._offset += BLOB_HEADER.size + stored_len
         self.entries.append(entry)
         if type_ != CHUNK:
             self.metadata[id_] = (codec, bytes(stored))
@@ -99,15 +241,17 @@ class PackWriter:
         """Write trailer and footer and commit the object as :func:`pack_name` of its id (durable when this
         returns: docs/format.md §8); returns (pack id, size). On an error the caller calls :meth:`abort`.
 
-        The pack id is the blake3 of the trailer, which lists every blob's id (the hash of its content),
-        type, codec, offset and lengths: it names the content without hashing the data a second time.
+        The pack id is the blake3 of the trailer as stored, which lists every blob's id (the hash of its
+        content), type, codec, offset and lengths: it names the content without hashing the data a second
+        time. A sealed trailer's footer does not say how many blobs the pack holds.
         """
-        trailer = msgpack.packb(
+        trailer = self._fmt.seal_trailer(msgpack.packb(
             [[e.type, e.codec, e.offset, e.raw_len, e.stored_len, e.id] for e in self.entries],
             use_bin_type=True,
-        )
+        ))
         pack_id = blob_id(trailer)
-        footer = FOOTER.pack(self._offset, len(trailer), len(self.entries), pack_id, FOOTER_MAGIC)
+        count = 0 if self._fmt.encrypted else len(self.entries)
+        footer = FOOTER.pack(self._offset, len(trailer), count, pack_id, self._fmt.footer_magic)
         self._out.write(trailer)
         self._out.write(footer)
         self._offset += len(trailer) + len(footer)
@@ -152,52 +296,38 @@ def list_packs(store: Store, skipped: list[str] | None = None) -> list[ObjectInf
     return out
 
 
-def read_blob(reader: ObjectReader, entry_offset: int, expect_id: bytes, where: str) -> tuple[int, bytes]:
-    """Read and verify one blob at ``entry_offset``; returns (type, raw bytes)."""
-    if entry_offset < 0:
-        raise IntegrityError(f"{where}: blob offset {entry_offset} is negative")
-    header = reader.pread(BLOB_HEADER.size, entry_offset)
-    if len(header) != BLOB_HEADER.size:
-        raise IntegrityError(f"{where}: blob header at {entry_offset} is truncated")
-    stored_len = BLOB_HEADER.unpack(header)[4]
-    if stored_len > MAX_BLOB:
-        raise IntegrityError(f"{where}: blob header at {entry_offset} is damaged")
-    data = header + reader.pread(stored_len, entry_offset + BLOB_HEADER.size)
-    return parse_blob(memoryview(data), 0, expect_id, where, entry_offset)
+def read_blob(reader: ObjectReader, e: BlobEntry, where: str, fmt: BlobFormat = PLAIN) -> tuple[int, bytes]:
+    """Read and verify the blob of trailer row ``e``; returns (type, raw bytes)."""
+    if e.offset < 0 or e.stored_len > MAX_BLOB:
+        raise IntegrityError(f"{where}: blob offset {e.offset} or length is out of range")
+    data = reader.pread(blob_span(e.stored_len), e.offset)
+    return parse_blob(memoryview(data), 0, e.type, e.id, e.stored_len, where, e.offset, fmt)
 
 
-def read_blob_run(reader: ObjectReader, start: int, length: int, blobs: list[tuple[int, bytes]], where: str
-                  ) -> list[bytes]:
-    """Read adjacent blobs with one pread: ``blobs`` are (offset, id) within ``[start, start+length)``."""
+# A blob of a run: (offset in the pack, id, type, stored length), as the index has it.
+RunBlob = tuple[int, bytes, int, int]
+
+
+def read_blob_run(reader: ObjectReader, start: int, length: int, blobs: list[RunBlob], where: str,
+                  fmt: BlobFormat = PLAIN) -> list[bytes]:
+    """Read blobs near each other with one pread: ``blobs`` lie within ``[start, start+length)``."""
     if start < 0 or length < 0:
         raise IntegrityError(f"{where}: blob run at {start} (+{length}) is out of range")
     pread_view = getattr(reader, "pread_view", None)  # an object store's reader: the bytes as received
     view = memoryview(reader.pread(length, start) if pread_view is None else pread_view(length, start))
-    return [parse_blob(view, offset - start, id_, where, offset)[1] for offset, id_ in blobs]
+    return [parse_blob(view, offset - start, type_, id_, stored_len, where, offset, fmt)[1]
+            for offset, id_, type_, stored_len in blobs]
 
 
-def parse_blob(view: memoryview, pos: int, expect_id: bytes, where: str, offset: int) -> tuple[int, bytes]:
-    """Check and decode the blob whose header starts at ``view[pos]`` (``offset`` in the pack, for messages)."""
-    header = view[pos : pos + BLOB_HEADER.size] if pos >= 0 else b""
-    if len(header) != BLOB_HEADER.size:
-        raise IntegrityError(f"{where}: blob header at {offset} is truncated")
-    magic, type_, codec, raw_len, stored_len, id_ = BLOB_HEADER.unpack(header)
-    if (
-        magic != BLOB_MAGIC
-        or id_ != expect_id
-        or type_ not in BLOB_TYPES
-        or raw_len > MAX_BLOB
-        or stored_len > MAX_BLOB
-    ):
-        raise IntegrityError(f"{where}: blob header at {offset} is damaged")
-    stored = view[pos + BLOB_HEADER.size : pos + BLOB_HEADER.size + stored_len]
-    if len(stored) != stored_len:
-        raise IntegrityError(f"{where}: blob at {offset} is truncated")
+def parse_blob(view: memoryview, pos: int, expect_type: int, expect_id: bytes, stored_len: int, where: str,
+               offset: int, fmt: BlobFormat = PLAIN) -> tuple[int, bytes]:
+    """Check and decode the blob that starts at ``view[pos]`` (``offset`` in the pack, for messages)."""
+    type_, codec, raw_len, stored = fmt.open_blob(view, pos, expect_type, expect_id, stored_len, where, offset)
     try:
         raw = decode_blob(codec, stored, raw_len)
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset}: {_one_line(exc)}") from None
-    if blob_id(raw) != expect_id:
+    if fmt.verify_id(type_, raw) != expect_id:
         raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset} fails its hash")
     return type_, raw
 
@@ -212,23 +342,26 @@ class PackInfo:
     entries: list[BlobEntry]
 
 
-def read_trailer(reader: ObjectReader, where: str | None = None) -> list[BlobEntry]:
+def read_trailer(reader: ObjectReader, fmt: BlobFormat = PLAIN, where: str | None = None) -> list[BlobEntry]:
     """Parse a pack's footer and trailer, with every structural check; raises IntegrityError."""
-    return read_pack_info(reader, where).entries
+    return read_pack_info(reader, fmt, where).entries
 
 
-def read_pack_info(reader: ObjectReader, where: str | None = None) -> PackInfo:
+def read_pack_info(reader: ObjectReader, fmt: BlobFormat = PLAIN, where: str | None = None) -> PackInfo:
     """Footer and trailer of an open pack, with every structural check (docs/format.md §4.4); raises
     IntegrityError naming ``where`` (default: the reader's)."""
     where = reader.where if where is None else where
     size = reader.size
     try:
-        if size < len(PACK_MAGIC) + FOOTER.size:
+        if size < len(fmt.pack_magic) + FOOTER.size:
             raise IntegrityError(f"{where}: pack is truncated")
-        if reader.pread(len(PACK_MAGIC), 0) != PACK_MAGIC:
-            raise IntegrityError(f"{where}: not a pack (bad magic)")
+        magic = reader.pread(len(fmt.pack_magic), 0)
+        if magic != fmt.pack_magic:
+            other = "an encrypted pack in an unencrypted repository" if magic == SEALED_PACK_MAGIC else \
+                "an unencrypted pack in an encrypted repository" if magic == PACK_MAGIC else "not a pack"
+            raise IntegrityError(f"{where}: {other} (bad magic)")
         t_off, t_len, count, t_hash, magic = FOOTER.unpack(reader.pread(FOOTER.size, size - FOOTER.size))
-        if magic != FOOTER_MAGIC or t_off + t_len + FOOTER.size != size:
+        if magic != fmt.footer_magic or t_off + t_len + FOOTER.size != size:
             raise IntegrityError(f"{where}: pack footer is damaged or the pack is truncated")
         trailer = reader.pread(t_len, t_off)
     except OSError as exc:
@@ -237,14 +370,17 @@ def read_pack_info(reader: ObjectReader, where: str | None = None) -> PackInfo:
         raise IntegrityError(f"{where}: pack footer is damaged or the pack is truncated") from None
     if blob_id(trailer) != t_hash:
         raise IntegrityError(f"{where}: pack trailer fails its hash")
-    return PackInfo(bytes(t_hash), size, t_off, parse_trailer(trailer, count, t_off, where))
+    plain = fmt.open_trailer(trailer, where)
+    return PackInfo(bytes(t_hash), size, t_off, parse_trailer(plain, None if fmt.encrypted else count, t_off, where))
 
 
-def parse_trailer(trailer: bytes, count: int, limit: int, where: str) -> list[BlobEntry]:
+def parse_trailer(trailer: bytes, count: int | None, limit: int, where: str) -> list[BlobEntry]:
+    """The rows of a trailer; ``count`` None: as many as it holds (a sealed pack's footer says none)."""
     try:
         # Every msgpack item takes at least a byte: no array can be longer than the trailer.
-        rows = msgpack.unpackb(trailer, use_list=True, raw=False, max_array_len=max(min(count, len(trailer)), 6))
-        if not isinstance(rows, list) or len(rows) != count:
+        bound = len(trailer) if count is None else min(count, len(trailer))
+        rows = msgpack.unpackb(trailer, use_list=True, raw=False, max_array_len=max(bound, 6))
+        if not isinstance(rows, list) or (count is not None and len(rows) != count):
             raise ValueError("wrong blob count")
         entries = []
         for row in rows:

@@ -15,8 +15,10 @@ pinned while copying, never while waiting for a fetch, so fetches always find a 
 
 Protocol, over each worker's stdin and stdout (trusted: the worker is our own child). A worker gets the store's
 description (``Store.spec()``, as JSON on its command line) and opens packs there by name, never by path; it
+is first sent how to read blobs (``[nil]``, or ``[keys]`` of an encrypted repository: never on its command line),
 starts by sending ``u32 n`` + msgpack ``["ready"]``, then answers requests in order:
-request  ``u32 n`` + msgpack ``[task, slot, pack name, start, length, [blob offsets], [blob ids], where]``
+request  ``u32 n`` + msgpack ``[task, slot, pack name, start, length, [[offset, id, type, stored length], ...],
+         where]``
 answer   ``u32 n`` + msgpack ``[task, True, [raw lengths]]`` (the bytes are in the slot)
       or ``u32 n`` + msgpack ``[task, False, message]`` when a blob is damaged (IntegrityError in the caller).
 A worker that dies fails its outstanding tasks (ReadPoolError, exit code 17 like damage: the read fails,
@@ -41,6 +43,7 @@ from typing import NamedTuple
 
 import msgpack
 
+from dedupimg.core.crypto import Aead
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.parallel import worker_count
 from dedupimg.repo import pack
@@ -121,6 +124,8 @@ def worker_main(arena_fd: int, slot_bytes: int, slots: int, spec: StoreSpec, inp
     With ``threads`` > 1 (an object store, where each read is a request that waits on the network) several
     requests are worked on at once and answered as they finish; the server matches answers by task."""
     arena = memoryview(mmap.mmap(arena_fd, slot_bytes * slots))
+    first = _receive(inp)  # the first message: how to read blobs (an encrypted repository's keys)
+    fmt = blob_format_of(first[0] if first else None)
     store = open_store(spec)
     readers: OrderedDict[str, ObjectReader] = OrderedDict()
     lock = threading.Lock()  # readers, and the answer pipe
@@ -140,13 +145,13 @@ def worker_main(arena_fd: int, slot_bytes: int, slots: int, spec: StoreSpec, inp
         return reader
 
     def serve(msg: list[object]) -> None:
-        task, slot, name, start, length, offsets, ids, where = msg
+        task, slot, name, start, length, blobs, where = msg
         assert isinstance(name, str) and isinstance(slot, int) and isinstance(where, str)
         assert isinstance(start, int) and isinstance(length, int)
-        assert isinstance(offsets, list) and isinstance(ids, list)
+        assert isinstance(blobs, list)
         try:
             reader = reader_of(name, where)
-            raws = pack.read_blob_run(reader, start, length, list(zip(offsets, ids, strict=True)), where)
+            raws = pack.read_blob_run(reader, start, length, [tuple(b) for b in blobs], where, fmt)
             if sum(len(r) for r in raws) > slot_bytes:
                 raise IntegrityError(f"{where}: the blobs at {start} are larger than the index says")
         except IntegrityError as exc:
@@ -171,6 +176,14 @@ def worker_main(arena_fd: int, slot_bytes: int, slots: int, spec: StoreSpec, inp
             pool.submit(serve, msg)
 
 
+def blob_format_of(doc: object) -> pack.BlobFormat:
+    """The blob format a worker was sent: plain (None), or sealed with the keys in ``doc``."""
+    if doc is None:
+        return pack.PLAIN
+    assert isinstance(doc, dict)
+    return pack.SealedFormat(Aead(doc["aead"], doc["enc"]), doc["id"], doc["padding"])
+
+
 # -- the serving side -------------------------------------------------------------------------------------------
 
 
@@ -190,6 +203,10 @@ class _Worker:
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.inp, self.out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        try:
+            _send(self.inp, [pool.blob_format])  # (keys through the pipe: never on a command line)
+        except OSError:
+            pass  # a worker dead at birth: its answer thread finds the pipe closed
         self.pending: dict[int, tuple[Future[Landed], int]] = {}  # task -> (its future, its slot)
         self.alive = True
         self.ready = threading.Event()
@@ -253,8 +270,10 @@ class ReadPool:
     being refilled until :meth:`unpin`.
     """
 
-    def __init__(self, workers: int, slot_bytes: int, slots: int, store_spec: StoreSpec, threads: int = 1) -> None:
+    def __init__(self, workers: int, slot_bytes: int, slots: int, store_spec: StoreSpec, threads: int = 1,
+                 blob_format: dict[str, object] | None = None) -> None:
         self.store_spec = store_spec  # what the workers open packs from
+        self.blob_format = blob_format  # what they read blobs with (Repository.blob_format_doc)
         self.threads = threads  # runs each worker reads at once
         self.lock = threading.Lock()
         self._slot_free = threading.Condition(self.lock)
@@ -316,7 +335,7 @@ class ReadPool:
 
     # -- work -----------------------------------------------------------------------------------------------
 
-    def submit(self, name: str, start: int, length: int, blobs: list[tuple[int, bytes]], where: str
+    def submit(self, name: str, start: int, length: int, blobs: list[pack.RunBlob], where: str
                ) -> Future[Landed] | None:
         """The run's future; None when no worker is left to take it (the caller reads it itself)."""
         future: Future[Landed] = Future()
@@ -335,8 +354,7 @@ class ReadPool:
             return None
         try:
             with worker.write_lock:  # requests from several threads must not interleave in the pipe
-                _send(worker.inp, [task, slot, name, start, length, [o for o, _ in blobs],
-                                   [i for _, i in blobs], where])
+                _send(worker.inp, [task, slot, name, start, length, [list(b) for b in blobs], where])
         except OSError:
             with self.lock:
                 worker.alive = False

@@ -29,10 +29,10 @@ from dedupimg.core.errors import IntegrityError
 from dedupimg.core.fsutil import DIR_MODE, fsync_dir
 from dedupimg.core.manifest import SnapshotRecord, decode_segment, decode_tombstone
 from dedupimg.core.progress import NoProgress, Progress
-from dedupimg.repo import indexobjects, integrity, pack
+from dedupimg.repo import indexobjects, integrity, keys, pack
 from dedupimg.repo.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack
-from dedupimg.repo.repository import INDEX, TMP, Repository, cache_home, read_remote_config, store_for
-from dedupimg.store import Store, location_spec, open_store
+from dedupimg.repo.repository import INDEX, TMP, Repository, cache_home
+from dedupimg.store import Store, location_spec
 from dedupimg.store.lock import LockMode
 
 
@@ -67,26 +67,24 @@ def repair_index(location: Path | str, lock_wait: float = 0.0, progress: Progres
     started = _time.monotonic()
     spec = location_spec(str(location))
     progress = progress or NoProgress()
-    if spec["kind"] == "local":
-        path = Path(spec["root"])
-        Repository.read_config(path)  # a missing or non-repository path fails before any lock file is made
-        store = store_for(path)
-    else:
-        store = open_store(spec)
-        config = read_remote_config(store)
+    # A missing or non-repository path fails before any lock file is made; an encrypted one needs its password.
+    config, unlocked, store = Repository.read_config_and_keys(location)
+    fmt = pack.PLAIN if unlocked is None else keys.blob_format(config, unlocked.master)
+    path = Path(spec["root"]) if spec["kind"] == "local" else Path()
     try:
         with store.lock(LockMode.EXCLUSIVE, lock_wait, "repair index"):
             if spec["kind"] != "local":
                 path = cache_home(None, config.repo_id)
                 os.makedirs(path / TMP, DIR_MODE, exist_ok=True)
-            report = _repair_under_lock(path, store, progress, remote=spec["kind"] != "local")
+            report = _repair_under_lock(path, store, progress, fmt, remote=spec["kind"] != "local")
     finally:
         store.close()
     report.seconds = _time.monotonic() - started
     return report
 
 
-def _repair_under_lock(path: Path, store: Store, progress: Progress, remote: bool) -> RepairReport:
+def _repair_under_lock(path: Path, store: Store, progress: Progress, fmt: pack.BlobFormat, remote: bool
+                       ) -> RepairReport:
     report = RepairReport()
     tmp = path / TMP
     # Under the exclusive lock no other repair runs: any rebuild or old index in tmp/ is a leftover.
@@ -99,13 +97,13 @@ def _repair_under_lock(path: Path, store: Store, progress: Progress, remote: boo
     try:
         index = Index(work, create=True)
         try:
-            listings = _rebuild(store, index, report, progress, collect=remote)
+            listings = _rebuild(store, index, report, progress, fmt, collect=remote)
             old: set[str] = set()
             if remote:
                 # One index object lists every pack registered; it is durable before the old ones go, so
                 # other hosts always find each live pack listed (their caches rebuild: the old names vanish).
                 old = indexobjects.names(store)
-                name = indexobjects.publish(store, listings)
+                name = indexobjects.publish(store, listings, fmt)
                 index.replace_objects([], {name: [sealed.id for sealed, _ in listings]})
                 old.discard(name)
         finally:
@@ -120,8 +118,8 @@ def _repair_under_lock(path: Path, store: Store, progress: Progress, remote: boo
 Listing = tuple[SealedPack, dict[bytes, tuple[int, bytes]]]
 
 
-def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progress, collect: bool = False
-             ) -> list[Listing]:
+def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progress, fmt: pack.BlobFormat,
+             collect: bool = False) -> list[Listing]:
     """Fill ``index`` from the packs of ``store``; returns each registered pack, with its metadata blobs when
     ``collect`` (a remote repository's new index object needs them: then all of them are held in memory)."""
     skipped: list[str] = []
@@ -131,7 +129,7 @@ def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progres
     listings: dict[str, Listing] = {}
     progress.start("repair index: read pack trailers", len(names))
     for name in names:
-        sealed, entries = _register(index, store, name, report)
+        sealed, entries = _register(index, store, name, report, fmt)
         if sealed is not None:
             listings[name] = (sealed, {})
         if entries:
@@ -150,7 +148,7 @@ def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progres
         new_segments: list[NewSegment] = []
         if collect:
             listings[name][1].update((e.id, (pack.RAW, read[e.id])) for e in entries if e.id in read)
-        for entry, raw in integrity.read_blobs(store, name, [e for e in entries if e.id not in done]):
+        for entry, raw in integrity.read_blobs(store, name, [e for e in entries if e.id not in done], fmt):
             if isinstance(raw, str):
                 report.damaged_blobs.append(raw)
                 continue  # another copy, in another pack, may still read
@@ -198,12 +196,12 @@ def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progres
     return list(listings.values())
 
 
-def _register(index: Index, store: Store, name: str, report: RepairReport
+def _register(index: Index, store: Store, name: str, report: RepairReport, fmt: pack.BlobFormat
               ) -> tuple[SealedPack | None, list[pack.BlobEntry]]:
     """Register one pack with all its blobs; returns it and its metadata entries (None, [] when skipped)."""
     file_name = integrity.base_name(name)
     try:
-        info = integrity.read_pack_info(store, name)
+        info = integrity.read_pack_info(store, name, fmt)
     except IntegrityError as exc:
         report.damaged_packs.append((file_name, str(exc).replace(f"{store.location(name)}: ", "")))
         return None, []

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dedupimg.core import interrupts
-from dedupimg.core.config import ChunkerParams, Config
+from dedupimg.core.config import ENCRYPTED_VERSION, ChunkerParams, Config, SealedConfig, parse_config_file
+from dedupimg.core.crypto import AEADS, MasterKeys
 from dedupimg.core.errors import (
     AmbiguousSnapshot,
     DedupimgError,
@@ -35,9 +36,10 @@ from dedupimg.core.errors import (
 from dedupimg.core.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
 from dedupimg.core.manifest import Segment, SnapshotRecord, decode_segment, decode_tombstone, encode_tombstone
 from dedupimg.core.parallel import worker_count
+from dedupimg.core.password import REPOSITORY, PasswordSource
 from dedupimg.core.progress import Progress
 from dedupimg.repo import audit as audit_mod
-from dedupimg.repo import compaction, indexobjects, pack, readpool
+from dedupimg.repo import compaction, indexobjects, keys, pack, readpool
 from dedupimg.repo.index import DATA_FILE, BlobLocation, Index, NewSegment, NewSnapshot, SealedPack, SyncReport
 from dedupimg.repo.readpool import Landed, ReadPool
 from dedupimg.store import Store, location_spec, open_store
@@ -106,12 +108,13 @@ def _enclosing_repository(path: Path) -> Path | None:
 
 @dataclass
 class _Run:
-    """Blobs that lie back to back in one pack: ``blobs`` are (offset, id) within [start, start+length)."""
+    """Blobs that lie back to back in one pack: ``blobs`` (offset, id, type, stored length) within
+    [start, start+length)."""
 
     pack_no: int
     start: int
     length: int
-    blobs: list[tuple[int, bytes]]
+    blobs: list[pack.RunBlob]
     raw: int = 0  # raw bytes of its blobs
 
 
@@ -136,10 +139,13 @@ class Repository:
     """
 
     def __init__(self, path: Path, config: Config, store: Store | None = None, owns_store: bool = False,
-                 remote: bool = False) -> None:
+                 remote: bool = False, unlocked: keys.Unlocked | None = None) -> None:
         self.path = path
         self.config = config
         self.remote = remote
+        # How blobs are laid out: plain (version 1), or sealed with the master keys (version 2).
+        self.unlocked = unlocked
+        self.blobs: pack.BlobFormat = pack.PLAIN if unlocked is None else keys.blob_format(config, unlocked.master)
         self.store: Store = store_for(path) if store is None else store  # every pack is read and written here
         self._owns_store = store is None or owns_store  # a store given by the caller is the caller's to close
         # Where users find the repository: the directory, or the store's URL (s3:http://host/bucket/prefix).
@@ -163,18 +169,39 @@ class Repository:
         pack_size: int | None = None,
         compression_level: int | None = None,
         cache_dir: Path | str | None = None,
+        encryption: str = "none",
+        password: PasswordSource = REPOSITORY,
+        hashing_of: MasterKeys | None = None,
+        copied_params: bool = False,
+        padding: int | None = None,
     ) -> Repository:
-        """Create a repository at ``location``: a local directory, or ``s3:...`` (store/__init__.py)."""
+        """Create a repository at ``location``: a local directory, or ``s3:...`` (store/__init__.py).
+
+        ``encryption`` an AEAD of core/crypto.py: an encrypted repository, with a key for the password of
+        ``password`` (asked twice on a terminal). ``copied_params``: ``chunker`` is another repository's, whose
+        master keys are ``hashing_of`` (None: it is unencrypted): chunk ids and cut points as there."""
         spec = location_spec(str(location))
         config = Config(chunker=chunker or ChunkerParams())
+        master: MasterKeys | None = None
+        if encryption != "none":
+            if encryption not in AEADS:
+                raise UsageError(f"unknown encryption {encryption!r}: use one of {', '.join(AEADS)} or none")
+            config = replace(config, version=ENCRYPTED_VERSION, encryption=encryption)
+            if padding is not None:
+                config = replace(config, padding=padding)
+            master = MasterKeys.generate()
+            if copied_params:  # from another repository: cut and name chunks as it does
+                master = master.with_hashing_of(hashing_of)
+            config = keys.with_key_seed(config, master)
         if pack_size:
             config = replace(config, pack_size=pack_size)
         if compression_level is not None:
             if not -7 <= compression_level <= 22:
                 raise UsageError(f"compression level must be from -7 to 22, got {compression_level}")
             config = replace(config, compression_level=compression_level)
+        secret = password.get("new repository", confirm=True) if master is not None else b""
         if spec["kind"] != "local":
-            return cls._init_remote(open_store(spec), config, cache_dir)
+            return cls._init_remote(open_store(spec), config, cache_dir, master, secret)
         path = Path(spec["root"])
         outer = _enclosing_repository(path)
         if outer is not None:
@@ -191,16 +218,21 @@ class Repository:
         else:
             make_dirs(path)
         # tmp/, packs/ and packs/00 ... packs/ff; the 256 entries are made durable by one fsync of packs/.
-        LocalStore(path).initialize(pack.pack_levels())
+        store = LocalStore(path)
+        store.initialize(pack.pack_levels() + ([keys.KEYS_PREFIX.rstrip("/")] if master is not None else []))
         os.mkdir(path / INDEX, DIR_MODE)
         Index(path / INDEX, create=True).close()
+        unlocked = None
+        if master is not None:
+            unlocked = keys.Unlocked(master, keys.add_key(store, master, config.encryption, secret), config.encryption)
         # The config is written last: a directory without it is not (yet) a repository.
         fsync_dir(path)
-        atomic_write(path / CONFIG, config.to_bytes())
-        return cls(path, config)
+        atomic_write(path / CONFIG, _config_file(config, master))
+        return cls(path, config, unlocked=unlocked)
 
     @classmethod
-    def _init_remote(cls, store: Store, config: Config, cache_dir: Path | str | None) -> Repository:
+    def _init_remote(cls, store: Store, config: Config, cache_dir: Path | str | None, master: MasterKeys | None,
+                     secret: bytes) -> Repository:
         """A new repository in an object store: the bucket made if missing, the config object written last."""
         try:
             make_bucket = getattr(store, "create_bucket", None)
@@ -214,50 +246,55 @@ class Repository:
                                        "repository there")
             home = cache_home(cache_dir, config.repo_id)
             Index(_fresh_cache(home), create=True).close()
+            unlocked = None
+            if master is not None:
+                name = keys.add_key(store, master, config.encryption, secret)
+                unlocked = keys.Unlocked(master, name, config.encryption)
             writer = store.create()
             try:
-                writer.write(config.to_bytes())
+                writer.write(_config_file(config, master))
                 writer.commit(CONFIG)
             except BaseException:
                 writer.abort()
                 raise
-            return cls(home, config, store, owns_store=True, remote=True)
+            return cls(home, config, store, owns_store=True, remote=True, unlocked=unlocked)
         except BaseException:
             store.close()
             raise
 
     @classmethod
     def open(cls, location: Path | str, lock: LockMode | None = None, lock_wait: float = 0.0, purpose: str = "",
-             cache_dir: Path | str | None = None) -> Repository:
+             cache_dir: Path | str | None = None, password: PasswordSource = REPOSITORY) -> Repository:
         """Open a repository; with ``lock``, hold the store's repository lock (local: a flock on REPO/lock)
         until :meth:`close`.
 
         snapshot, restore, mount and serve take a SHARED lock, forget and prune an EXCLUSIVE one; a conflicting
         holder is waited for up to ``lock_wait`` seconds (RepositoryLocked then). ``purpose`` names the command
         in lock messages. A remote repository's cache (``cache_dir``, $DEDUPIMG_CACHE_DIR or
-        :func:`default_cache_root`) is brought up to date with the store once the lock is held.
+        :func:`default_cache_root`) is brought up to date with the store once the lock is held. An encrypted
+        repository takes the password of ``password`` (WrongPassword, exit 22, when it opens no key).
         """
         spec = location_spec(str(location))
         remote = spec["kind"] != "local"
         if remote:
             store = open_store(spec)
-            try:
-                config = read_remote_config(store)
-            except BaseException:
-                store.close()
-                raise
             path = Path()
         else:
             path = Path(spec["root"])
-            config = cls.read_config(path)
-            store = store_for(path)
+            store = None
+        try:
+            config, unlocked, store = cls.read_config_and_keys(location, password, store)
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
         held = store.lock(lock, lock_wait, purpose) if lock is not None else None
         try:
             if held is not None:
                 held.acquire()
             if remote:
                 path = cache_home(cache_dir, config.repo_id)
-            repo = cls(path, config, store, owns_store=True, remote=remote)
+            repo = cls(path, config, store, owns_store=True, remote=remote, unlocked=unlocked)
             if remote:
                 try:
                     repo.sync()
@@ -274,8 +311,45 @@ class Repository:
         return repo
 
     @staticmethod
+    def read_config_and_keys(location: Path | str, password: PasswordSource = REPOSITORY, store: Store | None = None
+                             ) -> tuple[Config, keys.Unlocked | None, Store]:
+        """The config of the repository at ``location`` (its store: ``store``, or one opened here), and for an
+        encrypted one the master keys the password opens. Neither index nor lock is touched (repair and
+        ``init --copy-chunker-params-from`` use it)."""
+        spec = location_spec(str(location))
+        if spec["kind"] != "local":
+            store = store if store is not None else open_store(spec)
+            try:
+                parsed = read_remote_config(store)
+            except BaseException:
+                store.close()
+                raise
+            where = store.location(CONFIG)
+        else:
+            path = Path(spec["root"])
+            parsed = Repository.read_config_file(path)
+            store = store if store is not None else store_for(path)
+            where = str(path / CONFIG)
+        if isinstance(parsed, Config):
+            return parsed, None, store
+        try:
+            config, unlocked = keys.open_sealed_config(store, parsed, password, where)
+        except BaseException:
+            store.close()
+            raise
+        return config, unlocked, store
+
+    @staticmethod
     def read_config(path: Path) -> Config:
-        """The repository's config, checked; the index is not opened (repair works without it)."""
+        """The config of an unencrypted local repository, checked; the index is not opened."""
+        parsed = Repository.read_config_file(path)
+        if isinstance(parsed, SealedConfig):
+            raise UsageError(f"{path} is encrypted: open it with its password")
+        return parsed
+
+    @staticmethod
+    def read_config_file(path: Path) -> Config | SealedConfig:
+        """The repository's config file, checked; the index is not opened (repair works without it)."""
         try:
             if not path.exists():
                 raise RepositoryNotFound(f"repository {path} does not exist")
@@ -286,7 +360,7 @@ class Repository:
             raise PermissionDenied(f"cannot read repository {path}: permission denied") from None
         except OSError as exc:
             raise NotARepository(f"cannot read {path / CONFIG}: {exc.strerror}") from None
-        return Config.from_bytes(raw, str(path / CONFIG))
+        return parse_config_file(raw, str(path / CONFIG))
 
     def sync(self) -> SyncReport:
         """Bring a remote repository's cache up to date with the index objects in the store: add new ones;
@@ -301,14 +375,14 @@ class Repository:
         if not have - present:  # nothing gone: add what is new, if anything
             if present == have:
                 return SyncReport()
-            report = self.index.sync(indexobjects.fetch(self.store, present - have))
+            report = self.index.sync(indexobjects.fetch(self.store, present - have, self.blobs))
             if not report.left_out:
                 return report
             # A new record names a segment (or a segment a chunk) that this cache has no row for, while the
             # index objects list it: this host's prune dropped the rows of dead blobs in packs it kept, and
             # another host, whose cache was rebuilt from the objects, reused them. Rebuilding this cache from
             # the objects brings those rows back, so the record is listed and its data is never pruned.
-        return self.index.sync(indexobjects.fetch(self.store, present), replace=True)
+        return self.index.sync(indexobjects.fetch(self.store, present, self.blobs), replace=True)
 
     def check_lock(self) -> None:
         """RepositoryLocked unless the lock this repository was opened with is still held (an object store's
@@ -324,11 +398,12 @@ class Repository:
         gone = set(pack_ids)
         affected = [n for n, ids in self.index.index_objects().items() if gone.intersection(ids)]
         added: dict[str, list[bytes]] = {}
-        for listings in indexobjects.fetch(self.store, affected).values():
+        for listings in indexobjects.fetch(self.store, affected, self.blobs).values():
             keep = [ls for ls in listings if ls.sealed.id not in gone]
             if keep:
                 name = indexobjects.publish(self.store, [(ls.sealed, {i: (pack.RAW, raw) for i, raw in
-                                                                      ls.metadata.items()}) for ls in keep])
+                                                                      ls.metadata.items()}) for ls in keep],
+                                            self.blobs)
                 added[name] = [ls.sealed.id for ls in keep]
         # The replacements are durable first; then the store drops the old objects, and only then this cache
         # records the change: killed before that, the cache still names an object that is gone, so its next
@@ -367,12 +442,12 @@ class Repository:
             return [raw for run in self._runs(ids, MAX_READ) for raw in self._read_run(run)]
         found: dict[bytes, bytes] = {}  # runs grouped by pack (below): put back in the order asked
         for run in self._runs(ids, MAX_READ):
-            found.update(zip((i for _, i in run.blobs), self._read_run(run), strict=True))
+            found.update(zip((b[1] for b in run.blobs), self._read_run(run), strict=True))
         return [found[i] for i in ids]
 
     def _read_run(self, run: _Run) -> list[bytes]:
         with self._packs.use(run.pack_no) as reader:
-            return pack.read_blob_run(reader, run.start, run.length, run.blobs, f"pack #{run.pack_no}")
+            return pack.read_blob_run(reader, run.start, run.length, run.blobs, f"pack #{run.pack_no}", self.blobs)
 
     # -- reading for servers: a pool of worker processes (readpool.py says why) --------------------------------
 
@@ -382,7 +457,21 @@ class Repository:
         if self._pool is None and workers > 0 and hasattr(os, "memfd_create") and self.store.cross_process:
             slot = max(POOL_RUN, self.config.chunker.max_size)  # (not Linux, or an in-memory store: read here)
             self._pool = ReadPool(workers, slot, max(16, cache_bytes // slot), self.store.spec(),
-                                  threads=REMOTE_READS_PER_WORKER if self.remote else 1)
+                                  threads=REMOTE_READS_PER_WORKER if self.remote else 1,
+                                  blob_format=self.blob_format_doc())
+
+    def chunk_id(self, raw: bytes | bytearray | memoryview) -> bytes:
+        """The id a chunk of these bytes has here: blake3, keyed in an encrypted repository."""
+        return self.blobs.chunk_id(raw)
+
+    def blob_format_doc(self) -> dict[str, object] | None:
+        """What a read worker process needs to read this repository's blobs (None: plain). It holds the
+        master keys: it goes to the worker through its pipe, never on a command line or in the environment."""
+        if self.unlocked is None:
+            return None
+        master = self.unlocked.master
+        return {"aead": self.config.encryption, "enc": master.encryption, "id": master.id_key,
+                "padding": self.config.padding}
 
     @property
     def concurrent_reads(self) -> int:
@@ -420,7 +509,7 @@ class Repository:
                     future.set_result(Landed(None, 0, self._read_run(run)))
                 except IntegrityError as exc:
                     future.set_exception(exc)
-            out.append(([id_ for _, id_ in run.blobs], future))
+            out.append(([b[1] for b in run.blobs], future))
         return out
 
     def _runs(self, ids: list[bytes], max_run: int, max_raw: int | None = None) -> list[_Run]:
@@ -453,7 +542,7 @@ class Repository:
                     or end - run.start > max_run or (max_raw is not None and run.raw + loc.raw_len > max_raw):
                 run = _Run(loc.pack_no, loc.offset, 0, [])
                 runs.append(run)
-            run.blobs.append((loc.offset, id_))
+            run.blobs.append((loc.offset, id_, loc.type, loc.stored_len))
             run.length = end - run.start
             run.raw += loc.raw_len
         return runs
@@ -538,7 +627,7 @@ class Repository:
 
     def new_pack(self) -> pack.PackWriter:
         """A pack being written, in a new object of the store (a temp file in ``tmp/``) until :meth:`seal`."""
-        return pack.PackWriter(self.store.create())
+        return pack.PackWriter(self.store.create(), self.blobs)
 
     def seal(self, writer: pack.PackWriter) -> SealedPack:
         """The one way a pack is finished: trailer and footer written and the object committed by the store
@@ -555,7 +644,7 @@ class Repository:
             # The pack's index object: the commit point for every other host (repo/indexobjects.py). If it
             # cannot be written, the pack goes too (best effort), as a local pack whose commit failed does:
             # an orphan holding a snapshot record would stop prune until 'repair index'.
-            data = indexobjects.encode([(sealed, writer.metadata)])
+            data = indexobjects.encode([(sealed, writer.metadata)], self.blobs)
             name = indexobjects.name_of(data)
             try:
                 indexobjects.write(self.store, name, data)
@@ -842,7 +931,12 @@ class BlobWriter:
             self._uploads = None
 
 
-def read_remote_config(store: Store) -> Config:
+def _config_file(config: Config, master: MasterKeys | None) -> bytes:
+    """The bytes of the config file: the config, or for an encrypted repository its sealed form."""
+    return config.to_bytes() if master is None else keys.seal_config(config, master).to_bytes()
+
+
+def read_remote_config(store: Store) -> Config | SealedConfig:
     """The config object of a repository in an object store."""
     where = store.location(CONFIG)
     try:
@@ -854,7 +948,7 @@ def read_remote_config(store: Store) -> Config:
                                      "'init' makes it)") from None
         raise NotARepository(f"{store.location('').rstrip('/')} is not a dedupimg repository (no config object)"
                              ) from None
-    return Config.from_bytes(raw, where)
+    return parse_config_file(raw, where)
 
 
 def _fresh_cache(home: Path) -> Path:

@@ -214,6 +214,17 @@ class StoreLock(Protocol):
                  tb: TracebackType | None) -> None: ...
 
 
+def write_object(store: Store, name: str, data: bytes) -> None:
+    """Write a small object whole, durably, as ``name`` (an existing one is replaced); nothing on an error."""
+    writer = store.create()
+    try:
+        writer.write(data)
+        writer.commit(name)
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def check_name(name: str) -> str:
     """``name`` if it is a valid object name (relative, no empty, ``.`` or ``..`` level); else StoreError."""
     parts = name.split("/")

@@ -32,7 +32,13 @@ def test_init_creates_owner_only_repository(tmp_path):
     assert "created repository" in out
     assert stat.S_IMODE(repo.stat().st_mode) == 0o700
     assert stat.S_IMODE((repo / "config").stat().st_mode) == 0o600
-    assert json.loads((repo / "config").read_text())["chunker"]["avg_size"] == 16384
+    doc = json.loads((repo / "config").read_text())
+    assert doc["encryption"] in ("aes-256-gcm", "chacha20-poly1305") and doc["version"] == 2 and set(doc) == {
+        "format", "version", "repo_id", "encryption", "sealed"}  # nothing else shows: the rest is sealed
+    assert [p.name for p in (repo / "keys").iterdir()] and stat.S_IMODE((repo / "keys").stat().st_mode) == 0o700
+    plain = tmp_path / "plain"
+    assert "unencrypted" in ok(run_cli("-r", plain, "init", "--encryption", "none"))
+    assert json.loads((plain / "config").read_text())["chunker"]["avg_size"] == 16384
 
 
 def test_init_refuses_non_empty_directory(tmp_path):

@@ -118,7 +118,7 @@ def test_other_chunker_parameters_still_copy_whole(src, tmp_path):
         assert restores(dst, dst.resolve(rec.hex_id), V1, tmp_path)
         assert restores(dst, own, V1, tmp_path)
         audit_clean(dst)
-    assert repository_config(str(tmp_path / "src")).chunker == src.config.chunker
+    assert repository_config(str(tmp_path / "src"))[0].chunker == src.config.chunker
 
 
 def test_small_batches(src, dst, tmp_path, monkeypatch):

@@ -244,8 +244,9 @@ def test_base_encodings_decode_correctly() -> None:
     path = write_file(base.data)
     assert trailer(path) == base.entries
     with open_file(path) as reader:
-        got = [pack.read_blob(reader, e.offset, e.id, WHERE) for e in base.entries]
-        run = pack.read_blob_run(reader, 8, base.trailer_offset - 8, [(e.offset, e.id) for e in base.entries], WHERE)
+        got = [pack.read_blob(reader, e, WHERE) for e in base.entries]
+        locs = [(e.offset, e.id, e.type, e.stored_len) for e in base.entries]
+        run = pack.read_blob_run(reader, 8, base.trailer_offset - 8, locs, WHERE)
     assert got == base.blobs
     assert run == [raw for _, raw in base.blobs]
     seg = decode_segment(base.blobs[3][1])
@@ -280,12 +281,12 @@ def read_blobs(data: bytes, base: BasePack) -> None:
     path = write_file(data)
     with open_file(path) as reader:
         for e, blob in zip(base.entries, base.blobs, strict=True):
-            got = clean(pack.read_blob, reader, e.offset, e.id, WHERE, about=WHERE)
+            got = clean(pack.read_blob, reader, e, WHERE, about=WHERE)
             if got is not None:
                 # The id covers the raw bytes, not the header's type byte (a flipped one reads back as
                 # another valid type): the bytes must be the original ones.
                 assert got[1] == blob[1] and got[0] in pack.BLOB_TYPES
-        locs = [(e.offset, e.id) for e in base.entries]
+        locs = [(e.offset, e.id, e.type, e.stored_len) for e in base.entries]
         got = clean(pack.read_blob_run, reader, 8, base.trailer_offset - 8, locs, WHERE, about=WHERE)
         assert got is None or got == [raw for _, raw in base.blobs]
 
@@ -390,13 +391,15 @@ def test_read_blob_crafted_headers(type_: int, codec: int, raw_len: int, stored:
     blob = _blob(type_, codec, raw_len, stored, id_)
     path = write_file(pack.PACK_MAGIC + blob + junk)
     with open_file(path) as reader:
-        got = clean(pack.read_blob, reader, 8, id_, WHERE, about=WHERE)
+        entry = pack.BlobEntry(type_, codec, 8, raw_len, len(stored), id_)
+        got = clean(pack.read_blob, reader, entry, WHERE, about=WHERE)
         if got is not None:
             assert got[0] in pack.BLOB_TYPES and pack.blob_id(got[1]) == id_
             assert len(got[1]) == raw_len
-        clean(pack.read_blob, reader, at, id_, WHERE, about=WHERE)  # wrong or negative offsets
-        run = clean(pack.read_blob_run, reader, 8, len(blob) + len(junk), [(8, id_), (8 + at, id_)], WHERE,
-                    about=WHERE)
+        at_entry = pack.BlobEntry(type_, codec, at, raw_len, len(stored), id_)
+        clean(pack.read_blob, reader, at_entry, WHERE, about=WHERE)  # wrong or negative offsets
+        run = clean(pack.read_blob_run, reader, 8, len(blob) + len(junk),
+                    [(8, id_, type_, len(stored)), (8 + at, id_, type_, len(stored))], WHERE, about=WHERE)
         assert run is None or all(pack.blob_id(r) == id_ for r in run)
 
 
@@ -426,7 +429,7 @@ def test_blob_header_claiming_4_gib_is_damaged() -> None:
     id_ = pack.blob_id(stored)
     path = write_file(pack.PACK_MAGIC + _blob(pack.CHUNK, pack.RAW, 2**32 - 1, stored, id_))
     with open_file(path) as reader, pytest.raises(IntegrityError, match="damaged"):
-        pack.read_blob(reader, 8, id_, WHERE)
+        pack.read_blob(reader, pack.BlobEntry(pack.CHUNK, pack.RAW, 8, 2**32 - 1, len(stored), id_), WHERE)
 
 
 def _small_peak(fn: Callable[[], object], error: type[DedupimgError]) -> int:

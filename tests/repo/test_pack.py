@@ -32,8 +32,9 @@ def test_round_trip_without_index(tmp_path: Path):
     assert entries[1].codec == pack.RAW  # random data is stored raw
     with open_file(path) as reader:
         for e, b in zip(entries, blobs, strict=True):
-            assert pack.read_blob(reader, e.offset, e.id, "t") == (pack.CHUNK, b)
-        run = pack.read_blob_run(reader, 8, entries[-1].end - 8, [(e.offset, e.id) for e in entries], "t")
+            assert pack.read_blob(reader, e, "t") == (pack.CHUNK, b)
+        locs = [(e.offset, e.id, e.type, e.stored_len) for e in entries]
+        run = pack.read_blob_run(reader, 8, entries[-1].end - 8, locs, "t")
     assert run == blobs
     info = pack.read_pack_info(MemoryReader(path.read_bytes()))
     assert (info.size, info.trailer_offset, info.entries) == (path.stat().st_size, entries[-1].end, entries)
@@ -44,7 +45,7 @@ def test_the_same_pack_in_any_store(tmp_path: Path):
     """The bytes of a pack depend on its blobs only, not on the store it is written to."""
     path, blobs = _write_pack(tmp_path)
     store = MemoryStore()
-    writer = pack.PackWriter(store.create())
+    writer = pack.PackWriter(store.create(), pack.PLAIN)
     for e in trailer(path):
         raw = path.read_bytes()[e.data_offset : e.data_offset + e.stored_len]
         writer.add(e.type, e.id, e.codec, raw, e.raw_len)
@@ -56,7 +57,7 @@ def test_the_same_pack_in_any_store(tmp_path: Path):
 def test_an_aborted_pack_leaves_nothing(tmp_path: Path):
     store = LocalStore(tmp_path)
     store.initialize(pack.pack_levels())
-    writer = pack.PackWriter(store.create())
+    writer = pack.PackWriter(store.create(), pack.PLAIN)
     writer.add(pack.CHUNK, pack.blob_id(b"x"), pack.RAW, b"x", 1)
     writer.abort()
     assert pack.list_packs(store) == [] and store.list("tmp/").objects == []
@@ -83,9 +84,9 @@ def test_flipped_byte_in_blob_is_detected(tmp_path: Path):
     data[entries[1].data_offset + 100] ^= 0x01
     path.write_bytes(bytes(data))
     with open_file(path) as reader:
-        pack.read_blob(reader, entries[0].offset, entries[0].id, "t")  # neighbours are fine
+        pack.read_blob(reader, entries[0], "t")  # neighbours are fine
         with pytest.raises(IntegrityError, match="fails its hash"):
-            pack.read_blob(reader, entries[1].offset, entries[1].id, "t")
+            pack.read_blob(reader, entries[1], "t")
 
 
 def test_flipped_byte_in_compressed_blob_is_detected(tmp_path: Path):
@@ -95,7 +96,7 @@ def test_flipped_byte_in_compressed_blob_is_detected(tmp_path: Path):
     data[entries[0].data_offset + entries[0].stored_len // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with open_file(path) as reader, pytest.raises(IntegrityError):
-        pack.read_blob(reader, entries[0].offset, entries[0].id, "t")
+        pack.read_blob(reader, entries[0], "t")
 
 
 @pytest.mark.parametrize("cut", [1, 10, 56, 57, 500, 20_000])

@@ -1,0 +1,94 @@
+"""Where an encrypted repository's password comes from, as restic reads it.
+
+In this order: ``$DEDUPIMG_PASSWORD``; the first line of ``$DEDUPIMG_PASSWORD_FILE`` (``--password-file``);
+the first line ``$DEDUPIMG_PASSWORD_COMMAND`` prints (``--password-command``, run without a shell); else the
+prompt the CLI registered (a terminal). ``copy --from-repo`` reads the source's from the same variables with
+``DEDUPIMG_FROM_`` in place of ``DEDUPIMG_``. Only encrypted repositories ask: opening an unencrypted one never
+calls :meth:`PasswordSource.get`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dedupimg.core.errors import UsageError, WrongPassword
+
+# The CLI registers a function that asks on the terminal (twice when ``confirm``); the library never prompts.
+Prompt = Callable[[str, bool], str]
+_prompt: Prompt | None = None
+
+MAX_PASSWORD = 4096
+
+
+def set_prompt(prompt: Prompt | None) -> None:
+    global _prompt
+    _prompt = prompt
+
+
+@dataclass(frozen=True)
+class PasswordSource:
+    prefix: str = "DEDUPIMG_"
+    what: str = "the repository"
+
+    def given(self) -> str | None:
+        """The password from the environment, a file or a command; None when none of them is set."""
+        env = os.environ
+        direct = env.get(self.prefix + "PASSWORD")
+        if direct is not None:
+            return direct
+        path = env.get(self.prefix + "PASSWORD_FILE")
+        if path:
+            try:
+                with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                    return _first_line(f.read(MAX_PASSWORD + 2), f"password file {path}")
+            except OSError as exc:
+                raise WrongPassword(f"cannot read password file {path}: {exc.strerror}") from None
+        command = env.get(self.prefix + "PASSWORD_COMMAND")
+        if command:
+            return _from_command(command)
+        return None
+
+    def get(self, purpose: str = "", confirm: bool = False) -> bytes:
+        """The password as bytes; WrongPassword (exit 22) when none is given and no terminal can be asked."""
+        password = self.given()
+        if password is None:
+            if _prompt is None:
+                raise WrongPassword(f"{self.what} is encrypted and no password was given: set {self.prefix}PASSWORD"
+                                    f" or {self.prefix}PASSWORD_FILE, or use --password-file / --password-command")
+            password = _prompt(f"password for {self.what}" + (f" ({purpose})" if purpose else ""), confirm)
+            # Processes this command starts (a mount's server) open the repository too: they read it here.
+            os.environ[self.prefix + "PASSWORD"] = password
+        if not password:
+            raise WrongPassword("an empty password is not accepted")
+        return password.encode("utf-8", errors="surrogateescape")
+
+
+def _first_line(text: str, what: str) -> str:
+    if len(text) > MAX_PASSWORD:
+        raise WrongPassword(f"{what} is longer than {MAX_PASSWORD} characters")
+    return text.split("\n", 1)[0].rstrip("\r")
+
+
+def _from_command(command: str) -> str:
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise UsageError(f"password command {command!r} cannot be parsed: {exc}") from None
+    if not argv:
+        raise UsageError("the password command is empty")
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise WrongPassword(f"password command {argv[0]} failed: {exc}") from None
+    if done.returncode != 0:
+        raise WrongPassword(f"password command {argv[0]} exited with {done.returncode}")
+    return _first_line(done.stdout.decode("utf-8", errors="surrogateescape"), f"output of {argv[0]}")
+
+
+REPOSITORY = PasswordSource()
+SOURCE_REPOSITORY = PasswordSource("DEDUPIMG_FROM_", "the source repository")
+NEW_KEY = PasswordSource("DEDUPIMG_NEW_", "the new key")
