@@ -12,6 +12,10 @@ WORK=examples/work/boot
 PORT="${NBD_PORT:-10809}"
 rm -rf "$WORK"; mkdir -p "$WORK/tree/etc" "$WORK/tree/srv/www"
 export DEDUPIMG_REPO="$WORK/repo"
+# An encrypted repository (the default): its password from a file only the owner reads (or DEDUPIMG_PASSWORD,
+# --password-command, or asked on the terminal). Lose the password and the backups are lost with it.
+(umask 077; mkdir -p "$WORK"; head -c 24 /dev/urandom | base64 > "$WORK/password")
+export DEDUPIMG_PASSWORD_FILE="$WORK/password"
 
 # A small ext4 disk made from a tiny tree (a real VM disk image works the same way).
 echo "web01" >"$WORK/tree/etc/hostname"

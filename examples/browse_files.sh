@@ -21,6 +21,10 @@ trap cleanup EXIT
 cleanup                         # left over from an interrupted run
 rm -rf "$WORK"; mkdir -p "$WORK" "$MNT" "$FILES"
 export DEDUPIMG_REPO="$WORK/repo"
+# An encrypted repository (the default): its password from a file only the owner reads (or DEDUPIMG_PASSWORD,
+# --password-command, or asked on the terminal). Lose the password and the backups are lost with it.
+(umask 077; mkdir -p "$WORK"; head -c 24 /dev/urandom | base64 > "$WORK/password")
+export DEDUPIMG_PASSWORD_FILE="$WORK/password"
 
 # A small server disk: an ext4 image built from a directory tree.
 make_disk() {   # make_disk VERSION

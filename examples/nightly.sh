@@ -10,6 +10,10 @@ PY=.venv/bin/python
 WORK=examples/work
 rm -rf "$WORK"; mkdir -p "$WORK"
 export DEDUPIMG_REPO="$WORK/repo"          # a local directory repository
+# An encrypted repository (the default): its password from a file only the owner reads (or DEDUPIMG_PASSWORD,
+# --password-command, or asked on the terminal). Lose the password and the backups are lost with it.
+(umask 077; head -c 24 /dev/urandom | base64 > "$WORK/password")
+export DEDUPIMG_PASSWORD_FILE="$WORK/password"
 DISK="$WORK/vm-disk.img"
 
 .venv/bin/dedupimg init

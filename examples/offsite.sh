@@ -31,18 +31,26 @@ if [ -z "${OFFSITE:-}" ]; then
   OFFSITE="s3:http://127.0.0.1:$PORT/dedupimg-offsite/vms"
 fi
 
-$DD -r "$LOCAL" init
-$DD -r "$OFFSITE" init --copy-chunker-params-from "$LOCAL"   # same cut points: copies deduplicate
+# Both repositories are encrypted, each with its own password; a command on the off-site repository that reads
+# the local one (copy --from-repo, init --copy-chunker-params-from) takes the local password from
+# DEDUPIMG_FROM_PASSWORD_FILE. The off-site provider sees only sealed blobs, sealed trailers and sealed index objects.
+(umask 077; head -c 24 /dev/urandom | base64 > "$WORK/local.password"; head -c 24 /dev/urandom | base64 > "$WORK/offsite.password")
+export DEDUPIMG_FROM_PASSWORD_FILE="$WORK/local.password"
+local_dd() { DEDUPIMG_PASSWORD_FILE="$WORK/local.password" $DD -r "$LOCAL" "$@"; }
+offsite_dd() { DEDUPIMG_PASSWORD_FILE="$WORK/offsite.password" $DD -r "$OFFSITE" "$@"; }
+
+local_dd init
+offsite_dd init --copy-chunker-params-from "$LOCAL"   # same cut points and chunk ids: copies deduplicate
 DISK="$WORK/vm-disk.img"
 $PY examples/make_vm_image.py "$DISK" --size-mib 256
 for night in 1 2 3; do
   [ "$night" -gt 1 ] && $PY examples/make_vm_image.py "$DISK" --night "$night"
-  $DD -r "$LOCAL" snapshot "$DISK" --name vm-disk --tag nightly >/dev/null
-  $DD -r "$OFFSITE" copy --from-repo "$LOCAL"                 # only what the off-site copy lacks
-  $DD -r "$LOCAL" forget --keep-last 2 --prune >/dev/null
-  $DD -r "$OFFSITE" forget --keep-last 2 --prune >/dev/null
+  local_dd snapshot "$DISK" --name vm-disk --tag nightly >/dev/null
+  offsite_dd copy --from-repo "$LOCAL"                 # only what the off-site copy lacks
+  local_dd forget --keep-last 2 --prune >/dev/null
+  offsite_dd forget --keep-last 2 --prune >/dev/null
 done
-$DD -r "$OFFSITE" snapshots
-$DD -r "$OFFSITE" restore vm-disk@latest "$WORK/restored.img"
+offsite_dd snapshots
+offsite_dd restore vm-disk@latest "$WORK/restored.img"
 cmp "$WORK/restored.img" "$DISK" && echo "newest night restored bit-exact from the off-site repository"
-$DD -r "$OFFSITE" check --read-data-subset 25%
+offsite_dd check --read-data-subset 25%
