@@ -17,6 +17,7 @@ from dedupimg.cli import (
     forget,
     info,
     init,
+    key,
     mount,
     prune,
     repair,
@@ -31,9 +32,9 @@ from dedupimg.cli.app import app
 from dedupimg.core import interrupts
 from dedupimg.core.errors import DedupimgError, Interrupted, PermissionDenied
 
-# ``dedupimg --help`` lists the commands in this order (command groups, here ``repair``, come last).
+# ``dedupimg --help`` lists the commands in this order (command groups, here ``key`` and ``repair``, come last).
 COMMANDS = (check, init, snapshot, snapshots, restore, verify, info, copy, forget, prune, unlock, mount, serve,
-            repair)
+            key, repair)
 for _command in COMMANDS:
     _command.register(app)
 
