@@ -371,11 +371,10 @@ def measure_ceilings(server: Server, total: int, threads: list[int], results: Re
             f"ranged GET {nbytes / MB / get_seconds:7.1f} MB/s")
 
 
-def one_round(rep: int, series: Series, server: Server, work: Path, dedupimg: Path, results: Results) -> None:
-    tools = make_tools(work / "repos", server, dedupimg, rep)
-    for tool in tools.values():
-        tool.init()
-    image = work / "live" / "vm.img"
+def snapshot_versions(tools: dict[str, Tool], series: Series, image: Path, results: Results,
+                      size_of: Callable[[Tool], int]) -> dict[str, str | None]:
+    """Snapshot v1 then v2 of ``series`` with every tool, from the same path ``image``, the page cache dropped
+    before each; records each sample and repository size; returns each tool's last snapshot id."""
     image.parent.mkdir(parents=True, exist_ok=True)
     ids: dict[str, str | None] = {}
     for version, op in zip(series.versions[:2], (SNAP1, SNAP2), strict=True):
@@ -387,7 +386,16 @@ def one_round(rep: int, series: Series, server: Server, work: Path, dedupimg: Pa
             ids[name] = b.snapshot_id
             results.add(name, op, Sample(m.wall_s, version.size, m.peak_rss, m.ok, "" if m.ok else m.error_line()))
             if m.ok:
-                results.repo_bytes.setdefault((name, version.number), []).append(repo_size(tool, server))
+                results.repo_bytes.setdefault((name, version.number), []).append(size_of(tool))
+    return ids
+
+
+def one_round(rep: int, series: Series, server: Server, work: Path, dedupimg: Path, results: Results) -> None:
+    tools = make_tools(work / "repos", server, dedupimg, rep)
+    for tool in tools.values():
+        tool.init()
+    image = work / "live" / "vm.img"
+    ids = snapshot_versions(tools, series, image, results, lambda tool: repo_size(tool, server))
     out = work / "restore"
     for name, tool in tools.items():
         snapshot_id = ids[name]

@@ -15,6 +15,7 @@ from tests.s3server import private_s3, s3_credentials, s3_server  # noqa: E402,F
 # Every repository the CLI makes is encrypted unless a test asks otherwise: one password for all, and argon2id
 # parameters that take a millisecond (the defaults take ~0.5 s, at every command's start). Subprocesses inherit.
 os.environ.setdefault("DEDUPIMG_PASSWORD", "test-password")
+os.environ.setdefault("DEDUPIMG_FROM_PASSWORD", "test-password")  # copy --from-repo, --copy-chunker-params-from
 os.environ.setdefault("DEDUPIMG_ARGON2", "1,64,1")
 
 # Property tests run a fixed set of examples by default, so that a run is repeatable and a red CI run means

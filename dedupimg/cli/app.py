@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from dedupimg.core.errors import UsageError, WrongPassword
-from dedupimg.core.password import set_prompt
+from dedupimg.core.password import prefer_file, set_prompt
 from dedupimg.repo.repository import CACHE_ENV, Repository
 from dedupimg.store import normalize_location
 from dedupimg.store.lock import LockMode
@@ -62,9 +62,13 @@ def root(
     # The library, and the processes a command starts (a mount's server), read these from the environment.
     if cache_dir is not None:
         os.environ[CACHE_ENV] = os.path.abspath(cache_dir)
-    if password_file is not None:
-        os.environ["DEDUPIMG_PASSWORD_FILE"] = os.path.abspath(password_file)
-    if password_command is not None:
+    given = ctx.get_parameter_source("password_file")
+    if password_file is not None and given is not None and given.name == "COMMANDLINE":
+        prefer_file("DEDUPIMG_", os.path.abspath(password_file))  # the command line beats $DEDUPIMG_PASSWORD
+    elif password_command is not None:
+        given = ctx.get_parameter_source("password_command")
+        if given is not None and given.name == "COMMANDLINE":
+            os.environ.pop("DEDUPIMG_PASSWORD", None)
         os.environ["DEDUPIMG_PASSWORD_COMMAND"] = password_command
     if sys.stdin.isatty():
         set_prompt(_ask_password)
@@ -106,6 +110,20 @@ LockWait = Annotated[
     typer.Option("--lock-wait", metavar="SECONDS", min=0,
                  help="Wait up to this long for a conflicting command's lock to go (default: fail at once)."),
 ]
+
+FromPasswordFile = Annotated[
+    Path | None,
+    typer.Option("--from-password-file", dir_okay=False,
+                 help="The source repository's password, from the first line of this file (else "
+                      "$DEDUPIMG_FROM_PASSWORD, $DEDUPIMG_FROM_PASSWORD_FILE, $DEDUPIMG_FROM_PASSWORD_COMMAND, or "
+                      "asked on the terminal)."),
+]
+
+
+def use_from_password_file(path: Path | None) -> None:
+    if path is not None:
+        prefer_file("DEDUPIMG_FROM_", os.path.abspath(path))
+
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.app import JsonOption, LockWait, RepoOption, open_repo
+from dedupimg.cli.app import FromPasswordFile, JsonOption, LockWait, RepoOption, open_repo, use_from_password_file
 from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, record_json, stdout
 from dedupimg.ops.copy import copy_snapshots, open_source
 from dedupimg.store import normalize_location
@@ -26,6 +26,7 @@ def copy(
                        help="Snapshot ids, unique id prefixes, 'latest' or NAME@latest in the source (default: "
                             "every snapshot of the source)."),
     ] = None,
+    from_password_file: FromPasswordFile = None,
     json: JsonOption = False,
     lock_wait: LockWait = 0.0,
     repo_dir: RepoOption = None,
@@ -36,6 +37,7 @@ def copy(
 
     Interrupted, the snapshots copied so far stay, each whole, and a re-run skips them. Locks: shared, both.
     """
+    use_from_password_file(from_password_file)
     with open_repo(ctx, LockMode.SHARED, lock_wait) as dst, \
             open_source(normalize_location(from_repo), dst, lock_wait, ctx.info_name or "") as src:
         result = copy_snapshots(src, dst, snapshots or None, progress=progress_sink())

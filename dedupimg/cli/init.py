@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from dedupimg.cli.app import RepoOption, repo_location
+from dedupimg.cli.app import FromPasswordFile, RepoOption, repo_location, use_from_password_file
 from dedupimg.cli.render import exit_codes_help, stderr, stdout
 from dedupimg.core.config import DEFAULT_CHUNK_SIZE, ChunkerParams, SegmentParams
 from dedupimg.core.crypto import default_aead
@@ -37,15 +37,20 @@ def init(
         typer.Option(metavar="REPOSITORY", help="Cut chunks as this repository does (its chunker parameters), so "
                                                 "that 'copy' between the two deduplicates fully."),
     ] = None,
+    from_password_file: FromPasswordFile = None,
     repo_dir: RepoOption = None,
 ) -> None:
-    """Create a new repository (readable by its owner only)."""
+    """Create a new repository (readable by its owner only), encrypted unless --encryption none."""
     chunker = ChunkerParams.for_average(chunk_size)
     if copy_chunker_params_from is not None:
         given = ctx.get_parameter_source("chunk_size")
         if given is not None and given.name != "DEFAULT":
             raise UsageError("give either --chunk-size or --copy-chunker-params-from, not both")
+        use_from_password_file(from_password_file)
         source, source_keys = repository_config(copy_chunker_params_from)
+        if source_keys is not None and encryption == "none":
+            raise UsageError(f"{copy_chunker_params_from} is encrypted: its chunker parameters are secret and "
+                             "cannot go into an unencrypted repository's config")
         chunker = source.chunker
         if source.segments != SegmentParams():
             stderr.print(f"dedupimg: warning: {copy_chunker_params_from} cuts manifest segments with other "

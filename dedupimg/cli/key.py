@@ -12,6 +12,7 @@ from rich.table import Table
 
 from dedupimg.cli.app import LockWait, RepoOption, open_repo, repo_location
 from dedupimg.cli.render import exit_codes_help, print_json, stdout
+from dedupimg.core.password import NEW_PREFIX, prefer_file
 from dedupimg.ops import keys
 from dedupimg.repo.repository import Repository
 from dedupimg.store.lock import LockMode
@@ -38,9 +39,7 @@ def _change(ctx: typer.Context, lock_wait: float, work: Callable[[Repository], T
     """``work`` on the repository held alone (restic's key commands lock exclusively), named "key add" etc. in
     lock messages; ``new_password_file``: where the new password comes from."""
     if new_password_file is not None:  # read through $DEDUPIMG_NEW_PASSWORD_FILE; given, it beats the others
-        for var in ("DEDUPIMG_NEW_PASSWORD", "DEDUPIMG_NEW_PASSWORD_COMMAND"):
-            os.environ.pop(var, None)
-        os.environ["DEDUPIMG_NEW_PASSWORD_FILE"] = os.path.abspath(new_password_file)
+        prefer_file(NEW_PREFIX, os.path.abspath(new_password_file))
     with Repository.open(repo_location(ctx), LockMode.EXCLUSIVE, lock_wait, f"key {ctx.info_name}") as repo:
         return work(repo)
 

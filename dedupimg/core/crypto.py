@@ -1,7 +1,7 @@
 """Encryption of a repository: master keys, the AEAD that seals every blob, keyed chunk ids, key objects.
 
 An encrypted repository (docs/security.md) has random master keys: one for the AEAD (AES-256-GCM, or
-ChaCha20-Poly1305 where the CPU lacks AES instructions), one for keyed blake3 chunk ids, and a 64-bit seed for
+ChaCha20-Poly1305 where the CPU lacks AES instructions), one for keyed blake3 chunk ids, and a 63-bit seed for
 FastCDC's gear table. They live only in key objects, each wrapping them under a key derived from one password
 with argon2id. Nothing here touches a store: callers pass bytes in and get bytes out.
 """
@@ -19,6 +19,7 @@ from typing import Any
 
 import blake3
 import msgpack
+from argon2.exceptions import HashingError as Argon2Error
 from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -104,15 +105,15 @@ class Aead:
 
     def seal(self, plain: bytes | bytearray | memoryview, ad: bytes) -> bytes:
         nonce = os.urandom(NONCE)
-        return nonce + self._impl.encrypt(nonce, bytes(plain), ad)
+        return nonce + self._impl.encrypt(nonce, plain, ad)
 
     def open(self, sealed: bytes | memoryview, ad: bytes, what: str) -> bytes:
         """The plaintext, or IntegrityError naming ``what`` (altered, truncated, or sealed for another place)."""
         if len(sealed) < OVERHEAD:
             raise IntegrityError(f"{what} is truncated")
-        view = memoryview(sealed)
+        view = memoryview(sealed)  # (the AEADs take buffers: no copy of the ciphertext)
         try:
-            return self._impl.decrypt(bytes(view[:NONCE]), bytes(view[NONCE:]), ad)
+            return self._impl.decrypt(view[:NONCE], view[NONCE:], ad)
         except InvalidTag:
             raise IntegrityError(f"{what} fails authentication (altered, or not the one it should be)") from None
 
@@ -156,8 +157,9 @@ class KdfParams:
         return params
 
     def check(self) -> None:
-        if not (1 <= self.time_cost <= 100 and 8 * self.parallelism <= self.memory_kib <= 1 << 24
-                and 1 <= self.parallelism <= 64):
+        # Bounded: a key object planted by the storage must not make opening take hours or all the memory.
+        if not (1 <= self.time_cost <= 32 and 8 * self.parallelism <= self.memory_kib <= 1 << 22
+                and 1 <= self.parallelism <= 16):
             raise ValueError("argon2 parameters out of range")
 
     def derive(self, password: bytes, salt: bytes) -> bytes:
@@ -218,14 +220,19 @@ class KeyObject:
             aead = doc["aead"]
             if aead not in AEADS:
                 raise ValueError(f"unknown AEAD {aead!r}")
-            return cls(params, unb64(doc["salt"], "salt"), aead, unb64(doc["keys"], "keys"),
-                       unb64(doc["info"], "info"))
+            salt = unb64(doc["salt"], "salt")
+            if not 8 <= len(salt) <= 64:  # argon2 refuses a shorter salt
+                raise ValueError("salt length out of range")
+            return cls(params, salt, aead, unb64(doc["keys"], "keys"), unb64(doc["info"], "info"))
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise UnsupportedFormat(f"{where}: damaged key object ({' '.join(str(exc).split())})") from None
 
     def unwrap(self, password: bytes) -> MasterKeys | None:
         """The master keys, or None when ``password`` is not this key's."""
-        kek = Aead(self.aead, self.params.derive(password, self.salt))
+        try:
+            kek = Aead(self.aead, self.params.derive(password, self.salt))
+        except Argon2Error as exc:
+            raise UnsupportedFormat(f"a key object's argon2 parameters are unusable ({exc})") from None
         try:
             return MasterKeys.from_bytes(kek.open(self.sealed_keys, KEY_AD, "key"))
         except IntegrityError:

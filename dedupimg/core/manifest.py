@@ -235,7 +235,10 @@ def _one_line(exc: BaseException) -> str:
 def chunker_dict(params: ChunkerParams) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return asdict(params)
+    doc = asdict(params)
+    if doc["seed"]:  # an encrypted repository's is a secret (its master key's): records never carry it
+        del doc["seed"]
+    return doc
 
 
 def segment_starts(segments: Iterable[tuple[bytes, int]]) -> list[int]:

@@ -33,6 +33,7 @@ def set_prompt(prompt: Prompt | None) -> None:
 class PasswordSource:
     prefix: str = "DEDUPIMG_"
     what: str = "the repository"
+    options: str = "--password-file / --password-command"  # the command line's ways to give it
 
     def given(self) -> str | None:
         """The password from the environment, a file or a command; None when none of them is set."""
@@ -57,8 +58,9 @@ class PasswordSource:
         password = self.given()
         if password is None:
             if _prompt is None:
-                raise WrongPassword(f"{self.what} is encrypted and no password was given: set {self.prefix}PASSWORD"
-                                    f" or {self.prefix}PASSWORD_FILE, or use --password-file / --password-command")
+                need = "needs a password" if self.prefix == NEW_PREFIX else "is encrypted"
+                raise WrongPassword(f"{self.what} {need} and none was given: set {self.prefix}PASSWORD or "
+                                    f"{self.prefix}PASSWORD_FILE, or use {self.options}")
             password = _prompt(f"password for {self.what}" + (f" ({purpose})" if purpose else ""), confirm)
             # Processes this command starts (a mount's server) open the repository too: they read it here.
             os.environ[self.prefix + "PASSWORD"] = password
@@ -89,6 +91,15 @@ def _from_command(command: str) -> str:
     return _first_line(done.stdout.decode("utf-8", errors="surrogateescape"), f"output of {argv[0]}")
 
 
+NEW_PREFIX = "DEDUPIMG_NEW_"
 REPOSITORY = PasswordSource()
-SOURCE_REPOSITORY = PasswordSource("DEDUPIMG_FROM_", "the source repository")
-NEW_KEY = PasswordSource("DEDUPIMG_NEW_", "the new key")
+SOURCE_REPOSITORY = PasswordSource("DEDUPIMG_FROM_", "the source repository", "--from-password-file")
+NEW_KEY = PasswordSource(NEW_PREFIX, "the new key", "--new-password-file")
+
+
+def prefer_file(prefix: str, path: str) -> None:
+    """A password file given on the command line wins over the environment's password or command (the
+    variables are rewritten, so that the processes this command starts read the same)."""
+    os.environ[prefix + "PASSWORD_FILE"] = path
+    os.environ.pop(prefix + "PASSWORD", None)
+    os.environ.pop(prefix + "PASSWORD_COMMAND", None)

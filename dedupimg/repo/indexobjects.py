@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import msgpack
 import zstandard
 
-from dedupimg.core.codecs import decode_blob
+from dedupimg.core.codecs import MAX_BLOB, RAW, ZSTD, decode_blob
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.ids import BLOB_TYPES, CHUNK, blob_id
 from dedupimg.repo.index import NewBlob, SealedPack
@@ -85,8 +85,10 @@ def decode(data: bytes, name: str, where: str, fmt: BlobFormat = PLAIN) -> list[
         out = []
         for pack_id, size, rows, meta in doc["packs"]:
             blobs = [NewBlob(t, c, off, stored_len, raw_len, i) for t, c, off, raw_len, stored_len, i in rows]
-            if not (isinstance(pack_id, bytes) and len(pack_id) == 32 and type(size) is int) or any(
-                    b.type not in BLOB_TYPES or not isinstance(b.id, bytes) or len(b.id) != 32 for b in blobs):
+            if not (isinstance(pack_id, bytes) and len(pack_id) == 32 and type(size) is int and size >= 0) or any(
+                    b.type not in BLOB_TYPES or not isinstance(b.id, bytes) or len(b.id) != 32
+                    or b.codec not in (RAW, ZSTD) or not _in_range(b.offset, size)
+                    or not _in_range(b.stored_len, MAX_BLOB) or not _in_range(b.raw_len, MAX_BLOB) for b in blobs):
                 raise IntegrityError("bad pack row")
             types = {b.id: b.type for b in blobs}
             raws: dict[bytes, bytes] = {}
@@ -103,6 +105,10 @@ def decode(data: bytes, name: str, where: str, fmt: BlobFormat = PLAIN) -> list[
         raise IntegrityError(f"{where}: damaged index object ({exc})") from None
     except (ValueError, TypeError, KeyError, zstandard.ZstdError, msgpack.UnpackException) as exc:
         raise IntegrityError(f"{where}: damaged index object ({' '.join(str(exc).split())})") from None
+
+
+def _in_range(value: object, limit: int) -> bool:
+    return type(value) is int and 0 <= value <= limit
 
 
 def publish(store: Store, packs: list[tuple[SealedPack, dict[bytes, tuple[int, bytes]]]], fmt: BlobFormat

@@ -70,15 +70,23 @@ def unlock(store: Store, password: bytes) -> Unlocked:
     for name in names:
         try:
             key = _read_key(store, name)
+            master = key.unwrap(password)
         except (IntegrityError, UnsupportedFormat, ObjectMissing) as exc:
-            damaged.append(str(exc))
+            damaged.append(str(exc))  # one damaged or planted key object does not hide the others
             continue
-        master = key.unwrap(password)
         if master is not None:
             return Unlocked(master, name, key.aead)
     if damaged and len(damaged) == len(names):
         raise IntegrityError(damaged[0])
     raise WrongPassword("wrong password: no key of the repository opens with it")
+
+
+def refuse_downgrade(store: Store, config: Config, where: str) -> None:
+    """An unencrypted config next to key objects is a replaced config (the storage's doing, or a mistake):
+    opening it would write plaintext into an encrypted repository. A remote one's cache remembers too."""
+    if key_names(store):
+        raise IntegrityError(f"{where} says the repository is unencrypted, but it has key objects (keys/): its config "
+                             "was replaced; refusing to open it, which would store data unencrypted")
 
 
 def blob_format(config: Config, master: MasterKeys) -> SealedFormat:

@@ -173,6 +173,8 @@ class SealedFormat(BlobFormat):
             raise IntegrityError(f"{where}: blob at {offset} is truncated")
         plain = memoryview(self.aead.open(sealed, BLOB_AD + bytes((expect_type,)) + expect_id,
                                           f"{where}: blob {expect_id.hex()[:16]} at {offset}"))
+        if len(plain) < SEALED_INNER.size:
+            raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset} is shorter than its inner header")
         codec, _zero, raw_len, data_len, _zeros = SEALED_INNER.unpack(plain[: SEALED_INNER.size])
         if data_len > stored_len or raw_len > MAX_BLOB:
             raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset} has a damaged inner header")

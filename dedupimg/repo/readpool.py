@@ -192,7 +192,8 @@ class _Worker:
 
     def __init__(self, pool: ReadPool, arena_fd: int) -> None:
         package_root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, **WORKER_MALLOC,
+        # No password in a worker's environment: it gets the keys it needs through its pipe.
+        env = {**{k: v for k, v in os.environ.items() if "PASSWORD" not in k}, **WORKER_MALLOC,
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         args = [str(arena_fd), str(pool.slot_bytes), str(pool.slots), json.dumps(pool.store_spec), str(pool.threads)]
         self.proc = subprocess.Popen(

@@ -55,6 +55,7 @@ PACKS = "packs"
 TMP = "tmp"
 INDEX = "index"
 CACHE_ENV = "DEDUPIMG_CACHE_DIR"
+ENCRYPTED_MARKER = "encrypted"  # in a remote repository's cache directory
 OPEN_PACKS = 64
 MAX_READ = 16 << 20  # largest single pread of adjacent blobs
 # An object store: reads in flight at once (restore), and per read worker (mount, serve).
@@ -231,8 +232,8 @@ class Repository:
         return cls(path, config, unlocked=unlocked)
 
     @classmethod
-    def _init_remote(cls, store: Store, config: Config, cache_dir: Path | str | None, master: MasterKeys | None,
-                     secret: bytes) -> Repository:
+    def _init_remote(cls, store: Store, config: Config, cache_dir: Path | str | None,
+                     master: MasterKeys | None = None, secret: bytes = b"") -> Repository:
         """A new repository in an object store: the bucket made if missing, the config object written last."""
         try:
             make_bucket = getattr(store, "create_bucket", None)
@@ -294,6 +295,7 @@ class Repository:
                 held.acquire()
             if remote:
                 path = cache_home(cache_dir, config.repo_id)
+                _remember_encryption(path, config)
             repo = cls(path, config, store, owns_store=True, remote=remote, unlocked=unlocked)
             if remote:
                 try:
@@ -331,6 +333,11 @@ class Repository:
             store = store if store is not None else store_for(path)
             where = str(path / CONFIG)
         if isinstance(parsed, Config):
+            try:
+                keys.refuse_downgrade(store, parsed, where)
+            except BaseException:
+                store.close()
+                raise
             return parsed, None, store
         try:
             config, unlocked = keys.open_sealed_config(store, parsed, password, where)
@@ -929,6 +936,19 @@ class BlobWriter:
         if self._uploads is not None:
             self._uploads.shutdown(wait=True)
             self._uploads = None
+
+
+def _remember_encryption(cache: Path, config: Config) -> None:
+    """This host's cache of a remote repository remembers that it is encrypted: a config replaced by an
+    unencrypted one (key objects deleted too) is refused instead of receiving plaintext."""
+    marker = cache / ENCRYPTED_MARKER
+    if config.encrypted:
+        if not marker.exists():
+            atomic_write(marker, config.encryption.encode() + b"\n")
+    elif marker.exists():
+        raise IntegrityError(f"repository {config.repo_id[:8]} was encrypted when this host last used it ({marker}), "
+                             "but its config now says unencrypted: refusing to open it, which would store data "
+                             "unencrypted")
 
 
 def _config_file(config: Config, master: MasterKeys | None) -> bytes:

@@ -100,7 +100,7 @@ def test_refusals(tmp_path: Path) -> None:
     fails(run_cli("-r", repo, "key", "remove", "xyz"), 2, "no key")
     fails(run_cli("-r", repo, "key", "list", env={"DEDUPIMG_PASSWORD": "wrong"}), 22, "wrong password")
     # No new password and no terminal to ask on: nothing written.
-    fails(run_cli("-r", repo, "key", "add", input=b""), 22, "no password")
+    fails(run_cli("-r", repo, "key", "add", input=b""), 22, "none was given", "--new-password-file")
     fails(run_cli("-r", repo, "key", "add", env={"DEDUPIMG_NEW_PASSWORD": ""}), 22, "empty password")
     assert len(keys_json(repo, FIRST)) == 1
     # After a second key, removing the last one is still refused, from either password.
@@ -146,7 +146,7 @@ def test_repair_index_of_an_encrypted_repository(tmp_path: Path, monkeypatch: py
     monkeypatch.delenv("DEDUPIMG_PASSWORD")
     for var in ("DEDUPIMG_PASSWORD_FILE", "DEDUPIMG_PASSWORD_COMMAND"):
         monkeypatch.delenv(var, raising=False)
-    fails(run_cli("-r", repo, "repair", "index", input=b""), 22, "no password")
+    fails(run_cli("-r", repo, "repair", "index", input=b""), 22, "none was given")
     fails(run_cli("-r", repo, "repair", "index", env={"DEDUPIMG_PASSWORD": "wrong"}), 22, "wrong password")
     assert not (repo / "index").exists()
     (tmp_path / "pw").write_text(FIRST + "\n")
