@@ -181,7 +181,7 @@ class S3Dedupimg(Dedupimg):
         self.repo = url  # type: ignore[assignment]  # commands use str(self.repo)
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "DEDUPIMG_CACHE_DIR": str(self.home / "cache")}
+        return {**super().env(), "DEDUPIMG_CACHE_DIR": str(self.home / "cache")}
 
 
 class S3Restic(Restic):

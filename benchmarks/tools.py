@@ -85,6 +85,10 @@ class Dedupimg(Tool):
             number = "(version unknown)"
         return f"dedupimg {number} (source {source_fingerprint()})"
 
+    def env(self) -> dict[str, str]:
+        # Encrypted, as init makes it by default (and as restic always is): each command derives its key first.
+        return {**os.environ, "DEDUPIMG_PASSWORD": "benchmark"}
+
     def init_cmd(self) -> list[str]:
         return [self.binary, "-r", str(self.repo), "init"]
 

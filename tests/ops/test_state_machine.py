@@ -43,7 +43,7 @@ from dedupimg.ops.prune import prune
 from dedupimg.ops.repair import repair_index
 from dedupimg.ops.restore import restore, verify
 from dedupimg.ops.snapshot import take_snapshot
-from dedupimg.repo import pack
+from dedupimg.repo import keys, pack
 from dedupimg.repo.repository import CONFIG, Repository
 from tests.helpers import det_bytes, text_bytes, write_image
 from tests.packfiles import pack_file, trailer
@@ -129,14 +129,17 @@ class RepositoryMachine(RuleBasedStateMachine):
         self.steps = 0
         self.healthy = True  # False from the start of a step until its invariant passed
 
-    @initialize(pack_size=st.sampled_from([PACK_SIZE, PACK_SIZE, PACK_SIZE, 32 << 10]))
-    def create(self, pack_size: int) -> None:
+    @initialize(pack_size=st.sampled_from([PACK_SIZE, PACK_SIZE, PACK_SIZE, 32 << 10]), encrypted=st.booleans())
+    def create(self, pack_size: int, encrypted: bool) -> None:
         """Mostly the smallest packs; now and then packs of a few dozen chunks, so that prune finds packs
-        partly dead (to rewrite, or to keep with counted garbage) more often."""
+        partly dead (to rewrite, or to keep with counted garbage) more often. Unencrypted or encrypted."""
         self.healthy = False
-        Repository.init(self.path, ChunkerParams.for_average(1024), pack_size=pack_size).close()
-        config = Repository.read_config(self.path)
-        atomic_write(self.path / CONFIG, replace(config, segments=SEGMENTS).to_bytes())
+        made = Repository.init(self.path, ChunkerParams.for_average(1024), pack_size=pack_size,
+                               encryption="aes-256-gcm" if encrypted else "none")
+        config, unlocked = replace(made.config, segments=SEGMENTS), made.unlocked
+        made.close()
+        atomic_write(self.path / CONFIG, config.to_bytes() if unlocked is None else
+                     keys.seal_config(config, unlocked.master).to_bytes())
         self.repo = Repository.open(self.path)
         assert self.repo.config.pack_size == pack_size and self.repo.config.segments == SEGMENTS
 

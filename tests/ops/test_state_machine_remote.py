@@ -542,7 +542,7 @@ class RemoteRepositoryMachine(RuleBasedStateMachine):
         self.close_host()
         home = cache_home(self.cache_dir(h), self.config.repo_id)
         os.makedirs(home / TMP, exist_ok=True)
-        report = _repair_under_lock(home, self.store, NoProgress(), remote=True)
+        report = _repair_under_lock(home, self.store, NoProgress(), pack.PLAIN, remote=True)
         self.behind_objects.discard(h)
         assert not (report.damaged_packs or report.damaged_blobs or report.left_out), report
         assert report.snapshots == len(self.model), report
