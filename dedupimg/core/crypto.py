@@ -107,6 +107,16 @@ class Aead:
         nonce = os.urandom(NONCE)
         return nonce + self._impl.encrypt(nonce, plain, ad)
 
+    def try_open(self, sealed: bytes | memoryview, ad: bytes) -> bytes | None:
+        """The plaintext, or None when ``sealed`` does not authenticate (the hot path: no message built)."""
+        if len(sealed) < OVERHEAD:
+            return None
+        view = memoryview(sealed)
+        try:
+            return self._impl.decrypt(view[:NONCE], view[NONCE:], ad)
+        except InvalidTag:
+            return None
+
     def open(self, sealed: bytes | memoryview, ad: bytes, what: str) -> bytes:
         """The plaintext, or IntegrityError naming ``what`` (altered, truncated, or sealed for another place)."""
         if len(sealed) < OVERHEAD:

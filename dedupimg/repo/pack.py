@@ -152,16 +152,17 @@ class SealedFormat(BlobFormat):
     def __init__(self, aead: Aead, id_key: bytes, padding: int) -> None:
         self.aead = aead
         self._hasher = chunk_hasher(id_key)
+        self._ad = {t: BLOB_AD + bytes((t,)) for t in BLOB_TYPES}  # associated data, but for the id
         self.padding = max(1, padding)  # stored blob spans are multiples of this (hides exact chunk sizes)
 
     def chunk_id(self, raw: bytes | bytearray | memoryview) -> bytes:
-        return bytes(self._hasher(raw).digest())
+        return self._hasher(raw).digest()
 
     def encode(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> tuple[list[bytes], int]:
         span = BLOB_HEADER.size + len(stored)
         pad = -span % self.padding
         inner = SEALED_INNER.pack(codec, 0, raw_len, len(stored), bytes(6))
-        sealed = self.aead.seal(b"".join((inner, stored, bytes(pad))), BLOB_AD + bytes((type_,)) + id_)
+        sealed = self.aead.seal(b"".join((inner, stored, bytes(pad))), self._ad[type_] + id_)
         return [sealed], len(stored) + pad
 
     def open_blob(self, view: memoryview, pos: int, expect_type: int, expect_id: bytes, stored_len: int,
@@ -171,8 +172,11 @@ class SealedFormat(BlobFormat):
         sealed = view[pos : pos + BLOB_HEADER.size + stored_len]
         if len(sealed) != BLOB_HEADER.size + stored_len:
             raise IntegrityError(f"{where}: blob at {offset} is truncated")
-        plain = memoryview(self.aead.open(sealed, BLOB_AD + bytes((expect_type,)) + expect_id,
-                                          f"{where}: blob {expect_id.hex()[:16]} at {offset}"))
+        opened = self.aead.try_open(sealed, self._ad[expect_type] + expect_id)  # (messages only on damage)
+        if opened is None:
+            raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset} fails authentication (altered, "
+                                 "or not the one it should be)")
+        plain = memoryview(opened)
         if len(plain) < SEALED_INNER.size:
             raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset} is shorter than its inner header")
         codec, _zero, raw_len, data_len, _zeros = SEALED_INNER.unpack(plain[: SEALED_INNER.size])
