@@ -8,4 +8,10 @@ bash scripts/setup.sh
 .venv/bin/ruff check dedupimg tests benchmarks examples
 .venv/bin/mypy dedupimg
 .venv/bin/lint-imports --no-cache  # the import contracts in pyproject.toml (ARCHITECTURE.md)
-exec .venv/bin/python -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+.venv/bin/python -m pytest -q
+# The CLI tests make encrypted repositories (init's default): their quick ones once more with unencrypted
+# repositories (format 1); the library tests run on both kinds already (tests/conftest.py's repo fixture).
+DEDUPIMG_ENCRYPTION=none exec .venv/bin/python -m pytest -q -m "not slow and not encrypted_only" tests/cli

@@ -25,9 +25,10 @@ def init(
     ] = None,
     pack_size: Annotated[int | None, typer.Option(hidden=True, help="Target pack size (tests).")] = None,
     encryption: Annotated[
-        str, typer.Option(metavar="AEAD", help="auto (AES-256-GCM where the CPU has AES instructions, else "
-                                              "ChaCha20-Poly1305), aes-256-gcm, chacha20-poly1305, or none "
-                                              "(an unencrypted repository, on purpose).")
+        str, typer.Option(metavar="AEAD", envvar="DEDUPIMG_ENCRYPTION",
+                          help="auto (AES-256-GCM where the CPU has AES instructions, else ChaCha20-Poly1305), "
+                               "aes-256-gcm, chacha20-poly1305, or none (an unencrypted repository, on purpose); "
+                               "or $DEDUPIMG_ENCRYPTION.")
     ] = "auto",
     padding: Annotated[
         int | None, typer.Option(hidden=True, help="Encrypted blobs' spans are multiples of this (measurements).")

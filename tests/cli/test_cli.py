@@ -26,6 +26,7 @@ def env(tmp_path: Path):
     return repo, image
 
 
+@pytest.mark.encrypted_only
 def test_init_creates_owner_only_repository(tmp_path):
     repo = tmp_path / "repo"
     out = ok(run_cli("-r", repo, "init"))

@@ -9,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dedupimg.core.config import Config
 from tests.helpers import det_bytes, fails, ok, run_cli
+
+pytestmark = pytest.mark.encrypted_only
 
 
 def _env(**changes: str) -> dict[str, str]:

@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers import det_bytes, fails, ok, run_cli, text_bytes
 
+pytestmark = pytest.mark.encrypted_only  # keys exist only in encrypted repositories
+
 FIRST = "test-password"  # tests/conftest.py: every CLI test's DEDUPIMG_PASSWORD
 
 
