@@ -60,7 +60,9 @@ def test_local_to_s3_to_local_round_trip(s3, tmp_path):
     assert (rest["copied"], rest["skipped"]) == (1, 1)
     skipped, copied = rest["snapshots"]
     assert (skipped["id"], skipped["copied"], skipped["skipped"]) == (s1, False, "already in the destination")
-    assert copied["id"] == s2 and 0 < copied["chunks_new"] < 10
+    # Two 5000-byte changes: each dirties at most the chunks it overlaps (min 1 KiB: 6-7) and the one after it.
+    # (An encrypted repository's cut points depend on its random key: the exact count varies between runs.)
+    assert copied["id"] == s2 and 0 < copied["chunks_new"] <= 18
     out = ok(dd(s3, "-r", remote, "copy", "--from-repo", local))
     assert out.splitlines() == [f"skipped disk@{s1[:8]}: already in the destination",
                                 f"skipped disk@{s2[:8]}: already in the destination"]
