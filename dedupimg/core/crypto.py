@@ -35,8 +35,8 @@ OVERHEAD = NONCE + TAG
 KEY_LEN = 32
 
 # argon2id defaults: RFC 9106's second recommended memory (64 MiB) with twice its passes, 2 lanes: 0.14 s on
-# this 2-core machine when quiet, up to ~0.45 s when busy. 128 MiB took as long again in page faults at every
-# command's start (this VM backs fresh memory slowly: +0.4-0.6 s system time measured on a cold snapshot).
+# this 2-core machine when quiet, up to ~0.45 s when busy. 128 MiB (t=3) took as long but doubled the fresh
+# memory every command faults in at its start, which this VM backs slowly after a page cache drop.
 # DEDUPIMG_ARGON2="t,m,p" overrides them for new keys (tests use tiny ones); the parameters are stored in each
 # key object, so opening never depends on them.
 ARGON2_TIME = 6
