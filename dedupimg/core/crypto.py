@@ -9,12 +9,12 @@ with argon2id. Nothing here touches a store: callers pass bytes in and get bytes
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import blake3
@@ -114,7 +114,7 @@ class Aead:
         """The plaintext, or None when ``sealed`` does not authenticate (the hot path: no message built)."""
         if len(sealed) < OVERHEAD:
             return None
-        view = memoryview(sealed)
+        view = memoryview(sealed)  # (the AEADs take buffers: no copy of the ciphertext)
         try:
             return self._impl.decrypt(view[:NONCE], view[NONCE:], ad)
         except InvalidTag:
@@ -122,13 +122,11 @@ class Aead:
 
     def open(self, sealed: bytes | memoryview, ad: bytes, what: str) -> bytes:
         """The plaintext, or IntegrityError naming ``what`` (altered, truncated, or sealed for another place)."""
-        if len(sealed) < OVERHEAD:
-            raise IntegrityError(f"{what} is truncated")
-        view = memoryview(sealed)  # (the AEADs take buffers: no copy of the ciphertext)
-        try:
-            return self._impl.decrypt(view[:NONCE], view[NONCE:], ad)
-        except InvalidTag:
-            raise IntegrityError(f"{what} fails authentication (altered, or not the one it should be)") from None
+        plain = self.try_open(sealed, ad)
+        if plain is None:
+            raise IntegrityError(f"{what} is truncated" if len(sealed) < OVERHEAD else
+                                 f"{what} fails authentication (altered, or not the one it should be)")
+        return plain
 
 
 def chunk_hasher(id_key: bytes) -> Callable[..., Any]:
@@ -138,12 +136,9 @@ def chunk_hasher(id_key: bytes) -> Callable[..., Any]:
     return _keyed(id_key)
 
 
-@lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)
 def _keyed(id_key: bytes) -> Callable[..., Any]:
-    def hasher(data: Any = b"", max_threads: int = 1) -> blake3.blake3:
-        return blake3.blake3(data, key=id_key, max_threads=max_threads)
-
-    return hasher
+    return functools.partial(blake3.blake3, key=id_key)  # (called per chunk: no Python frame of its own)
 
 
 # -- key objects ------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 from dedupimg.core import interrupts
 from dedupimg.core.config import Config
@@ -26,8 +25,7 @@ from dedupimg.core.errors import IntegrityError, UsageError
 from dedupimg.core.manifest import Segment, SnapshotRecord
 from dedupimg.core.password import SOURCE_REPOSITORY
 from dedupimg.core.progress import NoProgress, Progress
-from dedupimg.repo.repository import BlobWriter, Repository, read_remote_config
-from dedupimg.store import location_spec, open_store
+from dedupimg.repo.repository import BlobWriter, Repository
 from dedupimg.store.lock import LockMode
 
 BATCH_BYTES = 8 << 20  # raw bytes of chunks read from the source before they are stored in the destination
@@ -130,14 +128,9 @@ def repository_config(location: str) -> tuple[Config, MasterKeys | None]:
 
 def _repository_id(location: str) -> str:
     """The id of the repository at ``location``, from its config file alone (no password asked)."""
-    spec = location_spec(location)
-    if spec["kind"] == "local":
-        return Repository.read_config_file(Path(spec["root"])).repo_id
-    store = open_store(spec)
-    try:
-        return read_remote_config(store).repo_id
-    finally:
-        store.close()
+    config, store, _where = Repository.config_file(location)
+    store.close()
+    return config.repo_id
 
 
 def _copy_one(src: Repository, dst: Repository, record: SnapshotRecord, progress: Progress) -> SnapshotCopy:

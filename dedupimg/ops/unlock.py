@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dedupimg.repo.repository import Repository, read_remote_config
-from dedupimg.store import location_spec, open_store
+from dedupimg.repo.repository import Repository
 
 
 def unlock(location: Path | str, all_locks: bool = False) -> list[str]:
@@ -20,13 +19,8 @@ def unlock(location: Path | str, all_locks: bool = False) -> list[str]:
 
     Only the store is opened, after its config proves it a repository: no lock is taken (this is what removes
     them) and no index cache is read or synced."""
-    spec = location_spec(str(location))
-    if spec["kind"] == "local":
-        Repository.read_config_file(Path(spec["root"]))  # a repository at all (exit 10 otherwise)
-    store = open_store(spec)
+    _config, store, _where = Repository.config_file(location)  # a repository at all (exit 10 otherwise)
     try:
-        if spec["kind"] != "local":
-            read_remote_config(store)
         return store.remove_locks(all_locks)
     finally:
         store.close()

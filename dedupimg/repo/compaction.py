@@ -281,9 +281,9 @@ def _rewrite(
             for e in w.live:
                 # Checked whole (IntegrityError on damage), then stored again as it was compressed (a sealed
                 # blob under a fresh nonce).
-                pack.parse_blob(view, e.offset, e.type, e.id, e.stored_len, where, e.offset, repo.blobs)
                 _type, codec, raw_len, stored = repo.blobs.open_blob(view, e.offset, e.type, e.id, e.stored_len,
                                                                       where, e.offset)
+                pack.decode_checked(repo.blobs, e.type, codec, raw_len, stored, e.id, where, e.offset)
                 if writer is None:
                     writer = repo.new_pack()
                 writer.add(e.type, e.id, codec, bytes(stored), raw_len)

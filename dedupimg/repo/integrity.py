@@ -126,15 +126,18 @@ def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[in
 
 def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where: str, out: PackData,
                 fmt: pack.BlobFormat) -> str:
-    problem = fmt.header_problem(view, pos, e)
-    if problem:
-        return problem
     if len(view) < pos + pack.blob_span(e.stored_len):
         return f"blob {e.id.hex()[:16]} at {e.offset} is truncated"
     if not full:
-        return ""
+        return fmt.header_problem(view, pos, e)
+    # Opened once (a sealed blob: one decryption), compared with its trailer row, then decoded and hashed.
     try:
-        _type, raw = pack.parse_blob(view, pos, e.type, e.id, e.stored_len, where, e.offset, fmt)
+        type_, codec, raw_len, stored = fmt.open_blob(view, pos, e.type, e.id, e.stored_len, where, e.offset)
+        # (A sealed blob's stored bytes are shorter than its row's length by its padding.)
+        if (type_, codec, raw_len) != (e.type, e.codec, e.raw_len) or \
+                (not fmt.encrypted and len(stored) != e.stored_len):
+            return f"blob header at {e.offset} does not match the trailer (blob {e.id.hex()[:16]})"
+        raw = pack.decode_checked(fmt, type_, codec, raw_len, stored, e.id, where, e.offset)
     except IntegrityError as exc:
         return str(exc).removeprefix(f"{where}: ")
     if e.type in META_TYPES:

@@ -82,8 +82,7 @@ class BlobFormat:
     pack_magic = PACK_MAGIC
     footer_magic = FOOTER_MAGIC
 
-    def chunk_id(self, raw: bytes | bytearray | memoryview) -> bytes:
-        return blob_id(raw)
+    chunk_id = staticmethod(blob_id)  # (called per chunk: no frame of its own)
 
     def verify_id(self, type_: int, raw: bytes | bytearray | memoryview) -> bytes:
         """The id ``raw`` must have as a blob of ``type_``: chunks may be keyed, other blobs are plain blake3."""
@@ -329,13 +328,19 @@ def parse_blob(view: memoryview, pos: int, expect_type: int, expect_id: bytes, s
                offset: int, fmt: BlobFormat = PLAIN) -> tuple[int, bytes]:
     """Check and decode the blob that starts at ``view[pos]`` (``offset`` in the pack, for messages)."""
     type_, codec, raw_len, stored = fmt.open_blob(view, pos, expect_type, expect_id, stored_len, where, offset)
+    return type_, decode_checked(fmt, type_, codec, raw_len, stored, expect_id, where, offset)
+
+
+def decode_checked(fmt: BlobFormat, type_: int, codec: int, raw_len: int, stored: bytes | memoryview,
+                   expect_id: bytes, where: str, offset: int) -> bytes:
+    """The raw bytes of an opened blob (:meth:`BlobFormat.open_blob`), checked against its id."""
     try:
         raw = decode_blob(codec, stored, raw_len)
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset}: {_one_line(exc)}") from None
     if fmt.verify_id(type_, raw) != expect_id:
         raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset} fails its hash")
-    return type_, raw
+    return raw
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,9 @@ class Repository:
         # How blobs are laid out: plain (version 1), or sealed with the master keys (version 2).
         self.unlocked = unlocked
         self.blobs: pack.BlobFormat = pack.PLAIN if unlocked is None else keys.blob_format(config, unlocked.master)
+        # The id a chunk of these bytes has here: blake3, keyed in an encrypted repository (the format's own
+        # function, taken per chunk by snapshot and delta restore).
+        self.chunk_id: Callable[[bytes | bytearray | memoryview], bytes] = self.blobs.chunk_id
         self.store: Store = store_for(path) if store is None else store  # every pack is read and written here
         self._owns_store = store is None or owns_store  # a store given by the caller is the caller's to close
         # Where users find the repository: the directory, or the store's URL (s3:http://host/bucket/prefix).
@@ -318,33 +321,33 @@ class Repository:
         """The config of the repository at ``location`` (its store: ``store``, or one opened here), and for an
         encrypted one the master keys the password opens. Neither index nor lock is touched (repair and
         ``init --copy-chunker-params-from`` use it)."""
-        spec = location_spec(str(location))
-        if spec["kind"] != "local":
-            store = store if store is not None else open_store(spec)
-            try:
-                parsed = read_remote_config(store)
-            except BaseException:
-                store.close()
-                raise
-            where = store.location(CONFIG)
-        else:
-            path = Path(spec["root"])
-            parsed = Repository.read_config_file(path)
-            store = store if store is not None else store_for(path)
-            where = str(path / CONFIG)
-        if isinstance(parsed, Config):
-            try:
-                keys.refuse_downgrade(store, parsed, where)
-            except BaseException:
-                store.close()
-                raise
-            return parsed, None, store
+        parsed, store, where = Repository.config_file(location, store)
         try:
+            if isinstance(parsed, Config):
+                keys.refuse_downgrade(store, parsed, where)
+                return parsed, None, store
             config, unlocked = keys.open_sealed_config(store, parsed, password, where)
         except BaseException:
             store.close()
             raise
         return config, unlocked, store
+
+    @staticmethod
+    def config_file(location: Path | str, store: Store | None = None) -> tuple[Config | SealedConfig, Store, str]:
+        """The config file of the repository at ``location`` as it stands (no password asked: an encrypted
+        one's shows only its id and cipher), its store (``store``, or one opened here; closed on an error) and
+        where the file is, for messages."""
+        spec = location_spec(str(location))
+        if spec["kind"] == "local":
+            path = Path(spec["root"])
+            parsed: Config | SealedConfig = Repository.read_config_file(path)
+            return parsed, store if store is not None else store_for(path), str(path / CONFIG)
+        store = store if store is not None else open_store(spec)
+        try:
+            return read_remote_config(store), store, store.location(CONFIG)
+        except BaseException:
+            store.close()
+            raise
 
     @staticmethod
     def read_config(path: Path) -> Config:
@@ -466,10 +469,6 @@ class Repository:
             self._pool = ReadPool(workers, slot, max(16, cache_bytes // slot), self.store.spec(),
                                   threads=REMOTE_READS_PER_WORKER if self.remote else 1,
                                   blob_format=self.blob_format_doc())
-
-    def chunk_id(self, raw: bytes | bytearray | memoryview) -> bytes:
-        """The id a chunk of these bytes has here: blake3, keyed in an encrypted repository."""
-        return self.blobs.chunk_id(raw)
 
     def blob_format_doc(self) -> dict[str, object] | None:
         """What a read worker process needs to read this repository's blobs (None: plain). It holds the
