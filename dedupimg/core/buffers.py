@@ -6,8 +6,11 @@ set also bounds the pipeline's memory: a producer that finds the pool empty wait
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
+
+from dedupimg.core.parallel import Countdown
 
 
 class PoolClosed(Exception):
@@ -46,20 +49,13 @@ class BufferPool:
         self._closed.set()
 
 
-class Lease:
+class Lease(Countdown):
     """A buffer shared by ``holders`` parties; the last to call ``release`` returns it to the pool."""
 
-    __slots__ = ("buf", "_pool", "_holders", "_lock")
+    __slots__ = ("buf",)
 
-    def __init__(self, buf: bytearray, pool: BufferPool | None, holders: int) -> None:
+    def __init__(self, buf: bytearray, pool: BufferPool, holders: int) -> None:
         self.buf = buf
-        self._pool = pool
-        self._holders = holders
-        self._lock = threading.Lock()
+        super().__init__(holders, functools.partial(pool.put, buf))
 
-    def release(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            last = self._holders == 0
-        if last and self._pool is not None:
-            self._pool.put(self.buf)
+    release = Countdown.done

@@ -8,6 +8,7 @@ same way.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -42,3 +43,22 @@ def started_ahead(items: Iterable[T], start: Callable[[T], J], window: int) -> I
         for _, job in queue:
             if isinstance(job, Future):
                 job.cancel()
+
+
+class Countdown:
+    """Calls ``action`` once ``count`` parties have each called :meth:`done` (the last user of shared data
+    hands it back: a buffer to its pool, pinned slots to the read pool)."""
+
+    __slots__ = ("_count", "_action", "_lock")
+
+    def __init__(self, count: int, action: Callable[[], object]) -> None:
+        self._count = count
+        self._action = action
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._count -= 1
+            last = self._count == 0
+        if last:
+            self._action()

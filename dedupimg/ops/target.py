@@ -148,6 +148,18 @@ class Target:
             raise_for_space(exc, self.spec)
             raise TargetError(f"cannot write target {self.spec}: {exc.strerror}") from None
 
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Have the kernel start writing ``[offset, offset+length)`` to the disk now, without waiting for it.
+
+        Otherwise the whole image sits dirty in the page cache until the final fdatasync, which then took a
+        fifth of a 2 GiB restore (0.65 of 3.3 s) with the disk idle until then. POSIX_FADV_DONTNEED starts
+        writeback of dirty pages (and drops only pages that are already clean)."""
+        if self.seekable:
+            try:
+                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass  # only advice: the final fdatasync still makes everything durable
+
     def _pwrite_all(self, buffers: Sequence[Buffer], offset: int) -> int:
         total = sum(len(b) for b in buffers)
         done = os.pwritev(self.fd, buffers, offset)
@@ -325,6 +337,9 @@ class NullTarget:
 
     def write_zeros(self, offset: int, length: int) -> int:
         return 0
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        pass
 
     def commit(self) -> None:
         pass

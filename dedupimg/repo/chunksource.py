@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import NamedTuple, cast
 
-from dedupimg.repo.readpool import Landed
+from dedupimg.repo.readpool import Landed, ReadPoolError
 from dedupimg.repo.repository import Repository
 
 CHUNK_CACHE_BYTES = 64 << 20  # chunks a source keeps when there is no read pool
@@ -81,17 +81,26 @@ class ChunkSource:
                     out[id_] = None
         return list(out)
 
+    def prefetch(self, ids: Iterable[bytes | None]) -> None:
+        """Start fetching those of ``ids`` that are neither cached nor being fetched (a restore's read-ahead)."""
+        if wanted := self.wanted(ids):
+            self._fetch(wanted)
+
     def pin(self, ids: list[bytes], ahead: list[bytes]) -> Pinned:
         """The chunks ``ids`` (distinct), fetched where needed and held until :meth:`unpin`; IntegrityError for
         a damaged one. The fetch of ``ahead`` (a read-ahead) starts after that of ``ids``, before the wait."""
         for _ in range(PIN_ATTEMPTS):
-            chunks, in_pool = self._find(ids, ahead)
+            try:
+                chunks, in_pool = self._find(ids, ahead)
+            except ReadPoolError:
+                break  # a worker died with this fetch in flight: the data may be fine, read it here
+
             runs = list(in_pool.values())
             if not runs or self._pinned(runs):
                 return Pinned(chunks, runs)
             self._forget_replaced(runs)  # another read refilled a slot between the fetch and the pin
             ahead = []
-        # The shared cache is too busy to hold this read: read it here, uncached.
+        # The shared cache is too busy to hold this read, or its worker died: read it here, uncached.
         return Pinned(dict(zip(ids, self._repo.read_blobs(ids), strict=True)), [])
 
     def unpin(self, pinned: Pinned) -> None:

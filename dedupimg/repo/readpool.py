@@ -17,9 +17,11 @@ Protocol, over each worker's stdin and stdout (trusted: the worker is our own ch
 description (``Store.spec()``, as JSON on its command line) and opens packs there by name, never by path; it
 is first sent how to read blobs (``[nil]``, or ``[keys]`` of an encrypted repository: never on its command line),
 starts by sending ``u32 n`` + msgpack ``["ready"]``, then answers requests in order:
-request  ``u32 n`` + msgpack ``[task, slot, pack name, start, length, [[offset, id, type, stored length], ...],
-         where]``
-answer   ``u32 n`` + msgpack ``[task, True, [raw lengths]]`` (the bytes are in the slot)
+request  ``u32 n`` + msgpack ``[task, slot, [[pack name, start, length, [[offset, id, type, stored length], ...],
+         where], ...]]``: one or more runs of blobs, each read with one pread, their raw bytes back to back in
+         the slot (several short runs share a slot: a later version's chunks alternate between packs, and a
+         slot per 100 KiB run left most of the arena empty and starved a restore of slots)
+answer   ``u32 n`` + msgpack ``[task, True, [raw lengths]]`` (the bytes are in the slot, in the order asked)
       or ``u32 n`` + msgpack ``[task, False, message]`` when a blob is damaged (IntegrityError in the caller).
 A worker that dies fails its outstanding tasks (ReadPoolError, exit code 17 like damage: the read fails,
 never returns wrong bytes); later tasks go to the other workers, or run in the caller when none is left.
@@ -64,6 +66,17 @@ START_TIMEOUT = 30.0
 
 class ReadPoolError(IntegrityError):
     """A read worker died with the task in flight."""
+
+
+class PackRun(NamedTuple):
+    """Blobs that lie back to back in the pack named ``name``, within [start, start+length); ``where`` names
+    the pack in messages."""
+
+    name: str
+    start: int
+    length: int
+    blobs: list[pack.RunBlob]
+    where: str
 
 
 class Landed(NamedTuple):
@@ -145,15 +158,15 @@ def worker_main(arena_fd: int, slot_bytes: int, slots: int, spec: StoreSpec, inp
         return reader
 
     def serve(msg: list[object]) -> None:
-        task, slot, name, start, length, blobs, where = msg
-        assert isinstance(name, str) and isinstance(slot, int) and isinstance(where, str)
-        assert isinstance(start, int) and isinstance(length, int)
-        assert isinstance(blobs, list)
+        task, slot, runs = msg
+        assert isinstance(slot, int) and isinstance(runs, list)
         try:
-            reader = reader_of(name, where)
-            raws = pack.read_blob_run(reader, start, length, [tuple(b) for b in blobs], where, fmt)
-            if sum(len(r) for r in raws) > slot_bytes:
-                raise IntegrityError(f"{where}: the blobs at {start} are larger than the index says")
+            raws: list[bytes] = []
+            for name, start, length, blobs, where in runs:
+                raws += pack.read_blob_run(reader_of(name, where), start, length, [tuple(b) for b in blobs], where,
+                                           fmt)
+                if sum(len(r) for r in raws) > slot_bytes:
+                    raise IntegrityError(f"{where}: the blobs at {start} are larger than the index says")
         except IntegrityError as exc:
             answer: list[object] = [task, False, str(exc)]
         except Exception as exc:  # noqa: BLE001  (the worker has no stderr: the server reports it)
@@ -288,7 +301,13 @@ class ReadPool:
             os.ftruncate(arena_fd, slot_bytes * slots)
             self._map = mmap.mmap(arena_fd, slot_bytes * slots)
             self.arena = memoryview(self._map)
-            self._workers = [_Worker(self, arena_fd) for _ in range(workers)]
+            self._workers: list[_Worker] = []
+            try:
+                for _ in range(workers):
+                    self._workers.append(_Worker(self, arena_fd))
+            except OSError:  # a worker cannot be started: no pool (the caller reads in its own process)
+                self.close()
+                raise
         finally:
             os.close(arena_fd)  # the mapping and the workers keep the memory
         # Wait until they have started (about 0.15 s of imports each), so that the first reads of a new mount
@@ -336,9 +355,9 @@ class ReadPool:
 
     # -- work -----------------------------------------------------------------------------------------------
 
-    def submit(self, name: str, start: int, length: int, blobs: list[pack.RunBlob], where: str
-               ) -> Future[Landed] | None:
-        """The run's future; None when no worker is left to take it (the caller reads it itself)."""
+    def submit(self, runs: list[PackRun]) -> Future[Landed] | None:
+        """The future of the blobs of ``runs`` (together at most a slot of raw bytes), in order; None when no
+        worker is left to take them (the caller reads them itself)."""
         future: Future[Landed] = Future()
         task = next(self._tasks)
         with self.lock:
@@ -355,7 +374,8 @@ class ReadPool:
             return None
         try:
             with worker.write_lock:  # requests from several threads must not interleave in the pipe
-                _send(worker.inp, [task, slot, name, start, length, [list(b) for b in blobs], where])
+                _send(worker.inp, [task, slot, [[r.name, r.start, r.length, [list(b) for b in r.blobs], r.where]
+                                                for r in runs]])
         except OSError:
             with self.lock:
                 worker.alive = False

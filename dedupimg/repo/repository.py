@@ -466,9 +466,12 @@ class Repository:
         ``cache_bytes``. Runs must fit a slot, so a slot holds at least the largest chunk."""
         if self._pool is None and workers > 0 and hasattr(os, "memfd_create") and self.store.cross_process:
             slot = max(POOL_RUN, self.config.chunker.max_size)  # (not Linux, or an in-memory store: read here)
-            self._pool = ReadPool(workers, slot, max(16, cache_bytes // slot), self.store.spec(),
-                                  threads=REMOTE_READS_PER_WORKER if self.remote else 1,
-                                  blob_format=self.blob_format_doc())
+            try:
+                self._pool = ReadPool(workers, slot, max(16, cache_bytes // slot), self.store.spec(),
+                                      threads=REMOTE_READS_PER_WORKER if self.remote else 1,
+                                      blob_format=self.blob_format_doc())
+            except OSError:
+                pass  # workers cannot be started (the interpreter not executable by this user): read here
 
     def blob_format_doc(self) -> dict[str, object] | None:
         """What a read worker process needs to read this repository's blobs (None: plain). It holds the
@@ -502,21 +505,40 @@ class Repository:
         done on return. A blob missing from the index raises IntegrityError here; damage inside a run is the
         exception of its future.
         """
-        out: list[tuple[list[bytes], Future[Landed]]] = []
         pool = self._pool
-        for run in self._runs(ids, POOL_RUN if pool else MAX_READ, pool.slot_bytes if pool else None):
-            future = None
-            if pool is not None:
-                name = pack.pack_name(self.index.pack_id(run.pack_no))
-                future = pool.submit(name, run.start, run.length, run.blobs, f"pack #{run.pack_no}")
-            if future is None:  # no pool, or no worker left in it: read here
-                future = Future()
-                try:
-                    future.set_result(Landed(None, 0, self._read_run(run)))
-                except IntegrityError as exc:
-                    future.set_exception(exc)
-            out.append(([b[1] for b in run.blobs], future))
+        if pool is None:
+            return [([b[1] for b in run.blobs], self._read_here([run])) for run in self._runs(ids, MAX_READ)]
+        out: list[tuple[list[bytes], Future[Landed]]] = []
+        for bundle in self._bundles(self._runs(ids, POOL_RUN, pool.slot_bytes), pool.slot_bytes):
+            future = pool.submit([readpool.PackRun(pack.pack_name(self.index.pack_id(run.pack_no)), run.start,
+                                                   run.length, run.blobs, f"pack #{run.pack_no}") for run in bundle])
+            if future is None:  # no worker left in the pool: read here
+                future = self._read_here(bundle)
+            out.append(([b[1] for run in bundle for b in run.blobs], future))
         return out
+
+    def _bundles(self, runs: list[_Run], slot_bytes: int) -> Iterator[list[_Run]]:
+        """Consecutive ``runs`` grouped to fill read pool slots of ``slot_bytes`` raw bytes. An object store's
+        runs stay one per slot: each is a request, and a worker's threads take slots, not runs, in parallel."""
+        bundle: list[_Run] = []
+        raw = 0
+        for run in runs:
+            if bundle and (self.remote or raw + run.raw > slot_bytes):
+                yield bundle
+                bundle, raw = [], 0
+            bundle.append(run)
+            raw += run.raw
+        if bundle:
+            yield bundle
+
+    def _read_here(self, runs: list[_Run]) -> Future[Landed]:
+        """A done future of the blobs of ``runs``, read in this thread (or of the damage found)."""
+        future: Future[Landed] = Future()
+        try:
+            future.set_result(Landed(None, 0, [raw for run in runs for raw in self._read_run(run)]))
+        except IntegrityError as exc:
+            future.set_exception(exc)
+        return future
 
     def _runs(self, ids: list[bytes], max_run: int, max_raw: int | None = None) -> list[_Run]:
         """``ids`` grouped into runs of blobs that lie back to back in one pack, in order, each at most

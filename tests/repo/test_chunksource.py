@@ -16,8 +16,12 @@ MiB = 1 << 20
 @pytest.fixture
 def chunks(tmp_path, repo):
     """Every chunk of a 2 MiB image: id -> bytes, in image order."""
+    return image_chunks(tmp_path, repo, 2 * MiB)
+
+
+def image_chunks(tmp_path, repo, size):
     path = tmp_path / "img"
-    data = det_bytes(7, 2 * MiB)
+    data = det_bytes(7, size)
     path.write_bytes(data)
     rec = take_snapshot(repo, str(path)).record
     out: dict[bytes, bytes] = {}
@@ -39,9 +43,10 @@ def test_without_a_pool_chunks_are_read_here_and_cached(chunks):
     assert source.wanted(ids[:30]) == ids[20:30]
 
 
-def test_with_a_pool_a_slot_refilled_by_another_source_is_fetched_again(chunks):
-    repo, want = chunks
-    repo.start_read_pool(2, cache_bytes=4 * MiB)  # 4 slots of 1 MiB: each source needs 3, so they take turns
+def test_with_a_pool_a_slot_refilled_by_another_source_is_fetched_again(tmp_path, repo):
+    repo, want = image_chunks(tmp_path, repo, 10 * MiB)
+    repo.start_read_pool(2, cache_bytes=4 * MiB)  # 16 slots (the least) of 1 MiB: each source needs 11, so they
+    # take turns
     ids = list(want)
     first, second = ChunkSource(repo), ChunkSource(repo)
     assert first.parallel

@@ -1,5 +1,5 @@
 """Reads through the pool of worker processes (what mount and serve use): bit-exact, damage is an error,
-a dead worker costs at most the reads it had in flight, and a cache too small for the readers still works."""
+a dead worker costs no read, and a cache too small for the readers still works."""
 
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def test_damage_is_an_integrity_error_and_other_data_still_reads(pooled):
         reader.read(0, MiB)  # still an error, never wrong bytes
 
 
-def test_dead_workers_fail_only_their_reads(pooled):
+def test_dead_workers_fail_no_read(pooled):
+    """A worker killed with reads in flight: those reads are done again in this process (the data is fine)."""
     repo, images = pooled
     rec, data = images[0]
     reader = SnapshotReader(repo, rec)
@@ -101,23 +102,11 @@ def test_dead_workers_fail_only_their_reads(pooled):
     workers = repo._pool._workers  # type: ignore[union-attr]
     os.kill(workers[0].proc.pid, signal.SIGKILL)
     workers[0].proc.wait()
-    failures = 0
-    for off in range(0, len(data), MiB):  # the other worker takes over; a read in flight may fail once
-        try:
-            assert reader.read(off, MiB) == data[off : off + MiB]
-        except IntegrityError:
-            failures += 1
-    assert failures <= 2
+    for off in range(0, len(data), MiB):  # the other worker takes over
+        assert reader.read(off, MiB) == data[off : off + MiB]
     os.kill(workers[1].proc.pid, signal.SIGKILL)
     workers[1].proc.wait()
-    for _ in range(3):  # no worker left: reads run in this process
-        try:
-            assert sequential(SnapshotReader(repo, rec), len(data), MiB) == data
-            break
-        except IntegrityError:
-            continue
-    else:
-        pytest.fail("reads kept failing with every worker dead")
+    assert sequential(SnapshotReader(repo, rec), len(data), MiB) == data  # no worker left: read here
     fresh = SnapshotReader(repo, images[1][0])
     assert sequential(fresh, len(images[1][1]), MiB) == images[1][1]
 
