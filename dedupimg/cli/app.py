@@ -10,13 +10,17 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from dedupimg.cli import render
 from dedupimg.core.errors import UsageError, WrongPassword
 from dedupimg.core.password import prefer_file, set_prompt
+from dedupimg.core.retention import SnapshotFilter, parse_tag_list
 from dedupimg.repo.repository import CACHE_ENV, Repository
 from dedupimg.store import normalize_location
 from dedupimg.store.lock import LockMode
@@ -24,16 +28,38 @@ from dedupimg.store.lock import LockMode
 app = typer.Typer(
     name="dedupimg",
     help="Deduplicating backups of whole disk and VM images.",
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _version() -> str:
+    try:
+        return package_version("dedupimg")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"dedupimg {_version()}\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def root(
     ctx: typer.Context,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="No progress and no summary lines; results and errors only.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="More detail: full ids, hosts and sources in tables.")
+    ] = False,
     repo: Annotated[
         str | None,
         typer.Option("-r", "--repo", envvar="DEDUPIMG_REPO", metavar="REPOSITORY",
@@ -58,6 +84,9 @@ def root(
                      help="Run this (no shell) and take the first line it prints as the password."),
     ] = None,
 ) -> None:
+    if quiet and verbose:
+        raise UsageError("give -q/--quiet or -v/--verbose, not both")
+    render.verbosity = 0 if quiet else 2 if verbose else 1
     ctx.obj = repo
     # The library, and the processes a command starts (a mount's server), read these from the environment.
     if cache_dir is not None:
@@ -136,6 +165,22 @@ LatestNameOption = Annotated[
 ]
 
 NameFilterOption = Annotated[str | None, typer.Option("--name", help="Only snapshots of this image name.")]
+
+HostFilterOption = Annotated[
+    list[str] | None, typer.Option("--host", metavar="HOST", help="Only snapshots taken on this host (repeatable).")
+]
+
+TagFilterOption = Annotated[
+    list[str] | None,
+    typer.Option("--tag", metavar="TAG[,TAG...]",
+                 help="Only snapshots with all these tags (repeatable: any of the lists; '' is untagged)."),
+]
+
+
+def snapshot_filter(name: str | None, hosts: list[str] | None, tags: list[str] | None) -> SnapshotFilter:
+    """The filter of ``--name``, ``--host`` and ``--tag``."""
+    return SnapshotFilter(names=(name,) if name is not None else (), hosts=tuple(hosts or ()),
+                          tags=tuple(parse_tag_list(t) for t in tags or ()))
 
 
 def repo_location(ctx: typer.Context) -> str:

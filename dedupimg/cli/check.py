@@ -7,10 +7,18 @@ from typing import Annotated
 import typer
 
 from dedupimg.cli.app import JsonOption, LockWait, RepoOption, open_repo
-from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, stdout
+from dedupimg.cli.render import (
+    JSON_VERSION,
+    exit_codes_help,
+    human_bytes,
+    plural,
+    print_json,
+    progress_sink,
+    prune_json,
+    stdout,
+)
 from dedupimg.core.errors import CheckFailed, UsageError
-from dedupimg.ops.check import CheckReport
-from dedupimg.ops.check import check as check_repository
+from dedupimg.ops.checkup import Checkup, check_and_estimate
 from dedupimg.store.lock import LockMode
 
 
@@ -37,11 +45,12 @@ def check(
         raise UsageError("give --read-data or --read-data-subset, not both")
     share = 1.0 if read_data else _percent(read_data_subset) if read_data_subset is not None else 0.0
     with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
-        report = check_repository(repo, share, progress_sink(item_tasks=("check index", "check packs")))
+        checkup = check_and_estimate(repo, share, progress_sink(item_tasks=("check index", "check packs")))
+    report = checkup.check
     if json:
-        print_json(_report_json(report))
+        print_json(_report_json(checkup))
     else:
-        _print_report(report)
+        _print_report(checkup)
     if not report.ok:
         n = len(report.findings)
         raise CheckFailed(f"check found {n} problem{'s' if n != 1 else ''}" + ("" if json else " (listed above)"))
@@ -59,8 +68,10 @@ def _percent(value: str) -> float:
     return percent / 100
 
 
-def _report_json(report: CheckReport) -> dict[str, object]:
+def _report_json(checkup: Checkup) -> dict[str, object]:
+    report = checkup.check
     return {
+        "version": JSON_VERSION,
         "ok": report.ok,
         "read_data": report.read_data,
         "findings": [
@@ -68,12 +79,26 @@ def _report_json(report: CheckReport) -> dict[str, object]:
              "snapshots": [{"id": s.hex_id, "name": s.name, "time": s.time} for s in f.snapshots]}
             for f in report.findings
         ],
-        "hints": [{"kind": h.kind, "message": h.message} for h in report.hints],
+        "hints": [{"kind": h.kind, "message": _hint(h.kind, h.message, checkup)} for h in report.hints],
         "counts": vars(report.counts),
+        "prune_estimate": None if checkup.prune is None else prune_json(checkup.prune),
     }
 
 
-def _print_report(report: CheckReport) -> None:
+def _hint(kind: str, message: str, checkup: Checkup) -> str:
+    """A garbage hint says what prune will free, from prune's own plan (with its default --max-unused)."""
+    p = checkup.prune
+    if kind != "garbage" or p is None:
+        return message
+    n = p.packs_keeping_garbage
+    keeps = (f"; {plural(n, 'pack')} less than {p.max_unused:.0%} unused keep{'s its' if n == 1 else ' their'} unused "
+             "space (prune --max-unused 0 frees that too)") if n else ""
+    return (f"unreferenced data: prune would free about {human_bytes(p.bytes_to_free)} "
+            f"({plural(p.packs_to_delete, 'pack')} to delete, {p.packs_to_rewrite} to rewrite){keeps}")
+
+
+def _print_report(checkup: Checkup) -> None:
+    report = checkup.check
     for f in report.findings:
         line = f"error [{f.kind}]: {f.message}"
         if f.snapshots:
@@ -82,14 +107,15 @@ def _print_report(report: CheckReport) -> None:
             line += f"; affects snapshot{'s' if len(f.snapshots) > 1 else ''} {shown}{more}"
         stdout.print(line, markup=False)
     for h in report.hints:
-        stdout.print(f"hint [{h.kind}]: {h.message}", markup=False)
+        stdout.print(f"hint [{h.kind}]: {_hint(h.kind, h.message, checkup)}", markup=False)
     c = report.counts
     read = ""
     if report.read_data:
-        read = f"; read {c.packs_read} of {c.packs} packs ({human_bytes(c.bytes_read)})"
-    verdict = "no problems found" if report.ok else f"{len(report.findings)} problems found"
-    stdout.print(f"checked {c.snapshots} snapshots, {c.segments} segments, {c.chunks} chunks in {c.packs} packs "
-                 f"({human_bytes(c.pack_bytes)}){read}: {verdict}", markup=False)
+        read = f"; read {c.packs_read} of {plural(c.packs, 'pack')} ({human_bytes(c.bytes_read)})"
+    verdict = "no problems found" if report.ok else f"{plural(len(report.findings), 'problem')} found"
+    stdout.print(f"checked {plural(c.snapshots, 'snapshot')}, {plural(c.segments, 'segment')}, "
+                 f"{plural(c.chunks, 'chunk')} in {plural(c.packs, 'pack')} ({human_bytes(c.pack_bytes)}){read}: "
+                 f"{verdict}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

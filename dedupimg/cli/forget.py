@@ -8,8 +8,28 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from dedupimg.cli.app import DryRunOption, JsonOption, LockWait, NameFilterOption, RepoOption, open_repo
-from dedupimg.cli.render import exit_codes_help, print_json, prune_json, render_prune, stdout
+from dedupimg.cli import render
+from dedupimg.cli.app import (
+    DryRunOption,
+    HostFilterOption,
+    JsonOption,
+    LockWait,
+    NameFilterOption,
+    RepoOption,
+    TagFilterOption,
+    open_repo,
+    snapshot_filter,
+)
+from dedupimg.cli.render import (
+    JSON_VERSION,
+    exit_codes_help,
+    local_time,
+    plural,
+    print_json,
+    prune_json,
+    render_prune,
+    stdout,
+)
 from dedupimg.core.errors import UsageError
 from dedupimg.core.retention import Policy, parse_duration, parse_tag_list
 from dedupimg.ops.forget import ForgetPlan, forget_and_prune
@@ -26,6 +46,8 @@ def forget(
         list[str] | None, typer.Argument(metavar="[ID]...", help="Remove exactly these snapshots (no keep rules).")
     ] = None,
     name: NameFilterOption = None,
+    host: HostFilterOption = None,
+    tag: TagFilterOption = None,
     keep_last: Annotated[int, _count("Keep the N newest snapshots")] = 0,
     keep_hourly: Annotated[int, _count("Keep the newest snapshot of each of the last N hours with one")] = 0,
     keep_daily: Annotated[int, _count("Keep the newest snapshot of each of the last N days with one")] = 0,
@@ -59,13 +81,15 @@ def forget(
     )
     if ids and not policy.empty():
         raise UsageError("give snapshot ids or keep rules, not both")
-    if ids and name:
-        raise UsageError("--name selects snapshots for keep rules; it does not apply to snapshot ids")
+    if ids and (name or host or tag):
+        raise UsageError("--name, --host and --tag select snapshots for keep rules; they do not apply to snapshot "
+                         "ids")
+    where = snapshot_filter(None, host, tag)
     with open_repo(ctx, LockMode.EXCLUSIVE, lock_wait) as repo:
-        result = forget_and_prune(repo, ids, policy, name, dry_run=dry_run, and_prune=and_prune)
+        result = forget_and_prune(repo, ids, policy, name, dry_run=dry_run, and_prune=and_prune, where=where)
     todo, report = result.plan, result.prune
     if json:
-        doc: dict[str, object] = {"dry_run": dry_run, "groups": _plan_json(todo)}
+        doc: dict[str, object] = {"version": JSON_VERSION, "dry_run": dry_run, "groups": _plan_json(todo)}
         if report is not None:
             doc["prune"] = prune_json(report)
         print_json(doc)
@@ -93,16 +117,19 @@ def _render_plan(todo: ForgetPlan, dry_run: bool, pruning: bool) -> None:
     for group, decisions in todo.groups.items():
         kept = [d for d in decisions if d.keep]
         gone = [d for d in decisions if not d.keep]
-        stdout.print(Text(f"{group}: keep {len(kept)}, {verb} {len(gone)}", style="bold"))
+        if render.verbosity >= 1:
+            stdout.print(Text(f"{group}: keep {len(kept)}, {verb} {len(gone)}", style="bold"))
         table = Table("", "id", "time", "tags", "reasons", box=None, header_style="bold")
         table.columns[2].no_wrap = True
         for d in decisions:
-            cells = ("keep" if d.keep else verb, d.item.short_id, d.item.time, ",".join(d.item.tags),
+            cells = ("keep" if d.keep else verb, d.item.short_id, local_time(d.item.time), ",".join(d.item.tags),
                      ", ".join(d.reasons))
             table.add_row(*(Text(c) for c in cells))  # Text: "[tag]" in reasons is not rich markup
         stdout.print(table)
     total = sum(1 for ds in todo.groups.values() for d in ds if not d.keep)
-    stdout.print(f"{verb} {total} snapshots" + ("" if dry_run or pruning else "; run prune to free their space"))
+    if render.verbosity >= 1:
+        stdout.print(f"{verb} {plural(total, 'snapshot')}"
+                     + ("" if dry_run or pruning else "; run prune to free their space"))
 
 
 def register(app: typer.Typer) -> None:

@@ -14,17 +14,21 @@ import typer
 from dedupimg.cli import (
     check,
     copy,
+    diff,
     forget,
     info,
     init,
     key,
     mount,
     prune,
+    render,
     repair,
     restore,
     serve,
     snapshot,
     snapshots,
+    stats,
+    tag,
     unlock,
     verify,
 )
@@ -33,8 +37,8 @@ from dedupimg.core import interrupts
 from dedupimg.core.errors import DedupimgError, Interrupted, PermissionDenied
 
 # ``dedupimg --help`` lists the commands in this order (command groups, here ``key`` and ``repair``, come last).
-COMMANDS = (check, init, snapshot, snapshots, restore, verify, info, copy, forget, prune, unlock, mount, serve,
-            key, repair)
+COMMANDS = (check, init, snapshot, snapshots, restore, verify, info, stats, diff, tag, copy, forget, prune, unlock,
+            mount, serve, key, repair)
 for _command in COMMANDS:
     _command.register(app)
 
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     debug = bool(os.environ.get("DEDUPIMG_DEBUG"))
+    render.json_status = "--json" in (sys.argv[1:] if argv is None else argv)
     try:
         rv = app(args=argv, prog_name="dedupimg", standalone_mode=False)
     except DedupimgError as exc:

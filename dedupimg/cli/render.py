@@ -4,7 +4,10 @@ bars on stderr. A command's own output stays in its module."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -20,6 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 from dedupimg.core.errors import EXIT_CODES
@@ -30,7 +34,9 @@ from dedupimg.ops.prune import PruneReport
 
 # No markup and no emoji codes: names, tags, paths and messages are user text, printed as given ("[bold]" or
 # ":smile:" in an image name stays literal; "[/x]" would otherwise raise MarkupError after the work was done).
-stdout = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+# A pipe or a log gets whole lines (tables are not cut to 80 columns there); a terminal its own width.
+_PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 250
+stdout = Console(highlight=False, soft_wrap=True, markup=False, emoji=False, width=_PIPE_WIDTH)
 stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
@@ -48,6 +54,51 @@ def exit_codes_help(*codes: int, opens_repository: bool = True) -> str:
     return "Exit codes: " + "; ".join(f"{c} {EXIT_CODES[c]}" for c in sorted(set(listed))) + "."
 
 
+# The version of every JSON document the commands print (a "version" key in each object): raised when a key
+# changes meaning or goes; new keys do not raise it.
+JSON_VERSION = 1
+
+# -q (0), default (1), -v (2): set once by the root callback (cli/app.py).
+verbosity = 1
+# The command line holds --json: progress on a non-terminal is JSON status lines then (cli/main.py sets it).
+json_status = False
+PROGRESS_INTERVAL_ENV = "DEDUPIMG_PROGRESS_INTERVAL"
+PROGRESS_INTERVAL = 10.0  # seconds between progress lines on a non-terminal (journald, cron mail)
+
+
+def table(*columns: str, fixed: tuple[str, ...] = ("id", "time")) -> Table:
+    """A table of plain columns; ``fixed`` ones (and sizes, numbers) never wrap, the others wrap within
+    the column (long names, tags, sources fold onto more lines instead of being cut)."""
+    out = Table(box=None, header_style="bold")
+    for name in columns:
+        keep = name in fixed
+        out.add_column(name, no_wrap=keep, overflow="fold", justify="left")
+    return out
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 snapshot``, ``2 snapshots``."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+def local_time(iso: str) -> str:
+    """A recorded time (ISO 8601 with its offset) in this machine's zone ($TZ), to the second."""
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def utc_time(iso: str) -> str:
+    """A recorded time in UTC, ISO 8601 (``2026-01-02T02:04:05Z``)."""
+    t = datetime.fromisoformat(iso).astimezone(UTC)
+    return t.isoformat(timespec="microseconds" if t.microsecond else "seconds").replace("+00:00", "Z")
+
+
+def utc_offset(iso: str) -> str:
+    """The offset the time was recorded with (``+01:00``)."""
+    t = datetime.fromisoformat(iso)
+    text = t.strftime("%z")  # +0100
+    return f"{text[:3]}:{text[3:5]}" if text else "+00:00"
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -63,10 +114,13 @@ def print_json(doc: Any) -> None:
 def record_json(rec: SnapshotRecord) -> dict[str, object]:
     """A snapshot record as ``snapshot``, ``snapshots`` and ``restore`` print it with ``--json``."""
     return {
+        "version": JSON_VERSION,
         "id": rec.hex_id,
         "short_id": rec.short_id,
         "name": rec.name,
-        "time": rec.time,
+        "time": rec.time,  # as recorded: ISO 8601 with its original offset
+        "time_utc": utc_time(rec.time),
+        "utc_offset": utc_offset(rec.time),
         "size": rec.size,
         "tags": rec.tags,
         "host": rec.host,
@@ -79,6 +133,7 @@ def record_json(rec: SnapshotRecord) -> dict[str, object]:
 def prune_json(r: PruneReport) -> dict[str, object]:
     """A prune report as ``prune --json`` prints it (and ``forget --prune --json`` under "prune")."""
     doc: dict[str, object] = {
+        "version": JSON_VERSION,
         "dry_run": r.dry_run,
         "max_unused": r.max_unused,
         "packs_to_delete": r.packs_to_delete,
@@ -163,6 +218,71 @@ class BarProgress:
         self._progress.stop()
 
 
+class LineProgress:
+    """On a non-terminal (journald, cron, a pipe): a line on stderr every ``interval`` seconds while a task
+    runs, and one when it ends if any was printed; with ``as_json``, JSON status lines as restic prints them."""
+
+    def __init__(self, interval: float, as_json: bool, item_tasks: tuple[str, ...] = ()) -> None:
+        self._interval = interval
+        self._json = as_json
+        self._item_tasks = item_tasks
+        self._task: str | None = None
+        self._total: int | None = None
+        self._done = 0
+        self._started = self._last = 0.0
+        self._printed = False
+
+    def start(self, task: str, total: int | None) -> None:
+        self._task, self._total, self._done, self._printed = task, total, 0, False
+        self._started = self._last = time.monotonic()
+
+    def advance(self, n: int) -> None:
+        self._done += n
+        now = time.monotonic()
+        if self._task is not None and now - self._last >= self._interval:
+            self._last = now
+            self._emit(now, "status")
+
+    def finish(self) -> None:
+        if self._task is not None and self._printed:
+            self._emit(time.monotonic(), "done")
+        self._task = None
+
+    stop = finish
+
+    def _emit(self, now: float, kind: str) -> None:
+        assert self._task is not None
+        self._printed = True
+        seconds = now - self._started
+        share = self._done / self._total if self._total else None
+        if self._json:
+            doc: dict[str, object] = {"message_type": kind, "task": self._task, "done": self._done,
+                                      "total": self._total, "seconds_elapsed": round(seconds, 1)}
+            if share is not None:
+                doc["percent_done"] = round(100 * share, 1)
+            line = json.dumps(doc)
+        else:
+            items = self._task.startswith(self._item_tasks) if self._item_tasks else False
+            amount = (f"{self._done}" if items else human_bytes(self._done)) + (
+                "" if self._total is None else f" of {self._total if items else human_bytes(self._total)}")
+            pct = "" if share is None else f" ({100 * share:.0f}%)"
+            line = f"{self._task}: {'done, ' if kind == 'done' else ''}{amount}{pct} in {seconds:.0f} s"
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def progress_interval() -> float:
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_INTERVAL_ENV, PROGRESS_INTERVAL)))
+    except ValueError:
+        return PROGRESS_INTERVAL
+
+
 def progress_sink(item_tasks: tuple[str, ...] = ()) -> ProgressSink:
-    """A bar when stderr is a terminal; silence otherwise (logs and pipes stay clean)."""
-    return BarProgress(item_tasks) if sys.stderr.isatty() else NoProgress()
+    """A bar when stderr is a terminal; otherwise a progress line every few seconds (JSON status lines with
+    --json), so that journald and cron logs show a long command's progress; nothing with -q."""
+    if verbosity == 0:
+        return NoProgress()
+    if sys.stderr.isatty():
+        return BarProgress(item_tasks)
+    return LineProgress(progress_interval(), json_status, item_tasks)

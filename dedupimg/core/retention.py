@@ -349,3 +349,28 @@ def group_by_name(items: Iterable[T], name_of: Callable[[T], str]) -> dict[str, 
     for item in items:
         groups.setdefault(name_of(item), []).append(item)
     return groups
+
+
+@dataclass(frozen=True)
+class SnapshotFilter:
+    """Which snapshots a command looks at, as restic's ``--host``/``--tag`` filters (and dedupimg's ``--name``).
+
+    ``names`` and ``hosts``: any of them (empty: all); ``tags``: a snapshot matches when it has every tag of at
+    least one of the sets (``--tag a,b --tag c``: a and b, or c); empty: all.
+    """
+
+    names: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    tags: tuple[frozenset[str], ...] = ()
+
+    def empty(self) -> bool:
+        return not (self.names or self.hosts or self.tags)
+
+    def matches(self, name: str, host: str, tags: Iterable[str]) -> bool:
+        have = frozenset(tags)
+        return ((not self.names or name in self.names) and (not self.hosts or host in self.hosts)
+                and (not self.tags or any(_has_tags(have, wanted) for wanted in self.tags)))
+
+    def select(self, items: Iterable[T], fields_of: Callable[[T], tuple[str, str, Iterable[str]]]) -> list[T]:
+        """The items that match, in input order; ``fields_of`` gives an item's (name, host, tags)."""
+        return [item for item in items if self.matches(*fields_of(item))]

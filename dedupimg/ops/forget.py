@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from dedupimg.core.errors import UsageError
 from dedupimg.core.manifest import SnapshotRecord
-from dedupimg.core.retention import EMPTY_POLICY_MESSAGE, Decision, Policy, apply_policy, group_by_name
+from dedupimg.core.retention import EMPTY_POLICY_MESSAGE, Decision, Policy, SnapshotFilter, apply_policy, group_by_name
 from dedupimg.ops.prune import PruneReport, prune
+from dedupimg.ops.selection import fields_of
 from dedupimg.repo.repository import Repository
 
 
@@ -32,11 +33,14 @@ class ForgetPlan:
         return [d.item for ds in self.groups.values() for d in ds if d.keep]
 
 
-def plan_policy(repo: Repository, policy: Policy, name: str | None = None) -> ForgetPlan:
-    """Apply ``policy`` to every image name (or only to ``name``); raises UsageError for an empty policy."""
+def plan_policy(repo: Repository, policy: Policy, name: str | None = None,
+                where: SnapshotFilter | None = None) -> ForgetPlan:
+    """Apply ``policy`` to every image name (or only to ``name``), among the snapshots ``where`` selects (as
+    restic's --host and --tag: the others are neither kept nor removed); UsageError for an empty policy."""
     if policy.empty():  # refused even in an empty repository, where apply_policy is never called
         raise UsageError(EMPTY_POLICY_MESSAGE)
-    groups = group_by_name(repo.snapshots(name), lambda r: r.name)
+    records = (where or SnapshotFilter()).select(repo.snapshots(name), fields_of)
+    groups = group_by_name(records, lambda r: r.name)
     return ForgetPlan({
         group: apply_policy(records, policy, time_of=lambda r: r.datetime, tags_of=lambda r: r.tags)
         for group, records in sorted(groups.items())
@@ -81,6 +85,7 @@ def forget_and_prune(
     *,
     dry_run: bool = False,
     and_prune: bool = False,
+    where: SnapshotFilter | None = None,
 ) -> ForgetReport:
     """Forget exactly the snapshots ``refs`` names or, without refs, those ``policy`` removes (of every image
     name, or only of ``name``); then, with ``and_prune``, prune (default ``max_unused``) at once.
@@ -88,7 +93,7 @@ def forget_and_prune(
     The caller holds the repository's exclusive lock, so nothing comes between the forget and the prune.
     ``dry_run`` plans both and changes nothing.
     """
-    plan = plan_ids(repo, refs) if refs else plan_policy(repo, policy, name)
+    plan = plan_ids(repo, refs) if refs else plan_policy(repo, policy, name, where)
     if not dry_run:
         execute(repo, plan)
     return ForgetReport(plan, prune(repo, dry_run=dry_run) if and_prune else None)

@@ -566,6 +566,22 @@ class Index:
 
         self._write(run)
 
+    def replace_snapshots(self, sealed: SealedPack, new: list[NewSnapshot], old: list[NewSnapshot]) -> None:
+        """Register ``sealed`` (which holds the ``new`` records and a tombstone naming the ``old`` ones), list
+        the new records and drop the old ones, in one transaction (``tag``). The new records are counted
+        before the old ones are dropped, so a shared segment's count never passes through 0."""
+
+        def run(txn: lmdb.Transaction) -> None:
+            self._register_pack(txn, sealed)
+            for snap in new:
+                self._store_snapshot(txn, snap)
+            self._note_forgotten(txn, [snap.id for snap in old])
+            for snap in old:
+                if not self._drop_snapshot(txn, snap.id, snap.segment_ids):
+                    raise IntegrityError(f"snapshot {snap.id.hex()[:8]} is no longer listed; nothing was changed")
+
+        self._write(run)
+
     def apply_prune(
         self,
         new_packs: list[SealedPack],

@@ -130,6 +130,16 @@ class RepoStats:
     chunks: int
 
 
+@dataclass(frozen=True)
+class BlobUsage:
+    """What a blob costs and who needs it, without its place: raw length, bytes it takes in its pack (header
+    included) and its reference count (a chunk: stored segments listing it; a segment: live records)."""
+
+    raw_len: int
+    stored_len: int
+    refcount: int
+
+
 class Repository:
     """A repository: its config, its store (packs) and its index.
 
@@ -637,6 +647,38 @@ class Repository:
             packs=len(packs),
             chunks=chunks,
         )
+
+    def blob_usage(self, ids: list[bytes]) -> list[BlobUsage | None]:
+        """For each id, its lengths and reference count from the index (None: not indexed); reads no pack."""
+        return [None if loc is None else BlobUsage(loc.raw_len, pack.blob_span(loc.stored_len), loc.refcount)
+                for loc in self.index.lookup_blobs(ids)]
+
+    def replace_records(self, pairs: list[tuple[SnapshotRecord, SnapshotRecord]]) -> None:
+        """Replace each listed ``old`` record by its ``new`` one (``tag``): one pack holding the new records and
+        a tombstone naming the old ones is made durable, then one index transaction lists the new records and
+        drops the old ones. Killed before that transaction, the old records stay listed (the pack is an
+        orphan, which ``repair index`` would read as the replacement done); after it, the new ones: never
+        neither, never both. New records must differ from every record ever stored (their ids are new)."""
+        if not pairs:
+            return
+        known = self.index.has_blobs([new.id for _, new in pairs])
+        if any(known):
+            raise UsageError("a replacement record is identical to one stored before")
+        writer = self.new_pack()
+        listed = []
+        for _old, new in pairs:
+            raw = new.encode()
+            writer.add(pack.SNAPSHOT, new.id, pack.RAW, raw, len(raw))
+            listed.append(NewSnapshot(new.id, raw, [sid for sid, _ in new.segments]))
+        tomb = encode_tombstone([old.id for old, _ in pairs])
+        writer.add(pack.TOMBSTONE, pack.blob_id(tomb), pack.RAW, tomb, len(tomb))
+        sealed = self.seal(writer)
+        forgotten = [NewSnapshot(old.id, b"", [sid for sid, _ in old.segments]) for old, _ in pairs]
+        try:
+            self.index.replace_snapshots(sealed, listed, forgotten)
+        except BaseException:
+            self.discard_unlisted(sealed)
+            raise
 
     def forget(self, records: list[SnapshotRecord]) -> None:
         """Drop snapshot records (their data stays until a prune collects it).

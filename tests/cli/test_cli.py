@@ -294,7 +294,7 @@ def test_forget_policy_lists_reasons_and_prune_frees_space(env):
     assert [r["id"] for r in group["remove"]] == [snaps[1]["id"]]
     assert len(json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))) == 3  # dry run: nothing removed
     out = ok(run_cli("-r", repo, "forget", "--keep-last", "1", "--keep-tag", "gold", "--prune"))
-    assert "removed 1 snapshots" in out and "pruned:" in out
+    assert "removed 1 snapshot\n" in out and "pruned:" in out
     left = json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))
     assert [s["id"] for s in left] == [snaps[0]["id"], snaps[2]["id"]]
 

@@ -113,7 +113,7 @@ def _commands() -> Iterator[tuple[str, ...]]:
     yield from walk(typer.main.get_command(app), ())
 
 
-LOCKING = {("snapshot",), ("restore",), ("verify",), ("mount",), ("serve",), ("check",), ("forget",),
+LOCKING = {("snapshot",), ("restore",), ("verify",), ("mount",), ("serve",), ("check",), ("forget",), ("tag",),
            ("prune",), ("repair", "index")}
 NOT_OPENING = {("init",)}  # makes a repository
 NO_INDEX = {("init",), ("repair", "index")}  # repair rebuilds a missing or damaged index: no "run repair index"
@@ -161,7 +161,7 @@ def repo_with_snapshot(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_repo_option_after_the_command(repo_with_snapshot, tmp_path):
     repo, image = repo_with_snapshot
-    assert "1 snapshots" in ok(run_cli("snapshots", "-r", repo))
+    assert "1 snapshot\n" in ok(run_cli("snapshots", "-r", repo))
     assert '"name": "disk.img"' in ok(run_cli("snapshots", f"--repo={repo}", "--json"))
     assert "snapshots    1" in ok(run_cli("info", "--repo", repo))
     ok(run_cli("snapshot", "--name", "disk.img", "--repo", repo, image))
@@ -181,14 +181,14 @@ def test_repo_option_after_the_command(repo_with_snapshot, tmp_path):
     ok(run_cli("forget", "--keep-last", "1", "-r", repo))
     ok(run_cli("prune", "--dry-run", "-r", repo))
     ok(run_cli("repair", "index", "-r", repo))
-    assert "1 snapshots" in ok(run_cli("snapshots", "-r", repo))
+    assert "1 snapshot\n" in ok(run_cli("snapshots", "-r", repo))
 
 
 def test_repo_option_after_the_command_overrides_the_environment(repo_with_snapshot, tmp_path):
     repo, _ = repo_with_snapshot
-    assert "1 snapshots" in ok(run_cli("snapshots", "-r", repo, env={"DEDUPIMG_REPO": str(tmp_path / "none")}))
+    assert "1 snapshot\n" in ok(run_cli("snapshots", "-r", repo, env={"DEDUPIMG_REPO": str(tmp_path / "none")}))
     # The same path before and after is fine; two different ones are a usage error.
-    assert "1 snapshots" in ok(run_cli("-r", repo, "snapshots", "-r", repo))
+    assert "1 snapshot\n" in ok(run_cli("-r", repo, "snapshots", "-r", repo))
     fails(run_cli("-r", tmp_path / "other", "snapshots", "-r", repo), 2, "two repositories given")
     # A "-r" given as an option's value is that value, not a repository.
     out = ok(run_cli("snapshots", "--name", "-r", "-r", repo))
@@ -242,7 +242,7 @@ def test_unreadable_repository_or_index_is_permission_denied(shared_tmp):
 
     # Everything readable but the index directory.
     open_to_all(repo)
-    assert "1 snapshots" in ok(as_other_user("-r", repo, "snapshots"))
+    assert "1 snapshot\n" in ok(as_other_user("-r", repo, "snapshots"))
     (repo / "index").chmod(0o000)
     for command in (["snapshots"], ["info"], ["check"], ["verify", "latest"], ["snapshot", image]):
         fails(as_other_user("-r", repo, *command), 16, "permission denied")
@@ -268,7 +268,7 @@ def test_unreadable_pack_is_permission_denied_not_damage(shared_tmp):
         p.chmod(0o000)
     for command in (["verify", "latest"], ["check", "--read-data"], ["repair", "index"]):
         fails(as_other_user("-r", repo, *command), 16, "permission denied")
-    assert "1 snapshots" in ok(run_cli("-r", repo, "snapshots"))  # repair gave up without touching the index
+    assert "1 snapshot\n" in ok(run_cli("-r", repo, "snapshots"))  # repair gave up without touching the index
     ok(run_cli("-r", repo, "check", "--read-data"))
 
 
