@@ -129,6 +129,13 @@ class WrongPassword(DedupimgError):
     label = "error"
 
 
+class UnchangedMismatch(DedupimgError):
+    """An incremental snapshot (``--parent``) found a range its change list calls unchanged that differs from
+    the parent (``--verify-unchanged``): nothing was stored; take a full snapshot and start a new bitmap."""
+
+    exit_code = 23
+
+
 class ListenError(DedupimgError):
     """``serve`` cannot listen on the address asked for (port in use, not a local address, ...)."""
 
@@ -163,5 +170,7 @@ EXIT_CODES: dict[int, str] = {
     20: "FUSE is not available on this machine (no /dev/fuse or libfuse3), or the mount failed",
     21: "init: the path is taken (a file, a non-empty directory, a repository) or inside a repository",
     22: "wrong or missing password (no key of the repository opens with it)",
+    23: "snapshot --verify-unchanged: a range the change list calls unchanged differs from the parent "
+        "(nothing stored; take a full snapshot)",
     130: "interrupted",
 }

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from dedupimg.core.buffers import PoolClosed
 from dedupimg.core.chunker import Batch, Chunker
@@ -26,10 +27,14 @@ from dedupimg.core.errors import UsageError
 from dedupimg.core.ids import CHUNK
 from dedupimg.core.imagehash import ImageHasher
 from dedupimg.core.manifest import Segment, SegmentBuilder, SnapshotRecord, chunker_dict
+from dedupimg.core.nbdclient import is_nbd_uri, parse_uri
 from dedupimg.core.parallel import started_ahead, worker_count
 from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.core.zeros import is_zero
-from dedupimg.ops.source import ReadCancelled, Source
+from dedupimg.ops.changed import Plan, Reused, check_parent, load_changed_ranges
+from dedupimg.ops.nbdsource import NbdSource
+from dedupimg.ops.qemu import check_format, detect_format, open_image
+from dedupimg.ops.source import ImageSource, ReadCancelled, Source
 from dedupimg.repo.repository import BlobWriter, Repository
 
 WORKERS = worker_count()
@@ -51,6 +56,20 @@ class SnapshotResult:
     seconds: float
     # What changed while a regular-file source was read ("mtime, ctime"), or None; the record is marked.
     changed_during_read: str | None = None
+    parent: str = ""  # an incremental snapshot's parent (hex id)
+    bytes_verified: int = 0  # of bytes_read: unchanged ranges re-read by --verify-unchanged
+
+
+@dataclass(frozen=True)
+class Changes:
+    """An incremental snapshot: the parent (any reference ``resolve`` takes) and where the changes come from,
+    a dirty bitmap of the NBD export or a JSON file of ranges; ``verify``: percent of unchanged ranges to
+    re-read and compare with the parent."""
+
+    parent: str
+    dirty_bitmap: str | None = None
+    ranges_file: str | None = None
+    verify: float = 0.0
 
 
 def take_snapshot(
@@ -60,15 +79,23 @@ def take_snapshot(
     tags: list[str] | None = None,
     when: datetime | None = None,
     progress: Progress | None = None,
+    source_format: str = "auto",
+    changes: Changes | None = None,
 ) -> SnapshotResult:
+    """Snapshot ``source``: a file, a block device, ``-`` (stdin), an image qemu reads (qcow2, vmdk, ...:
+    ``source_format`` auto-detects) or an NBD URI; with ``changes``, read only what changed since a parent."""
     progress = progress or NoProgress()
     started = _time.monotonic()
     when = _checked_time(when or datetime.now())
     host = socket.gethostname()
-    src = Source.open(source, name)
+    _check_changes(changes)
+    src = open_source(source, name, source_format, changes.dirty_bitmap if changes else None)
+    plan = None
     try:
         if name is None:
             _check_default_name(repo, src, host)
+        if changes is not None:
+            plan = _plan(repo, src, changes)
     except BaseException:
         src.close()
         raise
@@ -77,7 +104,7 @@ def take_snapshot(
         progress.start(f"snapshot {src.name}", src.size)
         store = _Store(repo, writer, progress)
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="dedupimg-snap") as pool:
-            reader = _Reader(src, Chunker(repo.config.chunker))
+            reader = _Reader(src, Chunker(repo.config.chunker), plan)
             try:
                 store.run(reader, pool)
                 image_hash = store.hasher.digest()
@@ -86,6 +113,10 @@ def take_snapshot(
                 store.hasher.close()
         bytes_read = reader.bytes_read
         changed = src.changes()  # raises SourceError if the file shrank: its end was never read
+        stats: dict[str, object] = {"bytes_read": bytes_read, "bytes_new": writer.new_chunk_bytes,
+                                    "chunks_new": writer.new_chunks}
+        if plan is not None:
+            stats.update(parent=plan.parent.hex_id, bytes_verified=plan.bytes_verified)
         record = SnapshotRecord(
             name=src.name,
             time=when.isoformat(),
@@ -96,7 +127,7 @@ def take_snapshot(
             host=host,
             tags=sorted(set(tags or [])),
             chunker=chunker_dict(repo.config.chunker),
-            stats={"bytes_read": bytes_read, "bytes_new": writer.new_chunk_bytes, "chunks_new": writer.new_chunks},
+            stats=stats,
             changed_during_read=changed is not None,
         )
         writer.commit_snapshot(record)
@@ -114,7 +145,50 @@ def take_snapshot(
         chunks_new=writer.new_chunks,
         seconds=_time.monotonic() - started,
         changed_during_read=changed,
+        parent=plan.parent.hex_id if plan else "",
+        bytes_verified=plan.bytes_verified if plan else 0,
     )
+
+
+def open_source(spec: str, name: str | None, source_format: str = "auto", bitmap: str | None = None
+                ) -> ImageSource:
+    """The source ``spec`` names: an NBD URI, an image qemu reads (through a private qemu-nbd), or a file,
+    device or stdin."""
+    source_format = check_format(source_format)
+    if is_nbd_uri(spec):
+        address = parse_uri(spec)
+        if not (name or address.export):
+            raise UsageError(f"{spec} names no export: give --name for its snapshots")
+        return NbdSource(address, name or address.export, spec, bitmap)
+    fmt = detect_format(spec) if source_format == "auto" and spec != "-" else source_format
+    if fmt not in (None, "auto", "raw"):
+        return open_image(spec, fmt, name, bitmap)
+    if bitmap:
+        raise UsageError(f"--dirty-bitmap needs an NBD source or an image qemu reads (qcow2); {spec} is raw: "
+                         f"give its changes with --changed-ranges FILE")
+    return Source.open(spec, name)
+
+
+def _check_changes(changes: Changes | None) -> None:
+    if changes is None:
+        return
+    if (changes.dirty_bitmap is None) == (changes.ranges_file is None):
+        raise UsageError("--parent needs exactly one of --dirty-bitmap NAME and --changed-ranges FILE")
+    if not 0.0 <= changes.verify <= 100.0:
+        raise UsageError(f"--verify-unchanged {changes.verify:g}: give a percent from 0 to 100")
+
+
+def _plan(repo: Repository, src: ImageSource, changes: Changes) -> Plan:
+    if src.size is None:
+        raise UsageError("an incremental snapshot (--parent) needs a source it can read at any offset, not stdin")
+    parent = repo.resolve(changes.parent, src.name if changes.parent == "latest" else None)
+    check_parent(parent, src, chunker_dict(repo.config.chunker))
+    if changes.ranges_file is not None:
+        ranges = load_changed_ranges(changes.ranges_file, src.size)
+    else:
+        assert isinstance(src, NbdSource)
+        ranges = src.dirty_ranges()
+    return Plan(parent, repo.segment, ranges, repo.config.chunker, repo.chunk_id, changes.verify)
 
 
 # Times a record may carry: from the Unix epoch to the end of year 9999 (UTC). mount turns each record's time
@@ -138,7 +212,7 @@ def _checked_time(when: datetime) -> datetime:
     return when
 
 
-def _check_default_name(repo: Repository, src: Source, host: str) -> None:
+def _check_default_name(repo: Repository, src: ImageSource, host: str) -> None:
     """Refuse a default name (the file's base name) that already names snapshots of another source or host.
 
     ``vms/a/disk.img`` and ``vms/b/disk.img`` would both be ``disk.img``, and forget would then treat two
@@ -157,11 +231,13 @@ _END = object()
 
 
 class _Reader:
-    """Reads and cuts the source on its own thread; yields batches, and ints for holes, in image order."""
+    """Reads and cuts the source on its own thread; yields batches, and ints for holes, in image order (and,
+    following an incremental ``plan``, the parent's extents that are reused)."""
 
-    def __init__(self, src: Source, chunker: Chunker) -> None:
+    def __init__(self, src: ImageSource, chunker: Chunker, plan: Plan | None = None) -> None:
         self._src = src
         self._chunker = chunker
+        self._plan = plan
         self._queue: queue.Queue[object] = queue.Queue(QUEUE)
         self._stopped = threading.Event()
         self._pool = chunker.pool(BUFFERS)
@@ -179,6 +255,14 @@ class _Reader:
 
     def _run(self) -> None:
         try:
+            if self._plan is not None:
+                try:
+                    for item in self._plan.items(self._src, self._stopped):
+                        self._put(item)
+                finally:
+                    self.bytes_read = self._plan.bytes_read + self._plan.bytes_verified
+                self._put(_END)
+                return
             for region in self._src.regions():
                 if not region.is_data:
                     self._put(region.length)
@@ -196,7 +280,7 @@ class _Reader:
         except BaseException as exc:  # handed to the consuming thread, which raises it
             self._put(exc)
 
-    def __iter__(self) -> Iterator[Batch | int]:
+    def __iter__(self) -> Iterator[Batch | int | Reused]:
         while True:
             item = self._queue.get()
             if item is _END:
@@ -223,7 +307,7 @@ def _chunk_ids(chunk_id: Callable[[memoryview], bytes], batch: Batch) -> list[by
 class _Planned:
     """A batch whose new chunks are being compressed on the pool, waiting for its turn to be written."""
 
-    batch: Batch | int  # int: a hole of that length
+    batch: Batch | int | Reused  # int: a hole of that length
     ids: list[bytes | None]
     new: list[tuple[bytes, int, int]]  # (id, start, end) of chunks to store
     encoded: list[Future[list[tuple[int, bytes]]]]
@@ -241,6 +325,7 @@ class _Store:
         self._progress = progress
         self._compressor = Compressor(repo.config.compression_level)
         self._chunk_id = repo.chunk_id
+        self._read_blobs = repo.read_blobs
         self._in_flight: set[bytes] = set()
         self.hasher = ImageHasher(AHEAD + QUEUE + 2)
         self.segments: list[tuple[bytes, int]] = []
@@ -251,7 +336,9 @@ class _Store:
         self.segments.append((self._writer.add_segment(segment), segment.size))
 
     def run(self, reader: _Reader, pool: ThreadPoolExecutor) -> None:
-        def hash_ids(item: Batch | int) -> Future[list[bytes | None]] | None:
+        def hash_ids(item: Batch | int | Reused) -> Future[list[Any]] | None:
+            if isinstance(item, Reused):  # the parent's chunks, read back for the image hash
+                return pool.submit(self._read_blobs, item.ids)
             return pool.submit(_chunk_ids, self._chunk_id, item) if isinstance(item, Batch) else None
 
         planned: deque[_Planned] = deque()
@@ -263,10 +350,14 @@ class _Store:
             self._commit(planned.popleft())
         self._builder.flush()
 
-    def _plan(self, item: Batch | int, ids_future: Future[list[bytes | None]] | None,
+    def _plan(self, item: Batch | int | Reused, ids_future: Future[list[Any]] | None,
               pool: ThreadPoolExecutor) -> _Planned:
         if isinstance(item, int):
             self.hasher.add_zeros(item)
+            return _Planned(item, [], [], [])
+        if isinstance(item, Reused):
+            assert ids_future is not None
+            self.hasher.add(ids_future.result())
             return _Planned(item, [], [], [])
         self.hasher.add([memoryview(item.buf)[: item.length]], item.release)
         assert ids_future is not None
@@ -280,6 +371,11 @@ class _Store:
         if isinstance(p.batch, int):
             builder.add_zero(p.batch)
             self._advance(p.batch)
+            return
+        if isinstance(p.batch, Reused):
+            for length, id_ in zip(p.batch.lengths, p.batch.ids, strict=True):
+                builder.add_chunk(length, id_)
+            self._advance(p.batch.length)
             return
         encoded = [enc for f in p.encoded for enc in f.result()]
         for (id_, s, e), (codec, stored) in zip(p.new, encoded, strict=True):

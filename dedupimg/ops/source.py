@@ -1,7 +1,8 @@
-"""Snapshot sources: regular and sparse files, block devices, standard input.
+"""Snapshot sources: regular and sparse files, block devices, standard input (and, in ops/nbdsource.py, NBD).
 
 A source is a sequence of regions: data to read and chunk, or holes that are recorded as zero extents and
 never read. Holes come from SEEK_DATA/SEEK_HOLE, so only filesystems that report them save the reads.
+:class:`ImageSource` is what the snapshot pipeline asks of any source; :class:`Source` is the file one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from dedupimg.core.errors import SourceError, UsageError
 
@@ -35,6 +37,35 @@ class Region:
     offset: int
     length: int | None  # None: read to the end of the stream
     is_data: bool
+
+
+class Reader(Protocol):
+    """Reads one region into the buffers it is given (0 at the region's end); counts what it read."""
+
+    bytes_read: int
+
+    def __call__(self, out: memoryview) -> int: ...
+
+
+class ImageSource(Protocol):
+    """What a snapshot reads: regions in image order, a reader per data region, positional reads (only of a
+    seekable source: ``size`` is not None) and how it changed while it was read."""
+
+    kind: str
+    name: str
+    size: int | None
+    description: str  # what the record names as its source
+    resolved: str  # the same with symlinks resolved (the default-name check compares both)
+
+    def regions(self) -> Iterator[Region]: ...
+
+    def reader(self, region: Region, stop: threading.Event | None = None) -> Reader: ...
+
+    def read_at(self, offset: int, out: memoryview) -> None: ...
+
+    def changes(self) -> str | None: ...
+
+    def close(self) -> None: ...
 
 
 class Source:
@@ -121,6 +152,13 @@ class Source:
     def reader(self, region: Region, stop: threading.Event | None = None) -> ReadInto:
         """Reads one region; a read from stdin waits at most ~0.1 s at a time for data, then checks ``stop``."""
         return ReadInto(self.fd, region.offset, region.length, seekable=self.kind != "stdin", stop=stop)
+
+    def read_at(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` from ``offset`` (files and devices); SourceError if the source ends first."""
+        read = ReadInto(self.fd, offset, len(out), seekable=True)
+        pos = 0
+        while pos < len(out):
+            pos += read(out[pos:])
 
 
 def _sparse_regions(fd: int, size: int) -> Iterator[Region]:

@@ -1,0 +1,345 @@
+"""A read-only NBD client: fixed newstyle handshake, structured replies, metadata contexts, pipelined reads.
+
+It speaks the NBD protocol (NetworkBlockDevice/nbd doc/proto.md) as a client, for snapshot sources: exports of
+``qemu-nbd``, QEMU's built-in NBD server (a running guest), nbdkit, or ``dedupimg serve``. It negotiates
+NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT (``base:allocation`` and ``qemu:dirty-bitmap:NAME``) and
+NBD_OPT_GO, then sends READ and BLOCK_STATUS requests. A read of a large buffer is split into requests that
+are all in flight at once on the one connection (the server works on them in parallel) and whose data are
+received straight into the caller's buffer. Addresses are the NBD URI standard's (doc/uri.md):
+``nbd://HOST[:PORT]/EXPORT`` and ``nbd+unix:///EXPORT?socket=PATH``.
+
+Every failure (refused, disconnected, an error reply) is a :class:`SourceError` with one clear line.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from dedupimg.core.errors import SourceError, UsageError
+
+DEFAULT_PORT = 10809
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+REP_MAGIC = 0x0003E889045565A9
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+
+OPT_ABORT = 2
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_SET_META_CONTEXT = 10
+REP_ACK = 1
+REP_INFO = 3
+REP_META_CONTEXT = 4
+REP_ERR = 1 << 31
+INFO_EXPORT = 0
+
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+CMD_READ = 0
+CMD_DISC = 2
+CMD_BLOCK_STATUS = 7
+REPLY_FLAG_DONE = 1 << 0
+REPLY_NONE = 0
+REPLY_OFFSET_DATA = 1
+REPLY_OFFSET_HOLE = 2
+REPLY_BLOCK_STATUS = 5
+REPLY_ERROR_BIT = 1 << 15
+
+BASE_ALLOCATION = "base:allocation"
+STATE_ZERO = 1 << 1  # base:allocation: the range reads as zeros
+STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:NAME: the range changed since the bitmap was started
+
+MAX_REQUEST = 32 << 20  # the largest READ every server must accept (proto.md)
+READ_PIECE = 2 << 20  # a large read is split into requests of this size, all in flight together
+STATUS_SPAN = 1 << 30  # BLOCK_STATUS asks about this much at a time (servers may answer less)
+
+_REQ = struct.Struct(">IHHQQI")
+_SIMPLE = struct.Struct(">IIQ")  # magic, error, handle
+_STRUCT_REST = struct.Struct(">HHQI")  # flags, type, handle, length (after the magic)
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where an NBD export is: a TCP host and port, or a unix socket; and the export's name."""
+
+    export: str
+    host: str | None = None
+    port: int = DEFAULT_PORT
+    socket_path: str | None = None
+
+    def __str__(self) -> str:
+        if self.socket_path is not None:
+            return f"nbd+unix:///{self.export}?socket={self.socket_path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{self.export}"
+
+
+def is_nbd_uri(spec: str) -> bool:
+    return spec.startswith(("nbd://", "nbd+unix://"))
+
+
+def parse_uri(uri: str) -> Address:
+    """``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``; UsageError otherwise (TLS schemes,
+    nbds://, are not supported)."""
+    parts = urlsplit(uri)
+    export = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
+    if parts.scheme == "nbd+unix":
+        sockets = parse_qs(parts.query).get("socket")
+        if parts.netloc or not sockets:
+            raise UsageError(f"{uri}: an NBD unix socket address is nbd+unix:///EXPORT?socket=PATH")
+        return Address(export, socket_path=sockets[0])
+    if parts.scheme == "nbd":
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError:
+            raise UsageError(f"{uri}: the port is not a number from 0 to 65535") from None
+        if not parts.hostname:
+            raise UsageError(f"{uri}: an NBD address is nbd://HOST[:PORT]/EXPORT")
+        return Address(export, host=parts.hostname, port=port)
+    raise UsageError(f"{uri}: not an NBD address (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
+
+
+class NbdClient:
+    """One connection to one export, used by one thread at a time."""
+
+    def __init__(self, address: Address, contexts: list[str] | None = None, timeout: float = 60.0) -> None:
+        self.address = address
+        self.size = 0
+        self.flags = 0
+        self.contexts: dict[int, str] = {}  # context id -> name, as the server agreed
+        self._handle = 0
+        self._where = str(address)
+        try:
+            if address.socket_path is not None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._sock.settimeout(timeout)
+                self._sock.connect(address.socket_path)
+            else:
+                self._sock = socket.create_connection((address.host, address.port), timeout=timeout)
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            raise SourceError(f"cannot connect to the NBD server at {self._where}: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            self._handshake(contexts or [])
+        except BaseException:
+            self._sock.close()
+            raise
+
+    # -- handshake --------------------------------------------------------------------------------------------
+
+    def _handshake(self, contexts: list[str]) -> None:
+        magic, opt_magic, hflags = struct.unpack(">QQH", self._recv_exact(18))
+        if magic != NBDMAGIC or opt_magic != IHAVEOPT or not hflags & FLAG_FIXED_NEWSTYLE:
+            raise SourceError(f"{self._where} is not an NBD server speaking the fixed newstyle protocol")
+        self._no_zeroes = bool(hflags & FLAG_NO_ZEROES)
+        self._sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (FLAG_NO_ZEROES if self._no_zeroes else 0)))
+        self.structured = self._simple_option(OPT_STRUCTURED_REPLY, b"")
+        if contexts and self.structured:  # (the caller sees which contexts it got in ``contexts``)
+            self._set_meta_context(contexts)
+        name = self.address.export.encode()
+        self._send_option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        while True:
+            rtype, data = self._option_reply(OPT_GO)
+            if rtype == REP_ACK:
+                break
+            if rtype == REP_INFO and len(data) >= 12 and struct.unpack(">H", data[:2])[0] == INFO_EXPORT:
+                self.size, self.flags = struct.unpack(">QH", data[2:12])
+            elif rtype & REP_ERR:
+                raise SourceError(f"the NBD server at {self._where} refused export "
+                                  f"{self.address.export!r}: {_reply_text(rtype, data)}")
+        self._sock.settimeout(None)
+
+    def _set_meta_context(self, contexts: list[str]) -> None:
+        name = self.address.export.encode()
+        body = struct.pack(">I", len(name)) + name + struct.pack(">I", len(contexts))
+        for c in contexts:
+            body += struct.pack(">I", len(c.encode())) + c.encode()
+        self._send_option(OPT_SET_META_CONTEXT, body)
+        while True:
+            rtype, data = self._option_reply(OPT_SET_META_CONTEXT)
+            if rtype == REP_ACK:
+                break
+            if rtype == REP_META_CONTEXT and len(data) >= 4:
+                self.contexts[struct.unpack(">I", data[:4])[0]] = data[4:].decode(errors="replace")
+            elif rtype & REP_ERR:
+                raise SourceError(f"the NBD server at {self._where} refused metadata contexts "
+                                  f"{', '.join(contexts)}: {_reply_text(rtype, data)}")
+
+    def _simple_option(self, option: int, body: bytes) -> bool:
+        self._send_option(option, body)
+        rtype, _ = self._option_reply(option)
+        return rtype == REP_ACK
+
+    def _send_option(self, option: int, body: bytes) -> None:
+        self._sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(body)) + body)
+
+    def _option_reply(self, option: int) -> tuple[int, bytes]:
+        magic, opt, rtype, length = struct.unpack(">QIII", self._recv_exact(20))
+        if magic != REP_MAGIC or opt != option or length > 1 << 20:
+            raise SourceError(f"the NBD server at {self._where} sent a malformed option reply")
+        return rtype, self._recv_exact(length)
+
+    # -- transmission -----------------------------------------------------------------------------------------
+
+    def has_context(self, name: str) -> bool:
+        return name in self.contexts.values()
+
+    def _request(self, cmd: int, offset: int, length: int) -> int:
+        self._handle += 1
+        self._send(_REQ.pack(REQUEST_MAGIC, 0, cmd, self._handle, offset, length))
+        return self._handle
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise SourceError(f"the NBD server at {self._where} went away: {exc.strerror or exc}") from None
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the export's bytes at ``offset``: requests of READ_PIECE bytes, all in flight."""
+        pending: dict[int, tuple[int, memoryview]] = {}
+        pos = 0
+        while pos < len(out):
+            n = min(READ_PIECE, len(out) - pos)
+            pending[self._request(CMD_READ, offset + pos, n)] = (offset + pos, out[pos : pos + n])
+            pos += n
+        while pending:
+            self._read_reply(pending)
+
+    def _read_reply(self, pending: dict[int, tuple[int, memoryview]]) -> None:
+        magic = struct.unpack(">I", self._recv_exact(4))[0]
+        if magic == SIMPLE_REPLY_MAGIC:
+            _, error, handle = _SIMPLE.unpack(struct.pack(">I", magic) + self._recv_exact(12))
+            start, view = self._pending(pending, handle)
+            if error:
+                del pending[handle]
+                raise SourceError(f"the NBD server at {self._where} failed a read at offset {start}: "
+                                  f"error {error}")
+            self._recv_into(view)
+            del pending[handle]
+            return
+        if magic != STRUCTURED_REPLY_MAGIC:
+            raise SourceError(f"the NBD server at {self._where} sent a malformed reply")
+        flags, rtype, handle, length = _STRUCT_REST.unpack(self._recv_exact(16))
+        start, view = self._pending(pending, handle)
+        if rtype == REPLY_OFFSET_DATA:
+            at = struct.unpack(">Q", self._recv_exact(8))[0] - start
+            if at < 0 or at + length - 8 > len(view):
+                raise SourceError(f"the NBD server at {self._where} sent data outside the range asked for")
+            self._recv_into(view[at : at + length - 8])
+        elif rtype == REPLY_OFFSET_HOLE:
+            hole_at, hole_len = struct.unpack(">QI", self._recv_exact(12))
+            at = hole_at - start
+            if at < 0 or at + hole_len > len(view):
+                raise SourceError(f"the NBD server at {self._where} sent a hole outside the range asked for")
+            view[at : at + hole_len] = bytes(hole_len)
+        elif rtype & REPLY_ERROR_BIT:
+            raise SourceError(f"the NBD server at {self._where} failed a read at offset {start}: "
+                              f"{_error_text(self._recv_exact(length))}")
+        else:
+            self._recv_exact(length)
+        if flags & REPLY_FLAG_DONE:
+            del pending[handle]
+
+    def _pending(self, pending: dict[int, tuple[int, memoryview]], handle: int) -> tuple[int, memoryview]:
+        if handle not in pending:
+            raise SourceError(f"the NBD server at {self._where} answered a request never made")
+        return pending[handle]
+
+    def block_status(self, offset: int, length: int) -> dict[str, list[tuple[int, int]]]:
+        """``{context name: [(length, flags), ...]}`` from ``offset``, covering at most ``length`` bytes (a
+        server may answer for less; each context's list starts at ``offset``)."""
+        handle = self._request(CMD_BLOCK_STATUS, offset, min(length, 0xFFFFFFFF))
+        out: dict[str, list[tuple[int, int]]] = {}
+        while True:
+            magic = struct.unpack(">I", self._recv_exact(4))[0]
+            if magic == SIMPLE_REPLY_MAGIC:
+                _, error, _ = _SIMPLE.unpack(struct.pack(">I", magic) + self._recv_exact(12))
+                raise SourceError(f"the NBD server at {self._where} failed a block status request at offset "
+                                  f"{offset}: error {error}")
+            if magic != STRUCTURED_REPLY_MAGIC:
+                raise SourceError(f"the NBD server at {self._where} sent a malformed reply")
+            flags, rtype, got, n = _STRUCT_REST.unpack(self._recv_exact(16))
+            data = self._recv_exact(n)
+            if got != handle:
+                raise SourceError(f"the NBD server at {self._where} answered a request never made")
+            if rtype == REPLY_BLOCK_STATUS and n >= 4:
+                cid = struct.unpack(">I", data[:4])[0]
+                out[self.contexts.get(cid, str(cid))] = [
+                    struct.unpack(">II", data[i : i + 8]) for i in range(4, n - 7, 8)]
+            elif rtype & REPLY_ERROR_BIT:
+                raise SourceError(f"the NBD server at {self._where} failed a block status request at offset "
+                                  f"{offset}: {_error_text(data)}")
+            if flags & REPLY_FLAG_DONE:
+                return out
+
+    def extents(self, context: str, offset: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
+        """``(offset, length, flags)`` of ``context`` over ``[offset, end)``, merged where flags repeat."""
+        end = self.size if end is None else end
+        pos = offset
+        last: tuple[int, int, int] | None = None
+        while pos < end:
+            got = self.block_status(pos, min(STATUS_SPAN, end - pos)).get(context)
+            if not got:
+                raise SourceError(f"the NBD server at {self._where} reported no {context} at offset {pos}")
+            for length, flags in got:
+                length = min(length, end - pos)
+                if length <= 0:
+                    break
+                if last is not None and last[2] == flags:
+                    last = (last[0], last[1] + length, flags)
+                else:
+                    if last is not None:
+                        yield last
+                    last = (pos, length, flags)
+                pos += length
+                if pos >= end:
+                    break
+        if last is not None:
+            yield last
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def _recv_into(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = self._sock.recv_into(view[got:])
+            except TimeoutError:
+                raise SourceError(f"the NBD server at {self._where} did not answer in time") from None
+            except OSError as exc:
+                raise SourceError(f"the NBD server at {self._where} went away: {exc.strerror or exc}") from None
+            if n == 0:
+                raise SourceError(f"the NBD server at {self._where} closed the connection")
+            got += n
+
+    def close(self) -> None:
+        try:
+            self._sock.sendall(_REQ.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+        except OSError:
+            pass
+        self._sock.close()
+
+
+def _reply_text(rtype: int, data: bytes) -> str:
+    text = data.decode(errors="replace").strip()
+    return text or f"error {rtype & ~REP_ERR}"
+
+
+def _error_text(data: bytes) -> str:
+    if len(data) >= 6:
+        errno_, mlen = struct.unpack(">IH", data[:6])
+        msg = data[6 : 6 + mlen].decode(errors="replace").strip()
+        return msg or f"error {errno_}"
+    return "error"

@@ -1,0 +1,281 @@
+"""Incremental snapshots: read only what changed since a parent snapshot, take the rest from its extents.
+
+The changed ranges come from a dirty bitmap (``qemu:dirty-bitmap:NAME`` over NBD) or from a list of offsets
+and lengths (``--changed-ranges FILE``: ``rbd diff --format json``, LVM thin ``thin_delta`` turned into JSON).
+
+The new manifest is the one a full snapshot would make, where the image is as the change list says:
+
+- a full snapshot chunks each data region (base:allocation or SEEK_DATA) on its own and records holes as
+  zero extents. The plan walks the same regions: holes as zero runs, never read;
+- inside a data region, from a cut that both a full snapshot and the parent have (a parent extent boundary
+  reached by the plan, or the region's start where it is one), the parent's extents are taken while they
+  end before the next changed byte: each of their cuts depends only on the bytes from its chunk's start, which
+  did not change;
+- around a change, reading starts at the parent cut before it and goes on, cutting as a full snapshot does,
+  until a new cut is a parent cut again with no change within a maximum chunk after it. FastCDC decides each
+  cut from the chunk's start, so from there on the parent's cuts are the full snapshot's again.
+
+Where the allocation changed without the change list saying so (a range of zeros punched into a hole), the
+bytes are still right; only the cuts may differ from a full snapshot's there (less deduplication, no error).
+
+The whole image's blake3 cannot be derived from the parent's: the snapshot pipeline hashes the parent's
+chunks as read back from the repository (each verified against its id), so the record's hash is the image's
+real one and restore and verify check it as for any snapshot; only the changed ranges are read from the source.
+
+``verify`` re-reads that share of the reused extents from the source and compares them with the parent
+(chunk ids; zeros): a change the tracker missed fails the snapshot with :class:`UnchangedMismatch`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import random
+import threading
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyfastcdc import FastCDC
+
+from dedupimg.core.chunker import Batch
+from dedupimg.core.config import ChunkerParams
+from dedupimg.core.errors import UnchangedMismatch, UsageError
+from dedupimg.core.extents import ExtentMap
+from dedupimg.core.manifest import Segment, SnapshotRecord
+from dedupimg.core.zeros import is_zero
+from dedupimg.ops.source import ImageSource, ReadCancelled
+
+REUSE_BATCH = 8 << 20  # bytes of parent chunks handed on as one item (fetched from the repository together)
+WINDOW_FLUSH = 8 << 20  # a window read this far without meeting a parent cut hands on its chunks so far
+
+
+@dataclass(frozen=True)
+class Reused:
+    """Consecutive chunk extents taken from the parent: they are in the repository already."""
+
+    lengths: list[int]
+    ids: list[bytes]
+
+    @property
+    def length(self) -> int:
+        return sum(self.lengths)
+
+
+def load_changed_ranges(path: str, size: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` pairs from a JSON file: a list of ``{"offset": O, "length": N}`` objects (other keys,
+    such as rbd diff's ``exists``, are ignored) or of ``[O, N]`` pairs; UsageError if it is anything else or
+    reaches past the image's end."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"--changed-ranges {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UsageError(f"--changed-ranges {path} is not JSON: {exc}") from None
+    if isinstance(doc, dict) and isinstance(doc.get("ranges"), list):
+        doc = doc["ranges"]
+    if not isinstance(doc, list):
+        raise UsageError(f"--changed-ranges {path}: expected a JSON list of {{\"offset\": O, \"length\": N}}")
+    out = []
+    for item in doc:
+        pair = (item.get("offset"), item.get("length")) if isinstance(item, dict) else item
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(type(v) is int and v >= 0 for v in pair)):
+            raise UsageError(f"--changed-ranges {path}: {json.dumps(item)[:80]} is not an offset and a length")
+        offset, length = pair
+        if offset + length > size:
+            raise UsageError(f"--changed-ranges {path}: range {offset}+{length} reaches past the image's end "
+                             f"({size} bytes): is the list of another disk?")
+        out.append((offset, length))
+    return out
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-empty, touching or overlapping ranges joined: ``[(start, end)]``."""
+    out: list[tuple[int, int]] = []
+    for start, length in sorted(r for r in ranges if r[1] > 0):
+        end = start + length
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def check_parent(parent: SnapshotRecord, src: ImageSource, chunker: dict[str, object]) -> None:
+    """Refuse a parent whose extents cannot stand for the source's unchanged ranges."""
+    if parent.name != src.name:
+        raise UsageError(f"the parent snapshot {parent.short_id} is of image {parent.name!r}, not {src.name!r}: "
+                         f"give a parent of the same image (or --name), or take a full snapshot")
+    if parent.size != src.size:
+        raise UsageError(f"the parent snapshot {parent.short_id} is of a {parent.size}-byte image and the source "
+                         f"has {src.size} bytes: the disk was resized, take a full snapshot (without --parent)")
+    if parent.chunker != chunker:
+        raise UsageError(f"the parent snapshot {parent.short_id} was cut with other chunker parameters: "
+                         f"take a full snapshot")
+    if parent.changed_during_read:
+        raise UsageError(f"the parent snapshot {parent.short_id} changed while it was read, so it may match no "
+                         f"moment of the disk: take a full snapshot")
+
+
+class Plan:
+    """The items of an incremental snapshot in image order: ``Batch`` (read and cut now), ``int`` (zeros) and
+    :class:`Reused` (the parent's chunks)."""
+
+    def __init__(self, parent: SnapshotRecord, load: Callable[[bytes], Segment], changed: list[tuple[int, int]],
+                 params: ChunkerParams, chunk_id: Callable[[memoryview], bytes], verify: float = 0.0) -> None:
+        self.parent = parent
+        self.changed = merge_ranges(changed)
+        self._starts = [s for s, _ in self.changed]
+        self._cdc = FastCDC(params.avg_size, min_size=params.min_size, max_size=params.max_size,
+                            normalized_chunking=params.normalized_chunking,  # type: ignore[arg-type]
+                            seed=params.seed)
+        self._max = params.max_size
+        self._chunk_id = chunk_id
+        self._verify = verify / 100.0
+        self._rng = random.Random()
+        self.offsets: list[int] = []
+        self.lengths: list[int] = []
+        self.ids: list[bytes | None] = []
+        pos = 0
+        for _, segment in ExtentMap(parent, load).walk():
+            for length, id_ in segment.extents():
+                self.offsets.append(pos)
+                self.lengths.append(length)
+                self.ids.append(id_)
+                pos += length
+        self._boundaries = set(self.offsets)
+        self._boundaries.add(pos)
+        self.bytes_read = 0
+        self.bytes_verified = 0
+
+    # -- change list ----------------------------------------------------------------------------------------
+
+    def _next_change(self, pos: int) -> tuple[int, int] | None:
+        """The first changed range that ends after ``pos``."""
+        i = bisect.bisect_right(self._starts, pos) - 1
+        if i >= 0 and self.changed[i][1] > pos:
+            return self.changed[i]
+        return self.changed[i + 1] if i + 1 < len(self.changed) else None
+
+    def _changes_end(self, start: int, end: int) -> int:
+        """The end of the last changed range meeting ``[start, end)``, or ``start`` if none does."""
+        i = bisect.bisect_left(self._starts, end) - 1
+        if i >= 0 and self.changed[i][1] > start:
+            return self.changed[i][1]
+        return start
+
+    # -- the walk -------------------------------------------------------------------------------------------
+
+    def items(self, src: ImageSource, stop: threading.Event) -> Iterator[Batch | int | Reused]:
+        for region in src.regions():
+            assert region.length is not None
+            if not region.is_data:
+                yield region.length
+                continue
+            pos, end = region.offset, region.offset + region.length
+            while pos < end:
+                if stop.is_set():
+                    raise ReadCancelled
+                if pos in self._boundaries:
+                    took = yield from self._reuse(src, pos, end)
+                    if took > pos:
+                        pos = took
+                        continue
+                pos = yield from self._read_window(src, pos, end, stop)
+
+    def _reuse(self, src: ImageSource, pos: int, end: int) -> Generator[int | Reused, None, int]:
+        """The parent's extents from ``pos`` that end by the next changed byte and by ``end``; returns where
+        they end (``pos`` if none fits)."""
+        nxt = self._next_change(pos)
+        limit = min(end, nxt[0] if nxt is not None else end)
+        i = bisect.bisect_left(self.offsets, pos)
+        lengths: list[int] = []
+        ids: list[bytes] = []
+        batch = 0
+        while i < len(self.offsets) and pos < limit:
+            length, id_ = self.lengths[i], self.ids[i]
+            if id_ is None:
+                # Zeros may be cut at the region's end: a full snapshot's chunks of them are zeros up to it.
+                length = min(length, end - pos)
+                if pos + length > limit:
+                    break
+            elif pos + length > limit:
+                break
+            self._check(src, pos, length, id_)
+            if id_ is None:
+                if lengths:
+                    yield Reused(lengths, ids)
+                    lengths, ids, batch = [], [], 0
+                yield length
+            else:
+                lengths.append(length)
+                ids.append(id_)
+                batch += length
+                if batch >= REUSE_BATCH:
+                    yield Reused(lengths, ids)
+                    lengths, ids, batch = [], [], 0
+            pos += length
+            i += 1
+            if pos not in self._boundaries:  # a zero extent cut at the region's end
+                break
+        if lengths:
+            yield Reused(lengths, ids)
+        return pos
+
+    def _check(self, src: ImageSource, pos: int, length: int, id_: bytes | None) -> None:
+        """With ``verify``: sometimes re-read a reused extent and compare it with the parent's."""
+        if not self._verify or self._rng.random() >= self._verify:
+            return
+        if id_ is None:  # a slice of a zero run is enough to catch data where the parent had zeros
+            n = min(length, self._max)
+            pos += self._rng.randrange(0, length - n + 1)
+            length = n
+        buf = bytearray(length)
+        src.read_at(pos, memoryview(buf))
+        self.bytes_verified += length
+        same = is_zero(buf, 0, length) if id_ is None else self._chunk_id(memoryview(buf)) == id_
+        if not same:
+            raise UnchangedMismatch(
+                f"bytes {pos}-{pos + length} of the source differ from the parent snapshot "
+                f"{self.parent.short_id} although the change list says they did not change: the dirty bitmap "
+                f"or change list is incomplete; take a full snapshot (without --parent) and start a new bitmap")
+
+    def _read_window(self, src: ImageSource, pos: int, end: int, stop: threading.Event
+                     ) -> Generator[Batch, None, int]:
+        """Read and cut from ``pos`` (a cut of a full snapshot) until a new cut is a parent cut again past the
+        changes near it, or ``end``; returns where it stopped."""
+        buf = bytearray()
+        base = pos  # image offset of buf[0]
+        t = self._changes_end(pos, pos + self._max)
+        step = 2 * self._max
+        while True:
+            if stop.is_set():
+                raise ReadCancelled
+            have = base + len(buf)
+            want = min(end, max(have + step, t + 2 * self._max))
+            old = len(buf)
+            buf.extend(bytes(want - have))
+            src.read_at(have, memoryview(buf)[old:])
+            self.bytes_read += want - have
+            eof = want == end
+            cuts = [(c.offset, c.offset + c.length) for c in self._cdc.cut_buf(memoryview(buf))]
+            if not eof:
+                cuts.pop()  # may end at the buffer's end rather than at a content-defined cut
+            for k, (_, e) in enumerate(cuts):
+                c = base + e
+                if c < t:
+                    continue
+                t = self._changes_end(c, c + self._max) if c < end else c
+                if c >= t and c in self._boundaries and c < end:
+                    yield Batch(buf, cuts[: k + 1])
+                    return c
+            if eof:
+                yield Batch(buf, cuts)
+                return end
+            if cuts and len(buf) >= WINDOW_FLUSH:
+                done = cuts[-1][1]
+                yield Batch(buf, cuts)
+                buf = bytearray(memoryview(buf)[done:])
+                base += done
+            step = max(step, len(buf))

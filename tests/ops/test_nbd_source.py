@@ -1,0 +1,392 @@
+"""NBD and qemu image sources (issue 16), against real qemu-nbd, qemu-img and qemu-io: full snapshots over NBD and
+of qcow2/vmdk files equal ``qemu-img convert -O raw``; holes are never read; incremental snapshots from a dirty
+bitmap or a change list equal a full snapshot and read only around the changes; --verify-unchanged catches a
+change the bitmap missed; a server that disconnects leaves nothing behind.
+
+Bytes read are counted twice: by the snapshot (``bytes_read``) and by a proxy between dedupimg and qemu-nbd
+that counts what the server sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+
+from dedupimg.core.config import ChunkerParams
+from dedupimg.core.errors import SourceError, UnchangedMismatch, UsageError
+from dedupimg.ops.restore import restore
+from dedupimg.ops.snapshot import Changes, SnapshotResult, take_snapshot
+from dedupimg.repo.repository import Repository
+from tests.helpers import det_bytes, text_bytes, write_sparse
+
+MiB = 1 << 20
+KiB = 1 << 10
+SIZE = 32 * MiB
+
+
+def qemu_io(image: Path, *commands: str, fmt: str = "qcow2") -> None:
+    args = ["qemu-io", "-f", fmt]
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run([*args, str(image)], check=True, capture_output=True)
+
+
+def raw_of(image: Path, tmp: Path) -> bytes:
+    out = tmp / f"{image.name}.converted"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def make_qcow2(path: Path, size: int = SIZE) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
+    # Data pieces with zero clusters and never-written ranges between them (neither is read).
+    qemu_io(path, "write -P 0x5a 0 1M", "write -P 0x33 3M 2M", "write -z 6M 1M", "write -P 0x71 20M 3M")
+    return path
+
+
+def qemu_nbd_procs() -> set[int]:
+    out = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "qemu-nbd":
+                    out.add(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+class QemuNbd:
+    """A qemu-nbd the test starts (unix socket or TCP on a free port) and always kills."""
+
+    def __init__(self, image: Path, fmt: str, tmp: Path, bitmap: str | None = None, tcp: bool = False) -> None:
+        args = ["qemu-nbd", "--read-only", "--persistent", "--shared=8", f"--format={fmt}", "--export-name=vm"]
+        if bitmap:
+            args.append(f"--bitmap={bitmap}")
+        if tcp:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            args += ["--bind=127.0.0.1", f"--port={self.port}"]
+            self.uri = f"nbd://127.0.0.1:{self.port}/vm"
+        else:
+            self.socket = str(tmp / f"qemu-nbd-{len(os.listdir(tmp))}.sock")
+            args.append(f"--socket={self.socket}")
+            self.uri = f"nbd+unix:///vm?socket={self.socket}"
+        self.proc = subprocess.Popen([*args, str(image)], stderr=subprocess.PIPE)
+        self._wait(tcp)
+
+    def _wait(self, tcp: bool) -> None:
+        for _ in range(500):
+            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+            try:
+                if tcp:
+                    socket.create_connection(("127.0.0.1", self.port)).close()
+                else:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(self.socket)
+                return
+            except OSError:
+                threading.Event().wait(0.01)
+        raise AssertionError("qemu-nbd did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def nbd_server(tmp_path: Path) -> Iterator:
+    started: list[QemuNbd] = []
+
+    def start(image: Path, fmt: str = "qcow2", bitmap: str | None = None, tcp: bool = False) -> QemuNbd:
+        server = QemuNbd(image, fmt, tmp_path, bitmap, tcp)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+class Proxy:
+    """A unix-socket proxy in front of an NBD server: counts the bytes the server sends and, with ``cut_after``,
+    closes the connection once that many have passed (a server that goes away mid-snapshot)."""
+
+    def __init__(self, target: str, tmp: Path, cut_after: int | None = None) -> None:
+        self.target = target
+        self.cut_after = cut_after
+        self.sent = 0
+        self.path = str(tmp / "proxy.sock")
+        self._listener = socket.socket(socket.AF_UNIX)
+        self._listener.bind(self.path)
+        self._listener.listen(4)
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def uri(self) -> str:
+        return f"nbd+unix:///vm?socket={self.path}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self.target)
+            self._conns += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if count:
+                    if self.cut_after is not None and self.sent + len(data) > self.cut_after:
+                        dst.sendall(data[: self.cut_after - self.sent])
+                        self.sent = self.cut_after
+                        break
+                    self.sent += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._listener.close()
+        for s in self._conns:
+            s.close()
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator:
+    made: list[Proxy] = []
+
+    def make(target: str, cut_after: int | None = None) -> Proxy:
+        p = Proxy(target, tmp_path, cut_after)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+def vrepo(tmp_path: Path) -> Iterator[Repository]:
+    r = Repository.init(tmp_path / "repo", ChunkerParams.for_average(4096), pack_size=4 * MiB, encryption="none")
+    yield r
+    r.close()
+
+
+@pytest.fixture(params=["plain", "encrypted"])
+def irepo(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Repository]:
+    """For incremental snapshots: an encrypted repository keys its chunk ids and its cut points."""
+    r = Repository.init(tmp_path / "repo", ChunkerParams.for_average(4096), pack_size=4 * MiB,
+                        encryption="aes-256-gcm" if request.param == "encrypted" else "none")
+    yield r
+    r.close()
+
+
+def restored(repo: Repository, result: SnapshotResult, tmp: Path) -> bytes:
+    out = tmp / f"restored-{result.record.short_id}"
+    restore(repo, result.record.hex_id, str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+# -- full snapshots --------------------------------------------------------------------------------------------
+
+
+def test_qcow2_file_is_read_through_a_private_qemu_nbd_and_equals_qemu_img_convert(vrepo, tmp_path):
+    image = make_qcow2(tmp_path / "disk.qcow2")
+    before = qemu_nbd_procs()
+    result = take_snapshot(vrepo, str(image))
+    raw = raw_of(image, tmp_path)
+    assert result.record.size == SIZE
+    assert result.record.image_hash == blake3.blake3(raw).digest()
+    assert restored(vrepo, result, tmp_path) == raw
+    # Only the 6 MiB of data clusters were read: unallocated and zero clusters are zero extents.
+    assert result.bytes_read == 6 * MiB
+    assert result.record.name == "disk.qcow2" and result.record.source == str(image)
+    # The private qemu-nbd is gone, and so is its directory.
+    assert qemu_nbd_procs() <= before
+    assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("dedupimg-qemu-nbd-")]
+
+
+def test_nbd_unix_and_tcp_sources_equal_the_raw_file(vrepo, tmp_path, nbd_server):
+    raw = tmp_path / "disk.raw"
+    write_sparse(raw, SIZE, [(0, text_bytes(1, 2 * MiB)), (8 * MiB, det_bytes(2, 3 * MiB)),
+                             (30 * MiB, det_bytes(3, 512 * KiB))])
+    file_snap = take_snapshot(vrepo, str(raw), name="disk")
+    for tcp in (False, True):
+        server = nbd_server(raw, "raw", tcp=tcp)
+        result = take_snapshot(vrepo, server.uri, name="disk")
+        assert result.record.image_hash == file_snap.record.image_hash
+        # Same holes, same cuts: the very same manifest as the file's, and no new chunk.
+        assert result.record.segments == file_snap.record.segments
+        assert result.chunks_new == 0
+        assert result.bytes_read == file_snap.bytes_read == 2 * MiB + 3 * MiB + 512 * KiB
+        assert result.record.source == server.uri
+
+
+def test_backing_chain_is_read_as_the_guest_sees_it(vrepo, tmp_path):
+    base = make_qcow2(tmp_path / "base.qcow2")
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(overlay)],
+                   check=True, cwd=tmp_path)
+    qemu_io(overlay, "write -P 0x99 512k 1M", "write -z 3M 64k", "write -P 0x42 28M 1M")
+    result = take_snapshot(vrepo, str(overlay))
+    raw = raw_of(overlay, tmp_path)
+    assert raw[512 * KiB] == 0x99 and raw[3 * MiB + 64 * KiB] == 0x33 and raw[3 * MiB] == 0  # both layers
+    assert result.record.image_hash == blake3.blake3(raw).digest()
+    assert restored(vrepo, result, tmp_path) == raw
+
+
+def test_vmdk_and_vdi_images_are_detected_by_their_magic(vrepo, tmp_path):
+    raw = tmp_path / "src.raw"
+    write_sparse(raw, 8 * MiB, [(MiB, det_bytes(7, MiB)), (5 * MiB, text_bytes(8, 256 * KiB))])
+    for fmt in ("vmdk", "vdi"):
+        image = tmp_path / f"disk.{fmt}"
+        subprocess.run(["qemu-img", "convert", "-O", fmt, str(raw), str(image)], check=True)
+        result = take_snapshot(vrepo, str(image))
+        assert result.record.image_hash == blake3.blake3(raw.read_bytes()).digest(), fmt
+        assert result.bytes_read < 4 * MiB, fmt  # the unallocated grains were not read
+
+
+def test_source_format_raw_stores_the_container_bytes(vrepo, tmp_path):
+    image = make_qcow2(tmp_path / "disk.qcow2")
+    result = take_snapshot(vrepo, str(image), source_format="raw")
+    assert result.record.image_hash == blake3.blake3(image.read_bytes()).digest()
+    with pytest.raises(UsageError, match="--source-format"):
+        take_snapshot(vrepo, str(image), source_format="qcow3")
+
+
+def test_a_server_that_disconnects_mid_snapshot_is_a_clean_error(vrepo, tmp_path, nbd_server, proxy):
+    image = make_qcow2(tmp_path / "disk.qcow2")
+    server = nbd_server(image)
+    cut = proxy(server.socket, cut_after=3 * MiB)
+    with pytest.raises(SourceError, match="closed the connection|went away"):
+        take_snapshot(vrepo, cut.uri(), name="vm")
+    assert vrepo.snapshots() == []
+    assert cut.sent == 3 * MiB
+
+
+def test_nbd_addresses_and_refusals(vrepo, tmp_path):
+    with pytest.raises(UsageError, match="nbd\\+unix:///EXPORT\\?socket=PATH"):
+        take_snapshot(vrepo, "nbd+unix:///vm")
+    with pytest.raises(SourceError, match="cannot connect"):
+        take_snapshot(vrepo, f"nbd+unix:///vm?socket={tmp_path}/none.sock")
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(det_bytes(1, MiB))
+    with pytest.raises(UsageError, match="--dirty-bitmap needs an NBD source"):
+        take_snapshot(vrepo, str(raw), changes=Changes("latest", dirty_bitmap="b0"))
+
+
+# -- incremental snapshots --------------------------------------------------------------------------------------
+
+
+def bitmap_image(tmp: Path) -> Path:
+    image = make_qcow2(tmp / "disk.qcow2")
+    subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b0"], check=True)
+    return image
+
+
+def test_dirty_bitmap_snapshot_equals_a_full_one_and_reads_only_around_the_changes(irepo, tmp_path, nbd_server,
+                                                                                    proxy):
+    image = bitmap_image(tmp_path)
+    parent = take_snapshot(irepo, str(image))
+    # Changes: inside data, over a zero cluster, in never-written space, one byte at the end of a data piece.
+    qemu_io(image, "write -P 0x10 3200k 8k", "write -P 0x11 6M 64k", "write -P 0x12 12M 128k",
+            "write -P 0x13 23551k 1k")
+    server = nbd_server(image, bitmap="b0")
+    counted = proxy(server.socket)
+    inc = take_snapshot(irepo, counted.uri(), name="disk.qcow2",
+                        changes=Changes(parent.record.hex_id, dirty_bitmap="b0"))
+    full = take_snapshot(irepo, str(image), name="disk.qcow2")
+    assert inc.record.segments == full.record.segments
+    assert inc.record.image_hash == full.record.image_hash == blake3.blake3(raw_of(image, tmp_path)).digest()
+    assert restored(irepo, inc, tmp_path) == raw_of(image, tmp_path)
+    assert inc.record.stats["parent"] == parent.record.hex_id and inc.parent == parent.record.hex_id
+    # The dirty bitmap's granularity is 64 KiB: 4 dirty ranges of 64-128 KiB. Reading starts at the parent cut
+    # before each and stops at a parent cut after it: at most a few maximum chunks (16 KiB) more per range.
+    dirty = 64 * KiB * 3 + 128 * KiB
+    assert dirty <= inc.bytes_read <= dirty + 4 * 6 * 16 * KiB
+    assert counted.sent < inc.bytes_read + 64 * KiB  # what crossed the wire: the reads and block status
+    assert full.bytes_read > 6 * MiB
+
+
+def test_changed_ranges_file_on_a_raw_image(irepo, tmp_path):
+    raw = tmp_path / "disk.raw"
+    base = bytearray(text_bytes(5, 4 * MiB) + det_bytes(6, 4 * MiB))
+    raw.write_bytes(base)
+    parent = take_snapshot(irepo, str(raw))
+    changes = [(100_000, 5000), (3 * MiB, 1), (6 * MiB + 17, 70_000), (8 * MiB - 10, 10)]
+    for off, n in changes:
+        base[off : off + n] = det_bytes(off, n)
+    raw.write_bytes(base)
+    listed = tmp_path / "changes.json"
+    # rbd diff --format json style objects, with a key dedupimg does not need.
+    listed.write_text(json.dumps([{"offset": o, "length": n, "exists": "true"} for o, n in changes]))
+    inc = take_snapshot(irepo, str(raw), changes=Changes(parent.record.short_id, ranges_file=str(listed),
+                                                         verify=5))
+    full = take_snapshot(irepo, str(raw))
+    assert inc.record.segments == full.record.segments
+    assert inc.record.image_hash == full.record.image_hash == blake3.blake3(bytes(base)).digest()
+    assert inc.bytes_read - inc.bytes_verified < 5000 + 1 + 70_000 + 10 + 4 * 6 * 16 * KiB
+    assert inc.bytes_verified > 0
+
+
+def test_verify_unchanged_catches_a_change_the_bitmap_missed(vrepo, tmp_path, nbd_server):
+    image = bitmap_image(tmp_path)
+    parent = take_snapshot(vrepo, str(image))
+    qemu_io(image, "write -P 0x10 3M 64k")  # tracked
+    subprocess.run(["qemu-img", "bitmap", "--disable", str(image), "b0"], check=True)
+    qemu_io(image, "write -P 0x77 20M 4k")  # missed by the bitmap
+    server = nbd_server(image, bitmap="b0")
+    changes = Changes(parent.record.hex_id, dirty_bitmap="b0", verify=100)
+    with pytest.raises(UnchangedMismatch, match="differ from the parent snapshot") as err:
+        take_snapshot(vrepo, server.uri, name="disk.qcow2", changes=changes)
+    assert err.value.exit_code == 23
+    assert [r.hex_id for r in vrepo.snapshots()] == [parent.record.hex_id]  # nothing stored
+
+
+def test_a_parent_of_another_image_or_size_is_refused(vrepo, tmp_path):
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(det_bytes(1, 2 * MiB))
+    parent = take_snapshot(vrepo, str(raw))
+    other = tmp_path / "other.raw"
+    other.write_bytes(det_bytes(1, 2 * MiB))
+    listed = tmp_path / "c.json"
+    listed.write_text("[[0, 10]]")
+    with pytest.raises(UsageError, match="is of image 'disk.raw', not 'other.raw'"):
+        take_snapshot(vrepo, str(other), changes=Changes(parent.record.hex_id, ranges_file=str(listed)))
+    raw.write_bytes(det_bytes(1, 3 * MiB))
+    with pytest.raises(UsageError, match="was resized"):
+        take_snapshot(vrepo, str(raw), changes=Changes(parent.record.hex_id, ranges_file=str(listed)))
+    raw.write_bytes(det_bytes(1, 2 * MiB))
+    listed.write_text("[[0, 4194304]]")
+    with pytest.raises(UsageError, match="past the image's end"):
+        take_snapshot(vrepo, str(raw), name="disk.raw", changes=Changes(parent.record.hex_id,
+                                                                          ranges_file=str(listed)))
+    with pytest.raises(UsageError, match="exactly one of"):
+        take_snapshot(vrepo, str(raw), changes=Changes(parent.record.hex_id))
