@@ -11,12 +11,17 @@ The new manifest is the one a full snapshot would make, where the image is as th
   reached by the plan, or the region's start where it is one), the parent's extents are taken while they
   end before the next changed byte: each of their cuts depends only on the bytes from its chunk's start, which
   did not change;
-- around a change, reading starts at the parent cut before it and goes on, cutting as a full snapshot does,
-  until a new cut is a parent cut again with no change within a maximum chunk after it. FastCDC decides each
-  cut from the chunk's start, so from there on the parent's cuts are the full snapshot's again.
+- around a change, cutting starts at the parent cut before it and goes on as a full snapshot's does, until a
+  new cut is a parent cut again with no change within a maximum chunk after it. FastCDC decides each cut from
+  the chunk's start, so from there on the parent's cuts are the full snapshot's again. The bytes cut there are
+  read from the source only where they changed; the unchanged bytes around a change come from the parent's
+  chunks in the repository (verified against their ids), so the source is read exactly at the changed ranges.
 
-Where the allocation changed without the change list saying so (a range of zeros punched into a hole), the
-bytes are still right; only the cuts may differ from a full snapshot's there (less deduplication, no error).
+A write into a hole allocates more than it wrote (a filesystem block, a qcow2 cluster), and a chunk the
+parent ended at a hole's start is continued when the hole fills: so cutting treats every change as reaching
+SLACK bytes further on both sides (only the changed bytes themselves are read from the source). Where the
+allocation changed farther from any listed change (a range punched into a hole that the list does not name)
+the bytes are still right; only the cuts may differ from a full snapshot's there (less deduplication).
 
 The whole image's blake3 cannot be derived from the parent's: the snapshot pipeline hashes the parent's
 chunks as read back from the repository (each verified against its id), so the record's hash is the image's
@@ -32,6 +37,7 @@ import bisect
 import json
 import random
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +54,8 @@ from dedupimg.ops.source import ImageSource, ReadCancelled
 
 REUSE_BATCH = 8 << 20  # bytes of parent chunks handed on as one item (fetched from the repository together)
 WINDOW_FLUSH = 8 << 20  # a window read this far without meeting a parent cut hands on its chunks so far
+SLACK = 64 << 10  # how far around a change allocation may have changed too (see above)
+PARENT_CACHE = 64  # parent chunks kept for windows that grow over them again
 
 
 @dataclass(frozen=True)
@@ -123,14 +131,21 @@ class Plan:
     :class:`Reused` (the parent's chunks)."""
 
     def __init__(self, parent: SnapshotRecord, load: Callable[[bytes], Segment], changed: list[tuple[int, int]],
-                 params: ChunkerParams, chunk_id: Callable[[memoryview], bytes], verify: float = 0.0) -> None:
+                 params: ChunkerParams, chunk_id: Callable[[memoryview], bytes],
+                 read_blobs: Callable[[list[bytes]], list[bytes]], verify: float = 0.0) -> None:
         self.parent = parent
-        self.changed = merge_ranges(changed)
-        self._starts = [s for s, _ in self.changed]
+        self._read_blobs = read_blobs
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self.changed = merge_ranges(changed)  # what is read from the source
+        self._read_starts = [s for s, _ in self.changed]
+        # what is cut again: the changes and SLACK around them
+        self._cut = merge_ranges([(max(0, s - SLACK), e - s + 2 * SLACK) for s, e in self.changed])
+        self._starts = [s for s, _ in self._cut]
         self._cdc = FastCDC(params.avg_size, min_size=params.min_size, max_size=params.max_size,
                             normalized_chunking=params.normalized_chunking,  # type: ignore[arg-type]
                             seed=params.seed)
         self._max = params.max_size
+        self._avg = params.avg_size
         self._chunk_id = chunk_id
         self._verify = verify / 100.0
         self._rng = random.Random()
@@ -151,18 +166,19 @@ class Plan:
 
     # -- change list ----------------------------------------------------------------------------------------
 
-    def _next_change(self, pos: int) -> tuple[int, int] | None:
-        """The first changed range that ends after ``pos``."""
-        i = bisect.bisect_right(self._starts, pos) - 1
-        if i >= 0 and self.changed[i][1] > pos:
-            return self.changed[i]
-        return self.changed[i + 1] if i + 1 < len(self.changed) else None
+    def _next_change(self, pos: int, read: bool = False) -> tuple[int, int] | None:
+        """The first range to cut again (``read``: changed range) that ends after ``pos``."""
+        ranges, starts = (self.changed, self._read_starts) if read else (self._cut, self._starts)
+        i = bisect.bisect_right(starts, pos) - 1
+        if i >= 0 and ranges[i][1] > pos:
+            return ranges[i]
+        return ranges[i + 1] if i + 1 < len(ranges) else None
 
     def _changes_end(self, start: int, end: int) -> int:
-        """The end of the last changed range meeting ``[start, end)``, or ``start`` if none does."""
+        """The end of the last range to cut again meeting ``[start, end)``, or ``start`` if none does."""
         i = bisect.bisect_left(self._starts, end) - 1
-        if i >= 0 and self.changed[i][1] > start:
-            return self.changed[i][1]
+        if i >= 0 and self._cut[i][1] > start:
+            return self._cut[i][1]
         return start
 
     # -- the walk -------------------------------------------------------------------------------------------
@@ -243,21 +259,21 @@ class Plan:
 
     def _read_window(self, src: ImageSource, pos: int, end: int, stop: threading.Event
                      ) -> Generator[Batch, None, int]:
-        """Read and cut from ``pos`` (a cut of a full snapshot) until a new cut is a parent cut again past the
-        changes near it, or ``end``; returns where it stopped."""
+        """Cut from ``pos`` (a cut of a full snapshot) until a new cut is a parent cut again past the changes
+        near it, or ``end``; returns where it stopped. A cut before the buffer's end is final (only the last
+        chunk of a buffer may have been cut by its end), so the buffer grows a little at a time."""
         buf = bytearray()
         base = pos  # image offset of buf[0]
         t = self._changes_end(pos, pos + self._max)
-        step = 2 * self._max
+        step = self._avg
         while True:
             if stop.is_set():
                 raise ReadCancelled
             have = base + len(buf)
-            want = min(end, max(have + step, t + 2 * self._max))
+            want = min(end, max(have + step, t + self._avg))
             old = len(buf)
             buf.extend(bytes(want - have))
-            src.read_at(have, memoryview(buf)[old:])
-            self.bytes_read += want - have
+            self._fill(src, have, memoryview(buf)[old:])
             eof = want == end
             cuts = [(c.offset, c.offset + c.length) for c in self._cdc.cut_buf(memoryview(buf))]
             if not eof:
@@ -266,8 +282,8 @@ class Plan:
                 c = base + e
                 if c < t:
                     continue
-                t = self._changes_end(c, c + self._max) if c < end else c
-                if c >= t and c in self._boundaries and c < end:
+                t = self._changes_end(c, c + self._max)
+                if c >= t and c in self._boundaries:
                     yield Batch(buf, cuts[: k + 1])
                     return c
             if eof:
@@ -278,4 +294,44 @@ class Plan:
                 yield Batch(buf, cuts)
                 buf = bytearray(memoryview(buf)[done:])
                 base += done
-            step = max(step, len(buf))
+            step = min(2 * step, WINDOW_FLUSH)
+
+    def _fill(self, src: ImageSource, offset: int, out: memoryview) -> None:
+        """The image's bytes at ``offset``: changed ranges from the source, the rest from the parent."""
+        pos, end = offset, offset + len(out)
+        while pos < end:
+            nxt = self._next_change(pos, read=True)
+            if nxt is not None and nxt[0] <= pos:
+                n = min(nxt[1], end) - pos
+                src.read_at(pos, out[pos - offset : pos - offset + n])
+                self.bytes_read += n
+            else:
+                n = min(nxt[0] if nxt is not None else end, end) - pos
+                self._parent_into(pos, out[pos - offset : pos - offset + n])
+            pos += n
+
+    def _parent_into(self, offset: int, out: memoryview) -> None:
+        """The parent image's bytes at ``offset``, from its chunks (zeros for its zero extents)."""
+        end = offset + len(out)
+        i = bisect.bisect_right(self.offsets, offset) - 1
+        first = i
+        wanted = []
+        while i < len(self.offsets) and self.offsets[i] < end:
+            id_ = self.ids[i]
+            if id_ is not None and id_ not in self._cache:
+                wanted.append(id_)
+            i += 1
+        if wanted:
+            for id_, data in zip(wanted, self._read_blobs(wanted), strict=True):
+                self._cache[id_] = data
+        for j in range(first, i):
+            lo, hi = max(offset, self.offsets[j]), min(end, self.offsets[j] + self.lengths[j])
+            id_ = self.ids[j]
+            if id_ is None:
+                out[lo - offset : hi - offset] = bytes(hi - lo)
+            else:
+                data = self._cache[id_]
+                self._cache.move_to_end(id_)
+                out[lo - offset : hi - offset] = data[lo - self.offsets[j] : hi - self.offsets[j]]
+        while len(self._cache) > PARENT_CACHE:
+            self._cache.popitem(last=False)

@@ -188,7 +188,7 @@ def _plan(repo: Repository, src: ImageSource, changes: Changes) -> Plan:
     else:
         assert isinstance(src, NbdSource)
         ranges = src.dirty_ranges()
-    return Plan(parent, repo.segment, ranges, repo.config.chunker, repo.chunk_id, changes.verify)
+    return Plan(parent, repo.segment, ranges, repo.config.chunker, repo.chunk_id, repo.read_blobs, changes.verify)
 
 
 # Times a record may carry: from the Unix epoch to the end of year 9999 (UTC). mount turns each record's time
