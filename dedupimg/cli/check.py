@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from dedupimg.cli import render
 from dedupimg.cli.app import JsonOption, LockWait, RepoOption, open_repo
 from dedupimg.cli.render import (
     JSON_VERSION,
@@ -106,6 +107,8 @@ def _print_report(checkup: Checkup) -> None:
             more = f" and {len(f.snapshots) - 10} more" if len(f.snapshots) > 10 else ""
             line += f"; affects snapshot{'s' if len(f.snapshots) > 1 else ''} {shown}{more}"
         stdout.print(line, markup=False)
+    if render.verbosity == 0:
+        return  # -q: problems only (cron mails nothing on a clean night); the exit code says the rest
     for h in report.hints:
         stdout.print(f"hint [{h.kind}]: {_hint(h.kind, h.message, checkup)}", markup=False)
     c = report.counts

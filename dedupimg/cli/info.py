@@ -1,11 +1,12 @@
-"""`dedupimg info`: the repository's size, deduplication and compression."""
+"""`dedupimg info`: the repository's size, deduplication and compression (holes and zero runs apart)."""
 
 from __future__ import annotations
 
 import typer
 
 from dedupimg.cli.app import JsonOption, RepoOption, open_repo
-from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, stdout
+from dedupimg.cli.render import JSON_VERSION, exit_codes_help, human_bytes, plural, print_json, stdout
+from dedupimg.ops.stats import snapshot_stats
 
 
 def info(
@@ -13,35 +14,40 @@ def info(
     json: JsonOption = False,
     repo_dir: RepoOption = None,
 ) -> None:
-    """Repository size, deduplication and compression."""
+    """Repository size, deduplication and compression; holes and zero runs count apart (never stored).
+
+    'dedupimg stats' shows what each snapshot costs."""
     with open_repo(ctx) as repo:
-        stats = repo.stats()
+        report = snapshot_stats(repo, repo.snapshots(), each=False)
         config = repo.config
         location = repo.location
-    dedup = stats.logical_bytes / stats.unique_bytes if stats.unique_bytes else 0.0
-    compression = stats.unique_bytes / stats.chunk_stored_bytes if stats.chunk_stored_bytes else 0.0
+    t, whole = report.totals, report.repository
     doc = {
+        "version": JSON_VERSION,
         "repo_id": config.repo_id,
         "path": location,
-        "snapshots": stats.snapshots,
-        "logical_bytes": stats.logical_bytes,
-        "unique_bytes": stats.unique_bytes,
-        "stored_bytes": stats.pack_bytes,
-        "packs": stats.packs,
-        "chunks": stats.chunks,
-        "dedup_ratio": round(dedup, 3),
-        "compression_ratio": round(compression, 3),
+        "snapshots": t.snapshots,
+        "logical_bytes": t.size,
+        "allocated_bytes": t.allocated,  # logical bytes held in chunks
+        "zero_bytes": t.zeros,  # holes and zero runs: recorded as lengths, never stored
+        "unique_bytes": t.data,  # raw bytes of the distinct chunks the snapshots need
+        "stored_bytes": whole.pack_bytes,
+        "packs": whole.packs,
+        "chunks": t.chunks,
+        "dedup_ratio": round(t.dedup_ratio, 3),  # allocated / unique: zeros are not deduplication
+        "compression_ratio": round(t.compression_ratio, 3),
         "chunk_size": config.chunker.avg_size,
     }
     if json:
         print_json(doc)
         return
-    stdout.print(f"repository   {config.repo_id} at {doc['path']}")
-    stdout.print(f"snapshots    {stats.snapshots}")
-    stdout.print(f"logical      {human_bytes(stats.logical_bytes)}")
-    stdout.print(f"unique data  {human_bytes(stats.unique_bytes)} in {stats.chunks} chunks")
-    stdout.print(f"stored       {human_bytes(stats.pack_bytes)} in {stats.packs} packs")
-    stdout.print(f"dedup ratio  {dedup:.2f}x   compression ratio {compression:.2f}x")
+    stdout.print(f"repository   {config.repo_id} at {location}", markup=False)
+    stdout.print(f"snapshots    {t.snapshots}")
+    stdout.print(f"logical      {human_bytes(t.size)} = {human_bytes(t.allocated)} data + {human_bytes(t.zeros)} "
+                 "holes and zero runs")
+    stdout.print(f"unique data  {human_bytes(t.data)} in {plural(t.chunks, 'chunk')}")
+    stdout.print(f"stored       {human_bytes(whole.pack_bytes)} in {plural(whole.packs, 'pack')}")
+    stdout.print(f"dedup ratio  {t.dedup_ratio:.2f}x   compression ratio {t.compression_ratio:.2f}x")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dedupimg.cli.app import LockWait, RepoOption, open_repo
-from dedupimg.cli.render import exit_codes_help, stderr
+from dedupimg.cli.render import exit_codes_help, local_time, plural, stderr
 from dedupimg.core.errors import UsageError
 from dedupimg.serve.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer, is_loopback, parse_listen
 from dedupimg.serve.nbd import serve as serve_snapshots
@@ -43,11 +43,17 @@ def serve(
             "authentication or encryption, so serving beyond this machine needs --allow-remote"
         )
     with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
-        serve_snapshots(repo, snapshots or [], host, port, ready=_announce)
+        serve_snapshots(repo, snapshots or [], host, port, ready=lambda server: _announce(server, bool(snapshots)))
 
 
-def _announce(server: NbdServer) -> None:
-    stderr.print(f"serving {len(server.records())} exports on {server.url}", soft_wrap=True)
+def _announce(server: NbdServer, fixed: bool) -> None:
+    records = server.records()
+    stderr.print(f"serving {plural(len(records), 'export')} on {server.url}", soft_wrap=True)
+    if fixed:
+        # Names (NAME@latest, latest) were resolved once, now: these ids are what the exports stay, so a qcow2
+        # overlay can name its backing export by id and it never changes under a running VM.
+        for rec in records:
+            stderr.print(f"export {rec.hex_id} {rec.name} {local_time(rec.time)}", soft_wrap=True, markup=False)
     if not is_loopback(server.address[0]):  # only with --allow-remote
         stderr.print(
             f"warning: NBD exports are unauthenticated and unencrypted: anyone who can reach {server.url} can "

@@ -125,17 +125,25 @@ def _cost(m: _Manifests, rec: SnapshotRecord) -> SnapshotCost:
     )
 
 
-def snapshot_stats(repo: Repository, records: list[SnapshotRecord]) -> StatsReport:
-    """The cost of each of ``records`` and their totals (the caller selects them: ops/selection.py)."""
+def snapshot_stats(repo: Repository, records: list[SnapshotRecord], each: bool = True) -> StatsReport:
+    """The cost of each of ``records`` (none with ``each`` False: ``info``) and their totals (the caller
+    selects them: ops/selection.py)."""
     m = _Manifests(repo)
-    costs = [_cost(m, r) for r in records]
-    distinct = {c for r in records for sid, _ in r.segments for c in m.segment(sid).chunk_ids()}
+    costs = [_cost(m, r) for r in records] if each else []
+    allocated = 0
+    distinct: set[bytes] = set()
+    for r in records:
+        for sid, _ in r.segments:
+            seg = m.segment(sid)
+            distinct.update(seg.chunk_ids())
+            allocated += sum(n for n, cid in seg.extents() if cid is not None)
     m.load_usage(distinct)
     segments, chunks = _dying(m, records)
+    size = sum(r.size for r in records)
     totals = Totals(
-        snapshots=len(records), size=sum(c.size for c in costs), allocated=sum(c.allocated for c in costs),
-        zeros=sum(c.zeros for c in costs), chunks=len(distinct), data=sum(m.usage[c].raw_len for c in distinct),
-        stored=sum(m.usage[c].stored_len for c in distinct), freed=_freed(m, records, segments, chunks),
+        snapshots=len(records), size=size, allocated=allocated, zeros=size - allocated, chunks=len(distinct),
+        data=sum(m.usage[c].raw_len for c in distinct), stored=sum(m.usage[c].stored_len for c in distinct),
+        freed=_freed(m, records, segments, chunks),
     )
     whole = repo.stats()
     return StatsReport(costs, totals, RepositorySize(whole.snapshots, whole.pack_bytes, whole.packs))

@@ -438,7 +438,7 @@ def test_read_workers_end_when_the_server_is_killed(tmp_path):
                              "127.0.0.1:0"], stderr=subprocess.PIPE, env=env, cwd=ROOT)
     try:
         line = proc.stderr.readline().decode()  # type: ignore[union-attr]
-        assert "serving 1 exports on nbd://" in line, line
+        assert "serving 1 export on nbd://" in line, line
         uri = line.split(" on ", 1)[1].strip() + "/" + sid
         out = tmp_path / "copy.img"
         ok(tool("nbdcopy", uri, out))

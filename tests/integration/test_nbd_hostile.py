@@ -57,7 +57,7 @@ def serve() -> Iterator:
                                 cwd=ROOT)
         assert proc.stderr is not None
         line = first_line(proc.stderr, TIMEOUT)
-        assert " exports on nbd://" in line, line
+        assert line.startswith("serving ") and " on nbd://" in line, line
         url = line.split(" on ", 1)[1].strip()
         server = Server(proc, url, int(url.rsplit(":", 1)[1]), line)
         started.append(server)
@@ -293,7 +293,7 @@ def test_long_name_is_cut_in_the_description_and_list_works(tmp_path, serve):
 def test_listen_beyond_loopback_warns_that_exports_are_unauthenticated(big, serve):
     repo, sid, _ = big
     server = serve(repo, "--allow-remote", listen="0.0.0.0:0")
-    assert server.first_line.startswith("serving 1 exports on nbd://0.0.0.0:"), server.first_line
+    assert server.first_line.startswith("serving 1 export on nbd://0.0.0.0:"), server.first_line
     # Serving, and reachable on loopback too.
     proc = subprocess.run(["nbdinfo", "--size", f"nbd://127.0.0.1:{server.port}/{sid}"], capture_output=True,
                           text=True, timeout=TIMEOUT)

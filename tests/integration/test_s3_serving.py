@@ -42,7 +42,7 @@ def test_mount_and_serve_read_an_s3_snapshot_bit_exact(s3_server: Any, s3_creden
     try:
         assert proc.stderr is not None
         line = first_line(proc.stderr, timeout=60)
-        assert line.startswith("serving 1 exports on nbd://127.0.0.1:"), line
+        assert line.startswith("serving 1 export on nbd://127.0.0.1:"), line
         url = f"{line.split()[-1]}/{ids[1]}"
         out = tmp_path / "nbdcopy.img"
         wait_for(lambda: subprocess.run(["nbdinfo", "--size", url], capture_output=True).returncode == 0,
