@@ -59,3 +59,36 @@ def test_tag_then_filter_then_keep_tag_protects_an_older_snapshot(tmp_path):
     fails(run_cli("-r", repo, "tag", str(left[0]["id"])), 2, "nothing to do")
     fails(run_cli("-r", repo, "tag", "ffffffff", "--add", "a"), 13, "no snapshot matches")
     fails(run_cli("-r", repo, "forget", str(left[0]["id"]), "--tag", "x"), 2, "--tag")
+
+
+@pytest.mark.slow
+def test_tag_killed_at_any_moment_leaves_one_record(tmp_path):
+    """kill -9 of ``tag`` at moments spread over its run: the snapshot is listed exactly once, with the old or
+    the new tags, before and after ``repair index``; check finds no problem."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT, cli_env
+
+    repo = tmp_path / "repo"
+    ok(run_cli("-r", repo, "init", "--chunk-size", "4096"))
+    image = tmp_path / "db.img"
+    image.write_bytes(det_bytes(5, 80_000))
+    ok(run_cli("-r", repo, "snapshot", image, "--name", "db"))
+    outcomes = set()
+    for i in range(6):
+        proc = subprocess.Popen([sys.executable, "-m", "dedupimg", "-r", str(repo), "tag", "db@latest", "--add",
+                                 f"t{i}"], env=cli_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(0.08 * i)  # from before the interpreter is up to after the command is done
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        (rec,) = _listing(repo)
+        outcomes.add(f"t{i}" in rec["tags"])
+        ok(run_cli("-r", repo, "repair", "index"))
+        (again,) = _listing(repo)
+        assert set(again["tags"]) >= set(rec["tags"]) and len(again["tags"]) - len(rec["tags"]) <= 1
+    assert False in outcomes  # killed before the replacement at least once (the first kill comes at once)
+    check_clean(repo)
