@@ -115,6 +115,7 @@ class NbdClient:
         self.flags = 0
         self.contexts: dict[int, str] = {}  # context id -> name, as the server agreed
         self._handle = 0
+        self._inflight: dict[int, tuple[int, int]] = {}  # READs sent ahead: handle -> (offset, length)
         self._where = str(address)
         try:
             if address.socket_path is not None:
@@ -203,14 +204,26 @@ class NbdClient:
         except OSError as exc:
             raise SourceError(f"the NBD server at {self._where} went away: {exc.strerror or exc}") from None
 
+    def send_reads(self, offset: int, length: int) -> None:
+        """Ask for ``length`` bytes at ``offset`` (requests of READ_PIECE bytes) without waiting for them: the
+        server reads them while the caller works; :meth:`read_into` then receives them."""
+        end = offset + length
+        while offset < end:
+            n = min(READ_PIECE, end - offset)
+            self._inflight[self._request(CMD_READ, offset, n)] = (offset, n)
+            offset += n
+
     def read_into(self, offset: int, out: memoryview) -> None:
-        """Fill ``out`` with the export's bytes at ``offset``: requests of READ_PIECE bytes, all in flight."""
-        pending: dict[int, tuple[int, memoryview]] = {}
-        pos = 0
-        while pos < len(out):
-            n = min(READ_PIECE, len(out) - pos)
-            pending[self._request(CMD_READ, offset + pos, n)] = (offset + pos, out[pos : pos + n])
-            pos += n
+        """Fill ``out`` with the export's bytes at ``offset``: the reads sent ahead (all of them must lie in
+        ``out``) and requests for the rest, all in flight at once, received straight into ``out``."""
+        asked = offset
+        for start, n in self._inflight.values():
+            if not offset <= start <= start + n <= offset + len(out):
+                raise AssertionError("reads sent ahead must lie in the buffer they are received into")
+            asked = max(asked, start + n)
+        self.send_reads(asked, offset + len(out) - asked)
+        pending = {h: (start, out[start - offset : start - offset + n]) for h, (start, n) in self._inflight.items()}
+        self._inflight.clear()
         while pending:
             self._read_reply(pending)
 
@@ -257,6 +270,7 @@ class NbdClient:
     def block_status(self, offset: int, length: int) -> dict[str, list[tuple[int, int]]]:
         """``{context name: [(length, flags), ...]}`` from ``offset``, covering at most ``length`` bytes (a
         server may answer for less; each context's list starts at ``offset``)."""
+        assert not self._inflight, "block status with reads in flight"
         handle = self._request(CMD_BLOCK_STATUS, offset, min(length, 0xFFFFFFFF))
         out: dict[str, list[tuple[int, int]]] = {}
         while True:

@@ -77,8 +77,12 @@ class NbdSource:
             self._on_close = None
 
 
+READ_AHEAD = 4 << 20  # asked for before returning a buffer: less than any buffer the chunker passes next
+
+
 class NbdReader:
-    """Reads one region of an export: each call fills the buffer it is given with pipelined requests."""
+    """Reads one region of an export: each call fills the buffer it is given with pipelined requests, and asks
+    for the start of the next one before it returns, so the server reads it while the chunker cuts."""
 
     def __init__(self, client: NbdClient, offset: int, length: int, stop: threading.Event | None) -> None:
         self._client = client
@@ -96,4 +100,6 @@ class NbdReader:
             self._pos += want
             self._left -= want
             self.bytes_read += want
+            if self._left and len(out) > READ_AHEAD:
+                self._client.send_reads(self._pos, min(self._left, READ_AHEAD))
         return want
