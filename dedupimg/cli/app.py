@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
 from dedupimg.cli import render
 from dedupimg.core.errors import UsageError, WrongPassword
@@ -101,6 +102,32 @@ def root(
         os.environ["DEDUPIMG_PASSWORD_COMMAND"] = password_command
     if sys.stdin.isatty():
         set_prompt(_ask_password)
+
+
+def _level_after_command(ctx: typer.Context, param: typer.core.TyperOption, value: bool) -> None:
+    """``dedupimg CMD -q`` means ``dedupimg -q CMD`` (and -v alike), as restic takes its global flags."""
+    if not value:
+        return
+    wanted = 0 if param.name == "quiet_after" else 2
+    if render.verbosity not in (1, wanted):
+        raise UsageError("give -q/--quiet or -v/--verbose, not both")
+    render.verbosity = wanted
+
+
+def accept_levels_everywhere(command: typer.core.TyperCommand | typer.core.TyperGroup) -> None:
+    """Give every command of ``command`` (the app's click group, nested groups too) ``-q`` and ``-v`` after
+    its name; main calls it once before parsing."""
+    subs = getattr(command, "commands", None)
+    if subs is not None:
+        for sub in subs.values():
+            accept_levels_everywhere(sub)
+        return
+    for names, dest, what in ((("-q", "--quiet"), "quiet_after", "No progress, no summary lines"),
+                              (("-v", "--verbose"), "verbose_after", "More detail")):
+        if not any(set(names) & set(p.opts) for p in command.params):
+            command.params.append(typer.core.TyperOption(
+                param_decls=[*names, dest], is_flag=True, expose_value=False, callback=_level_after_command,
+                help=f"{what} (also accepted before the command)."))
 
 
 def _ask_password(what: str, confirm: bool) -> str:

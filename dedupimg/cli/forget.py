@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from dedupimg.cli import render
@@ -29,8 +28,11 @@ from dedupimg.cli.render import (
     prune_json,
     render_prune,
     stdout,
+    table,
+    utc_time,
 )
 from dedupimg.core.errors import UsageError
+from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.retention import Policy, parse_duration, parse_tag_list
 from dedupimg.ops.forget import ForgetPlan, forget_and_prune
 from dedupimg.store.lock import LockMode
@@ -103,13 +105,15 @@ def _plan_json(todo: ForgetPlan) -> list[dict[str, object]]:
     return [
         {
             "name": group,
-            "keep": [{"id": d.item.hex_id, "time": d.item.time, "tags": d.item.tags, "reasons": list(d.reasons)}
-                     for d in decisions if d.keep],
-            "remove": [{"id": d.item.hex_id, "time": d.item.time, "tags": d.item.tags}
-                       for d in decisions if not d.keep],
+            "keep": [{**_item_json(d.item), "reasons": list(d.reasons)} for d in decisions if d.keep],
+            "remove": [_item_json(d.item) for d in decisions if not d.keep],
         }
         for group, decisions in todo.groups.items()
     ]
+
+
+def _item_json(rec: SnapshotRecord) -> dict[str, object]:
+    return {"id": rec.hex_id, "time": rec.time, "time_utc": utc_time(rec.time), "host": rec.host, "tags": rec.tags}
 
 
 def _render_plan(todo: ForgetPlan, dry_run: bool, pruning: bool) -> None:
@@ -119,13 +123,12 @@ def _render_plan(todo: ForgetPlan, dry_run: bool, pruning: bool) -> None:
         gone = [d for d in decisions if not d.keep]
         if render.verbosity >= 1:
             stdout.print(Text(f"{group}: keep {len(kept)}, {verb} {len(gone)}", style="bold"))
-        table = Table("", "id", "time", "tags", "reasons", box=None, header_style="bold")
-        table.columns[2].no_wrap = True
+        rows = table("", "id", "time", "tags", "reasons", fixed=("", "id", "time"))
         for d in decisions:
             cells = ("keep" if d.keep else verb, d.item.short_id, local_time(d.item.time), ",".join(d.item.tags),
                      ", ".join(d.reasons))
-            table.add_row(*(Text(c) for c in cells))  # Text: "[tag]" in reasons is not rich markup
-        stdout.print(table)
+            rows.add_row(*(Text(c) for c in cells))  # Text: "[tag]" in reasons is not rich markup
+        stdout.print(rows)
     total = sum(1 for ds in todo.groups.values() for d in ds if not d.keep)
     if render.verbosity >= 1:
         stdout.print(f"{verb} {plural(total, 'snapshot')}"

@@ -32,7 +32,7 @@ from dedupimg.cli import (
     unlock,
     verify,
 )
-from dedupimg.cli.app import app
+from dedupimg.cli.app import accept_levels_everywhere, app
 from dedupimg.core import interrupts
 from dedupimg.core.errors import DedupimgError, Interrupted, PermissionDenied
 
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = bool(os.environ.get("DEDUPIMG_DEBUG"))
     render.json_status = "--json" in (sys.argv[1:] if argv is None else argv)
     try:
-        rv = app(args=argv, prog_name="dedupimg", standalone_mode=False)
+        command = typer.main.get_command(app)  # what app() runs, with -q/-v added after every command
+        accept_levels_everywhere(command)  # type: ignore[arg-type]  # a TyperGroup, typed as click's Command
+        rv = command.main(args=argv, prog_name="dedupimg", standalone_mode=False)
     except DedupimgError as exc:
         if debug:
             raise

@@ -35,8 +35,11 @@ def tag(
     lock_wait: LockWait = 0.0,
     repo_dir: RepoOption = None,
 ) -> None:
-    """Add, remove or set tags of snapshots. Each changed snapshot gets a new record (a new id, same image and
-    time); the old record is tombstoned in the same step, so a crash leaves one of the two, never both."""
+    """Add, remove or set tags of snapshots.
+
+    Each changed snapshot gets a new record (a new id; same image, name and time); the old record is
+    tombstoned in the same step, so a crash leaves one of the two listed, never both or neither.
+    """
     with open_repo(ctx, LockMode.EXCLUSIVE, lock_wait) as repo:
         records = select_snapshots(repo, snapshot_refs)
         changes = tag_snapshots(repo, records, _split(add), _split(remove),

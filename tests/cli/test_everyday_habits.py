@@ -61,6 +61,10 @@ def test_version_quiet_verbose_and_repo_anywhere(repo):
     verbose = ok(run_cli("-v", "-r", repo, "snapshots"))
     assert all(s["id"] in verbose and s["source"] in verbose for s in listing)
     fails(run_cli("-q", "-v", "-r", repo, "snapshots"), 2, "not both")
+    assert ok(run_cli("snapshots", "-r", repo, "-q")) == quiet  # after the command too, as restic's flags
+    assert ok(run_cli("snapshots", "-v", "-r", repo)) == verbose
+    fails(run_cli("-q", "snapshots", "-v", "-r", repo), 2, "not both")
+    assert "0 snapshots" in ok(run_cli("snapshots", "--name", "-v", "-r", repo))  # an option's value stays one
     a, b = (s["id"] for s in listing)
     assert json.loads(ok(run_cli("diff", a, "-r", repo, b, "--json")))["b"]["id"] == b
     assert json.loads(ok(run_cli("stats", "--json", "-r", repo)))["totals"]["snapshots"] == 2
