@@ -93,3 +93,24 @@ def test_diff_lists_merged_changed_ranges_and_new_data(tmp_path):
     text = ok(run_cli("-r", repo, "diff", a[:8], b[:8]))
     assert "changed in 3 ranges" in text and str(ranges[0][0]) in text
     fails(run_cli("-r", repo, "diff", a, "nope"), 13, "no snapshot matches")
+
+
+@pytest.mark.slow
+def test_check_hint_says_what_prune_frees(tmp_path):
+    repo = _init(tmp_path)
+    image = tmp_path / "disk.img"
+    ids = []
+    for seed in range(3):
+        image.write_bytes(det_bytes(10 + seed, 300_000))
+        ids.append(_snap(repo, image))
+    ok(run_cli("-r", repo, "forget", ids[0], ids[1]))
+    doc = json.loads(ok(run_cli("-r", repo, "check", "--json")))
+    assert doc["ok"] and doc["version"] == 1
+    estimate = doc["prune_estimate"]["bytes_to_free"]
+    (hint,) = [h["message"] for h in doc["hints"] if h["kind"] == "garbage"]
+    text = ok(run_cli("-r", repo, "check"))
+    assert f"prune would free about {estimate / 1024:.1f} KiB" in hint and hint in text
+    pruned = json.loads(ok(run_cli("-r", repo, "prune", "--json")))
+    assert pruned["bytes_to_free"] == estimate  # the hint came from prune's own plan
+    assert 0.9 * estimate <= pruned["bytes_freed"] <= 1.1 * estimate
+    assert json.loads(ok(run_cli("-r", repo, "check", "--json")))["hints"] == []
