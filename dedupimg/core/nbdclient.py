@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -109,7 +110,10 @@ def parse_uri(uri: str) -> Address:
 class NbdClient:
     """One connection to one export, used by one thread at a time."""
 
-    def __init__(self, address: Address, contexts: list[str] | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, address: Address, contexts: list[str] | None = None, timeout: float = 60.0,
+                 retry_while: Callable[[], bool] | None = None) -> None:
+        """Connect and negotiate; a refused or missing socket is tried again every 10 ms while ``retry_while()``
+        (a server being started)."""
         self.address = address
         self.size = 0
         self.flags = 0
@@ -117,22 +121,37 @@ class NbdClient:
         self._handle = 0
         self._inflight: dict[int, tuple[int, int]] = {}  # READs sent ahead: handle -> (offset, length)
         self._where = str(address)
-        try:
-            if address.socket_path is not None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self._sock.settimeout(timeout)
-                self._sock.connect(address.socket_path)
-            else:
-                self._sock = socket.create_connection((address.host, address.port), timeout=timeout)
-                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
-            raise SourceError(f"cannot connect to the NBD server at {self._where}: "
-                              f"{exc.strerror or exc}") from None
+        while True:
+            try:
+                self._sock = self._connect(timeout)
+                break
+            except (ConnectionRefusedError, FileNotFoundError) as exc:
+                if retry_while is None or not retry_while():
+                    raise SourceError(f"cannot connect to the NBD server at {self._where}: {exc.strerror}") from None
+                time.sleep(0.01)
+            except OSError as exc:
+                raise SourceError(f"cannot connect to the NBD server at {self._where}: "
+                                  f"{exc.strerror or exc}") from None
         try:
             self._handshake(contexts or [])
         except BaseException:
             self._sock.close()
             raise
+
+    def _connect(self, timeout: float) -> socket.socket:
+        address = self.address
+        if address.socket_path is None:
+            sock = socket.create_connection((address.host, address.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     # -- handshake --------------------------------------------------------------------------------------------
 

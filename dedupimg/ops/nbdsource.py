@@ -23,7 +23,9 @@ class NbdSource:
 
     def __init__(self, address: Address, name: str, description: str, bitmap: str | None = None,
                  changes: Callable[[], str | None] | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, retry_while: Callable[[], bool] | None = None) -> None:
+        """Connect to ``address``; ``on_close`` runs when the source is closed (not when this fails: the caller
+        cleans up then)."""
         self.name = name
         self.description = description
         self.resolved = description
@@ -31,14 +33,10 @@ class NbdSource:
         self._changes = changes
         self._on_close = on_close
         contexts = [BASE_ALLOCATION] + ([DIRTY_BITMAP + bitmap] if bitmap else [])
-        try:
-            self.client = NbdClient(address, contexts)
-        except BaseException:
-            self._closed()
-            raise
+        self.client = NbdClient(address, contexts, retry_while=retry_while)
         self.size: int | None = self.client.size
         if bitmap and not self.client.has_context(DIRTY_BITMAP + bitmap):
-            self.close()
+            self.client.close()
             raise SourceError(f"the NBD export {address} has no dirty bitmap {bitmap!r} (qemu-nbd exports one "
                               f"with -B {bitmap}; QEMU's nbd-server-add with bitmap={bitmap})")
         self.bytes_read = 0
@@ -69,12 +67,9 @@ class NbdSource:
         try:
             self.client.close()
         finally:
-            self._closed()
-
-    def _closed(self) -> None:
-        if self._on_close is not None:
-            self._on_close()
-            self._on_close = None
+            if self._on_close is not None:
+                self._on_close()
+                self._on_close = None
 
 
 READ_AHEAD = 4 << 20  # asked for before returning a buffer: less than any buffer the chunker passes next

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import tempfile
@@ -28,7 +27,6 @@ from dedupimg.ops.nbdsource import NbdSource
 from dedupimg.ops.source import FileState
 
 START_TIMEOUT = 30.0
-CONNECTIONS = 4  # qemu-nbd --shared: clients it accepts at once
 
 # qemu's own probes, by the bytes at the start of the file.
 MAGICS: list[tuple[bytes, str]] = [
@@ -67,16 +65,19 @@ def detect_format(path: str) -> str | None:
 
 
 def open_image(path: str, fmt: str, name: str | None, bitmap: str | None = None) -> NbdSource:
-    """An NBD source reading the guest-visible disk of image ``path`` through a private qemu-nbd."""
+    """An NBD source reading the guest-visible disk of image ``path`` through a private qemu-nbd.
+
+    qemu-nbd serves one client and exits when it disconnects (no --persistent), so it ends with dedupimg even
+    when dedupimg is killed; otherwise closing the source stops it.
+    """
     qemu_nbd = shutil.which("qemu-nbd")
     if qemu_nbd is None:
         raise SourceError(f"{path} is a {fmt} image, and reading it needs qemu-nbd (Debian: apt install "
                           f"qemu-utils), or convert it first: qemu-img convert -O raw")
-    st_before = FileState.of(os.stat(path))
+    before = FileState.of(os.stat(path))
     workdir = tempfile.mkdtemp(prefix="dedupimg-qemu-nbd-")
     sock = os.path.join(workdir, "nbd.sock")
-    cmd = [qemu_nbd, "--read-only", "--persistent", f"--shared={CONNECTIONS}", f"--format={fmt}",
-           f"--socket={sock}", "--export-name=disk"]
+    cmd = [qemu_nbd, "--read-only", "--shared=1", f"--format={fmt}", f"--socket={sock}", "--export-name=disk"]
     if bitmap:
         cmd.append(f"--bitmap={bitmap}")
     cmd.append(os.path.abspath(path))
@@ -95,34 +96,27 @@ def open_image(path: str, fmt: str, name: str | None, bitmap: str | None = None)
         errlog.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    def changes() -> str | None:
-        now = FileState.of(os.stat(path))
-        what = [label for label, a, b in (("size", st_before.size, now.size),
-                                          ("mtime", st_before.mtime_ns, now.mtime_ns),
-                                          ("ctime", st_before.ctime_ns, now.ctime_ns)) if a != b]
-        return ", ".join(what) or None
+    def failed() -> SourceError:
+        errlog.seek(0)
+        text = " ".join(errlog.read().decode(errors="replace").split())
+        return SourceError(f"qemu-nbd cannot open {path} as {fmt}: {text or f'exit {proc.returncode}'}")
 
+    deadline = time.monotonic() + START_TIMEOUT
     try:
-        _wait_for_socket(proc, sock, errlog, path, fmt)
-        return NbdSource(Address("disk", socket_path=sock), name or Path(path).name, os.path.abspath(path),
-                         bitmap=bitmap, changes=changes, on_close=stop)
+        try:
+            return NbdSource(Address("disk", socket_path=sock), name or Path(path).name, os.path.abspath(path),
+                             bitmap=bitmap, changes=lambda: before.differences(FileState.of(os.stat(path))),
+                             on_close=stop,
+                             retry_while=lambda: proc.poll() is None and time.monotonic() < deadline)
+        except SourceError:
+            try:
+                proc.wait(1)  # it failed: its own message says why
+            except subprocess.TimeoutExpired:
+                raise
+            raise failed() from None
     except BaseException:
         stop()
         raise
-
-
-def _wait_for_socket(proc: subprocess.Popen[bytes], sock: str, errlog: object, path: str, fmt: str) -> None:
-    """Until qemu-nbd accepts connections on ``sock`` (it binds before it listens), or SourceError."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while not _accepts(sock):
-        if proc.poll() is not None:
-            assert hasattr(errlog, "seek") and hasattr(errlog, "read")
-            errlog.seek(0)
-            text = " ".join(errlog.read().decode(errors="replace").split())
-            raise SourceError(f"qemu-nbd cannot open {path} as {fmt}: {text or f'exit {proc.returncode}'}")
-        if time.monotonic() > deadline:
-            raise SourceError(f"qemu-nbd did not start serving {path} within {START_TIMEOUT:.0f} s")
-        time.sleep(0.01)
 
 
 def check_format(fmt: str) -> str:
@@ -130,15 +124,3 @@ def check_format(fmt: str) -> str:
         raise UsageError(f"--source-format {fmt!r}: give auto or one of {', '.join(FORMATS)}")
     return fmt
 
-
-def _accepts(sock: str) -> bool:
-    if not os.path.exists(sock):
-        return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(sock)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()

@@ -31,6 +31,12 @@ class FileState:
     def of(cls, st: os.stat_result) -> FileState:
         return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    def differences(self, now: FileState) -> str | None:
+        """What differs in ``now`` ("size, mtime"), or None."""
+        what = [label for label, a, b in (("size", self.size, now.size), ("mtime", self.mtime_ns, now.mtime_ns),
+                                          ("ctime", self.ctime_ns, now.ctime_ns)) if a != b]
+        return ", ".join(what) or None
+
 
 @dataclass(frozen=True)
 class Region:
@@ -131,10 +137,7 @@ class Source:
         if now.size < self.before.size:
             raise SourceError(f"source {self.description} shrank from {self.before.size} to {now.size} bytes "
                               f"while it was read (truncated?)")
-        what = [label for label, a, b in (("size", self.before.size, now.size),
-                                          ("mtime", self.before.mtime_ns, now.mtime_ns),
-                                          ("ctime", self.before.ctime_ns, now.ctime_ns)) if a != b]
-        return ", ".join(what) or None
+        return self.before.differences(now)
 
     def close(self) -> None:
         if self.kind != "stdin":

@@ -25,6 +25,7 @@ import pytest
 
 from dedupimg.core.config import ChunkerParams
 from dedupimg.core.errors import SourceError, UnchangedMismatch, UsageError
+from dedupimg.ops.qemu import open_image
 from dedupimg.ops.restore import restore
 from dedupimg.ops.snapshot import Changes, SnapshotResult, take_snapshot
 from dedupimg.repo.repository import Repository
@@ -62,11 +63,17 @@ def qemu_nbd_procs() -> set[int]:
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "qemu-nbd":
-                    out.add(int(pid))
+                stat = Path(f"/proc/{pid}/stat").read_text()
             except OSError:
-                pass
+                continue
+            name, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
+            if name == "qemu-nbd" and state != "Z":  # (one that exited but is not reaped yet has ended)
+                out.add(int(pid))
     return out
+
+
+def private_dirs() -> set[str]:
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("dedupimg-qemu-nbd-")}
 
 
 class QemuNbd:
@@ -221,6 +228,7 @@ def restored(repo: Repository, result: SnapshotResult, tmp: Path) -> bytes:
 def test_qcow2_file_is_read_through_a_private_qemu_nbd_and_equals_qemu_img_convert(vrepo, tmp_path):
     image = make_qcow2(tmp_path / "disk.qcow2")
     before = qemu_nbd_procs()
+    dirs = private_dirs()
     result = take_snapshot(vrepo, str(image))
     raw = raw_of(image, tmp_path)
     assert result.record.size == SIZE
@@ -231,7 +239,7 @@ def test_qcow2_file_is_read_through_a_private_qemu_nbd_and_equals_qemu_img_conve
     assert result.record.name == "disk.qcow2" and result.record.source == str(image)
     # The private qemu-nbd is gone, and so is its directory.
     assert qemu_nbd_procs() <= before
-    assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("dedupimg-qemu-nbd-")]
+    assert private_dirs() <= dirs
 
 
 def test_nbd_unix_and_tcp_sources_equal_the_raw_file(vrepo, tmp_path, nbd_server):
@@ -421,3 +429,30 @@ def test_changed_ranges_over_holes_zeros_and_data_equal_a_full_snapshot(vrepo, t
     assert inc.record.image_hash == full.record.image_hash == blake3.blake3(raw.read_bytes()).digest()
     assert inc.record.segments == full.record.segments
     assert inc.bytes_read <= sum(c["length"] for c in changes)
+
+
+def test_private_qemu_nbd_errors_and_ends_with_its_client(vrepo, tmp_path):
+    image = bitmap_image(tmp_path)
+    with pytest.raises(SourceError, match="qemu-nbd cannot open .* as qcow2: .*nosuch"):
+        take_snapshot(vrepo, str(image), changes=Changes("latest", dirty_bitmap="nosuch"))
+    broken = tmp_path / "broken.qcow2"
+    broken.write_bytes(image.read_bytes()[:512])
+    with pytest.raises(SourceError, match="qemu-nbd cannot open"):
+        take_snapshot(vrepo, str(broken))
+    assert vrepo.snapshots() == []
+    # qemu-nbd serves dedupimg's one connection and exits when it goes, even if dedupimg never stops it.
+    before = qemu_nbd_procs()
+    dirs = private_dirs()
+    src = open_image(str(image), "qcow2", None)
+    try:
+        started = qemu_nbd_procs() - before
+        assert len(started) == 1
+        src.client._sock.close()
+        for _ in range(500):
+            if not started & qemu_nbd_procs():
+                break
+            threading.Event().wait(0.01)
+        assert not started & qemu_nbd_procs()
+    finally:
+        src.close()
+    assert private_dirs() <= dirs
