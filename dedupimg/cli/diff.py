@@ -9,7 +9,7 @@ import typer
 from dedupimg.cli import render
 from dedupimg.cli.app import JsonOption, RepoOption, open_repo
 from dedupimg.cli.render import JSON_VERSION, exit_codes_help, human_bytes, plural, print_json, stdout
-from dedupimg.ops.diff import DiffReport, diff_snapshots
+from dedupimg.ops.diff import DiffReport, diff_refs
 
 
 def diff(
@@ -21,7 +21,7 @@ def diff(
 ) -> None:
     """Changed byte ranges from A to B (merged), bytes changed and the new data B stored; no data is read."""
     with open_repo(ctx) as repo:
-        report = diff_snapshots(repo, repo.resolve(first), repo.resolve(second))
+        report = diff_refs(repo, first, second)
     if json:
         print_json(_json(report))
         return

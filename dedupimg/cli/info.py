@@ -6,7 +6,7 @@ import typer
 
 from dedupimg.cli.app import JsonOption, RepoOption, open_repo
 from dedupimg.cli.render import JSON_VERSION, exit_codes_help, human_bytes, plural, print_json, stdout
-from dedupimg.ops.stats import snapshot_stats
+from dedupimg.ops.stats import repository_totals
 
 
 def info(
@@ -18,7 +18,7 @@ def info(
 
     'dedupimg stats' shows what each snapshot costs."""
     with open_repo(ctx) as repo:
-        report = snapshot_stats(repo, repo.snapshots(), each=False)
+        report = repository_totals(repo)
         config = repo.config
         location = repo.location
     t, whole = report.totals, report.repository

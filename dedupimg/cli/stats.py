@@ -28,8 +28,8 @@ from dedupimg.cli.render import (
     stdout,
     table,
 )
-from dedupimg.ops.selection import select_snapshots
-from dedupimg.ops.stats import SnapshotCost, StatsReport, Totals, snapshot_stats
+from dedupimg.ops.stats import SnapshotCost, StatsReport, Totals
+from dedupimg.ops.stats import stats as snapshot_costs
 
 
 def stats(
@@ -51,8 +51,7 @@ def stats(
     back in the packs. Totals count zeros apart from deduplication.
     """
     with open_repo(ctx) as repo:
-        records = select_snapshots(repo, snapshot_refs, snapshot_filter(name, host, tag))
-        report = snapshot_stats(repo, records)
+        report = snapshot_costs(repo, snapshot_refs, snapshot_filter(name, host, tag))
     if json:
         print_json(_json(report))
     else:

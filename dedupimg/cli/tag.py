@@ -9,8 +9,7 @@ import typer
 
 from dedupimg.cli.app import DryRunOption, JsonOption, LockWait, RepoOption, open_repo
 from dedupimg.cli.render import JSON_VERSION, exit_codes_help, plural, print_json, record_json, stdout
-from dedupimg.ops.selection import select_snapshots
-from dedupimg.ops.tag import tag_snapshots
+from dedupimg.ops.tag import tag_refs
 from dedupimg.store.lock import LockMode
 
 TagsOption = typer.Option(metavar="TAG[,TAG...]")
@@ -41,9 +40,8 @@ def tag(
     tombstoned in the same step, so a crash leaves one of the two listed, never both or neither.
     """
     with open_repo(ctx, LockMode.EXCLUSIVE, lock_wait) as repo:
-        records = select_snapshots(repo, snapshot_refs)
-        changes = tag_snapshots(repo, records, _split(add), _split(remove),
-                                None if set_to is None else _split(set_to), dry_run=dry_run)
+        changes = tag_refs(repo, snapshot_refs, _split(add), _split(remove),
+                           None if set_to is None else _split(set_to), dry_run=dry_run)
     changed = [c for c in changes if c.new is not None]
     if json:
         print_json({"version": JSON_VERSION, "dry_run": dry_run,

@@ -72,6 +72,11 @@ def diff_snapshots(repo: Repository, a: SnapshotRecord, b: SnapshotRecord) -> Di
                       sum(u.stored_len for u in usage))
 
 
+def diff_refs(repo: Repository, a: str, b: str) -> DiffReport:
+    """``dedupimg diff A B``: the snapshots the references name (ids, prefixes, NAME@latest), compared."""
+    return diff_snapshots(repo, repo.resolve(a), repo.resolve(b))
+
+
 def _placed(rec: SnapshotRecord) -> set[tuple[bytes, int]]:
     out, pos = set(), 0
     for sid, n in rec.segments:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.manifest import Segment, SnapshotRecord
+from dedupimg.core.retention import SnapshotFilter
+from dedupimg.ops.selection import select_snapshots
 from dedupimg.repo.repository import BlobUsage, Repository
 
 
@@ -147,3 +149,13 @@ def snapshot_stats(repo: Repository, records: list[SnapshotRecord], each: bool =
     )
     whole = repo.stats()
     return StatsReport(costs, totals, RepositorySize(whole.snapshots, whole.pack_bytes, whole.packs))
+
+
+def stats(repo: Repository, refs: list[str] | None = None, where: SnapshotFilter | None = None) -> StatsReport:
+    """``dedupimg stats``: the snapshots ``refs`` name (default: all) that ``where`` selects."""
+    return snapshot_stats(repo, select_snapshots(repo, refs, where))
+
+
+def repository_totals(repo: Repository) -> StatsReport:
+    """``dedupimg info``: the totals of every snapshot (no per-snapshot costs)."""
+    return snapshot_stats(repo, repo.snapshots(), each=False)

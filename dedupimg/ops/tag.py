@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from dedupimg.core.errors import UsageError
 from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.ops.selection import select_snapshots
 from dedupimg.repo.repository import Repository
 
 
@@ -57,3 +58,9 @@ def tag_snapshots(repo: Repository, records: list[SnapshotRecord], add: list[str
     if not dry_run:
         repo.replace_records([(c.old, c.new) for c in changes if c.new is not None])
     return changes
+
+
+def tag_refs(repo: Repository, refs: list[str], add: list[str], remove: list[str], set_to: list[str] | None = None,
+             dry_run: bool = False) -> list[TagChange]:
+    """``dedupimg tag``: the snapshots ``refs`` name (every reference must resolve), retagged."""
+    return tag_snapshots(repo, select_snapshots(repo, refs), add, remove, set_to, dry_run)
