@@ -120,6 +120,7 @@ class NbdClient:
         self.contexts: dict[int, str] = {}  # context id -> name, as the server agreed
         self._handle = 0
         self._inflight: dict[int, tuple[int, int]] = {}  # READs sent ahead: handle -> (offset, length)
+        self._interrupted = False
         self._where = str(address)
         while True:
             try:
@@ -357,7 +358,18 @@ class NbdClient:
                 raise SourceError(f"the NBD server at {self._where} closed the connection")
             got += n
 
+    def interrupt(self) -> None:
+        """Make a request waiting on the server fail at once (from another thread): the connection is shut."""
+        self._interrupted = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self) -> None:
+        if self._interrupted:
+            self._sock.close()
+            return
         try:
             self._sock.sendall(_REQ.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
         except OSError:

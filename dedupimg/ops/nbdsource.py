@@ -63,6 +63,9 @@ class NbdSource:
     def changes(self) -> str | None:
         return self._changes() if self._changes is not None else None
 
+    def interrupt(self) -> None:
+        self.client.interrupt()
+
     def close(self) -> None:
         try:
             self.client.close()

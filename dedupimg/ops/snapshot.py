@@ -292,6 +292,8 @@ class _Reader:
     def stop(self) -> None:
         self._stopped.set()
         self._pool.close()
+        if self._thread.is_alive():
+            self._src.interrupt()  # a read waiting on a stalled server gives up now
         self._thread.join()
 
 

@@ -71,6 +71,9 @@ class ImageSource(Protocol):
 
     def changes(self) -> str | None: ...
 
+    def interrupt(self) -> None:
+        """Make a read that is waiting give up (the snapshot is being stopped); called from another thread."""
+
     def close(self) -> None: ...
 
 
@@ -142,6 +145,9 @@ class Source:
     def close(self) -> None:
         if self.kind != "stdin":
             os.close(self.fd)
+
+    def interrupt(self) -> None:
+        """Nothing to do: file reads do not wait, and a stdin read polls ``stop``."""
 
     def regions(self) -> Iterator[Region]:
         if self.size is None:

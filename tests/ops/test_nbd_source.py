@@ -24,7 +24,7 @@ import blake3
 import pytest
 
 from dedupimg.core.config import ChunkerParams
-from dedupimg.core.errors import SourceError, UnchangedMismatch, UsageError
+from dedupimg.core.errors import Interrupted, SourceError, UnchangedMismatch, UsageError
 from dedupimg.ops.qemu import open_image
 from dedupimg.ops.restore import restore
 from dedupimg.ops.snapshot import Changes, SnapshotResult, take_snapshot
@@ -134,9 +134,11 @@ class Proxy:
     """A unix-socket proxy in front of an NBD server: counts the bytes the server sends and, with ``cut_after``,
     closes the connection once that many have passed (a server that goes away mid-snapshot)."""
 
-    def __init__(self, target: str, tmp: Path, cut_after: int | None = None) -> None:
+    def __init__(self, target: str, tmp: Path, cut_after: int | None = None, stall: bool = False) -> None:
         self.target = target
         self.cut_after = cut_after
+        self.stall = stall  # at cut_after: stop forwarding but keep the connection open
+        self.stalled = threading.Event()
         self.sent = 0
         self.path = str(tmp / "proxy.sock")
         self._listener = socket.socket(socket.AF_UNIX)
@@ -167,6 +169,9 @@ class Proxy:
                     if self.cut_after is not None and self.sent + len(data) > self.cut_after:
                         dst.sendall(data[: self.cut_after - self.sent])
                         self.sent = self.cut_after
+                        if self.stall:
+                            self.stalled.set()
+                            return  # the client waits for the rest
                         break
                     self.sent += len(data)
                 dst.sendall(data)
@@ -181,6 +186,10 @@ class Proxy:
     def close(self) -> None:
         self._listener.close()
         for s in self._conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # (close alone does not wake a thread blocked in recv)
+            except OSError:
+                pass
             s.close()
 
 
@@ -188,8 +197,8 @@ class Proxy:
 def proxy(tmp_path: Path) -> Iterator:
     made: list[Proxy] = []
 
-    def make(target: str, cut_after: int | None = None) -> Proxy:
-        p = Proxy(target, tmp_path, cut_after)
+    def make(target: str, cut_after: int | None = None, stall: bool = False) -> Proxy:
+        p = Proxy(target, tmp_path, cut_after, stall)
         made.append(p)
         return p
 
@@ -298,6 +307,35 @@ def test_a_server_that_disconnects_mid_snapshot_is_a_clean_error(vrepo, tmp_path
         take_snapshot(vrepo, cut.uri(), name="vm")
     assert vrepo.snapshots() == []
     assert cut.sent == 3 * MiB
+
+
+def test_an_interrupted_snapshot_does_not_wait_for_a_stalled_server(vrepo, tmp_path, nbd_server, proxy):
+    image = make_qcow2(tmp_path / "disk.qcow2")
+    server = nbd_server(image)
+    stalled = proxy(server.socket, cut_after=3 * MiB, stall=True)
+    rescued = threading.Event()
+
+    def interrupt_when_stalled() -> None:
+        stalled.stalled.wait(30)
+        os.kill(os.getpid(), signal.SIGUSR1)  # as SIGINT reaches the CLI: Interrupted in the main thread
+        if not done.wait(30):  # still waiting: unblock the client so the test fails instead of hanging
+            rescued.set()
+            stalled.close()
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise Interrupted("interrupted by SIGUSR1")
+
+    done = threading.Event()
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    threading.Thread(target=interrupt_when_stalled, daemon=True).start()
+    try:
+        with pytest.raises(Interrupted):
+            take_snapshot(vrepo, stalled.uri(), name="vm")
+    finally:
+        done.set()
+        signal.signal(signal.SIGUSR1, previous)
+    assert not rescued.is_set()
+    assert vrepo.snapshots() == []
 
 
 def test_nbd_addresses_and_refusals(vrepo, tmp_path):
