@@ -17,7 +17,9 @@ from pathlib import Path
 import blake3
 import pytest
 
-from tests.helpers import ROOT, cli_env, fails, ok, run_cli
+from dedupimg.ops.snapshot import take_snapshot
+from tests.helpers import ROOT, cli_env, det_bytes, fails, ok, run_cli, small_repo, text_bytes, write_sparse
+from tests.integration.support import start, stop
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +139,24 @@ def test_example_script_rotates_bitmaps_offline(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "restored bit-exact" in proc.stdout and "3 snapshots" in proc.stdout
+
+
+def test_a_snapshot_served_by_dedupimg_serve_snapshots_to_the_same_manifest(tmp_path):
+    """The NBD client against the project's own server (structured replies, block status from extents): a
+    snapshot of a served snapshot, into the same repository, is the same image with the same segments."""
+    image = tmp_path / "disk.img"
+    write_sparse(image, 12 * MiB, [(0, text_bytes(1, 3 * MiB)), (5 * MiB, det_bytes(2, 2 * MiB)),
+                                   (11 * MiB, det_bytes(3, 4096))])
+    repo = small_repo(tmp_path / "repo", avg=4096)
+    try:
+        first = take_snapshot(repo, str(image), name="disk")
+        running = start(repo, [first.record.hex_id])
+        try:
+            again = take_snapshot(repo, f"nbd://127.0.0.1:{running.port}/{first.record.hex_id}", name="disk")
+        finally:
+            stop(running)
+        assert again.record.image_hash == first.record.image_hash
+        assert again.record.segments == first.record.segments
+        assert again.chunks_new == 0 and again.bytes_read == first.bytes_read
+    finally:
+        repo.close()
