@@ -47,7 +47,7 @@ from pyfastcdc import FastCDC
 from dedupimg.core.chunker import Batch
 from dedupimg.core.config import ChunkerParams
 from dedupimg.core.errors import UnchangedMismatch, UsageError
-from dedupimg.core.extents import ExtentMap
+from dedupimg.core.extents import Extent, ExtentMap
 from dedupimg.core.manifest import Segment, SnapshotRecord
 from dedupimg.core.zeros import is_zero
 from dedupimg.ops.source import ImageSource, ReadCancelled
@@ -149,18 +149,9 @@ class Plan:
         self._chunk_id = chunk_id
         self._verify = verify / 100.0
         self._rng = random.Random()
-        self.offsets: list[int] = []
-        self.lengths: list[int] = []
-        self.ids: list[bytes | None] = []
-        pos = 0
-        for _, segment in ExtentMap(parent, load).walk():
-            for length, id_ in segment.extents():
-                self.offsets.append(pos)
-                self.lengths.append(length)
-                self.ids.append(id_)
-                pos += length
-        self._boundaries = set(self.offsets)
-        self._boundaries.add(pos)
+        # The parent's extents by offset (two bisections, recent segments cached): nothing is held per extent,
+        # so a 1 TiB parent costs what a few segments do.
+        self._parent = ExtentMap(parent, load)
         self.bytes_read = 0
         self.bytes_verified = 0
 
@@ -193,30 +184,43 @@ class Plan:
             while pos < end:
                 if stop.is_set():
                     raise ReadCancelled
-                if pos in self._boundaries:
+                if self._is_cut(pos):
                     took = yield from self._reuse(src, pos, end)
                     if took > pos:
                         pos = took
                         continue
                 pos = yield from self._read_window(src, pos, end, stop)
 
+    def _is_cut(self, pos: int) -> bool:
+        """Whether ``pos`` is an extent boundary of the parent (its end included)."""
+        if pos >= self.parent.size:
+            return pos == self.parent.size
+        found = self._parent.extents(pos, 1)
+        return bool(found) and found[0].offset == pos
+
+    def _extents(self, pos: int, end: int) -> Iterator[Extent]:
+        """The parent's extents from the one holding ``pos`` until one reaches ``end``, fetched a step at a time."""
+        while pos < end:
+            found = self._parent.extents(pos, min(end - pos, REUSE_BATCH))
+            if not found:
+                return
+            yield from found
+            pos = found[-1].offset + found[-1].length
+
     def _reuse(self, src: ImageSource, pos: int, end: int) -> Generator[int | Reused, None, int]:
-        """The parent's extents from ``pos`` that end by the next changed byte and by ``end``; returns where
-        they end (``pos`` if none fits)."""
+        """The parent's extents from ``pos`` (one of its cuts) that end by the next change and by ``end``;
+        returns where they end (``pos`` if none fits)."""
         nxt = self._next_change(pos)
         limit = min(end, nxt[0] if nxt is not None else end)
-        i = bisect.bisect_left(self.offsets, pos)
         lengths: list[int] = []
         ids: list[bytes] = []
         batch = 0
-        while i < len(self.offsets) and pos < limit:
-            length, id_ = self.lengths[i], self.ids[i]
+        for ext in self._extents(pos, limit):
+            length, id_ = ext.length, ext.id
             if id_ is None:
                 # Zeros may be cut at the region's end: a full snapshot's chunks of them are zeros up to it.
                 length = min(length, end - pos)
-                if pos + length > limit:
-                    break
-            elif pos + length > limit:
+            if pos + length > limit:
                 break
             self._check(src, pos, length, id_)
             if id_ is None:
@@ -232,8 +236,7 @@ class Plan:
                     yield Reused(lengths, ids)
                     lengths, ids, batch = [], [], 0
             pos += length
-            i += 1
-            if pos not in self._boundaries:  # a zero extent cut at the region's end
+            if length != ext.length:  # a zero extent cut at the region's end
                 break
         if lengths:
             yield Reused(lengths, ids)
@@ -283,7 +286,7 @@ class Plan:
                 if c < t:
                     continue
                 t = self._changes_end(c, c + self._max)
-                if c >= t and c in self._boundaries:
+                if c >= t and self._is_cut(c):
                     yield Batch(buf, cuts[: k + 1])
                     return c
             if eof:
@@ -313,25 +316,18 @@ class Plan:
     def _parent_into(self, offset: int, out: memoryview) -> None:
         """The parent image's bytes at ``offset``, from its chunks (zeros for its zero extents)."""
         end = offset + len(out)
-        i = bisect.bisect_right(self.offsets, offset) - 1
-        first = i
-        wanted = []
-        while i < len(self.offsets) and self.offsets[i] < end:
-            id_ = self.ids[i]
-            if id_ is not None and id_ not in self._cache:
-                wanted.append(id_)
-            i += 1
+        found = self._parent.extents(offset, len(out))
+        wanted = [e.id for e in found if e.id is not None and e.id not in self._cache]
         if wanted:
             for id_, data in zip(wanted, self._read_blobs(wanted), strict=True):
                 self._cache[id_] = data
-        for j in range(first, i):
-            lo, hi = max(offset, self.offsets[j]), min(end, self.offsets[j] + self.lengths[j])
-            id_ = self.ids[j]
-            if id_ is None:
+        for ext in found:
+            lo, hi = max(offset, ext.offset), min(end, ext.offset + ext.length)
+            if ext.id is None:
                 out[lo - offset : hi - offset] = bytes(hi - lo)
             else:
-                data = self._cache[id_]
-                self._cache.move_to_end(id_)
-                out[lo - offset : hi - offset] = data[lo - self.offsets[j] : hi - self.offsets[j]]
+                data = self._cache[ext.id]
+                self._cache.move_to_end(ext.id)
+                out[lo - offset : hi - offset] = data[lo - ext.offset : hi - ext.offset]
         while len(self._cache) > PARENT_CACHE:
             self._cache.popitem(last=False)
