@@ -155,6 +155,9 @@ def open_source(spec: str, name: str | None, source_format: str = "auto", bitmap
     """The source ``spec`` names: an NBD URI, an image qemu reads (through a private qemu-nbd), or a file,
     device or stdin."""
     source_format = check_format(source_format)
+    if source_format not in ("auto", "raw") and (spec == "-" or is_nbd_uri(spec)):
+        raise UsageError(f"--source-format {source_format} is for image files: standard input and NBD exports "
+                         f"are read as raw disks")
     if is_nbd_uri(spec):
         address = parse_uri(spec)
         if not (name or address.export):

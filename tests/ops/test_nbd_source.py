@@ -297,6 +297,8 @@ def test_source_format_raw_stores_the_container_bytes(vrepo, tmp_path):
     assert result.record.image_hash == blake3.blake3(image.read_bytes()).digest()
     with pytest.raises(UsageError, match="--source-format"):
         take_snapshot(vrepo, str(image), source_format="qcow3")
+    with pytest.raises(UsageError, match="are read as raw disks"):
+        take_snapshot(vrepo, "nbd://127.0.0.1/vm", source_format="qcow2")
 
 
 def test_a_server_that_disconnects_mid_snapshot_is_a_clean_error(vrepo, tmp_path, nbd_server, proxy):
