@@ -243,13 +243,23 @@ class Plan:
         return pos
 
     def _check(self, src: ImageSource, pos: int, length: int, id_: bytes | None) -> None:
-        """With ``verify``: sometimes re-read a reused extent and compare it with the parent's."""
-        if not self._verify or self._rng.random() >= self._verify:
+        """With ``verify``: re-read that share of the reused extents and compare them with the parent's. A chunk
+        is read whole with that probability; a zero run (of any length) in slices of a maximum chunk, that
+        share of them, chosen at random."""
+        if not self._verify:
             return
-        if id_ is None:  # a slice of a zero run is enough to catch data where the parent had zeros
-            n = min(length, self._max)
-            pos += self._rng.randrange(0, length - n + 1)
-            length = n
+        if id_ is not None:
+            if self._rng.random() < self._verify:
+                self._compare(src, pos, length, id_)
+            return
+        slices = -(-length // self._max)
+        share = slices * self._verify
+        count = int(share) + (self._rng.random() < share - int(share))
+        for k in sorted(self._rng.sample(range(slices), min(count, slices))):
+            start = pos + k * self._max
+            self._compare(src, start, min(self._max, pos + length - start), None)
+
+    def _compare(self, src: ImageSource, pos: int, length: int, id_: bytes | None) -> None:
         buf = bytearray(length)
         src.read_at(pos, memoryview(buf))
         self.bytes_verified += length
