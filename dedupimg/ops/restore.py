@@ -4,8 +4,8 @@ A full restore reads through the repository's read pool (repo/readpool.py): work
 decompress and verify runs of chunks into a shared arena ahead of the writer, and this process writes the
 arena's bytes with large positional vectored writes (files and devices, on writer threads; standard output
 in order) and hashes the whole image on its own thread. Where there is no pool (a remote repository: see
-_restore_into; an in-memory store; DEDUPIMG_READ_WORKERS=0) threads of this process read instead. Written ranges are handed to the kernel's
-writeback at once, so the final fdatasync has little left to do.
+_restore_into; an in-memory store; DEDUPIMG_READ_WORKERS=0) threads of this process read instead. Written
+ranges are handed to the kernel's writeback at once, so the final fdatasync has little left to do.
 
 ``delta`` updates an existing target in place: each chunk's range is read from the target and hashed, and
 only chunks whose hash differs are fetched, and only their 4 KiB blocks that differ written.

@@ -22,9 +22,7 @@ from typing import Any
 
 from dedupimg.core.buffers import PoolClosed
 from dedupimg.core.chunker import Batch, Chunker
-from dedupimg.core.codecs import Compressor
 from dedupimg.core.errors import UsageError
-from dedupimg.core.ids import CHUNK
 from dedupimg.core.imagehash import ImageHasher
 from dedupimg.core.manifest import Segment, SegmentBuilder, SnapshotRecord, chunker_dict
 from dedupimg.core.nbdclient import is_nbd_uri, parse_uri
@@ -35,7 +33,7 @@ from dedupimg.ops.changed import Plan, Reused, check_parent, load_changed_ranges
 from dedupimg.ops.nbdsource import NbdSource
 from dedupimg.ops.qemu import check_format, detect_format, open_image
 from dedupimg.ops.source import ImageSource, ReadCancelled, Source
-from dedupimg.repo.repository import BlobWriter, Repository
+from dedupimg.repo.repository import BlobWriter, EncodedBlob, Repository
 
 WORKERS = worker_count()
 AHEAD = 3  # batches hashed ahead of the one being stored
@@ -315,7 +313,7 @@ class _Planned:
     batch: Batch | int | Reused  # int: a hole of that length
     ids: list[bytes | None]
     new: list[tuple[bytes, int, int]]  # (id, start, end) of chunks to store
-    encoded: list[Future[list[tuple[int, bytes]]]]
+    encoded: list[Future[list[EncodedBlob]]]
 
 
 class _Store:
@@ -328,7 +326,6 @@ class _Store:
     def __init__(self, repo: Repository, writer: BlobWriter, progress: Progress) -> None:
         self._writer = writer
         self._progress = progress
-        self._compressor = Compressor(repo.config.compression_level)
         self._chunk_id = repo.chunk_id
         self._read_blobs = repo.read_blobs
         self._in_flight: set[bytes] = set()
@@ -382,10 +379,9 @@ class _Store:
                 builder.add_chunk(length, id_)
             self._advance(p.batch.length)
             return
-        encoded = [enc for f in p.encoded for enc in f.result()]
-        for (id_, s, e), (codec, stored) in zip(p.new, encoded, strict=True):
-            self._writer.add_encoded(CHUNK, id_, codec, stored, e - s)
-            self._in_flight.discard(id_)
+        for blob in (blob for f in p.encoded for blob in f.result()):
+            self._writer.add_encoded_chunk(blob)
+            self._in_flight.discard(blob.id)
         for (s, e), cid in zip(p.batch.cuts, p.ids, strict=True):
             if cid is None:
                 builder.add_zero(e - s)
@@ -407,12 +403,12 @@ class _Store:
         return new
 
     def _compress(self, new: list[tuple[bytes, int, int]], view: memoryview,
-                  pool: ThreadPoolExecutor) -> list[Future[list[tuple[int, bytes]]]]:
-        """Compress on the pool in a few large tasks (one task per chunk would cost more than zstd)."""
-        encode = self._compressor.encode
+                  pool: ThreadPoolExecutor) -> list[Future[list[EncodedBlob]]]:
+        """Compress (and seal) on the pool in a few large tasks (one task per chunk would cost more than zstd)."""
+        encode = self._writer.encode_chunk
 
-        def work(part: list[tuple[bytes, int, int]]) -> list[tuple[int, bytes]]:
-            return [encode(view[s:e]) for _, s, e in part]
+        def work(part: list[tuple[bytes, int, int]]) -> list[EncodedBlob]:
+            return [encode(id_, view[s:e]) for id_, s, e in part]
 
         if not new:
             return []

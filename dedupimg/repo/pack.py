@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import msgpack
 
@@ -207,6 +208,17 @@ class SealedFormat(BlobFormat):
         return self.aead.open(data, ad, what)
 
 
+class EncodedBlob(NamedTuple):
+    """A blob as its pack stores it (:meth:`BlobFormat.encode`'s pieces), ready for :meth:`PackWriter.add_encoded`."""
+
+    type: int
+    id: bytes
+    codec: int
+    raw_len: int
+    pieces: list[bytes]
+    stored_len: int
+
+
 class PackWriter:
     """Lays out a pack in a store's object writer; ``finish`` makes it a durable, named pack.
 
@@ -233,13 +245,18 @@ class PackWriter:
 
     def add(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> BlobEntry:
         pieces, stored_len = self._fmt.encode(type_, id_, codec, stored, raw_len)
-        entry = BlobEntry(type_, codec, self._offset, raw_len, stored_len, id_)
-        for piece in pieces:
-            self._out.write(piece)
-        self._offset += BLOB_HEADER.size + stored_len
-        self.entries.append(entry)
+        entry = self.add_encoded(EncodedBlob(type_, id_, codec, raw_len, pieces, stored_len))
         if type_ != CHUNK:
             self.metadata[id_] = (codec, bytes(stored))
+        return entry
+
+    def add_encoded(self, blob: EncodedBlob) -> BlobEntry:
+        """Append a blob its format has encoded already (a chunk: metadata blobs go through :meth:`add`)."""
+        entry = BlobEntry(blob.type, blob.codec, self._offset, blob.raw_len, blob.stored_len, blob.id)
+        for piece in blob.pieces:
+            self._out.write(piece)
+        self._offset += BLOB_HEADER.size + blob.stored_len
+        self.entries.append(entry)
         return entry
 
     def finish(self) -> tuple[bytes, int]:

@@ -41,6 +41,7 @@ from dedupimg.core.progress import Progress
 from dedupimg.repo import audit as audit_mod
 from dedupimg.repo import compaction, indexobjects, keys, pack, readpool
 from dedupimg.repo.index import DATA_FILE, BlobLocation, Index, NewSegment, NewSnapshot, SealedPack, SyncReport
+from dedupimg.repo.pack import EncodedBlob
 from dedupimg.repo.readpool import Landed, ReadPool
 from dedupimg.store import Store, location_spec, open_store
 from dedupimg.store.lock import LockMode
@@ -876,19 +877,39 @@ class BlobWriter:
         if id_ in self._pending:
             return  # the same blob twice in one pack: compress and store it once
         codec, stored = self._compressor.encode(raw)
-        self.add_encoded(type_, id_, codec, stored, len(raw))
+        writer = self._pack_for(id_)
+        if writer is not None:
+            writer.add(type_, id_, codec, stored, len(raw))
+            self._added(type_, id_, len(raw))
 
-    def add_encoded(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> None:
+    def encode_chunk(self, id_: bytes, raw: bytes | bytearray | memoryview) -> EncodedBlob:
+        """The chunk compressed and sealed as its pack will store it, for :meth:`add_encoded_chunk`; safe on
+        any thread. A snapshot encodes on its pool beside the writing thread: AES-GCM holds the GIL, and
+        sealing on the writing thread had cost an encrypted first snapshot 7% (2 GiB vm v1, medians of 3,
+        2026-11-26 15:41 UTC: 5.48 s sealed there, 5.14 s on the pool; unencrypted 4.75 / 4.63 s)."""
+        codec, stored = self._compressor.encode(raw)
+        pieces, stored_len = self._repo.blobs.encode(pack.CHUNK, id_, codec, stored, len(raw))
+        return EncodedBlob(pack.CHUNK, id_, codec, len(raw), pieces, stored_len)
+
+    def add_encoded_chunk(self, blob: EncodedBlob) -> None:
+        writer = self._pack_for(blob.id)
+        if writer is not None:
+            writer.add_encoded(blob)
+            self._added(pack.CHUNK, blob.id, blob.raw_len)
+
+    def _pack_for(self, id_: bytes) -> pack.PackWriter | None:
+        """The open pack the blob ``id_`` goes to; None when a pack not yet indexed has it already."""
         if id_ in self._pending:
-            return
+            return None
         if self._pack is not None and self._pack.size >= self._repo.config.pack_size:
             # A full pack is committed only here, before the next blob goes in, never right after an add:
             # so the blob added last (a snapshot record) is always in the open pack when commit_snapshot
             # commits that pack together with the record's listing (the bug of issue 11 §1 was a flush
             # after the record's add, which committed the record's pack without its listing).
             self._commit_open_pack(None)
-        writer = self._open_pack()
-        writer.add(type_, id_, codec, stored, raw_len)
+        return self._open_pack()
+
+    def _added(self, type_: int, id_: bytes, raw_len: int) -> None:
         self._pending.add(id_)
         if type_ == pack.CHUNK:
             self.new_chunks += 1
