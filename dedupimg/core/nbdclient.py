@@ -21,48 +21,39 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from dedupimg.core.errors import SourceError, UsageError
+from dedupimg.core.nbdproto import (
+    DEFAULT_PORT,
+    IHAVEOPT,
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_DISC,
+    NBD_CMD_READ,
+    NBD_FLAG_FIXED_NEWSTYLE,
+    NBD_FLAG_NO_ZEROES,
+    NBD_INFO_EXPORT,
+    NBD_OPT_GO,
+    NBD_OPT_SET_META_CONTEXT,
+    NBD_OPT_STRUCTURED_REPLY,
+    NBD_REP_ACK,
+    NBD_REP_FLAG_ERROR,
+    NBD_REP_INFO,
+    NBD_REP_MAGIC,
+    NBD_REP_META_CONTEXT,
+    NBD_REPLY_FLAG_DONE,
+    NBD_REPLY_TYPE_BLOCK_STATUS,
+    NBD_REPLY_TYPE_ERROR_BIT,
+    NBD_REPLY_TYPE_OFFSET_DATA,
+    NBD_REPLY_TYPE_OFFSET_HOLE,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
+    NBDMAGIC,
+    REQUEST,
+    SIMPLE_REPLY,
+)
 
-DEFAULT_PORT = 10809
-
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REP_MAGIC = 0x0003E889045565A9
-FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-
-OPT_ABORT = 2
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_SET_META_CONTEXT = 10
-REP_ACK = 1
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR = 1 << 31
-INFO_EXPORT = 0
-
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-CMD_READ = 0
-CMD_DISC = 2
-CMD_BLOCK_STATUS = 7
-REPLY_FLAG_DONE = 1 << 0
-REPLY_NONE = 0
-REPLY_OFFSET_DATA = 1
-REPLY_OFFSET_HOLE = 2
-REPLY_BLOCK_STATUS = 5
-REPLY_ERROR_BIT = 1 << 15
-
-BASE_ALLOCATION = "base:allocation"
-STATE_ZERO = 1 << 1  # base:allocation: the range reads as zeros
-STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:NAME: the range changed since the bitmap was started
-
-MAX_REQUEST = 32 << 20  # the largest READ every server must accept (proto.md)
 READ_PIECE = 2 << 20  # a large read is split into requests of this size, all in flight together
 STATUS_SPAN = 1 << 30  # BLOCK_STATUS asks about this much at a time (servers may answer less)
 
-_REQ = struct.Struct(">IHHQQI")
-_SIMPLE = struct.Struct(">IIQ")  # magic, error, handle
 _STRUCT_REST = struct.Struct(">HHQI")  # flags, type, handle, length (after the magic)
 
 
@@ -158,22 +149,22 @@ class NbdClient:
 
     def _handshake(self, contexts: list[str]) -> None:
         magic, opt_magic, hflags = struct.unpack(">QQH", self._recv_exact(18))
-        if magic != NBDMAGIC or opt_magic != IHAVEOPT or not hflags & FLAG_FIXED_NEWSTYLE:
+        if magic != NBDMAGIC or opt_magic != IHAVEOPT or not hflags & NBD_FLAG_FIXED_NEWSTYLE:
             raise SourceError(f"{self._where} is not an NBD server speaking the fixed newstyle protocol")
-        self._no_zeroes = bool(hflags & FLAG_NO_ZEROES)
-        self._sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (FLAG_NO_ZEROES if self._no_zeroes else 0)))
-        self.structured = self._simple_option(OPT_STRUCTURED_REPLY, b"")
+        self._no_zeroes = bool(hflags & NBD_FLAG_NO_ZEROES)
+        self._sock.sendall(struct.pack(">I", NBD_FLAG_FIXED_NEWSTYLE | (NBD_FLAG_NO_ZEROES if self._no_zeroes else 0)))
+        self.structured = self._simple_option(NBD_OPT_STRUCTURED_REPLY, b"")
         if contexts and self.structured:  # (the caller sees which contexts it got in ``contexts``)
             self._set_meta_context(contexts)
         name = self.address.export.encode()
-        self._send_option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        self._send_option(NBD_OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
         while True:
-            rtype, data = self._option_reply(OPT_GO)
-            if rtype == REP_ACK:
+            rtype, data = self._option_reply(NBD_OPT_GO)
+            if rtype == NBD_REP_ACK:
                 break
-            if rtype == REP_INFO and len(data) >= 12 and struct.unpack(">H", data[:2])[0] == INFO_EXPORT:
+            if rtype == NBD_REP_INFO and len(data) >= 12 and struct.unpack(">H", data[:2])[0] == NBD_INFO_EXPORT:
                 self.size, self.flags = struct.unpack(">QH", data[2:12])
-            elif rtype & REP_ERR:
+            elif rtype & NBD_REP_FLAG_ERROR:
                 raise SourceError(f"the NBD server at {self._where} refused export "
                                   f"{self.address.export!r}: {_reply_text(rtype, data)}")
         self._sock.settimeout(None)
@@ -183,28 +174,28 @@ class NbdClient:
         body = struct.pack(">I", len(name)) + name + struct.pack(">I", len(contexts))
         for c in contexts:
             body += struct.pack(">I", len(c.encode())) + c.encode()
-        self._send_option(OPT_SET_META_CONTEXT, body)
+        self._send_option(NBD_OPT_SET_META_CONTEXT, body)
         while True:
-            rtype, data = self._option_reply(OPT_SET_META_CONTEXT)
-            if rtype == REP_ACK:
+            rtype, data = self._option_reply(NBD_OPT_SET_META_CONTEXT)
+            if rtype == NBD_REP_ACK:
                 break
-            if rtype == REP_META_CONTEXT and len(data) >= 4:
+            if rtype == NBD_REP_META_CONTEXT and len(data) >= 4:
                 self.contexts[struct.unpack(">I", data[:4])[0]] = data[4:].decode(errors="replace")
-            elif rtype & REP_ERR:
+            elif rtype & NBD_REP_FLAG_ERROR:
                 raise SourceError(f"the NBD server at {self._where} refused metadata contexts "
                                   f"{', '.join(contexts)}: {_reply_text(rtype, data)}")
 
     def _simple_option(self, option: int, body: bytes) -> bool:
         self._send_option(option, body)
         rtype, _ = self._option_reply(option)
-        return rtype == REP_ACK
+        return rtype == NBD_REP_ACK
 
     def _send_option(self, option: int, body: bytes) -> None:
         self._sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(body)) + body)
 
     def _option_reply(self, option: int) -> tuple[int, bytes]:
         magic, opt, rtype, length = struct.unpack(">QIII", self._recv_exact(20))
-        if magic != REP_MAGIC or opt != option or length > 1 << 20:
+        if magic != NBD_REP_MAGIC or opt != option or length > 1 << 20:
             raise SourceError(f"the NBD server at {self._where} sent a malformed option reply")
         return rtype, self._recv_exact(length)
 
@@ -215,7 +206,7 @@ class NbdClient:
 
     def _request(self, cmd: int, offset: int, length: int) -> int:
         self._handle += 1
-        self._send(_REQ.pack(REQUEST_MAGIC, 0, cmd, self._handle, offset, length))
+        self._send(REQUEST.pack(NBD_REQUEST_MAGIC, 0, cmd, self._handle, offset, length))
         return self._handle
 
     def _send(self, data: bytes) -> None:
@@ -230,7 +221,7 @@ class NbdClient:
         end = offset + length
         while offset < end:
             n = min(READ_PIECE, end - offset)
-            self._inflight[self._request(CMD_READ, offset, n)] = (offset, n)
+            self._inflight[self._request(NBD_CMD_READ, offset, n)] = (offset, n)
             offset += n
 
     def read_into(self, offset: int, out: memoryview) -> None:
@@ -249,8 +240,8 @@ class NbdClient:
 
     def _read_reply(self, pending: dict[int, tuple[int, memoryview]]) -> None:
         magic = struct.unpack(">I", self._recv_exact(4))[0]
-        if magic == SIMPLE_REPLY_MAGIC:
-            _, error, handle = _SIMPLE.unpack(struct.pack(">I", magic) + self._recv_exact(12))
+        if magic == NBD_SIMPLE_REPLY_MAGIC:
+            _, error, handle = SIMPLE_REPLY.unpack(struct.pack(">I", magic) + self._recv_exact(12))
             start, view = self._pending(pending, handle)
             if error:
                 del pending[handle]
@@ -259,27 +250,27 @@ class NbdClient:
             self._recv_into(view)
             del pending[handle]
             return
-        if magic != STRUCTURED_REPLY_MAGIC:
+        if magic != NBD_STRUCTURED_REPLY_MAGIC:
             raise SourceError(f"the NBD server at {self._where} sent a malformed reply")
         flags, rtype, handle, length = _STRUCT_REST.unpack(self._recv_exact(16))
         start, view = self._pending(pending, handle)
-        if rtype == REPLY_OFFSET_DATA:
+        if rtype == NBD_REPLY_TYPE_OFFSET_DATA:
             at = struct.unpack(">Q", self._recv_exact(8))[0] - start
             if at < 0 or at + length - 8 > len(view):
                 raise SourceError(f"the NBD server at {self._where} sent data outside the range asked for")
             self._recv_into(view[at : at + length - 8])
-        elif rtype == REPLY_OFFSET_HOLE:
+        elif rtype == NBD_REPLY_TYPE_OFFSET_HOLE:
             hole_at, hole_len = struct.unpack(">QI", self._recv_exact(12))
             at = hole_at - start
             if at < 0 or at + hole_len > len(view):
                 raise SourceError(f"the NBD server at {self._where} sent a hole outside the range asked for")
             view[at : at + hole_len] = bytes(hole_len)
-        elif rtype & REPLY_ERROR_BIT:
+        elif rtype & NBD_REPLY_TYPE_ERROR_BIT:
             raise SourceError(f"the NBD server at {self._where} failed a read at offset {start}: "
                               f"{_error_text(self._recv_exact(length))}")
         else:
             self._recv_exact(length)
-        if flags & REPLY_FLAG_DONE:
+        if flags & NBD_REPLY_FLAG_DONE:
             del pending[handle]
 
     def _pending(self, pending: dict[int, tuple[int, memoryview]], handle: int) -> tuple[int, memoryview]:
@@ -291,28 +282,28 @@ class NbdClient:
         """``{context name: [(length, flags), ...]}`` from ``offset``, covering at most ``length`` bytes (a
         server may answer for less; each context's list starts at ``offset``)."""
         assert not self._inflight, "block status with reads in flight"
-        handle = self._request(CMD_BLOCK_STATUS, offset, min(length, 0xFFFFFFFF))
+        handle = self._request(NBD_CMD_BLOCK_STATUS, offset, min(length, 0xFFFFFFFF))
         out: dict[str, list[tuple[int, int]]] = {}
         while True:
             magic = struct.unpack(">I", self._recv_exact(4))[0]
-            if magic == SIMPLE_REPLY_MAGIC:
-                _, error, _ = _SIMPLE.unpack(struct.pack(">I", magic) + self._recv_exact(12))
+            if magic == NBD_SIMPLE_REPLY_MAGIC:
+                _, error, _ = SIMPLE_REPLY.unpack(struct.pack(">I", magic) + self._recv_exact(12))
                 raise SourceError(f"the NBD server at {self._where} failed a block status request at offset "
                                   f"{offset}: error {error}")
-            if magic != STRUCTURED_REPLY_MAGIC:
+            if magic != NBD_STRUCTURED_REPLY_MAGIC:
                 raise SourceError(f"the NBD server at {self._where} sent a malformed reply")
             flags, rtype, got, n = _STRUCT_REST.unpack(self._recv_exact(16))
             data = self._recv_exact(n)
             if got != handle:
                 raise SourceError(f"the NBD server at {self._where} answered a request never made")
-            if rtype == REPLY_BLOCK_STATUS and n >= 4:
+            if rtype == NBD_REPLY_TYPE_BLOCK_STATUS and n >= 4:
                 cid = struct.unpack(">I", data[:4])[0]
                 out[self.contexts.get(cid, str(cid))] = [
                     struct.unpack(">II", data[i : i + 8]) for i in range(4, n - 7, 8)]
-            elif rtype & REPLY_ERROR_BIT:
+            elif rtype & NBD_REPLY_TYPE_ERROR_BIT:
                 raise SourceError(f"the NBD server at {self._where} failed a block status request at offset "
                                   f"{offset}: {_error_text(data)}")
-            if flags & REPLY_FLAG_DONE:
+            if flags & NBD_REPLY_FLAG_DONE:
                 return out
 
     def extents(self, context: str, offset: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
@@ -371,7 +362,7 @@ class NbdClient:
             self._sock.close()
             return
         try:
-            self._sock.sendall(_REQ.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+            self._sock.sendall(REQUEST.pack(NBD_REQUEST_MAGIC, 0, NBD_CMD_DISC, 0, 0, 0))
         except OSError:
             pass
         self._sock.close()
@@ -379,7 +370,7 @@ class NbdClient:
 
 def _reply_text(rtype: int, data: bytes) -> str:
     text = data.decode(errors="replace").strip()
-    return text or f"error {rtype & ~REP_ERR}"
+    return text or f"error {rtype & ~NBD_REP_FLAG_ERROR}"
 
 
 def _error_text(data: bytes) -> str:

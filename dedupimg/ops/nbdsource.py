@@ -12,7 +12,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 from dedupimg.core.errors import SourceError
-from dedupimg.core.nbdclient import BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO, Address, NbdClient
+from dedupimg.core.nbdclient import Address, NbdClient
+from dedupimg.core.nbdproto import BASE_ALLOCATION, NBD_STATE_DIRTY, NBD_STATE_ZERO
 from dedupimg.ops.source import ReadCancelled, Region
 
 DIRTY_BITMAP = "qemu:dirty-bitmap:"
@@ -46,12 +47,12 @@ class NbdSource:
             yield Region(0, self.client.size, True)
             return
         for offset, length, flags in self.client.extents(BASE_ALLOCATION):
-            yield Region(offset, length, not flags & STATE_ZERO)
+            yield Region(offset, length, not flags & NBD_STATE_ZERO)
 
     def dirty_ranges(self) -> list[tuple[int, int]]:
         """``(offset, length)`` of every range the dirty bitmap marks as changed."""
         assert self.bitmap is not None
-        return [(o, n) for o, n, f in self.client.extents(DIRTY_BITMAP + self.bitmap) if f & STATE_DIRTY]
+        return [(o, n) for o, n, f in self.client.extents(DIRTY_BITMAP + self.bitmap) if f & NBD_STATE_DIRTY]
 
     def reader(self, region: Region, stop: threading.Event | None = None) -> NbdReader:
         assert region.length is not None

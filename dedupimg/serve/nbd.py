@@ -27,18 +27,81 @@ from dataclasses import dataclass
 
 from dedupimg.core.errors import DedupimgError, IntegrityError, Interrupted, ListenError, SnapshotNotFound, UsageError
 from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.core.nbdproto import (
+    BASE_ALLOCATION,
+    CHUNK,
+    DEFAULT_PORT,
+    GREETING,
+    IHAVEOPT,
+    MAX_REQUEST,
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_DISC,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLAG_REQ_ONE,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_EINVAL,
+    NBD_EIO,
+    NBD_EPERM,
+    NBD_FLAG_C_FIXED_NEWSTYLE,
+    NBD_FLAG_C_NO_ZEROES,
+    NBD_FLAG_CAN_MULTI_CONN,
+    NBD_FLAG_FIXED_NEWSTYLE,
+    NBD_FLAG_HAS_FLAGS,
+    NBD_FLAG_NO_ZEROES,
+    NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_FLUSH,
+    NBD_INFO_BLOCK_SIZE,
+    NBD_INFO_DESCRIPTION,
+    NBD_INFO_EXPORT,
+    NBD_INFO_NAME,
+    NBD_OPT_ABORT,
+    NBD_OPT_EXPORT_NAME,
+    NBD_OPT_GO,
+    NBD_OPT_INFO,
+    NBD_OPT_LIST,
+    NBD_OPT_LIST_META_CONTEXT,
+    NBD_OPT_SET_META_CONTEXT,
+    NBD_OPT_STRUCTURED_REPLY,
+    NBD_REP_ACK,
+    NBD_REP_ERR_INVALID,
+    NBD_REP_ERR_POLICY,
+    NBD_REP_ERR_UNKNOWN,
+    NBD_REP_ERR_UNSUP,
+    NBD_REP_INFO,
+    NBD_REP_MAGIC,
+    NBD_REP_META_CONTEXT,
+    NBD_REP_SERVER,
+    NBD_REPLY_FLAG_DONE,
+    NBD_REPLY_TYPE_BLOCK_STATUS,
+    NBD_REPLY_TYPE_ERROR,
+    NBD_REPLY_TYPE_NONE,
+    NBD_REPLY_TYPE_OFFSET_DATA,
+    NBD_REPLY_TYPE_OFFSET_HOLE,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
+    NBD_STRUCTURED_REPLY_MAGIC,
+    NBDMAGIC,
+    OPTION,
+    OPTION_REPLY,
+    REQUEST,
+    SIMPLE_REPLY,
+)
 from dedupimg.repo.repository import Repository
 from dedupimg.serve.reader import SnapshotReader
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 10809  # the IANA port for NBD
 
 # -- limits: what a client may ask of us before it is refused -----------------------------------------------
 MAX_OPTION_DATA = 64 << 10  # an option carries at most a few 4 KiB strings; more is garbage or an attack
 SEND_PIECES = 512  # buffers per sendmsg, under Linux's IOV_MAX of 1024
-MAX_REQUEST = 32 << 20  # largest READ (and skipped WRITE payload): 2^25, the size proto.md says to allow
 # A READ is read and sent in pieces of at most READ_PIECE bytes, each in a buffer lent for that request from
 # a pool of REPLY_BUFFERS shared by every connection: reply memory is at most 1 MiB per connection and 32 MiB
 # in all, however many clients connect and however large their reads (an idle client holds none).
@@ -50,85 +113,9 @@ NEGOTIATION_TIMEOUT = 60.0  # a client silent this long during the handshake hol
 SHUTDOWN_GRACE = 5.0  # seconds connections get to finish the request in flight when the server stops
 KEEP_READERS = 16  # snapshot readers kept for new connections (each caches up to 64 MiB of chunks)
 
-# -- handshake ----------------------------------------------------------------------------------------------
-NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
-NBD_REP_MAGIC = 0x0003E889045565A9
-NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
-NBD_FLAG_NO_ZEROES = 1 << 1
-NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0
-NBD_FLAG_C_NO_ZEROES = 1 << 1
-
-NBD_OPT_EXPORT_NAME = 1
-NBD_OPT_ABORT = 2
-NBD_OPT_LIST = 3
-NBD_OPT_INFO = 6
-NBD_OPT_GO = 7
-NBD_OPT_STRUCTURED_REPLY = 8
-NBD_OPT_LIST_META_CONTEXT = 9
-NBD_OPT_SET_META_CONTEXT = 10
-
-NBD_REP_ACK = 1
-NBD_REP_SERVER = 2
-NBD_REP_INFO = 3
-NBD_REP_META_CONTEXT = 4
-NBD_REP_ERR_UNSUP = (1 << 31) + 1
-NBD_REP_ERR_POLICY = (1 << 31) + 2
-NBD_REP_ERR_INVALID = (1 << 31) + 3
-NBD_REP_ERR_UNKNOWN = (1 << 31) + 6
-
-NBD_INFO_EXPORT = 0
-NBD_INFO_NAME = 1
-NBD_INFO_DESCRIPTION = 2
-NBD_INFO_BLOCK_SIZE = 3
-
-# Transmission flags. CAN_MULTI_CONN is true of a read-only export: every connection sees the same bytes.
-NBD_FLAG_HAS_FLAGS = 1 << 0
-NBD_FLAG_READ_ONLY = 1 << 1
-NBD_FLAG_SEND_FLUSH = 1 << 2
-NBD_FLAG_CAN_MULTI_CONN = 1 << 8
+# Our transmission flags. CAN_MULTI_CONN is true of a read-only export: every connection sees the same bytes.
 TRANSMISSION_FLAGS = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH | NBD_FLAG_CAN_MULTI_CONN
-
-BASE_ALLOCATION = "base:allocation"
 BASE_ALLOCATION_ID = 1  # our one metadata context's id (any value unique per connection would do)
-NBD_STATE_HOLE = 1 << 0
-NBD_STATE_ZERO = 1 << 1
-
-# -- transmission -------------------------------------------------------------------------------------------
-NBD_REQUEST_MAGIC = 0x25609513
-NBD_SIMPLE_REPLY_MAGIC = 0x67446698
-NBD_STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-NBD_CMD_READ = 0
-NBD_CMD_WRITE = 1
-NBD_CMD_DISC = 2
-NBD_CMD_FLUSH = 3
-NBD_CMD_TRIM = 4
-NBD_CMD_WRITE_ZEROES = 6
-NBD_CMD_BLOCK_STATUS = 7
-
-NBD_CMD_FLAG_FUA = 1 << 0  # meaningless on a read-only export, but clients are known to set it anyway
-NBD_CMD_FLAG_REQ_ONE = 1 << 3
-
-NBD_REPLY_FLAG_DONE = 1 << 0
-NBD_REPLY_TYPE_NONE = 0
-NBD_REPLY_TYPE_OFFSET_DATA = 1
-NBD_REPLY_TYPE_OFFSET_HOLE = 2
-NBD_REPLY_TYPE_BLOCK_STATUS = 5
-NBD_REPLY_TYPE_ERROR = (1 << 15) + 1
-NBD_REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
-
-# Error values are the protocol's own, not the host's errno (they agree on Linux, but need not).
-NBD_EPERM = 1
-NBD_EIO = 5
-NBD_EINVAL = 22
-
-GREETING = struct.Struct(">QQH")
-OPTION = struct.Struct(">QII")
-OPTION_REPLY = struct.Struct(">QIII")
-REQUEST = struct.Struct(">IHHQQI")
-SIMPLE_REPLY = struct.Struct(">IIQ")
-CHUNK = struct.Struct(">IHHQI")
 
 
 @dataclass(frozen=True)
