@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 
+from dedupimg.cli import render
 from dedupimg.cli.app import JsonOption, LockWait, RepoOption, open_repo
-from dedupimg.cli.render import exit_codes_help, print_json, progress_sink, record_json, stdout
+from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, record_json, stderr, stdout
 from dedupimg.core.errors import SourceChanged, UsageError
-from dedupimg.ops.snapshot import Changes, take_snapshot
+from dedupimg.ops.snapshot import Changes, SnapshotResult, take_snapshot
 from dedupimg.store.lock import LockMode
 
 
@@ -42,7 +43,7 @@ def snapshot(
     lock_wait: LockWait = 0.0,
     repo_dir: RepoOption = None,
 ) -> None:
-    """Take a snapshot of an image and print its id.
+    """Take a snapshot of an image and print its id (and, on stderr, a line of what it read and stored).
 
     A regular file that changes while it is read (size, mtime or ctime) is still stored, marked
     changed_during_read, with a warning and exit 3: snapshot a frozen filesystem or an LVM snapshot instead.
@@ -71,11 +72,21 @@ def snapshot(
             doc.update(parent=result.parent, bytes_verified=result.bytes_verified)
         print_json(doc)
     else:
-        stdout.print(rec.hex_id)
+        stdout.print(rec.hex_id)  # alone on stdout: ID=$(dedupimg snapshot ...) in scripts
+        if render.verbosity >= 1:
+            stderr.print(summary_line(result), soft_wrap=True)
     if result.changed_during_read:
         raise SourceChanged(f"snapshot {rec.short_id} stored, but {source} changed while it was read "
                             f"({result.changed_during_read} differ): it may match no moment of the disk; "
                             f"snapshot a frozen or LVM snapshot source (see README)")
+
+
+def summary_line(result: SnapshotResult) -> str:
+    """What restic's "Added to the repository" line says, on one line: id, name, read, new, stored, time."""
+    rec = result.record
+    return (f"snapshot {rec.short_id} of {rec.name} saved: {human_bytes(result.bytes_read)} read, "
+            f"{human_bytes(result.bytes_new)} new, {human_bytes(result.bytes_stored)} added to the repository, "
+            f"in {result.seconds:.1f} s")
 
 
 def _parse_time(value: str | None) -> datetime | None:
