@@ -521,12 +521,17 @@ class Repository:
             return [([b[1] for b in run.blobs], self._read_here([run])) for run in self._runs(ids, MAX_READ)]
         out: list[tuple[list[bytes], Future[Landed]]] = []
         for bundle in self._bundles(self._runs(ids, POOL_RUN, pool.slot_bytes), pool.slot_bytes):
-            future = pool.submit([readpool.PackRun(pack.pack_name(self.index.pack_id(run.pack_no)), run.start,
-                                                   run.length, run.blobs, f"pack #{run.pack_no}") for run in bundle])
+            future = pool.submit([self._pack_run(run) for run in bundle])
             if future is None:  # no worker left in the pool: read here
                 future = self._read_here(bundle)
             out.append(([b[1] for run in bundle for b in run.blobs], future))
         return out
+
+    def _pack_run(self, run: _Run) -> readpool.PackRun:
+        """``run`` as a read worker takes it: the pack by name, and named in messages by its file, as here."""
+        pack_id = self.index.pack_id(run.pack_no)
+        return readpool.PackRun(pack.pack_name(pack_id), run.start, run.length, run.blobs,
+                                f"pack {pack.pack_file_name(pack_id)}")
 
     def _bundles(self, runs: list[_Run], slot_bytes: int) -> Iterator[list[_Run]]:
         """Consecutive ``runs`` grouped to fill read pool slots of ``slot_bytes`` raw bytes. An object store's

@@ -105,7 +105,7 @@ def test_serve_answers_eio_for_a_fifo_and_goes_on(fifo_repo, tmp_path, workers):
     try:
         assert server.stderr is not None
         line = server.stderr.readline().decode()
-        assert "exports on nbd://" in line, line
+        assert line.startswith("serving ") and " on nbd://" in line, line
         url = line.split(" on ", 1)[1].strip()
         bad = subprocess.run(["nbdcopy", f"{url}/{damaged}", str(tmp_path / "bad.img")], capture_output=True,
                              timeout=TIMEOUT)
