@@ -101,7 +101,8 @@ def test_serve_name_at_latest_prints_the_ids_it_resolved_to(repo):
     newest = json.loads(ok(run_cli("-r", repo, "snapshots", "--json")))[-1]
     proc = subprocess.Popen([sys.executable, "-m", "dedupimg", "-r", str(repo), "serve", "--listen", "127.0.0.1:0",
                              "disk.img@latest"], stderr=subprocess.PIPE, env=cli_env(DEDUPIMG_READ_WORKERS="0"),
-                            cwd=ROOT)
+                            cwd=ROOT, bufsize=0)  # unbuffered: a buffered first readline could take both lines,
+    # and the second first_line() would then wait on an empty pipe
     try:
         assert proc.stderr is not None
         assert first_line(proc.stderr).startswith("serving 1 export on nbd://127.0.0.1:")
