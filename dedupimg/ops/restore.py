@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import time as _time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -158,13 +158,13 @@ def _pooled_restore(repo: Repository, record: SnapshotRecord, out: Target | Null
             try:
                 pinned = source.pin(list(dict.fromkeys(run.ids)), [])
             except IntegrityError as exc:
-                raise IntegrityError(f"damaged data in image range {run.offset}-{run.offset + run.length}: "
-                                     f"{exc}") from None
+                raise IntegrityError(f"damaged data in {_range(run)}: {exc}") from None
             data: list[Buffer] = [pinned.chunks[id_] for id_ in run.ids]
-            if any(len(d) != n for d, n in zip(data, run.lengths, strict=True)):
+            try:
+                _check_lengths(run, data, run.lengths)
+            except IntegrityError:
                 source.unpin(pinned)
-                raise IntegrityError(f"chunk length does not match its extent in image range {run.offset}-"
-                                     f"{run.offset + run.length}")
+                raise
             release = Countdown(2 if out.seekable else 1, functools.partial(source.unpin, pinned))
             if out.seekable:
                 writes.append(writers.submit(_write_then, out, run.offset, data, release))
@@ -259,12 +259,18 @@ def _fetch(repo: Repository, run: Run, ids: list[bytes], lengths: list[int]) -> 
     try:
         data = repo.read_blobs(ids)
     except IntegrityError as exc:
-        raise IntegrityError(f"damaged data in image range {run.offset}-{run.offset + run.length}: {exc}") from None
-    for d, n in zip(data, lengths, strict=True):
-        if len(d) != n:
-            raise IntegrityError(f"chunk length does not match its extent in image range {run.offset}-"
-                                 f"{run.offset + run.length}")
+        raise IntegrityError(f"damaged data in {_range(run)}: {exc}") from None
+    _check_lengths(run, data, lengths)
     return data
+
+
+def _range(run: Run) -> str:
+    return f"image range {run.offset}-{run.offset + run.length}"
+
+
+def _check_lengths(run: Run, data: Sequence[Buffer], lengths: list[int]) -> None:
+    if any(len(d) != n for d, n in zip(data, lengths, strict=True)):
+        raise IntegrityError(f"chunk length does not match its extent in {_range(run)}")
 
 
 def _write_now(target: Target | NullTarget, writes: list[tuple[int, list[Buffer]]], result: RunResult) -> RunResult:
