@@ -125,7 +125,10 @@ def record_json(rec: SnapshotRecord) -> dict[str, object]:
         "tags": rec.tags,
         "host": rec.host,
         "source": rec.source,
-        "blake3": rec.image_hash.hex(),
+        # The image's blake3; null for an incremental snapshot, whose hash is of its extents (docs/vm-sources.md)
+        "blake3": None if rec.hash_derived else rec.image_hash.hex(),
+        "hash_of": rec.hash_of,
+        "extents_blake3": rec.image_hash.hex() if rec.hash_derived else None,
         "changed_during_read": rec.changed_during_read,
     }
 

@@ -21,7 +21,8 @@ def verify(
     with open_repo(ctx, LockMode.SHARED, lock_wait) as repo:
         result = verify_snapshot(repo, snapshot, name=name, progress=progress_sink())
     rec = result.record
-    stdout.print(f"snapshot {rec.short_id} ({human_bytes(rec.size)}) verified: blake3 {rec.image_hash.hex()[:16]}... "
+    what = "extents blake3 (an incremental snapshot's; every chunk checked)" if rec.hash_derived else "blake3"
+    stdout.print(f"snapshot {rec.short_id} ({human_bytes(rec.size)}) verified: {what} {rec.image_hash.hex()[:16]}... "
                  f"matches, in {result.seconds:.1f} s")
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from dedupimg.core.errors import IntegrityError
-from dedupimg.core.manifest import Segment, SnapshotRecord, segment_starts
+from dedupimg.core.manifest import ExtentsDigest, Segment, SnapshotRecord, segment_starts
 
 SEGMENT_CACHE = 64  # segments kept, with their extent offsets, for random access
 
@@ -59,6 +59,13 @@ class ExtentMap:
         segment = self._load(seg_id)
         _check_length(seg_id, segment.size, seg_len)
         return segment
+
+    def extents_digest(self) -> bytes:
+        """The :class:`ExtentsDigest` of the whole image (a pass over every segment, no chunk read)."""
+        digest = ExtentsDigest()
+        for _, segment in self.walk():
+            digest.add(segment)
+        return digest.digest()
 
     def walk(self) -> Iterator[tuple[int, Segment]]:
         """``(image offset, segment)`` for every segment in image order, each loaded when reached (and not

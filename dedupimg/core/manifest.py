@@ -7,11 +7,13 @@ produces the very same segments in the next snapshot and costs no new metadata.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import blake3
 import msgpack
 
 from dedupimg.core.config import ChunkerParams, SegmentParams
@@ -20,7 +22,11 @@ from dedupimg.core.ids import blob_id
 
 ID_LEN = 32
 SEGMENT_VERSION = 1
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 1  # a record whose hash is the image's blake3
+DERIVED_SNAPSHOT_VERSION = 2  # a record whose hash is derived from its extents (HASH_OF_EXTENTS)
+HASH_OF_IMAGE = "image"
+HASH_OF_EXTENTS = "extents"
+EXTENTS_DIGEST_CONTEXT = b"dedupimg extents v1\0"
 
 
 @dataclass(frozen=True)
@@ -120,12 +126,55 @@ class SegmentBuilder:
             self._lengths, self._ids = [], []
 
 
+class ExtentsDigest:
+    """blake3 of an image's extents in order, the hash an incremental snapshot records (``hash_of`` "extents").
+
+    An incremental snapshot never reads its unchanged ranges, so it cannot hash the image; its chunk ids,
+    each the (keyed) blake3 of its bytes, pin the bytes as well. The digest is over ``(u64 LE length, id)``
+    for each chunk and ``(u64 LE length, 32 zero bytes)`` for each zero run, adjacent zero runs joined (a
+    segment boundary may split one), so every snapshot of the same image with the same cuts has the same
+    digest, whichever way it was taken.
+    """
+
+    def __init__(self) -> None:
+        self._hasher = blake3.blake3(EXTENTS_DIGEST_CONTEXT)
+        self._pending = bytearray()
+        self._zeros = 0
+
+    def add(self, segment: Segment) -> None:
+        out = self._pending
+        pack = _EXTENT.pack
+        for length, id_ in zip(segment.lengths, segment.ids, strict=True):
+            if id_ is None:
+                self._zeros += length
+                continue
+            if self._zeros:
+                out += pack(self._zeros) + _NO_ID
+                self._zeros = 0
+            out += pack(length) + id_
+        if len(out) >= 1 << 20:
+            self._hasher.update(out)
+            out.clear()
+
+    def digest(self) -> bytes:
+        if self._zeros:
+            self._pending += _EXTENT.pack(self._zeros) + _NO_ID
+            self._zeros = 0
+        self._hasher.update(self._pending)
+        self._pending.clear()
+        return self._hasher.digest()
+
+
+_EXTENT = struct.Struct("<Q")
+_NO_ID = bytes(ID_LEN)
+
+
 @dataclass
 class SnapshotRecord:
     name: str
     time: str  # ISO 8601 with zone
     size: int
-    image_hash: bytes  # blake3-256 of the whole image
+    image_hash: bytes  # blake3-256 of the whole image, or (hash_of "extents") its ExtentsDigest
     segments: list[tuple[bytes, int]]  # (segment id, length)
     source: str = ""
     host: str = ""
@@ -134,7 +183,13 @@ class SnapshotRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     # The source (a regular file) changed while it was read: the image may match no moment of the disk.
     changed_during_read: bool = False
+    # What ``image_hash`` is the hash of: the image's bytes, or (an incremental snapshot's) its extents.
+    hash_of: str = HASH_OF_IMAGE
     id: bytes = b""  # blake3 of the encoded record; set by encode()/decode()
+
+    @property
+    def hash_derived(self) -> bool:
+        return self.hash_of == HASH_OF_EXTENTS
 
     @property
     def hex_id(self) -> str:
@@ -150,7 +205,9 @@ class SnapshotRecord:
 
     def encode(self) -> bytes:
         doc: dict[str, Any] = {
-            "v": SNAPSHOT_VERSION,
+            # Version 2 only for a derived hash: a reader that knows only version 1 refuses the record rather
+            # than compare a restored image with a hash that is not the image's.
+            "v": DERIVED_SNAPSHOT_VERSION if self.hash_derived else SNAPSHOT_VERSION,
             "name": self.name,
             "time": self.time,
             "size": self.size,
@@ -164,6 +221,8 @@ class SnapshotRecord:
         }
         if self.changed_during_read:  # only then: other records keep their exact bytes (and ids)
             doc["changed_during_read"] = True
+        if self.hash_derived:
+            doc["hash_of"] = HASH_OF_EXTENTS
         raw = msgpack.packb(doc, use_bin_type=True)
         self.id = blob_id(raw)
         return raw
@@ -173,8 +232,11 @@ class SnapshotRecord:
         try:
             # Bound arrays by the input (each item takes a byte), not by a length a damaged header claims.
             doc = msgpack.unpackb(raw, raw=False, use_list=True, max_array_len=min(len(raw), 1 << 24))
-            if not isinstance(doc, dict) or type(doc.get("v")) is not int or doc["v"] != SNAPSHOT_VERSION:
+            if not isinstance(doc, dict) or type(doc.get("v")) is not int or doc["v"] not in _HASH_OF_BY_VERSION:
                 raise ValueError("unknown snapshot record version")
+            hash_of = _field(doc, "hash_of", str, HASH_OF_IMAGE)
+            if hash_of != _HASH_OF_BY_VERSION[doc["v"]]:
+                raise ValueError(f"a version {doc['v']} record's hash is not of the {hash_of}")
             # Check every field's type before using it: bytes(n) of a damaged int would allocate n bytes.
             segments = []
             for pair in _field(doc, "segments", list):
@@ -199,6 +261,7 @@ class SnapshotRecord:
                 chunker=_field(doc, "chunker", dict, {}),
                 stats=_field(doc, "stats", dict, {}),
                 changed_during_read=_field(doc, "changed_during_read", bool, False),
+                hash_of=hash_of,
             )
             if rec.size < 0 or len(rec.image_hash) != ID_LEN:
                 raise ValueError("bad image size or hash")
@@ -212,6 +275,7 @@ class SnapshotRecord:
         return rec
 
 
+_HASH_OF_BY_VERSION = {SNAPSHOT_VERSION: HASH_OF_IMAGE, DERIVED_SNAPSHOT_VERSION: HASH_OF_EXTENTS}
 _MISSING: Any = object()
 
 

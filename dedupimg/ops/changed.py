@@ -23,9 +23,12 @@ SLACK bytes further on both sides (only the changed bytes themselves are read fr
 allocation changed farther from any listed change (a range punched into a hole that the list does not name)
 the bytes are still right; only the cuts may differ from a full snapshot's there (less deduplication).
 
-The whole image's blake3 cannot be derived from the parent's: the snapshot pipeline hashes the parent's
-chunks as read back from the repository (each verified against its id), so the record's hash is the image's
-real one and restore and verify check it as for any snapshot; only the changed ranges are read from the source.
+The whole image's blake3 cannot be derived from the parent's, and reading the parent's chunks back to hash
+them costs what a full snapshot's hashing does (the incremental snapshot then ran at 0.74x of a full one's
+time instead of a small fraction). So the record's hash is derived: the blake3 of its extents (chunk ids and
+lengths, zero runs: ``manifest.ExtentsDigest``), marked ``hash_of`` "extents" in a version 2 record. Each
+chunk id is the blake3 of its bytes, so the digest pins the image as firmly; restore and verify check it
+against the manifest before writing and every chunk against its id (docs/vm-sources.md).
 
 ``verify`` re-reads that share of the reused extents from the source and compares them with the parent
 (chunk ids; zeros): a change the tracker missed fails the snapshot with :class:`UnchangedMismatch`.

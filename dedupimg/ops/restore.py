@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from dedupimg.core.errors import DedupimgError, IntegrityError, Interrupted
 from dedupimg.core.extents import ExtentMap
-from dedupimg.core.imagehash import Buffer, ImageHasher
+from dedupimg.core.imagehash import Buffer, ImageHasher, NoImageHash
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.parallel import Countdown, started_ahead, worker_count
 from dedupimg.core.progress import NoProgress, Progress
@@ -99,8 +99,12 @@ def _restore_into(repo: Repository, record: SnapshotRecord, out: Target | NullTa
     # An object store answers each read after a round trip, and a late answer holds up the runs behind it in
     # image order: two runs in flight per reader (measured: 8 -> 12 in flight, +4-6%).
     ahead = max(AHEAD, 2 * reads)
-    hasher = ImageHasher(ahead + 2)
+    hasher = NoImageHash() if record.hash_derived else ImageHasher(ahead + 2)
     try:
+        if record.hash_derived:
+            # Proven before a byte is written: the manifest is the one recorded; each chunk is then checked
+            # against its id as it is read, so the image is the one snapshotted.
+            check_extents(repo, record)
         progress.start(task_name, record.size)
         # A delta restore fetches only what differs: it reads in its threads. So does a restore from an object
         # store: there the pool's worker processes cost more CPU in all (1 MiB requests, a copy into the arena,
@@ -112,7 +116,7 @@ def _restore_into(repo: Repository, record: SnapshotRecord, out: Target | NullTa
             written, read = _pooled_restore(repo, record, out, hasher, progress, ahead), 0
         else:
             written, read = _threaded_restore(repo, record, out, hasher, progress, reads, ahead)
-        if hasher.digest() != record.image_hash:
+        if not record.hash_derived and hasher.digest() != record.image_hash:
             raise IntegrityError(
                 f"the image of snapshot {record.short_id} does not match its recorded blake3"
                 + ("; the target was not replaced" if out.tmp is not None else "")
@@ -226,6 +230,12 @@ def _pipelined(pool: ThreadPoolExecutor, runs: Iterator[Run], task: Callable[[Ru
     """Results in image order, with up to ``ahead`` runs in flight."""
     for run, future in started_ahead(runs, lambda run: pool.submit(task, run), ahead):
         yield run, future.result()
+
+
+def check_extents(repo: Repository, record: SnapshotRecord) -> None:
+    """IntegrityError unless the record's segments give the extents digest it recorded (``hash_of`` "extents")."""
+    if ExtentMap(record, repo.segment).extents_digest() != record.image_hash:
+        raise IntegrityError(f"the extents of snapshot {record.short_id} do not match its recorded extents hash")
 
 
 def plan_runs(repo: Repository, record: SnapshotRecord) -> Iterator[Run]:

@@ -24,7 +24,15 @@ from dedupimg.core.buffers import PoolClosed
 from dedupimg.core.chunker import Batch, Chunker
 from dedupimg.core.errors import UsageError
 from dedupimg.core.imagehash import ImageHasher
-from dedupimg.core.manifest import Segment, SegmentBuilder, SnapshotRecord, chunker_dict
+from dedupimg.core.manifest import (
+    HASH_OF_EXTENTS,
+    HASH_OF_IMAGE,
+    ExtentsDigest,
+    Segment,
+    SegmentBuilder,
+    SnapshotRecord,
+    chunker_dict,
+)
 from dedupimg.core.nbdclient import is_nbd_uri, parse_uri
 from dedupimg.core.parallel import started_ahead, worker_count
 from dedupimg.core.progress import NoProgress, Progress
@@ -100,15 +108,15 @@ def take_snapshot(
     writer = repo.writer()
     try:
         progress.start(f"snapshot {src.name}", src.size)
-        store = _Store(repo, writer, progress)
+        store = _Store(repo, writer, progress, hash_image=plan is None)
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="dedupimg-snap") as pool:
             reader = _Reader(src, Chunker(repo.config.chunker), plan)
             try:
                 store.run(reader, pool)
-                image_hash = store.hasher.digest()
+                image_hash = store.digest()
             finally:
                 reader.stop()
-                store.hasher.close()
+                store.close()
         bytes_read = reader.bytes_read
         changed = src.changes()  # raises SourceError if the file shrank: its end was never read
         stats: dict[str, object] = {"bytes_read": bytes_read, "bytes_new": writer.new_chunk_bytes,
@@ -127,6 +135,7 @@ def take_snapshot(
             chunker=chunker_dict(repo.config.chunker),
             stats=stats,
             changed_during_read=changed is not None,
+            hash_of=HASH_OF_IMAGE if plan is None else HASH_OF_EXTENTS,
         )
         writer.commit_snapshot(record)
         progress.finish()
@@ -321,26 +330,36 @@ class _Store:
 
     Planning runs a couple of batches ahead of committing, so compression of one batch overlaps the lookups
     of the next; ids planned but not yet written are kept in ``_in_flight`` so they are stored once.
+
+    Without ``hash_image`` (an incremental snapshot, which does not read its unchanged ranges) the record's
+    hash is the :class:`ExtentsDigest` of the segments written.
     """
 
-    def __init__(self, repo: Repository, writer: BlobWriter, progress: Progress) -> None:
+    def __init__(self, repo: Repository, writer: BlobWriter, progress: Progress, hash_image: bool = True) -> None:
         self._writer = writer
         self._progress = progress
         self._chunk_id = repo.chunk_id
-        self._read_blobs = repo.read_blobs
         self._in_flight: set[bytes] = set()
-        self.hasher = ImageHasher(AHEAD + QUEUE + 2)
+        self._hasher = ImageHasher(AHEAD + QUEUE + 2) if hash_image else None
+        self._extents = ExtentsDigest()
         self.segments: list[tuple[bytes, int]] = []
         self.size = 0
         self._builder = SegmentBuilder(repo.config.segments, self._emit_segment)
 
     def _emit_segment(self, segment: Segment) -> None:
         self.segments.append((self._writer.add_segment(segment), segment.size))
+        if self._hasher is None:
+            self._extents.add(segment)
+
+    def digest(self) -> bytes:
+        return self._extents.digest() if self._hasher is None else self._hasher.digest()
+
+    def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.close()
 
     def run(self, reader: _Reader, pool: ThreadPoolExecutor) -> None:
         def hash_ids(item: Batch | int | Reused) -> Future[list[Any]] | None:
-            if isinstance(item, Reused):  # the parent's chunks, read back for the image hash
-                return pool.submit(self._read_blobs, item.ids)
             return pool.submit(_chunk_ids, self._chunk_id, item) if isinstance(item, Batch) else None
 
         planned: deque[_Planned] = deque()
@@ -354,14 +373,18 @@ class _Store:
 
     def _plan(self, item: Batch | int | Reused, ids_future: Future[list[Any]] | None,
               pool: ThreadPoolExecutor) -> _Planned:
+        hasher = self._hasher
         if isinstance(item, int):
-            self.hasher.add_zeros(item)
+            if hasher is not None:
+                hasher.add_zeros(item)
             return _Planned(item, [], [], [])
         if isinstance(item, Reused):
-            assert ids_future is not None
-            self.hasher.add(ids_future.result())
+            assert hasher is None, "an incremental snapshot's hash is its extents'"
             return _Planned(item, [], [], [])
-        self.hasher.add([memoryview(item.buf)[: item.length]], item.release)
+        if hasher is not None:
+            hasher.add([memoryview(item.buf)[: item.length]], item.release)
+        else:
+            assert item.lease is None  # incremental batches are not pooled: no second holder to release
         assert ids_future is not None
         ids = ids_future.result()
         view = memoryview(item.buf)

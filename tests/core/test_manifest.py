@@ -96,6 +96,45 @@ def test_changed_during_read_is_backward_compatible():
         SnapshotRecord.decode(bad)
 
 
+def test_derived_hash_records_are_version_2_and_marked():
+    """An incremental snapshot's record (hash of its extents) is version 2 with ``hash_of``: a reader of
+    version 1 refuses it rather than compare an image with it; a version 1 record never carries the mark."""
+    import msgpack
+
+    fields = dict(name="vm1", time="2026-01-02T03:04:05+01:00", size=12, image_hash=b"\x02" * 32,
+                  segments=[(b"\x03" * 32, 12)])
+    plain = SnapshotRecord(**fields).encode()
+    derived = SnapshotRecord(**fields, hash_of="extents").encode()
+    doc = msgpack.unpackb(derived, raw=False)
+    assert doc["v"] == 2 and doc["hash_of"] == "extents" and "hash_of" not in msgpack.unpackb(plain, raw=False)
+    assert SnapshotRecord.decode(derived).hash_derived and not SnapshotRecord.decode(plain).hash_derived
+    for bad in ({**doc, "v": 1}, {**doc, "hash_of": "image"}, {k: v for k, v in doc.items() if k != "hash_of"},
+                {**doc, "v": 3}, {**doc, "hash_of": 1}):
+        with pytest.raises(IntegrityError):
+            SnapshotRecord.decode(msgpack.packb(bad, use_bin_type=True))
+
+
+def test_extents_digest_joins_zero_runs_and_depends_on_every_extent():
+    from dedupimg.core.manifest import ExtentsDigest, Segment
+
+    a, b = b"\x0a" * 32, b"\x0b" * 32
+
+    def digest(*segments: Segment) -> bytes:
+        d = ExtentsDigest()
+        for s in segments:
+            d.add(s)
+        return d.digest()
+
+    one = digest(Segment([5, 100, 7], [a, None, b]))
+    # A zero run split by a segment boundary (or in two extents) is the same image, the same manifest's digest.
+    assert digest(Segment([5, 60], [a, None]), Segment([40, 7], [None, b])) == one
+    assert digest(Segment([5, 60, 40, 7], [a, None, None, b])) == one
+    for other in (Segment([5, 101, 7], [a, None, b]), Segment([5, 100, 7], [b, None, b]),
+                  Segment([5, 100, 7], [a, a, b]), Segment([5, 107], [a, None])):
+        assert digest(other) != one
+    assert digest(Segment([1], [None])) != digest(Segment([2], [None])) != digest()
+
+
 def test_snapshot_record_rejects_inconsistent_sizes():
     rec = SnapshotRecord(name="x", time="2026-01-02T03:04:05+00:00", size=13, image_hash=b"\x02" * 32,
                          segments=[(b"\x03" * 32, 12)])

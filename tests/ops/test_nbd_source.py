@@ -9,6 +9,7 @@ that counts what the server sent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -24,7 +25,9 @@ import blake3
 import pytest
 
 from dedupimg.core.config import ChunkerParams
-from dedupimg.core.errors import Interrupted, SourceError, UnchangedMismatch, UsageError
+from dedupimg.core.errors import IntegrityError, Interrupted, SourceError, UnchangedMismatch, UsageError
+from dedupimg.core.extents import ExtentMap
+from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.ops.qemu import open_image
 from dedupimg.ops.restore import restore
 from dedupimg.ops.snapshot import Changes, SnapshotResult, take_snapshot
@@ -354,6 +357,14 @@ def test_nbd_addresses_and_refusals(vrepo, tmp_path):
 # -- incremental snapshots --------------------------------------------------------------------------------------
 
 
+def assert_derived(repo, inc, full) -> None:
+    """An incremental snapshot's record: the same manifest as the full snapshot of the same state, and a hash
+    derived from it (marked), which equals the full snapshot's extents digest and what restore checks."""
+    assert inc.hash_derived and not full.hash_derived
+    assert inc.image_hash == ExtentMap(full, repo.segment).extents_digest() != full.image_hash
+    assert SnapshotRecord.decode(inc.encode()).hash_of == "extents"
+
+
 def bitmap_image(tmp: Path) -> Path:
     image = make_qcow2(tmp / "disk.qcow2")
     subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b0"], check=True)
@@ -373,7 +384,8 @@ def test_dirty_bitmap_snapshot_equals_a_full_one_and_reads_only_around_the_chang
                         changes=Changes(parent.record.hex_id, dirty_bitmap="b0"))
     full = take_snapshot(irepo, str(image), name="disk.qcow2")
     assert inc.record.segments == full.record.segments
-    assert inc.record.image_hash == full.record.image_hash == blake3.blake3(raw_of(image, tmp_path)).digest()
+    assert full.record.image_hash == blake3.blake3(raw_of(image, tmp_path)).digest()
+    assert_derived(irepo, inc.record, full.record)
     assert restored(irepo, inc, tmp_path) == raw_of(image, tmp_path)
     assert inc.record.stats["parent"] == parent.record.hex_id and inc.parent == parent.record.hex_id
     # The dirty bitmap's granularity is 64 KiB: 4 dirty ranges of 64-128 KiB, and exactly those were read (the
@@ -400,7 +412,8 @@ def test_changed_ranges_file_on_a_raw_image(irepo, tmp_path):
                                                          verify=5))
     full = take_snapshot(irepo, str(raw))
     assert inc.record.segments == full.record.segments
-    assert inc.record.image_hash == full.record.image_hash == blake3.blake3(bytes(base)).digest()
+    assert full.record.image_hash == blake3.blake3(bytes(base)).digest()
+    assert_derived(irepo, inc.record, full.record)
     assert inc.bytes_read - inc.bytes_verified == 5000 + 1 + 70_000 + 10
     assert inc.bytes_verified > 0
 
@@ -466,7 +479,8 @@ def test_changed_ranges_over_holes_zeros_and_data_equal_a_full_snapshot(vrepo, t
     listed.write_text(json.dumps(changes))
     inc = take_snapshot(vrepo, str(raw), name="disk", changes=Changes(parent.record.hex_id, ranges_file=str(listed)))
     full = take_snapshot(vrepo, str(raw), name="disk")
-    assert inc.record.image_hash == full.record.image_hash == blake3.blake3(raw.read_bytes()).digest()
+    assert full.record.image_hash == blake3.blake3(raw.read_bytes()).digest()
+    assert_derived(vrepo, inc.record, full.record)
     assert inc.record.segments == full.record.segments
     assert inc.bytes_read <= sum(c["length"] for c in changes)
 
@@ -517,4 +531,28 @@ def test_verify_unchanged_reads_its_share_of_zero_runs_too(vrepo, tmp_path):
         take_snapshot(vrepo, str(raw), changes=Changes(ok_run.record.hex_id, ranges_file=str(listed), verify=100))
     trusted = take_snapshot(vrepo, str(raw), changes=Changes(ok_run.record.hex_id, ranges_file=str(listed)))
     assert trusted.bytes_verified == 0  # trusted without checking: the missed byte is not in the snapshot
-    assert trusted.record.image_hash != blake3.blake3(bytes(data)).digest()
+    assert trusted.record.hash_derived
+    assert restored(vrepo, trusted, tmp_path) != bytes(data)
+
+
+def test_restore_refuses_a_derived_record_whose_extents_differ_before_writing(vrepo, tmp_path):
+    """The extents digest is checked against the manifest before a byte is written: a record that names other
+    segments than it was made of (here: a forged one) leaves no target behind."""
+    raw = tmp_path / "disk.raw"
+    data = bytearray(det_bytes(3, 3 * MiB))
+    raw.write_bytes(data)
+    parent = take_snapshot(vrepo, str(raw))
+    data[MiB : MiB + 10] = b"0123456789"
+    raw.write_bytes(data)
+    listed = tmp_path / "changes.json"
+    listed.write_text(json.dumps([[MiB, 10]]))
+    inc = take_snapshot(vrepo, str(raw), changes=Changes(parent.record.hex_id, ranges_file=str(listed)))
+    assert restored(vrepo, inc, tmp_path) == bytes(data)
+    forged = dataclasses.replace(inc.record, segments=parent.record.segments, time="2030-01-01T00:00:00+00:00",
+                                 id=b"")
+    writer = vrepo.writer()
+    writer.commit_snapshot(forged)
+    out = tmp_path / "out.raw"
+    with pytest.raises(IntegrityError, match="do not match its recorded extents hash"):
+        restore(vrepo, forged.hex_id, str(out))
+    assert not out.exists() and list(tmp_path.glob(".out.raw*")) == []

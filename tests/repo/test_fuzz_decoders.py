@@ -534,6 +534,7 @@ def records(draw: st.DrawFn) -> SnapshotRecord:
         tags=sorted(set(draw(st.lists(st.text(max_size=5), max_size=4)))),
         chunker=chunker_dict(ChunkerParams()),
         stats=draw(st.dictionaries(st.sampled_from(["bytes_read", "bytes_new", "chunks_new"]), st.integers(0, 2**40))),
+        hash_of=draw(st.sampled_from(["image", "extents"])),
     )
 
 
