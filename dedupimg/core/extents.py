@@ -110,6 +110,22 @@ class ExtentMap:
             s += 1
         return out
 
+    def pieces(self, offset: int, end: int) -> Iterator[tuple[list[int], list[bytes | None]]]:
+        """The extents from the one holding ``offset`` to the last that starts before ``end``, as slices of
+        their segments' lengths and ids, a segment at a time: what a caller walking long runs of extents
+        takes in bulk (``extents`` makes a tuple per extent)."""
+        end = min(end, self.size)
+        seg_starts = self._starts
+        s = bisect.bisect_right(seg_starts, offset) - 1
+        while 0 <= s < len(seg_starts) and seg_starts[s] < end and offset < end:
+            segment, starts, size = self._indexed(s)
+            base = seg_starts[s]
+            first = max(0, bisect.bisect_right(starts, offset - base) - 1)
+            stop = bisect.bisect_left(starts, end - base)
+            yield segment.lengths[first:stop], segment.ids[first:stop]
+            offset = base + size
+            s += 1
+
     def zero_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """``(offset, length, zero)`` runs for ``[offset, offset+length)``, adjacent extents of the same kind
         merged: what NBD block status reports."""

@@ -114,6 +114,26 @@ class SegmentBuilder:
         if int.from_bytes(id_[-2:], "little") & self._p.cut_mask == 0:
             self.flush()
 
+    def add_chunks(self, lengths: list[int], ids: list[bytes]) -> None:
+        """``add_chunk`` for each pair (no None among ``ids``), with list slices instead of a call per chunk."""
+        if not ids:
+            return
+        if self._ids and self._ids[-1] is None and self._lengths[-1] >= self._p.zero_cut:
+            self.flush()
+        mask, most = self._p.cut_mask, self._p.max_extents
+        cuts = [k + 1 for k, id_ in enumerate(ids) if int.from_bytes(id_[-2:], "little") & mask == 0]
+        start = 0
+        for stop, content_cut in [*((c, True) for c in cuts), (len(ids), False)]:
+            while start < stop:
+                take = min(stop, start + most - len(self._lengths))
+                self._lengths.extend(lengths[start:take])
+                self._ids.extend(ids[start:take])
+                start = take
+                if len(self._lengths) >= most:
+                    self.flush()
+            if content_cut:
+                self.flush()
+
     def _append(self, length: int, id_: bytes | None) -> None:
         self._lengths.append(length)
         self._ids.append(id_)

@@ -43,6 +43,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 from pyfastcdc import FastCDC
@@ -50,12 +51,12 @@ from pyfastcdc import FastCDC
 from dedupimg.core.chunker import Batch
 from dedupimg.core.config import ChunkerParams
 from dedupimg.core.errors import UnchangedMismatch, UsageError
-from dedupimg.core.extents import Extent, ExtentMap
+from dedupimg.core.extents import ExtentMap
 from dedupimg.core.manifest import Segment, SnapshotRecord
 from dedupimg.core.zeros import is_zero
 from dedupimg.ops.source import ImageSource, ReadCancelled
 
-REUSE_BATCH = 8 << 20  # bytes of parent chunks handed on as one item (fetched from the repository together)
+REUSE_BATCH = 8 << 20  # bytes of parent chunks handed on as one item
 WINDOW_FLUSH = 8 << 20  # a window read this far without meeting a parent cut hands on its chunks so far
 SLACK = 64 << 10  # how far around a change allocation may have changed too (see above)
 PARENT_CACHE = 64  # parent chunks kept for windows that grow over them again
@@ -201,45 +202,58 @@ class Plan:
         found = self._parent.extents(pos, 1)
         return bool(found) and found[0].offset == pos
 
-    def _extents(self, pos: int, end: int) -> Iterator[Extent]:
-        """The parent's extents from the one holding ``pos`` until one reaches ``end``, fetched a step at a time."""
-        while pos < end:
-            found = self._parent.extents(pos, min(end - pos, REUSE_BATCH))
-            if not found:
-                return
-            yield from found
-            pos = found[-1].offset + found[-1].length
-
     def _reuse(self, src: ImageSource, pos: int, end: int) -> Generator[int | Reused, None, int]:
         """The parent's extents from ``pos`` (one of its cuts) that end by the next change and by ``end``;
-        returns where they end (``pos`` if none fits)."""
+        returns where they end (``pos`` if none fits).
+
+        Most of an incremental snapshot's image is taken here, an extent per ~20 KiB, so a segment's
+        extents are taken as list slices where they are all chunks and none is to be verified; zero extents
+        and ``verify`` go one extent at a time."""
         nxt = self._next_change(pos)
         limit = min(end, nxt[0] if nxt is not None else end)
         lengths: list[int] = []
         ids: list[bytes] = []
-        batch = 0
-        for ext in self._extents(pos, limit):
-            length, id_ = ext.length, ext.id
-            if id_ is None:
-                # Zeros may be cut at the region's end: a full snapshot's chunks of them are zeros up to it.
-                length = min(length, end - pos)
-            if pos + length > limit:
-                break
-            self._check(src, pos, length, id_)
-            if id_ is None:
-                if lengths:
+        batch_start = pos
+        for seg_lengths, seg_ids in self._parent.pieces(pos, limit):
+            if not self._verify and None not in seg_ids:
+                ends = list(accumulate(seg_lengths, initial=pos))
+                fit = bisect.bisect_right(ends, limit) - 1  # extents [0, fit) end by the limit
+                lengths += seg_lengths[:fit]
+                ids += seg_ids[:fit]  # type: ignore[arg-type]
+                pos = ends[fit]
+                if pos - batch_start >= REUSE_BATCH:
                     yield Reused(lengths, ids)
-                    lengths, ids, batch = [], [], 0
-                yield length
-            else:
-                lengths.append(length)
-                ids.append(id_)
-                batch += length
-                if batch >= REUSE_BATCH:
-                    yield Reused(lengths, ids)
-                    lengths, ids, batch = [], [], 0
-            pos += length
-            if length != ext.length:  # a zero extent cut at the region's end
+                    lengths, ids, batch_start = [], [], pos
+                if fit < len(seg_lengths):
+                    break  # the next extent reaches past the limit
+                continue
+            done = False
+            for length, id_ in zip(seg_lengths, seg_ids, strict=True):
+                full = length
+                if id_ is None:
+                    # Zeros may be cut at the region's end: a full snapshot's chunks of them are zeros up to it.
+                    length = min(length, end - pos)
+                if pos + length > limit:
+                    done = True
+                    break
+                self._check(src, pos, length, id_)
+                if id_ is None:
+                    if lengths:
+                        yield Reused(lengths, ids)
+                        lengths, ids = [], []
+                    yield length
+                    batch_start = pos + length
+                else:
+                    lengths.append(length)
+                    ids.append(id_)
+                    if pos + length - batch_start >= REUSE_BATCH:
+                        yield Reused(lengths, ids)
+                        lengths, ids, batch_start = [], [], pos + length
+                pos += length
+                if length != full:  # a zero extent cut at the region's end
+                    done = True
+                    break
+            if done:
                 break
         if lengths:
             yield Reused(lengths, ids)
@@ -268,7 +282,10 @@ class Plan:
         self.bytes_verified += length
         same = is_zero(buf, 0, length) if id_ is None else self._chunk_id(memoryview(buf)) == id_
         if not same:
-            raise UnchangedMismatch(
+            self._mismatch(pos, length)
+
+    def _mismatch(self, pos: int, length: int) -> None:
+        raise UnchangedMismatch(
                 f"bytes {pos}-{pos + length} of the source differ from the parent snapshot "
                 f"{self.parent.short_id} although the change list says they did not change: the dirty bitmap "
                 f"or change list is incomplete; take a full snapshot (without --parent) and start a new bitmap")
@@ -324,7 +341,26 @@ class Plan:
             else:
                 n = min(nxt[0] if nxt is not None else end, end) - pos
                 self._parent_into(pos, out[pos - offset : pos - offset + n])
+                self._check_filled(src, pos, out[pos - offset : pos - offset + n])
             pos += n
+
+    def _check_filled(self, src: ImageSource, pos: int, parent_bytes: memoryview) -> None:
+        """With ``verify``: that share of the parent's bytes a window was filled with, in slices of a maximum
+        chunk, re-read from the source and compared. These are unchanged bytes as much as reused extents are:
+        a window also covers data the source's allocation added where the parent had a hole (a write the
+        change list missed lands there), and its bytes come from the parent."""
+        if not self._verify:
+            return
+        length = len(parent_bytes)
+        for start in range(0, length, self._max):
+            if self._rng.random() >= self._verify:
+                continue
+            piece = parent_bytes[start : start + self._max]
+            buf = bytearray(len(piece))
+            src.read_at(pos + start, memoryview(buf))
+            self.bytes_verified += len(buf)
+            if buf != piece:
+                self._mismatch(pos + start, len(buf))
 
     def _parent_into(self, offset: int, out: memoryview) -> None:
         """The parent image's bytes at ``offset``, from its chunks (zeros for its zero extents)."""

@@ -398,18 +398,20 @@ class _Store:
             self._advance(p.batch)
             return
         if isinstance(p.batch, Reused):
-            for length, id_ in zip(p.batch.lengths, p.batch.ids, strict=True):
-                builder.add_chunk(length, id_)
+            builder.add_chunks(p.batch.lengths, p.batch.ids)
             self._advance(p.batch.length)
             return
         for blob in (blob for f in p.encoded for blob in f.result()):
             self._writer.add_encoded_chunk(blob)
             self._in_flight.discard(blob.id)
-        for (s, e), cid in zip(p.batch.cuts, p.ids, strict=True):
-            if cid is None:
-                builder.add_zero(e - s)
-            else:
-                builder.add_chunk(e - s, cid)
+        if None in p.ids:  # zero chunks among them
+            for (s, e), cid in zip(p.batch.cuts, p.ids, strict=True):
+                if cid is None:
+                    builder.add_zero(e - s)
+                else:
+                    builder.add_chunk(e - s, cid)
+        else:
+            builder.add_chunks([e - s for s, e in p.batch.cuts], p.ids)  # type: ignore[arg-type]
         p.batch.release()
         self._advance(p.batch.length)
 

@@ -122,3 +122,18 @@ def test_zero_runs_merge_adjacent_extents_of_a_kind() -> None:
     assert m.zero_runs(0, 100) == [(0, 30, False), (30, 10, True), (40, 7, False)]
     assert m.zero_runs(5, 30) == [(5, 25, False), (30, 5, True)]
     assert m.zero_runs(47, 10) == []
+
+
+def test_pieces_are_the_extents_as_segment_slices() -> None:
+    """pieces(offset, end) lists, as slices of whole segments, exactly the extents extents() lists for the same
+    range (from the one holding ``offset`` to the last starting before ``end``), at every offset and end."""
+    record, segments, _ = _image(4)
+    m = ExtentMap(record, segments.__getitem__)
+    rng = random.Random(5)
+    boundaries = [e.offset for e in m.extents(0, record.size)]
+    offsets = [0, record.size - 1, *boundaries[::3], *(rng.randrange(record.size) for _ in range(100))]
+    for offset in offsets:
+        for end in (offset + 1, offset + rng.randrange(1, 20_000), record.size, record.size + 9,
+                    *(b for b in boundaries[::5] if b > offset)):
+            flat = [(n, i) for lengths, ids in m.pieces(offset, end) for n, i in zip(lengths, ids, strict=True)]
+            assert flat == [(e.length, e.id) for e in m.extents(offset, end - offset)], (offset, end)

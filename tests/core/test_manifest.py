@@ -140,3 +140,34 @@ def test_snapshot_record_rejects_inconsistent_sizes():
                          segments=[(b"\x03" * 32, 12)])
     with pytest.raises(IntegrityError):
         SnapshotRecord.decode(rec.encode())
+
+
+_extent_items = st.lists(
+    st.one_of(
+        st.tuples(st.just("zero"), st.integers(1, 3000)),
+        st.tuples(st.just("chunks"), st.lists(st.tuples(st.integers(1, 100), st.binary(min_size=32, max_size=32)),
+                                              max_size=40)),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=_extent_items, mask=st.sampled_from([0, 1, 3, 0xFF]), most=st.integers(1, 7))
+def test_add_chunks_builds_the_segments_add_chunk_does(items, mask, most):
+    """The bulk form (reused extents, whole batches) against one call per chunk: the same segments, cut at the
+    same content-defined, zero-run and size boundaries."""
+    params = SegmentParams(cut_mask=mask, max_extents=most, zero_cut=1000)
+    one, b1 = _collect(params)
+    bulk, b2 = _collect(params)
+    for kind, value in items:
+        if kind == "zero":
+            b1.add_zero(value)
+            b2.add_zero(value)
+        else:
+            for n, id_ in value:
+                b1.add_chunk(n, id_)
+            b2.add_chunks([n for n, _ in value], [i for _, i in value])
+    b1.flush()
+    b2.flush()
+    assert [(s.lengths, s.ids) for s in bulk] == [(s.lengths, s.ids) for s in one]

@@ -222,8 +222,8 @@ def test_live_qmp_fleecing_bitmap_rotation_and_a_missed_change(tmp_path: Path) -
 
         # A write the bitmap misses (recording stopped behind the script's back), over data the parent
         # holds: --verify-unchanged 100 re-reads it and finds it (exit 23); the script then takes a full snapshot
-        # of the same export, and rotates. (Not into a range the parent holds as zeros: a missed write there was
-        # neither read nor verified when this test was written, and the snapshot kept the zeros.)
+        # of the same export, and rotates. (A missed write into the parent's zeros is caught too:
+        # tests/ops/test_nbd_source.py::test_verify_unchanged_catches_a_missed_write_into_the_parents_hole.)
         qmp(qmp_sock, "block-dirty-bitmap-disable", node="disk0", name="dedupimg-A")
         disk.write(41 * MiB, seed=40)
         rc, docs, err = run_script(tmp_path, qmp_sock, VERIFY_UNCHANGED="100")

@@ -432,6 +432,23 @@ def test_verify_unchanged_catches_a_change_the_bitmap_missed(vrepo, tmp_path, nb
     assert [r.hex_id for r in vrepo.snapshots()] == [parent.record.hex_id]  # nothing stored
 
 
+def test_verify_unchanged_catches_a_missed_write_into_the_parents_hole(vrepo, tmp_path):
+    """A write the bitmap missed, into never-written space (a hole, zeros in the parent): the source's
+    allocation now has data there, which is cut from the parent's bytes (zeros) around no listed change. Those
+    bytes are re-read and compared too; before, --verify-unchanged 100 passed and the snapshot held zeros."""
+    image = bitmap_image(tmp_path)
+    parent = take_snapshot(vrepo, str(image))
+    subprocess.run(["qemu-img", "bitmap", "--disable", str(image), "b0"], check=True)
+    qemu_io(image, "write -P 0x55 12M 64k")  # between data pieces: never written, a hole in the parent
+    changes = Changes(parent.record.hex_id, dirty_bitmap="b0", verify=100)
+    with pytest.raises(UnchangedMismatch, match="bytes 12582912-"):
+        take_snapshot(vrepo, str(image), changes=changes)
+    assert [r.hex_id for r in vrepo.snapshots()] == [parent.record.hex_id]
+    # Without the check it is trusted, as documented: the bytes the bitmap did not name come from the parent.
+    trusted = take_snapshot(vrepo, str(image), changes=Changes(parent.record.hex_id, dirty_bitmap="b0"))
+    assert restored(vrepo, trusted, tmp_path)[12 * MiB : 12 * MiB + 4] == bytes(4)
+
+
 def test_a_parent_of_another_image_or_size_is_refused(vrepo, tmp_path):
     raw = tmp_path / "disk.raw"
     raw.write_bytes(det_bytes(1, 2 * MiB))
