@@ -1,6 +1,6 @@
 """Benchmark dedupimg against restic and borg on three image series (vm, ext4, tar), three versions each.
 
-    python benchmarks/bench.py [--scale small|full] [--series vm,ext4,tar] [--tools dedupimg,restic,borg]
+    python benchmarks/bench.py [--scale small|full] [--series vm,ext4,tar] [--tools dedupimg,restic,borg,bup]
 
 Per series: every tool backs up version 1, 2 and 3 of the same image path (interleaved: for each version,
 each tool), then restores the last version and version 1 into empty directories, each checked bit-exact
@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="small")
     ap.add_argument("--series", default=",".join(SPECS), help="comma-separated subset of vm,ext4,tar")
-    ap.add_argument("--tools", default=",".join(TOOL_NAMES), help="comma-separated subset of dedupimg,restic,borg")
+    ap.add_argument("--tools", default=",".join(TOOL_NAMES), help="comma-separated subset of dedupimg,restic,borg,bup")
     ap.add_argument("--work", type=Path, default=HERE / "work", help="work directory (default benchmarks/work)")
     ap.add_argument("--results", type=Path, default=HERE / "results", help="where latest.md/json go")
     ap.add_argument("--dedupimg", type=Path, default=HERE.parent / ".venv" / "bin" / "dedupimg")

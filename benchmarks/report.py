@@ -29,6 +29,8 @@ CAVEATS = """\
 - Repository bytes are the sum of st_size of the repository's files; caches (restic, borg) are excluded.
 - restic 0.14 restores files without holes (no sparse restore); borg extracts with `--sparse`; dedupimg writes
   holes for zero extents. borg and restic read the holes of sparse images at backup; dedupimg skips them.
+- bup (the peer for stored bytes per version: rolling-hash chunks of about 8 KiB, zlib) saves each version on
+  its own branch (`bup index` + `bup save`, its index step timed with it) and restores with `--sparse`.
 - Delta restore: dedupimg restores the last version onto a copy of the previous one (`restore --delta`);
   "n/a" when this dedupimg has no such option."""
 

@@ -157,6 +157,34 @@ class Borg(Tool):
         return ["borg", "extract", "--sparse", f"{self.repo}::{snapshot_id}"]
 
 
+class Bup(Tool):
+    """bup (git packfiles, rolling-hash chunks of about 8 KiB): the peer for stored bytes per new version.
+
+    Each version is saved on its own branch (``v1``, ``v2``, ...), so any one restores by name; branches share
+    every object, as one branch's history would."""
+
+    name = "bup"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "BUP_DIR": str(self.repo)}
+
+    def version(self) -> str:
+        return "bup " + run_checked(["bup", "--version"], env=self.env()).strip()
+
+    def init_cmd(self) -> list[str]:
+        return ["bup", "init"]
+
+    def backup_cmd(self, image: Path, version: int) -> list[str]:
+        # bup saves what its index lists: index the one file, then save it (under its absolute path).
+        return ["sh", "-c", 'bup index "$1" >/dev/null && bup save -q -n "$2" "$1"', "sh", image.name, f"v{version}"]
+
+    def snapshot_id(self, stdout: str, version: int) -> str:
+        return f"v{version}"
+
+    def restore_cmd(self, snapshot_id: str, image: Path, out_dir: Path) -> list[str]:
+        return ["bup", "restore", "-q", "--sparse", "-C", str(out_dir), f"/{snapshot_id}/latest{image.resolve()}"]
+
+
 def source_fingerprint() -> str:
     """A short blake3 of the dedupimg package's .py files: tells apart working-tree states of one version."""
     spec = find_spec("dedupimg")
@@ -169,13 +197,13 @@ def source_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-TOOL_NAMES = ["dedupimg", "restic", "borg"]
+TOOL_NAMES = ["dedupimg", "restic", "borg", "bup"]
 
 
 def make_tool(name: str, home: Path, dedupimg_binary: Path) -> Tool:
     if name == "dedupimg":
         return Dedupimg(home, dedupimg_binary)
-    return {"restic": Restic, "borg": Borg}[name](home)
+    return {"restic": Restic, "borg": Borg, "bup": Bup}[name](home)
 
 
 def parse_json_output(stdout: str) -> dict[str, object]:
