@@ -38,3 +38,6 @@ fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# Bytecode for dedupimg's modules, as pip writes for a regular install (an editable one leaves it to the first
+# run, and never where PYTHONDONTWRITEBYTECODE is set): every command starts in ~0.14 s instead of ~0.22 s.
+.venv/bin/python -m compileall -q dedupimg >/dev/null
