@@ -15,6 +15,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,27 @@ def start_qemu(disk: Path, qmp_sock: Path, log: Path) -> subprocess.Popen[bytes]
     return proc
 
 
+class Live:
+    """A guest-less QEMU on a fresh qcow2 disk with a QMP socket, and an initialised repository."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.qmp_sock = tmp_path / "qmp.sock"
+        self.disk = Disk(tmp_path, self.qmp_sock)
+        ok(run_cli("init", "-r", tmp_path / "repo"))
+        self.qemu = start_qemu(self.disk.path, self.qmp_sock, tmp_path / "qemu.log")
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Live]:
+    setup = Live(tmp_path)
+    try:
+        yield setup
+    finally:  # killed whatever the test did; a test that quits QEMU itself checks its exit code
+        if setup.qemu.poll() is None:
+            setup.qemu.kill()
+            setup.qemu.wait(30)
+
+
 def run_script(tmp_path: Path, qmp_sock: Path, hook: str = "", **env: str) -> tuple[int, list[dict[str, Any]], str]:
     """One live-qmp run; returns its exit code, the --json documents it printed, its stderr."""
     proc = subprocess.run(
@@ -148,119 +170,102 @@ def restored(tmp_path: Path, snapshot_id: str) -> bytes:
     return data
 
 
-def test_live_qmp_fleecing_bitmap_rotation_and_a_missed_change(tmp_path: Path) -> None:
-    qmp_sock = tmp_path / "qmp.sock"
-    disk = Disk(tmp_path, qmp_sock)
-    ok(run_cli("init", "-r", tmp_path / "repo"))
-    qemu = start_qemu(disk.path, qmp_sock, tmp_path / "qemu.log")
-    try:
-        # Run 1: no bitmap yet: a full snapshot, and dedupimg-A starts (persistent: the disk is qcow2).
-        rc, docs, err = run_script(tmp_path, qmp_sock)
-        assert rc == 0, err
-        [first] = docs
-        assert "parent" not in first and first["name"] == "guest" and first["size"] == SIZE
-        assert disk.bitmaps() == [("dedupimg-A", True, 0)]
-        assert_torn_down(tmp_path, disk)
-        assert disk.read_now() == disk.model
-        assert restored(tmp_path, first["id"]) == disk.model
+def test_live_qmp_fleecing_bitmap_rotation_and_a_missed_change(tmp_path: Path, live: Live) -> None:
+    qmp_sock, disk, qemu = live.qmp_sock, live.disk, live.qemu
+    # Run 1: no bitmap yet: a full snapshot, and dedupimg-A starts (persistent: the disk is qcow2).
+    rc, docs, err = run_script(tmp_path, qmp_sock)
+    assert rc == 0, err
+    [first] = docs
+    assert "parent" not in first and first["name"] == "guest" and first["size"] == SIZE
+    assert disk.bitmaps() == [("dedupimg-A", True, 0)]
+    assert_torn_down(tmp_path, disk)
+    assert disk.read_now() == disk.model
+    assert restored(tmp_path, first["id"]) == disk.model
 
-        # Guest writes: two 64 KiB blocks, one of them into a hole, and 4 KiB inside a third granule.
-        disk.write(1 * MiB, seed=10)
-        disk.write(50 * MiB, seed=11)
-        disk.write(3 * MiB + 8192, seed=12, length=4096)
-        assert disk.bitmaps() == [("dedupimg-A", True, 3 * K64)]
-        at_run2 = bytes(disk.model)
-        # Run 2, incremental; while its export is up (after the transaction, before the read) the guest
-        # overwrites a block the snapshot reads (1 MiB) and one it takes from the parent (8 MiB).
-        hook_out = tmp_path / "hook.out"
-        hook_writes = [disk.write_command(1 * MiB, seed=20), disk.write_command(8 * MiB, seed=21)]
-        hook = "; ".join(f"qmp {shlex.quote(json.dumps(c))} >> {shlex.quote(str(hook_out))}" for c, _ in hook_writes)
-        rc, docs, err = run_script(tmp_path, qmp_sock, hook=hook)
-        assert rc == 0, err
-        [second] = docs
-        assert hook_out.read_text().split() == ['""', '""'], "the hook's writes failed"
-        for _, write in hook_writes:
-            disk.applied(write)
-        assert second["parent"] == first["id"]
-        assert second["bytes_read"] - second["bytes_verified"] == 3 * K64  # the dirty granules only
-        assert restored(tmp_path, second["id"]) == at_run2  # not the hook's writes: the fleecing view
-        assert disk.read_now() == disk.model != at_run2  # (they did reach the disk)
-        # Rotated: dedupimg-B started at the transaction and holds exactly the hook's writes; A is gone.
-        assert disk.bitmaps() == [("dedupimg-B", True, 2 * K64)]
-        assert_torn_down(tmp_path, disk)
+    # Guest writes: two 64 KiB blocks, one of them into a hole, and 4 KiB inside a third granule.
+    disk.write(1 * MiB, seed=10)
+    disk.write(50 * MiB, seed=11)
+    disk.write(3 * MiB + 8192, seed=12, length=4096)
+    assert disk.bitmaps() == [("dedupimg-A", True, 3 * K64)]
+    at_run2 = bytes(disk.model)
+    # Run 2, incremental; while its export is up (after the transaction, before the read) the guest
+    # overwrites a block the snapshot reads (1 MiB) and one it takes from the parent (8 MiB).
+    hook_out = tmp_path / "hook.out"
+    hook_writes = [disk.write_command(1 * MiB, seed=20), disk.write_command(8 * MiB, seed=21)]
+    hook = "; ".join(f"qmp {shlex.quote(json.dumps(c))} >> {shlex.quote(str(hook_out))}" for c, _ in hook_writes)
+    rc, docs, err = run_script(tmp_path, qmp_sock, hook=hook)
+    assert rc == 0, err
+    [second] = docs
+    assert hook_out.read_text().split() == ['""', '""'], "the hook's writes failed"
+    for _, write in hook_writes:
+        disk.applied(write)
+    assert second["parent"] == first["id"]
+    assert second["bytes_read"] - second["bytes_verified"] == 3 * K64  # the dirty granules only
+    assert restored(tmp_path, second["id"]) == at_run2  # not the hook's writes: the fleecing view
+    assert disk.read_now() == disk.model != at_run2  # (they did reach the disk)
+    # Rotated: dedupimg-B started at the transaction and holds exactly the hook's writes; A is gone.
+    assert disk.bitmaps() == [("dedupimg-B", True, 2 * K64)]
+    assert_torn_down(tmp_path, disk)
 
-        # Run 3, incremental: the hook's writes and one more.
-        disk.write(20 * MiB, seed=30)
-        rc, docs, err = run_script(tmp_path, qmp_sock)
-        assert rc == 0, err
-        [third] = docs
-        assert third["parent"] == second["id"]
-        assert third["bytes_read"] - third["bytes_verified"] == 3 * K64
-        assert restored(tmp_path, third["id"]) == disk.model
-        assert disk.bitmaps() == [("dedupimg-A", True, 0)]
-        assert_torn_down(tmp_path, disk)
+    # Run 3, incremental: the hook's writes and one more.
+    disk.write(20 * MiB, seed=30)
+    rc, docs, err = run_script(tmp_path, qmp_sock)
+    assert rc == 0, err
+    [third] = docs
+    assert third["parent"] == second["id"]
+    assert third["bytes_read"] - third["bytes_verified"] == 3 * K64
+    assert restored(tmp_path, third["id"]) == disk.model
+    assert disk.bitmaps() == [("dedupimg-A", True, 0)]
+    assert_torn_down(tmp_path, disk)
 
-        # A run killed (SIGKILL: no clean-up) while its export is up leaves the export, the NBD server, the
-        # fleecing job, the overlay and two bitmaps (the old one disabled). The next run removes them, folds the
-        # old bitmap into the recording one, and reads the writes of both.
-        disk.write(24 * MiB, seed=35)
-        rc, docs, err = run_script(tmp_path, qmp_sock, hook="kill -KILL $$")
-        assert rc == -9 and docs == [], err
-        assert [e["id"] for e in qmp(qmp_sock, "query-block-exports")] == ["dedupimg"]
-        assert len(list(tmp_path.glob("dedupimg-fleece.*"))) == 1
-        assert disk.bitmaps() == [("dedupimg-A", False, K64), ("dedupimg-B", True, 0)]
-        disk.write(26 * MiB, seed=36)
-        rc, docs, err = run_script(tmp_path, qmp_sock)
-        assert rc == 0, err
-        assert "interrupted run" in err and "merging dedupimg-A into dedupimg-B" in err
-        [fourth] = docs
-        assert fourth["parent"] == third["id"]
-        assert fourth["bytes_read"] - fourth["bytes_verified"] == 2 * K64
-        assert restored(tmp_path, fourth["id"]) == disk.model
-        assert disk.bitmaps() == [("dedupimg-A", True, 0)]
-        assert_torn_down(tmp_path, disk)
+    # A run killed (SIGKILL: no clean-up) while its export is up leaves the export, the NBD server, the
+    # fleecing job, the overlay and two bitmaps (the old one disabled). The next run removes them, folds the
+    # old bitmap into the recording one, and reads the writes of both.
+    disk.write(24 * MiB, seed=35)
+    rc, docs, err = run_script(tmp_path, qmp_sock, hook="kill -KILL $$")
+    assert rc == -9 and docs == [], err
+    assert [e["id"] for e in qmp(qmp_sock, "query-block-exports")] == ["dedupimg"]
+    assert len(list(tmp_path.glob("dedupimg-fleece.*"))) == 1
+    assert disk.bitmaps() == [("dedupimg-A", False, K64), ("dedupimg-B", True, 0)]
+    disk.write(26 * MiB, seed=36)
+    rc, docs, err = run_script(tmp_path, qmp_sock)
+    assert rc == 0, err
+    assert "interrupted run" in err and "merging dedupimg-A into dedupimg-B" in err
+    [fourth] = docs
+    assert fourth["parent"] == third["id"]
+    assert fourth["bytes_read"] - fourth["bytes_verified"] == 2 * K64
+    assert restored(tmp_path, fourth["id"]) == disk.model
+    assert disk.bitmaps() == [("dedupimg-A", True, 0)]
+    assert_torn_down(tmp_path, disk)
 
-        # A write the bitmap misses (recording stopped behind the script's back), over data the parent
-        # holds: --verify-unchanged 100 re-reads it and finds it (exit 23); the script then takes a full snapshot
-        # of the same export, and rotates. (A missed write into the parent's zeros is caught too:
-        # tests/ops/test_nbd_source.py::test_verify_unchanged_catches_a_missed_write_into_the_parents_hole.)
-        qmp(qmp_sock, "block-dirty-bitmap-disable", node="disk0", name="dedupimg-A")
-        disk.write(41 * MiB, seed=40)
-        rc, docs, err = run_script(tmp_path, qmp_sock, VERIFY_UNCHANGED="100")
-        assert rc == 23, err
-        assert "take a full snapshot" in err and "taking a full snapshot" in err
-        [full] = docs
-        assert "parent" not in full
-        assert restored(tmp_path, full["id"]) == disk.model
-        assert disk.bitmaps() == [("dedupimg-B", True, 0)]
-        assert_torn_down(tmp_path, disk)
-        listed = json.loads(ok(run_cli("snapshots", "-r", tmp_path / "repo", "--json")))
-        assert [s["id"] for s in listed] == [first["id"], second["id"], third["id"], fourth["id"], full["id"]]
+    # A write the bitmap misses (recording stopped behind the script's back), over data the parent
+    # holds: --verify-unchanged 100 re-reads it and finds it (exit 23); the script then takes a full snapshot
+    # of the same export, and rotates. (A missed write into the parent's zeros is caught too:
+    # tests/ops/test_nbd_source.py::test_verify_unchanged_catches_a_missed_write_into_the_parents_hole.)
+    qmp(qmp_sock, "block-dirty-bitmap-disable", node="disk0", name="dedupimg-A")
+    disk.write(41 * MiB, seed=40)
+    rc, docs, err = run_script(tmp_path, qmp_sock, VERIFY_UNCHANGED="100")
+    assert rc == 23, err
+    assert "take a full snapshot" in err and "taking a full snapshot" in err
+    [full] = docs
+    assert "parent" not in full
+    assert restored(tmp_path, full["id"]) == disk.model
+    assert disk.bitmaps() == [("dedupimg-B", True, 0)]
+    assert_torn_down(tmp_path, disk)
+    listed = json.loads(ok(run_cli("snapshots", "-r", tmp_path / "repo", "--json")))
+    assert [s["id"] for s in listed] == [first["id"], second["id"], third["id"], fourth["id"], full["id"]]
 
-        # QEMU quits: the persistent bitmap is stored in the qcow2.
-        qmp(qmp_sock, "quit")
-        assert qemu.wait(30) == 0
-        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(disk.path)], check=True,
-                                         capture_output=True, text=True).stdout)
-        assert [b["name"] for b in info["format-specific"]["data"]["bitmaps"]] == ["dedupimg-B"]
-    finally:
-        if qemu.poll() is None:
-            qemu.kill()
-            qemu.wait(30)
-    assert qemu.returncode is not None
+    # QEMU quits: the persistent bitmap is stored in the qcow2.
+    qmp(qmp_sock, "quit")
+    assert qemu.wait(30) == 0
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(disk.path)], check=True,
+                                     capture_output=True, text=True).stdout)
+    assert [b["name"] for b in info["format-specific"]["data"]["bitmaps"]] == ["dedupimg-B"]
 
 
-def test_live_qmp_refuses_an_unknown_node(tmp_path: Path) -> None:
-    qmp_sock = tmp_path / "qmp.sock"
-    disk = Disk(tmp_path, qmp_sock)
-    ok(run_cli("init", "-r", tmp_path / "repo"))
-    qemu = start_qemu(disk.path, qmp_sock, tmp_path / "qemu.log")
-    try:
-        proc = subprocess.run(["bash", str(SCRIPT), "live-qmp", str(qmp_sock), "disk9"], capture_output=True,
-                              text=True, timeout=60,
-                              env=cli_env(DEDUPIMG_REPO=str(tmp_path / "repo"), FLEECE_DIR=str(tmp_path)))
-        assert proc.returncode == 1 and "no block node 'disk9'" in proc.stderr, proc.stderr
-        assert disk.bitmaps() == [] and qmp(qmp_sock, "query-block-jobs") == []
-    finally:
-        qemu.kill()
-        qemu.wait(30)
+def test_live_qmp_refuses_an_unknown_node(tmp_path: Path, live: Live) -> None:
+    proc = subprocess.run(["bash", str(SCRIPT), "live-qmp", str(live.qmp_sock), "disk9"], capture_output=True,
+                          text=True, timeout=60,
+                          env=cli_env(DEDUPIMG_REPO=str(tmp_path / "repo"), FLEECE_DIR=str(tmp_path)))
+    assert proc.returncode == 1 and "no block node 'disk9'" in proc.stderr, proc.stderr
+    assert live.disk.bitmaps() == [] and qmp(live.qmp_sock, "query-block-jobs") == []
