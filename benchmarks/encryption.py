@@ -10,7 +10,8 @@ local directory repositories:
 Per kind: snapshot of v1 and v2 of the vm series (benchmarks/series.py), restore of v2 (checked bit-exact), and
 a sequential read of v2 through ``dedupimg mount``. Every command of an encrypted repository derives its key
 with argon2id first (0.14-0.45 s with the defaults: t=6, 64 MiB, p=2): the report gives that time on its own,
-and each operation's rate with and without it. As root the page cache is dropped before each timed operation.
+and each operation's rate with and without it. As root the page cache is dropped before each timed operation;
+each restore starts after ``--settle`` seconds (default 10) without writes.
 Prints Markdown tables (medians; MB = 10^6 bytes of the image's logical size per wall second) and writes them
 to benchmarks/results/encryption.md. Exits 1 if any operation failed.
 """
@@ -72,7 +73,7 @@ def kdf_seconds() -> float:
     return statistics.median(runs)
 
 
-def one_round(rep: int, series: Series, work: Path, binary: Path, results: Results) -> None:
+def one_round(rep: int, series: Series, work: Path, binary: Path, results: Results, settle: float) -> None:
     # Each round starts with another kind: the command that runs right after another one's writes (and the
     # page cache drop) was measured slower here whatever it was, so no kind may always come first.
     labels = list(KINDS)
@@ -83,9 +84,10 @@ def one_round(rep: int, series: Series, work: Path, binary: Path, results: Resul
         tool.init()
     image = work / "live" / "vm.img"
     ids = snapshot_versions(tools, series, image, results, lambda tool: tree_bytes(tool.repo)[0])
-    # Every restore of the round writes its own target, and all are removed after the round: this disk is mounted
-    # with online discard, and a restore started right after the previous one's 1.5 GB target was deleted ran up
-    # to 35% slower (21:28 UTC: unencrypted 2.9 s first in a round, 3.9-4.0 s after another kind's rm).
+    # Every restore of the round writes its own target, and all are removed after the round (this disk is mounted
+    # with online discard); and each restore starts after ``settle`` seconds of quiet: a restore right after
+    # another one's 1.5 GB of writes ran up to 35% slower, whatever its kind (21:28-21:42 UTC: unencrypted 2.9-3.3 s
+    # first in a round, 3.8-4.3 s after another restore), as if the host were still flushing the previous one.
     restores = work / "restore"
     for label in [k for k in labels if k in TIMED_KINDS]:
         tool = tools[label]
@@ -94,6 +96,7 @@ def one_round(rep: int, series: Series, work: Path, binary: Path, results: Resul
             continue
         out = restores / label
         drop_caches()
+        time.sleep(settle)
         m, restored = tool.restore(str(ids[label]), image, out)
         note = m.error_line() if not m.ok else ""
         if m.ok and (not restored.is_file() or file_hash(restored) != series.versions[1].blake3):
@@ -112,7 +115,8 @@ def render(args: argparse.Namespace, r: Results, series: Series, kdf: float, inf
         f"- machine: {os.cpu_count()} CPUs ({cpu_model()}); local disk sequential write {info['disk']} MB/s; "
         f"load average at start {info['load']}",
         f"- dedupimg (source {info['source']}); image: vm series, v1 {v1.size / MB:.0f} MB logical, v2 "
-        f"{v2.size / MB:.0f} MB; {args.repeat} repeat(s), medians; page cache dropped before each timed operation",
+        f"{v2.size / MB:.0f} MB; {args.repeat} repeat(s), medians; page cache dropped before each timed operation; "
+        f"each restore after {args.settle:g} s without writes",
         f"- every command of an encrypted repository first derives its key: argon2id (t=6, 64 MiB, p=2) took "
         f"**{kdf:.2f} s** here; 'without KDF' subtracts it from each encrypted operation's wall time",
         "",
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dedupimg", type=Path, default=ROOT / ".venv" / "bin" / "dedupimg")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "encryption.md")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--settle", type=float, default=10.0,
+                    help="seconds of quiet before each timed restore (the disk's writeback of the last one)")
     args = ap.parse_args(argv)
     if args.image_size < 64 * MiB or args.repeat < 1:
         ap.error("--image-size at least 64M, --repeat at least 1")
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rep in range(1, args.repeat + 1):
             log(f"round {rep} of {args.repeat}")
-            one_round(rep, series, run_dir / f"round-{rep}", args.dedupimg, results)
+            one_round(rep, series, run_dir / f"round-{rep}", args.dedupimg, results, args.settle)
     finally:
         for mnt in run_dir.glob("round-*/mnt"):
             unmount(mnt)
