@@ -114,6 +114,15 @@ class SegmentBuilder:
         if int.from_bytes(id_[-2:], "little") & self._p.cut_mask == 0:
             self.flush()
 
+    def add_extents(self, lengths: list[int], ids: list[bytes | None]) -> None:
+        """``add_zero`` for each None among ``ids`` and ``add_chunk`` for each id, runs of chunks in bulk."""
+        start = 0
+        for k in [k for k, id_ in enumerate(ids) if id_ is None]:
+            self.add_chunks(lengths[start:k], ids[start:k])  # type: ignore[arg-type]
+            self.add_zero(lengths[k])
+            start = k + 1
+        self.add_chunks(lengths[start:], ids[start:])  # type: ignore[arg-type]
+
     def add_chunks(self, lengths: list[int], ids: list[bytes]) -> None:
         """``add_chunk`` for each pair (no None among ``ids``), with list slices instead of a call per chunk."""
         if not ids:

@@ -404,14 +404,7 @@ class _Store:
         for blob in (blob for f in p.encoded for blob in f.result()):
             self._writer.add_encoded_chunk(blob)
             self._in_flight.discard(blob.id)
-        if None in p.ids:  # zero chunks among them
-            for (s, e), cid in zip(p.batch.cuts, p.ids, strict=True):
-                if cid is None:
-                    builder.add_zero(e - s)
-                else:
-                    builder.add_chunk(e - s, cid)
-        else:
-            builder.add_chunks([e - s for s, e in p.batch.cuts], p.ids)  # type: ignore[arg-type]
+        builder.add_extents([e - s for s, e in p.batch.cuts], p.ids)
         p.batch.release()
         self._advance(p.batch.length)
 

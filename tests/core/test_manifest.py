@@ -171,3 +171,27 @@ def test_add_chunks_builds_the_segments_add_chunk_does(items, mask, most):
     b1.flush()
     b2.flush()
     assert [(s.lengths, s.ids) for s in bulk] == [(s.lengths, s.ids) for s in one]
+
+
+@settings(max_examples=300, deadline=None)
+@given(extents=st.lists(st.tuples(st.integers(1, 3000), st.one_of(st.none(), st.binary(min_size=32, max_size=32))),
+                        max_size=60),
+       splits=st.lists(st.integers(0, 60), max_size=5),
+       mask=st.sampled_from([0, 1, 3, 0xFF]), most=st.integers(1, 7))
+def test_add_extents_builds_the_segments_one_call_per_extent_does(extents, splits, mask, most):
+    """A batch's extents with zero chunks among them, added in bulk in arbitrary slices: the segments of add_zero
+    and add_chunk one extent at a time."""
+    params = SegmentParams(cut_mask=mask, max_extents=most, zero_cut=1000)
+    one, b1 = _collect(params)
+    bulk, b2 = _collect(params)
+    for n, id_ in extents:
+        if id_ is None:
+            b1.add_zero(n)
+        else:
+            b1.add_chunk(n, id_)
+    bounds = sorted({0, len(extents), *(min(s, len(extents)) for s in splits)})
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        b2.add_extents([n for n, _ in extents[a:b]], [i for _, i in extents[a:b]])
+    b1.flush()
+    b2.flush()
+    assert [(s.lengths, s.ids) for s in bulk] == [(s.lengths, s.ids) for s in one]
