@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import det_bytes, fails, ok, run_cli, text_bytes
+from tests.helpers import cli_env, det_bytes, fails, ok, run_cli, text_bytes
 
 pytestmark = pytest.mark.encrypted_only  # keys exist only in encrypted repositories
 
@@ -174,3 +178,35 @@ def test_keys_on_s3(s3_server: Any, s3_credentials: None, tmp_path: Path) -> Non
     out = tmp_path / "restored.img"
     ok(run_cli("-r", location, "restore", sid, out, env={**env, "DEDUPIMG_PASSWORD": "second"}))
     assert out.read_bytes() == data
+
+
+@pytest.mark.slow
+def test_passwd_killed_at_random_points_always_leaves_a_password_that_opens(tmp_path: Path) -> None:
+    """kill -9 of `key passwd` at random moments (while it derives keys, writes the new key object, between adding
+    it and removing the old one): afterwards the old or the new password opens the repository, never neither (a
+    lost key is every snapshot lost), a finished run leaves only the new one, and every snapshot restores."""
+    repo = tmp_path / "repo"
+    ok(run_cli("-r", repo, "init", "--chunk-size", "4096"))
+    taken = snapshot_two(repo, tmp_path)
+    rng = random.Random(14)
+    password, outcomes = FIRST, set()
+    for round_ in range(10):
+        new = f"password-{round_}"
+        (tmp_path / "new").write_text(new + "\n")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dedupimg", "-r", str(repo), "key", "passwd", "--new-password-file",
+             str(tmp_path / "new")], env=cli_env(DEDUPIMG_PASSWORD=password), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.05, 0.9))  # start-up, two argon2id derivations, a durable write, a delete
+        proc.kill()
+        finished = proc.wait() == 0
+        opens = {p: run_cli("-r", repo, "snapshots", "--json", env={"DEDUPIMG_PASSWORD": p}).returncode
+                 for p in (password, new)}
+        assert set(opens.values()) <= {0, 22} and 0 in opens.values(), (round_, opens)
+        if finished:
+            assert opens == {password: 22, new: 0}
+        outcomes.add((finished, opens[password], opens[new]))
+        password = new if opens[new] == 0 else password
+    assert len(outcomes) >= 2, outcomes  # the kills did land at different moments
+    restores_bit_exact(repo, taken, tmp_path, password)
+    ok(run_cli("-r", repo, "check", "--read-data", env={"DEDUPIMG_PASSWORD": password}))
