@@ -103,19 +103,22 @@ class Target:
             raise TargetError(f"directory {path.parent} of target {self.shown} does not exist")
         self.final = path
         self.tmp = temp_name(path)
-        self.fd = _open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        if keep is not None:
-            try:
-                os.fchown(self.fd, keep.st_uid, keep.st_gid)  # before chmod: chown clears set-id bits
-                os.fchmod(self.fd, stat.S_IMODE(keep.st_mode))
-            except OSError as exc:
-                self.abort()
-                raise TargetError(
-                    f"cannot give the new {self.shown} the owner {keep.st_uid}:{keep.st_gid} and mode "
-                    f"{stat.S_IMODE(keep.st_mode):o} of the file it replaces: {exc.strerror}"
-                ) from None
-        self.sparse = True
-        self._truncate(size)  # zero extents stay holes
+        try:  # the caller gets this target only once it is whole: until then a failure or interrupt removes the file
+            self.fd = _open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            if keep is not None:
+                try:
+                    os.fchown(self.fd, keep.st_uid, keep.st_gid)  # before chmod: chown clears set-id bits
+                    os.fchmod(self.fd, stat.S_IMODE(keep.st_mode))
+                except OSError as exc:
+                    raise TargetError(
+                        f"cannot give the new {self.shown} the owner {keep.st_uid}:{keep.st_gid} and mode "
+                        f"{stat.S_IMODE(keep.st_mode):o} of the file it replaces: {exc.strerror}"
+                    ) from None
+            self.sparse = True
+            self._truncate(size)  # zero extents stay holes
+        except BaseException:
+            self.abort()
+            raise
 
     def _truncate(self, size: int) -> None:
         try:
