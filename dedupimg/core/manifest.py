@@ -116,6 +116,9 @@ class SegmentBuilder:
 
     def add_extents(self, lengths: list[int], ids: list[bytes | None]) -> None:
         """``add_zero`` for each None among ``ids`` and ``add_chunk`` for each id, runs of chunks in bulk."""
+        if None not in ids:  # most batches: a scan in C, no Python step per chunk
+            self.add_chunks(lengths, ids)  # type: ignore[arg-type]
+            return
         start = 0
         for k in [k for k, id_ in enumerate(ids) if id_ is None]:
             self.add_chunks(lengths[start:k], ids[start:k])  # type: ignore[arg-type]

@@ -40,10 +40,10 @@ class LocalStore:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
-        # Temporary files of this store's writers not yet committed or aborted. An interrupt (raised between any
-        # two bytecodes of the main thread) can land after a file is created and before its owner holds the
-        # writer that would remove it; close() removes what is left, so no path leaks one.
-        self._uncommitted: set[Path] = set()
+        # Writers neither committed nor aborted. An interrupt (raised between any two bytecodes of the main
+        # thread) can land after a writer's file is created and before its owner holds the writer that would
+        # abort it; close() aborts what is left, so no path leaks a temp file or its descriptor.
+        self._uncommitted: set[LocalWriter] = set()
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -79,10 +79,9 @@ class LocalStore:
         return {"kind": "local", "root": os.path.abspath(self.root)}
 
     def close(self) -> None:
-        """Remove the temporary files of writers neither committed nor aborted (nothing can commit them now)."""
-        for tmp in list(self._uncommitted):
-            tmp.unlink(missing_ok=True)
-            self._uncommitted.discard(tmp)
+        """Abort the writers neither committed nor aborted (nothing can commit them now)."""
+        for writer in list(self._uncommitted):
+            writer.abort()
 
     # -- writing ---------------------------------------------------------------------------------------------
 
@@ -247,7 +246,8 @@ class LocalWriter:
         self._store = store
         self.temp_name = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(8).hex()}{TEMP_SUFFIX}"
         self._tmp = store.root / self.temp_name
-        store._uncommitted.add(self._tmp)  # before the file exists: from here on close() finds it
+        self._fd = -1
+        store._uncommitted.add(self)  # before the file exists: from here on the store's close() finds it
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         self._pieces: list[bytes] = []
         self._buffered = 0
@@ -292,7 +292,7 @@ class LocalWriter:
                 raise
             make_dirs(final.parent)  # a level that does not exist yet (init makes every packs/xx)
             os.replace(self._tmp, final)
-        self._store._uncommitted.discard(self._tmp)
+        self._store._uncommitted.discard(self)
         fsync_dir(final.parent)
 
     def abort(self) -> None:
@@ -300,4 +300,4 @@ class LocalWriter:
             os.close(self._fd)
             self._fd = -1
         self._tmp.unlink(missing_ok=True)
-        self._store._uncommitted.discard(self._tmp)
+        self._store._uncommitted.discard(self)
