@@ -21,7 +21,8 @@ def index(
     """Rebuild the whole index (chunk locations, manifests, snapshot list, reference counts) from the packs.
 
     Use it when the index is missing or damaged. Damaged packs are reported and skipped; snapshots whose data
-    is then incomplete are left out and reported; forgotten snapshots stay forgotten.
+    is then incomplete are left out and reported; forgotten snapshots stay forgotten. A pack that cannot be
+    read (an I/O error) stops it, changing nothing.
     """
     report = repair_index(repo_location(ctx), lock_wait, progress_sink(item_tasks=("repair index",)))
     if json:

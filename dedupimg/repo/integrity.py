@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from dedupimg.core.errors import IntegrityError
 from dedupimg.repo import pack
 from dedupimg.repo.pack import PackInfo
-from dedupimg.store.base import TEMP_PREFIX, Store
+from dedupimg.store.base import TEMP_PREFIX, NotAnObject, Store, StoreError
 
 WINDOW = 16 << 20  # bytes of adjacent blobs read with one pread when reading a whole pack
 META_TYPES = (pack.SEGMENT, pack.SNAPSHOT, pack.TOMBSTONE)
@@ -147,22 +147,28 @@ def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where
 
 def read_blobs(store: Store, name: str, entries: list[pack.BlobEntry], fmt: pack.BlobFormat
                ) -> list[tuple[pack.BlobEntry, bytes | str]]:
-    """Each blob's verified raw bytes, or the reason it cannot be read (repair: the metadata blobs of a pack)."""
+    """Each blob's verified raw bytes, or why its bytes are damaged (repair: the metadata blobs of a pack).
+
+    A blob that cannot be *read* (an I/O error, a server that does not answer, a pack gone since it was
+    listed) raises StoreError instead: its bytes may be fine, and a repair that left out what it holds would
+    let prune delete the rest of those snapshots."""
     out: list[tuple[pack.BlobEntry, bytes | str]] = []
     where = base_name(name)
     try:
         reader = store.open(name, where)
-    except IntegrityError as exc:
+    except NotAnObject as exc:
         return [(e, str(exc)) for e in entries]
     with reader:
         for e in entries:
             try:
                 type_, raw = pack.read_blob(reader, e, where, fmt)
                 out.append((e, raw) if type_ == e.type else (e, f"{where}: blob at {e.offset} has the wrong type"))
+            except StoreError:
+                raise
             except IntegrityError as exc:
                 out.append((e, str(exc)))
             except OSError as exc:
-                out.append((e, f"{where}: cannot read blob at {e.offset}: {exc.strerror}"))
+                raise StoreError(where, f"cannot read blob at {e.offset}: {exc.strerror}", exc.strerror) from None
     return out
 
 

@@ -32,7 +32,7 @@ from dedupimg.core.codecs import MAX_BLOB, MIN_SAVING, RAW, ZSTD, Compressor, de
 from dedupimg.core.crypto import NONCE, TAG, Aead, chunk_hasher
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.ids import BLOB_TYPES, CHUNK, SEGMENT, SNAPSHOT, TOMBSTONE, blob_id  # noqa: F401
-from dedupimg.store.base import Listing, ObjectInfo, ObjectReader, ObjectWriter, Store
+from dedupimg.store.base import Listing, ObjectInfo, ObjectReader, ObjectWriter, Store, StoreError
 
 PACK_MAGIC = b"DIMGPK\x00\x01"
 FOOTER_MAGIC = b"DIMGEND1"
@@ -392,8 +392,8 @@ def read_pack_info(reader: ObjectReader, fmt: BlobFormat = PLAIN, where: str | N
         if magic != fmt.footer_magic or t_off + t_len + FOOTER.size != size:
             raise IntegrityError(f"{where}: pack footer is damaged or the pack is truncated")
         trailer = reader.pread(t_len, t_off)
-    except OSError as exc:
-        raise IntegrityError(f"{where}: cannot read pack: {exc.strerror}") from None
+    except OSError as exc:  # not damage: what the pack holds is unknown (repair must not skip it)
+        raise StoreError(where, f"cannot read pack: {exc.strerror}", exc.strerror) from None
     except struct.error:  # the file shrank since it was opened
         raise IntegrityError(f"{where}: pack footer is damaged or the pack is truncated") from None
     if blob_id(trailer) != t_hash:

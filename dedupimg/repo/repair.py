@@ -33,6 +33,7 @@ from dedupimg.repo import indexobjects, integrity, keys, pack
 from dedupimg.repo.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack
 from dedupimg.repo.repository import INDEX, TMP, Repository, cache_home
 from dedupimg.store import Store, location_spec
+from dedupimg.store.base import NotAnObject, StoreError
 from dedupimg.store.lock import LockMode
 
 
@@ -97,7 +98,15 @@ def _repair_under_lock(path: Path, store: Store, progress: Progress, fmt: pack.B
     try:
         index = Index(work, create=True)
         try:
-            listings = _rebuild(store, index, report, progress, fmt, collect=remote)
+            try:
+                listings = _rebuild(store, index, report, progress, fmt, collect=remote)
+            except StoreError as exc:
+                # A pack that cannot be read (an I/O error, a server that does not answer) may be intact:
+                # skipping it as damaged would leave out its snapshots, and prune would then delete the rest
+                # of them. Stop before anything is replaced.
+                raise StoreError(exc.where, f"{exc.reason}; repair index stopped and changed nothing (run it "
+                                 "again once this reads, or move the pack out of the repository to rebuild "
+                                 "without it)", exc.strerror) from None
             old: set[str] = set()
             if remote:
                 # One index object lists every pack registered; it is durable before the old ones go, so
@@ -202,6 +211,11 @@ def _register(index: Index, store: Store, name: str, report: RepairReport, fmt: 
     file_name = integrity.base_name(name)
     try:
         info = integrity.read_pack_info(store, name, fmt)
+    except StoreError as exc:
+        if not isinstance(exc, NotAnObject):
+            raise  # unreadable is not damaged: what it holds is unknown (see _repair_under_lock)
+        report.damaged_packs.append((file_name, str(exc).replace(f"{store.location(name)}: ", "")))
+        return None, []
     except IntegrityError as exc:
         report.damaged_packs.append((file_name, str(exc).replace(f"{store.location(name)}: ", "")))
         return None, []

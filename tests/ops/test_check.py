@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -19,6 +20,7 @@ from dedupimg.ops.repair import repair_index
 from dedupimg.repo import pack
 from dedupimg.repo.index import BLOB_VALUE, PackRow
 from dedupimg.repo.repository import Repository
+from dedupimg.store.base import StoreError
 from tests.helpers import det_bytes, restores, small_repo, snap, text_bytes
 from tests.packfiles import pack_file, trailer, write_pack
 
@@ -61,6 +63,15 @@ def chunk_only_in(path: Path, rec: SnapshotRecord, others: list[SnapshotRecord])
                 if e.type == pack.CHUNK and e.id in mine:
                     return path, e
     raise AssertionError("no such chunk")
+
+
+def record_pack(path: Path, rec: SnapshotRecord) -> Path:
+    """The pack file that holds the record ``rec``."""
+    with Repository.open(path) as repo:
+        for row in repo.index.pack_rows():
+            if any(e.type == pack.SNAPSHOT and e.id == rec.id for e in trailer(pack_file(repo, row.id))):
+                return pack_file(repo, row.id)
+    raise AssertionError("no such record")
 
 
 def test_clean_repository(world, tmp_path):
@@ -270,6 +281,46 @@ def test_repair_skips_a_damaged_pack_and_leaves_out_what_needs_it(world, tmp_pat
     kinds = sorted(f.kind for f in after.findings)
     assert kinds == ["pack-damaged", "record-unlisted"]  # the damage stays visible, naming the lost snapshot
     assert next(f for f in after.findings if f.kind == "record-unlisted").snapshots[0].id == a.id
+
+
+@pytest.mark.parametrize("failing_read", [0, 3], ids=["trailer", "manifest"])
+def test_repair_stops_on_a_pack_it_cannot_read_and_changes_nothing(world, tmp_path, monkeypatch, failing_read):
+    """An I/O error is not damage: a pack that could not be read may be intact. Skipping it would leave out its
+    snapshots, and the next prune would delete the rest of them (a review found this); repair stops instead,
+    one line naming the pack, with the old index in place. ``failing_read``: which pread of that pack fails
+    (the footer and trailer are the first three; a snapshot's own pack holds its segments and record)."""
+    from dedupimg.store.local import LocalStore
+
+    path, expected = world
+    (a, da), (b, _), (c, _) = expected
+    before = index_content(path)
+    victim = (record_pack(path, a) if failing_read else chunk_only_in(path, a, [b, c])[0]).name
+    opened = LocalStore.open
+    reads = iter(range(1 << 30))  # of the victim, over all its openings
+
+    def open_failing(self: LocalStore, name: str, where: str | None = None):
+        reader = opened(self, name, where)
+        if name.endswith(victim):
+            real = reader.pread
+
+            def pread(length: int, offset: int) -> bytes:
+                if next(reads) == failing_read:
+                    raise OSError(errno.EIO, "Input/output error")
+                return real(length, offset)
+
+            reader.pread = pread
+        return reader
+
+    monkeypatch.setattr(LocalStore, "open", open_failing)
+    with pytest.raises(StoreError, match=rf"{victim}: cannot read .*Input/output error; repair index stopped "
+                                         "and changed nothing"):
+        repair_index(path)
+    monkeypatch.undo()
+    assert index_content(path) == before
+    assert os.listdir(path / "tmp") == []
+    assert run_check(path, 1.0).ok
+    with Repository.open(path) as repo:
+        restores(repo, a, da, tmp_path)
 
 
 def test_forgotten_snapshot_does_not_come_back_after_repair(world, tmp_path):
