@@ -407,7 +407,8 @@ class Repository:
 
     def check_lock(self) -> None:
         """RepositoryLocked unless the lock this repository was opened with is still held (an object store's
-        lock can be lost: removed by ``unlock --remove-all``, or not refreshed in time); before deleting."""
+        lock can be lost: removed by ``unlock --remove-all``, or not refreshed in time); before deleting, and
+        before a snapshot record is listed."""
         if self._lock is not None:
             self._lock.check()
 
@@ -976,6 +977,11 @@ class BlobWriter:
             self._drain(UPLOADS_AHEAD)
             return
         try:
+            if snapshot is not None:
+                # A lock lost meanwhile (an object store's: removed by 'unlock --remove-all' elsewhere, or not
+                # refreshed in time) may have let a prune delete chunks this snapshot deduplicated against:
+                # its record must not be listed. (Its packs stay, unlisted, for prune to remove.)
+                self._repo.check_lock()
             sealed = self._repo.seal(writer)
         finally:
             self._pending -= ids

@@ -90,26 +90,37 @@ class RepositoryLock:
     def acquire(self) -> None:
         if self._acquired:
             raise RuntimeError(f"{self.path} is already acquired by this RepositoryLock (it is not re-entrant)")
-        fd, writable = self._open()
-        if fd is None:
-            self._acquired = True  # SHARED on read-only media without a lock file: proceed unlocked
-            return
-        try:
-            self._lock(fd)
-            if self.mode is LockMode.EXCLUSIVE and writable:
-                self._record_holder(fd)
-        except BaseException:  # also Interrupted from the signal handler while sleeping
-            os.close(fd)
-            raise
+        while True:
+            fd, writable = self._open()
+            if fd is None:
+                self._acquired = True  # SHARED on read-only media without a lock file: proceed unlocked
+                return
+            try:
+                self._lock(fd)
+                current = self._is_current(fd)
+                if current and self.mode is LockMode.EXCLUSIVE and writable:
+                    self._record_holder(fd)
+            except BaseException:  # also Interrupted from the signal handler while sleeping
+                os.close(fd)
+                raise
+            if current:
+                break
+            os.close(fd)  # the lock file was removed (or replaced) while we waited for it: lock the new one
         self._fd = fd
         self._acquired = True
 
     def check(self) -> None:
-        """A flock is never lost while its descriptor is open: RepositoryLocked only before acquire or after
-        release (a SHARED lock that proceeded unlocked on read-only media counts as held)."""
+        """RepositoryLocked before acquire or after release, or when the lock file was removed or replaced since
+        (someone deleted ``lock`` by hand, as one does with a stale lock of other tools: a process that
+        opens the new file locks it regardless of ours). A SHARED lock that proceeded unlocked on read-only
+        media counts as held."""
         if not self._acquired:
             raise RepositoryLocked(f"the {self.mode.value} lock of {self.what or 'this command'} on "
                                    f"{self.repo_path} is not held")
+        if self._fd is not None and not self._is_current(self._fd):
+            raise RepositoryLocked(f"the {self.mode.value} lock of {self.what or 'this command'} on "
+                                   f"{self.repo_path} was lost (its lock file {self.path} was removed or "
+                                   "replaced): another command may be changing the repository")
 
     def release(self) -> None:
         """Close the descriptor: the lock goes when no forked child still shares it (no ``LOCK_UN``)."""
@@ -149,6 +160,15 @@ class RepositoryLock:
                 return None, False
             # Not a lock held by anyone: this process cannot write here (exit 16, not 11).
             raise PermissionDenied(self._cannot_open(first)) from None
+
+    def _is_current(self, fd: int) -> bool:
+        """Whether ``fd`` is still the file at ``self.path`` (a flock on a removed file excludes nobody)."""
+        held = os.fstat(fd)
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
     def _cannot_open(self, exc: OSError) -> str:
         need = ""

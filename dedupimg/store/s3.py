@@ -77,6 +77,9 @@ T = TypeVar("T")
 LOCK_PREFIX = "locks/"
 LOCK_STALE_SECONDS = 30 * 60  # a lock object older than this (its "time") is stale: ignored, and removable
 LOCK_REFRESH_SECONDS = 5 * 60  # a held lock's object is written again this often
+# Its holder stops counting on a lock not refreshed for this share of LOCK_STALE_SECONDS (20 of 30 minutes):
+# others judge staleness by their own clocks, which may run ahead of ours.
+LOCK_TRUST_SHARE = 2 / 3
 LOCK_FIRST_DELAY = 0.05
 LOCK_MAX_DELAY = 0.5
 DELETE_THREADS = 8
@@ -452,6 +455,14 @@ class S3Writer:
         self._buf = None
 
 
+def _clocks() -> tuple[float, float]:
+    """Two clocks for the age of our lock object: one that counts time suspended (CLOCK_BOOTTIME; a process
+    stopped or a laptop asleep does not refresh, and CLOCK_MONOTONIC stands still in suspend) and the wall
+    clock, by which other hosts judge staleness (a paused VM's may jump ahead when it resumes)."""
+    boot = time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+    return boot, time.time()
+
+
 class S3Lock:
     """The repository lock as objects under ``locks/`` (restic's protocol, for servers with or without
     conditional writes): write this holder's lock object (``locks/<mode>-<host>-<pid>-<16 hex>``, JSON: host,
@@ -464,9 +475,11 @@ class S3Lock:
     a daemon thread refreshes the lock every LOCK_REFRESH_SECONDS (5 minutes; :meth:`refresh`): it writes a new
     lock object with the time now, checks that the old one is still there and deletes it. A refresh that fails
     (network) is tried again at the next tick. The lock is lost when its object is found gone (``dedupimg
-    unlock --remove-all``, or another host removed it as stale) or when it has not been refreshed for
-    LOCK_STALE_SECONDS (others may treat it as stale); :meth:`check` raises RepositoryLocked then, so a command
-    about to delete (prune) stops. An unreadable or vanished lock object of another holder counts as not
+    unlock --remove-all``, or another host removed it as stale) or when it has not been refreshed for 20 of
+    those 30 minutes (LOCK_TRUST_SHARE), by a clock that counts time suspended or by the wall clock (others
+    may soon treat it as stale, and a refresh must not revive a lock another host has ignored meanwhile);
+    :meth:`check` raises RepositoryLocked then, so a command about to delete (prune) or to list a new snapshot
+    stops. An unreadable or vanished lock object of another holder counts as not
     there. release() stops the refreshing and deletes the object; a process killed while holding a lock leaves
     it until it goes stale (or ``S3Store.remove_locks``)."""
 
@@ -475,7 +488,7 @@ class S3Lock:
         self._name: str | None = None  # our lock object while held
         self._spare: set[str] = set()  # other lock objects of ours a refresh left (deleted later, or by release)
         self._lost: str | None = None  # why the lock was lost
-        self._written = 0.0  # time.monotonic() before our lock object was last written
+        self._written = (0.0, 0.0)  # _clocks() before our lock object was last written
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
         self._mutex = threading.Lock()  # one of acquire, refresh, check, release at a time
@@ -513,7 +526,7 @@ class S3Lock:
             delay = LOCK_FIRST_DELAY
             while True:
                 name = self._new_name()
-                written = time.monotonic()
+                written = _clocks()
                 self._store._put(name, self._record())
                 try:
                     holder = self._conflict(name)
@@ -549,10 +562,11 @@ class S3Lock:
 
     def _held(self) -> str:
         """Our lock object's name; RepositoryLocked when the lock is not held (never, released, or lost)."""
+        trust = LOCK_STALE_SECONDS * LOCK_TRUST_SHARE
         if self._name is not None and self._lost is None and \
-                time.monotonic() - self._written > LOCK_STALE_SECONDS:
-            stale = f"{LOCK_STALE_SECONDS / 60:g} minutes" if LOCK_STALE_SECONDS >= 60 else f"{LOCK_STALE_SECONDS:g} s"
-            self._lose(f"not refreshed for {stale}, so others may treat it as stale")
+                max(now - then for now, then in zip(_clocks(), self._written, strict=True)) > trust:
+            since = f"{trust / 60:g} minutes" if trust >= 60 else f"{trust:g} s"
+            self._lose(f"not refreshed for {since}, so others may treat it as stale")
         if self._lost is not None:
             raise RepositoryLocked(self._lost)
         if self._name is None:
@@ -580,7 +594,7 @@ class S3Lock:
             old = self._held()
             new = self._new_name()
             self._spare.add(new)  # until it counts: a PUT whose answer was lost may still have made it
-            written = time.monotonic()
+            written = _clocks()
             self._store._put(new, self._record())
             if not self._store._exists(old):
                 self._lose(f"its lock object {old} was removed")
@@ -593,7 +607,8 @@ class S3Lock:
 
     def check(self) -> None:
         """RepositoryLocked ("... was lost ...") unless this lock is still held: its object is there (one HEAD)
-        and was written less than LOCK_STALE_SECONDS ago. For commands about to delete (prune)."""
+        and was written less than LOCK_TRUST_SHARE of LOCK_STALE_SECONDS ago. For commands about to delete
+        (prune) or to list a new snapshot (whose chunks a prune that took the lost lock may have deleted)."""
         with self._mutex:
             name = self._held()
             if not self._store._exists(name):

@@ -9,6 +9,7 @@ and check is clean.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -103,3 +104,38 @@ def test_two_hosts_snapshot_at_once_and_prune_waits(s3loc: str, tmp_path: Path) 
     restore_equals(s3loc, tmp_path, "b", again_id, new_a)
     for h in "ab":
         ok(run_cli("-r", s3loc, "check", "--read-data", env=host_env(tmp_path, h)))
+
+
+def test_a_snapshot_whose_lock_was_removed_is_not_listed(s3loc: str, tmp_path: Path) -> None:
+    """Found by review: host b's `unlock --remove-all` and prune while host a's snapshot runs. The prune deletes
+    the chunks of a forgotten snapshot that a's snapshot deduplicated against; a's snapshot must then fail
+    ("lock ... was lost", exit 11) rather than list a record that cannot restore."""
+    ok(run_cli("-r", s3loc, "init", "--encryption", "none", env=host_env(tmp_path, "a")))
+    data = det_bytes(3, 24 << 20)
+    (tmp_path / "img").write_bytes(data)
+    first = ok(run_cli("-q", "-r", s3loc, "snapshot", tmp_path / "img", "--name", "img",
+                       env=host_env(tmp_path, "a"))).strip()
+    ok(run_cli("-r", s3loc, "forget", first, env=host_env(tmp_path, "a")))  # its chunks are garbage now
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    snap = subprocess.Popen([sys.executable, "-m", "dedupimg", "-r", s3loc, "snapshot", "-", "--name", "img"],
+                            stdin=os.open(fifo, os.O_RDONLY | os.O_NONBLOCK), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env(**host_env(tmp_path, "a")))
+    with open(fifo, "wb") as feed:
+        feed.write(data[: 16 << 20])  # deduplicated against the forgotten snapshot's chunks
+        feed.flush()
+        wait_for_lock(s3loc, snap)
+        ok(run_cli("-r", s3loc, "unlock", "--remove-all", env=host_env(tmp_path, "b")))
+        pruned = ok(run_cli("-r", s3loc, "prune", env=host_env(tmp_path, "b")))
+        assert "0 packs to delete" not in pruned, pruned  # the forgotten snapshot's packs are gone
+        feed.write(data[16 << 20 :])
+    _out, err = snap.communicate(timeout=300)
+    assert snap.returncode == 11, err.decode()
+    assert "was lost" in err.decode() and len(err.decode().strip().splitlines()) == 1, err.decode()
+    for host in "ab":
+        listed = json.loads(ok(run_cli("-r", s3loc, "snapshots", "--json", env=host_env(tmp_path, host))))
+        assert listed == []
+    again = ok(run_cli("-q", "-r", s3loc, "snapshot", tmp_path / "img", "--name", "img",
+                       env=host_env(tmp_path, "a"))).strip()
+    restore_equals(s3loc, tmp_path, "b", again, data)
+    ok(run_cli("-r", s3loc, "check", "--read-data", env=host_env(tmp_path, "a")))

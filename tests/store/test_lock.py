@@ -269,8 +269,8 @@ def test_read_only_repository_without_lock_file(repo: Path, monkeypatch: pytest.
     assert not (repo / "lock").exists()
 
 
-def test_check_refuses_only_before_acquire_and_after_release(repo: Path) -> None:
-    """A flock is never lost while held (the kernel keeps it): check() is prune's question before deleting."""
+def test_check_refuses_before_acquire_and_after_release(repo: Path) -> None:
+    """check() is prune's question before deleting, and a snapshot's before its record is listed."""
     lock = RepositoryLock(repo, EXCLUSIVE, what="prune")
     with pytest.raises(RepositoryLocked, match=f"exclusive lock of prune on {repo} is not held"):
         lock.check()
@@ -278,3 +278,37 @@ def test_check_refuses_only_before_acquire_and_after_release(repo: Path) -> None
         lock.check()
     with pytest.raises(RepositoryLocked, match="not held"):
         lock.check()
+
+
+def test_a_removed_lock_file_excludes_nobody_so_the_holder_counts_it_lost(repo: Path) -> None:
+    """Found by review: an admin who deletes ``lock`` (as one does with other tools' stale locks) let a prune
+    lock the new file while a snapshot still held the old one. The holder's check() now says the lock was
+    lost, so the snapshot lists no record; and a waiter whose file was removed meanwhile locks the new one."""
+    snapshot = RepositoryLock(repo, SHARED, what="snapshot")
+    with snapshot:
+        (repo / "lock").unlink()
+        with RepositoryLock(repo, EXCLUSIVE, what="prune") as prune:  # the new file: nothing excludes it
+            prune.check()
+            with pytest.raises(RepositoryLocked, match=r"shared lock of snapshot on .* was lost \(its lock file"):
+                snapshot.check()
+        os.replace(repo / "lock", repo / "lock.old")
+        with pytest.raises(RepositoryLocked, match="was lost"):
+            snapshot.check()
+
+    waiter_got: list[RepositoryLock] = []
+    holder = RepositoryLock(repo, EXCLUSIVE, what="prune")
+    holder.acquire()
+    waiter = threading.Thread(target=lambda: waiter_got.append(
+        RepositoryLock(repo, EXCLUSIVE, wait=5.0, what="forget").__enter__()))
+    waiter.start()
+    time.sleep(0.2)
+    (repo / "lock").unlink()  # the waiter is blocked on the old file's lock
+    holder.release()  # the waiter gets the old (removed) file's lock, sees it is not current and retries
+    waiter.join(10)
+    [got] = waiter_got
+    try:
+        got.check()
+        with pytest.raises(RepositoryLocked, match="an exclusive lock is held"):
+            RepositoryLock(repo, SHARED, what="snapshot").acquire()  # the file now at ``lock`` is held
+    finally:
+        got.release()

@@ -223,9 +223,34 @@ def test_a_lock_not_refreshed_in_time_is_lost(s3: S3Store, fast_refresh: None, m
 
         monkeypatch.setattr(s3, "_put", down)
         time.sleep(0.8)
-        with pytest.raises(RepositoryLocked, match=r"lock of prune on .* was lost \(not refreshed for 0.6 s"):
+        with pytest.raises(RepositoryLocked, match=r"lock of prune on .* was lost \(not refreshed for 0.4 s"):
             held.check()
         assert not held.locked
+    assert s3.list(LOCK_PREFIX).objects == []
+
+
+@pytest.mark.parametrize("clock", [0, 1], ids=["suspended", "wall-clock-ahead"])
+def test_a_refresh_does_not_revive_a_lock_others_may_have_ignored(s3: S3Store, monkeypatch: pytest.MonkeyPatch,
+                                                                   clock: int):
+    """Found by review: a holder asleep (suspend: CLOCK_MONOTONIC stands still) or paused past the 30 minutes
+    after which other hosts ignore its lock object found that object still there and refreshed it, while a
+    prune elsewhere may have taken the EXCLUSIVE lock meanwhile. Its lock is lost instead, by either clock."""
+    real = s3_module._clocks
+    with s3.lock(LockMode.SHARED, what="snapshot") as held:
+        held.check()
+        later = LOCK_STALE_SECONDS + 1
+
+        def asleep() -> tuple[float, float]:
+            now = list(real())
+            now[clock] += later
+            return now[0], now[1]
+
+        monkeypatch.setattr(s3_module, "_clocks", asleep)
+        with pytest.raises(RepositoryLocked, match=r"lock of snapshot on .* was lost \(not refreshed for 20 min"):
+            held.refresh()
+        assert not held.locked
+        with pytest.raises(RepositoryLocked, match="was lost"):
+            held.check()
     assert s3.list(LOCK_PREFIX).objects == []
 
 
