@@ -725,18 +725,29 @@ class Repository:
             name = indexobjects.name_of(data)
             try:
                 indexobjects.write(self.store, name, data)
+            except Exception:
+                if not self._landed(name, sealed):
+                    raise
+                # Written after all (only its answer was lost): committed, as if the answer had come.
             except BaseException:
-                # The object may have landed although its answer was lost: it goes first, and the pack only
-                # once it is surely gone (else the pack stays, an orphan that 'repair index' can list).
-                try:
-                    self.store.delete([name])
-                except (OSError, DedupimgError):
-                    pass
-                else:
-                    self.discard_unlisted(sealed)
+                self._landed(name, sealed)
                 raise
             sealed = replace(sealed, published=name)
         return sealed
+
+    def _landed(self, name: str, sealed: SealedPack) -> bool:
+        """After a failed PUT of the index object ``name`` of ``sealed``: whether it is in the store after all.
+        Another host may have read it already and deduplicated against the pack, so neither is ever deleted
+        then. Only an object surely not there lets the pack go (when the store cannot be asked, the pack
+        stays: an orphan that prune removes, or that 'repair index' lists)."""
+        try:
+            self.store.size(name)
+        except ObjectMissing:
+            self.discard_unlisted(sealed)
+            return False
+        except (OSError, DedupimgError):
+            return False
+        return True
 
     def discard_unlisted(self, sealed: SealedPack) -> None:
         """Delete a sealed pack whose commit failed, unless the index lists that very file (same content), or

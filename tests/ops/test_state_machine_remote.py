@@ -162,9 +162,10 @@ class FaultyStore(MemoryStore):
         self.kill_before: int | None = None
         self.dead = False
         self.fail_record_put = False
+        self.lose_put_answer = False  # the next index object's PUT lands, but the writer gets an error
 
     def disarm(self) -> None:
-        self.kill_before, self.dead, self.fail_record_put = None, False, False
+        self.kill_before, self.dead, self.fail_record_put, self.lose_put_answer = None, False, False, False
 
     def _write(self) -> None:
         if self.dead:
@@ -177,6 +178,10 @@ class FaultyStore(MemoryStore):
 
     def _commit(self, writer: MemoryWriter, name: str) -> None:
         self._write()
+        if name.startswith(indexobjects.PREFIX) and self.lose_put_answer:
+            self.lose_put_answer = False
+            super()._commit(writer, name)
+            raise StoreError(self.location(name), "S3 request failed: operation timed out (injected)")
         if name.startswith(indexobjects.PREFIX) and self.fail_record_put:
             listings = indexobjects.decode(b"".join(writer.parts), name, name)
             if any(b.type == pack.SNAPSHOT for ls in listings for b in ls.sealed.blobs):
@@ -460,6 +465,20 @@ class RemoteRepositoryMachine(RuleBasedStateMachine):
             pass
         else:
             raise AssertionError("the PUT of the index object listing the record did not fail")
+        finally:
+            self.store.disarm()
+
+    @rule(h=host, spec=pieces, name=names)
+    def put_answer_lost(self, h: int, spec: list[tuple], name: str) -> None:
+        """An index object's PUT lands but its answer is lost (a timeout). Other hosts may already have read it
+        and deduplicated against its pack, so nothing is deleted (a review found the pack was): the write
+        happened, and the snapshot is taken as if the answer had come."""
+        self.healthy = False
+        self.use(h)
+        self.store.lose_put_answer = True
+        try:
+            self.take(self.image(spec), name, [], 1, False)
+            assert not self.store.lose_put_answer, "no index object was written"
         finally:
             self.store.disarm()
 
