@@ -310,8 +310,13 @@ def _delta_run(repo: Repository, target: Target | NullTarget, run: Run) -> RunRe
     current = target.read(run.offset, run.length)
     if run.ids is None:
         result = RunResult(None, [], read=len(current))
-        if not (len(current) == run.length and is_zero(current, 0, run.length)):
+        if len(current) != run.length:
             result.written = target.write_zeros(run.offset, run.length)
+        elif not is_zero(current, 0, run.length):
+            # Only the blocks that are not zero: a stray byte in an 8 MiB run of a sparse or thin target must
+            # not write (and allocate) the whole run.
+            for start, end in _nonzero_blocks(current, run.offset):
+                result.written += target.write_zeros(run.offset + start, end - start)
         return result
     view = memoryview(current)
     pieces: list[Buffer] = []
@@ -335,6 +340,22 @@ def _delta_run(repo: Repository, target: Target | NullTarget, run: Run) -> RunRe
             pieces[i] = data
             _add_block_writes(writes, run.offset + starts[i], data, view[starts[i] : starts[i] + len(data)])
     return _write_now(target, writes, RunResult(pieces, [], read=len(current)))
+
+
+def _nonzero_blocks(data: bytes, offset: int) -> Iterator[tuple[int, int]]:
+    """The ranges of ``data`` (at image ``offset``) covering its DELTA_BLOCK-aligned blocks that are not all
+    zero, adjacent blocks merged."""
+    pos, start = 0, -1
+    while pos < len(data):
+        end = min(len(data), (offset + pos) // DELTA_BLOCK * DELTA_BLOCK + DELTA_BLOCK - offset)
+        if not is_zero(data, pos, end):
+            start = pos if start < 0 else start
+        elif start >= 0:
+            yield start, pos
+            start = -1
+        pos = end
+    if start >= 0:
+        yield start, len(data)
 
 
 def _add_block_writes(writes: list[tuple[int, list[Buffer]]], offset: int, new: bytes, old: memoryview) -> None:

@@ -85,3 +85,20 @@ def test_delta_to_stdout_is_refused(history):
     repo, (id1, _), _, _ = history
     with pytest.raises(UsageError):
         restore(repo, id1, "-", delta=True)
+
+
+def test_delta_rewrites_only_the_blocks_of_a_zero_run_that_are_not_zero(tmp_path, history):
+    """Found by review: one stray byte in a zero run made --delta write the whole run (up to 8 MiB), which on a
+    sparse or thin target also allocates it. Only the 4 KiB blocks that are not zero are written now."""
+    repo, (_, id2), _, v2 = history
+    target = tmp_path / "disk.img"
+    restore(repo, id2, str(target))
+    allocated = target.stat().st_blocks
+    with target.open("r+b") as f:
+        for at in (8 * MiB + 5, 12 * MiB + 4095, 12 * MiB + 4096):  # inside the zero run: 3 blocks
+            f.seek(at)
+            f.write(b"\x01")
+    result = restore(repo, id2, str(target), delta=True)
+    assert target.read_bytes() == v2
+    assert result.bytes_written == 3 * 4096
+    assert target.stat().st_blocks <= allocated + 3 * 8  # st_blocks counts 512-byte units
