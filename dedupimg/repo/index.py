@@ -520,15 +520,33 @@ class Index:
                 raise _translate(exc, self._path) from None
 
     def commit_pack(
-        self, sealed: SealedPack, segments: list[NewSegment], snapshot: NewSnapshot | None = None
+        self, sealed: SealedPack, segments: list[NewSegment], snapshot: NewSnapshot | None = None,
+        present: Callable[[], bool] | None = None,
     ) -> None:
-        """Register a durable pack, its blobs and segments, and optionally a snapshot, in one transaction."""
+        """Register a durable pack, its blobs and segments, and optionally a snapshot, in one transaction.
+
+        ``present``: asked inside the transaction whether the pack's file is still there (see
+        :meth:`discard_unlisted`); IntegrityError, and nothing registered, when it is not."""
 
         def run(txn: lmdb.Transaction) -> None:
+            if present is not None and not present():
+                raise IntegrityError(f"pack {sealed.id.hex()} vanished before its commit (another snapshot that "
+                                     "wrote the very same pack failed and removed it); nothing was listed")
             self._register_pack(txn, sealed)
             self._store_segments(txn, segments)
             if snapshot is not None:
                 self._store_snapshot(txn, snapshot)
+
+        self._write(run)
+
+    def discard_unlisted(self, pack_id: bytes, delete: Callable[[], object]) -> None:
+        """``delete()`` the file of a pack whose commit failed, unless the index lists that pack: inside a write
+        transaction, so that it cannot fall between another process's check that the same pack's file is there
+        and that process's commit (two snapshots can write byte-identical packs, and so the same file)."""
+
+        def run(txn: lmdb.Transaction) -> None:
+            if txn.get(pack_id, db=self._pack_ids) is None:
+                delete()
 
         self._write(run)
 

@@ -752,15 +752,34 @@ class Repository:
     def discard_unlisted(self, sealed: SealedPack) -> None:
         """Delete a sealed pack whose commit failed, unless the index lists that very file (same content), or
         an index object published it (remote: other hosts count it committed; this host's cache adds it at its
-        next sync)."""
+        next sync). Remote, only a pack holding a snapshot record goes: another host may have published a
+        byte-identical pack of chunks under the same name, which this host's cache cannot know yet (a record
+        is unique to its snapshot); prune, which sees every host's index objects, removes the rest."""
         if sealed.published is not None:
             return
+        if self.remote and not any(b.type == pack.SNAPSHOT for b in sealed.blobs):
+            return
         try:
-            if self.index.pack_numbers([sealed.id]):
-                return
-            self.store.delete([pack.pack_name(sealed.id)])
+            self.index.discard_unlisted(sealed.id, lambda: self.store.delete([pack.pack_name(sealed.id)]))
         except (OSError, DedupimgError):
             pass  # best effort: what is left is an orphan, which check reports and prune handles
+
+    def pack_present(self, sealed: SealedPack) -> Callable[[], bool] | None:
+        """For a local repository, the check that ``sealed``'s file is still there, for the transaction that
+        commits it (:meth:`Index.discard_unlisted`); None for a remote one, whose packs are never deleted by
+        another snapshot's failure (above)."""
+        if self.remote:
+            return None
+        name = pack.pack_name(sealed.id)
+
+        def present() -> bool:
+            try:
+                self.store.size(name)
+            except ObjectMissing:
+                return False
+            return True
+
+        return present
 
     def unknown_records(self, record_ids: list[bytes]) -> list[bytes]:
         """Those of ``record_ids`` (snapshot records found in packs the index does not list) that the index
@@ -1012,7 +1031,7 @@ class BlobWriter:
     def _index(self, sealed: SealedPack, segments: list[NewSegment], snapshot: NewSnapshot | None) -> None:
         self.stored_bytes += sealed.size
         try:
-            self._repo.index.commit_pack(sealed, segments, snapshot)
+            self._repo.index.commit_pack(sealed, segments, snapshot, self._repo.pack_present(sealed))
             if snapshot is not None:
                 interrupts.mark_committed()  # the snapshot is listed: a signal from now on cannot undo it
         except BaseException:

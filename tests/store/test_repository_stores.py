@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dedupimg.core.config import ChunkerParams
+from dedupimg.core.errors import IntegrityError
 from dedupimg.ops.check import check
 from dedupimg.ops.forget import forget_snapshots
 from dedupimg.ops.prune import prune
@@ -91,3 +92,25 @@ def test_a_pack_whose_commit_failed_is_removed(repo: Repository, tmp_path: Path,
     with pytest.raises(OSError):
         snap(repo, tmp_path / "b.img", det_bytes(7, 50_000))
     assert packs_in(repo) == before and repo.store.list("tmp/").objects == []
+
+
+def test_a_pack_removed_before_its_commit_is_not_listed(repo: Repository, tmp_path: Path):
+    """Found by review: two snapshots can write byte-identical packs (one file); when one's commit failed, it
+    removed the file while the other was about to list it. Removal and the other's commit now each happen in
+    an index write transaction (one writer at a time), and a commit first checks that its file is there."""
+    writer = repo.new_pack()
+    data = det_bytes(8, 5000)
+    writer.add(pack.CHUNK, repo.chunk_id(data), pack.RAW, data, len(data))
+    sealed = repo.seal(writer)
+    repo.discard_unlisted(sealed)  # the failed twin: not listed, so removed
+    assert packs_in(repo) == []
+    with pytest.raises(IntegrityError, match="vanished before its commit"):
+        repo.index.commit_pack(sealed, [], None, repo.pack_present(sealed))
+    assert repo.index.pack_numbers([sealed.id]) == {}
+    again = repo.new_pack()
+    again.add(pack.CHUNK, repo.chunk_id(data), pack.RAW, data, len(data))
+    sealed = repo.seal(again)
+    repo.index.commit_pack(sealed, [], None, repo.pack_present(sealed))
+    repo.discard_unlisted(sealed)  # listed by the other's commit: kept
+    assert packs_in(repo) == [pack.pack_name(sealed.id)]
+    assert check(repo).ok
