@@ -136,9 +136,10 @@ def _repository_id(location: str) -> str:
 def _copy_one(src: Repository, dst: Repository, record: SnapshotRecord, progress: Progress) -> SnapshotCopy:
     _check_record(record)
     writer = dst.writer()
-    if not writer.missing([record.id])[0]:
-        # The destination stores this very record but does not list it: a forget there removed it (and its
-        # tombstone keeps it removed), so copying it again would not bring it back.
+    if dst.forgotten(record.id) or not writer.missing([record.id])[0]:
+        # A forget in the destination removed this very record (its tombstone keeps it removed, also once a
+        # prune there dropped its row), or the destination stores it unlisted: copying it again would list a
+        # record that a repair or another host's sync takes out again, and a prune then frees its data.
         writer.abort()
         return SnapshotCopy(record, FORGOTTEN_THERE)
     try:

@@ -333,6 +333,11 @@ class Index:
     def has_blobs(self, ids: list[bytes]) -> list[bool]:
         return self._read(lambda txn: [txn.get(i, db=self._blobs) is not None for i in ids])
 
+    def forgotten(self, record_ids: list[bytes]) -> list[bool]:
+        """For each snapshot record id, whether a tombstone named it (forget, tag): such a record is never
+        listed again, even once prune has dropped its row."""
+        return self._read(lambda txn: [txn.get(FORGOTTEN_KEY + i, db=self._meta) is not None for i in record_ids])
+
     def get_segment(self, seg_id: bytes) -> bytes | None:
         return self._get(seg_id, self._segments)
 
@@ -825,6 +830,10 @@ class Index:
         return True
 
     def _store_snapshot(self, txn: lmdb.Transaction, snapshot: NewSnapshot) -> None:
+        if txn.get(FORGOTTEN_KEY + snapshot.id, db=self._meta) is not None:
+            # Its tombstone would take it out again (repair index, another host's sync) and prune would then
+            # free its data: a snapshot that printed its id and is gone later. The callers refuse earlier.
+            raise IntegrityError(f"snapshot {snapshot.id.hex()[:8]} was forgotten before; it is not listed again")
         if txn.put(snapshot.id, snapshot.raw, db=self._snapshots, overwrite=False):
             _add_refs(txn, self._blobs, self._dead, snapshot.segment_ids, +1)
             txn.delete(snapshot.id, db=self._dead)

@@ -668,8 +668,8 @@ class Repository:
         neither, never both. New records must differ from every record ever stored (their ids are new)."""
         if not pairs:
             return
-        known = self.index.has_blobs([new.id for _, new in pairs])
-        if any(known):
+        new_ids = [new.id for _, new in pairs]
+        if any(self.index.has_blobs(new_ids)) or any(self.index.forgotten(new_ids)):
             raise UsageError("a replacement record is identical to one stored before")
         writer = self.new_pack()
         listed = []
@@ -780,6 +780,11 @@ class Repository:
             return True
 
         return present
+
+    def forgotten(self, record_id: bytes) -> bool:
+        """Whether a forget (or tag) removed the record ``record_id`` from this repository: it is never listed
+        again (copy skips it)."""
+        return self.index.forgotten([record_id])[0]
 
     def unknown_records(self, record_ids: list[bytes]) -> list[bytes]:
         """Those of ``record_ids`` (snapshot records found in packs the index does not list) that the index
@@ -969,6 +974,9 @@ class BlobWriter:
         """Store the record as the last blob of the open pack and commit that pack and the record's listing
         in one index transaction: the snapshot is listed exactly when everything it needs is indexed."""
         raw = record.encode()
+        if self._repo.index.forgotten([record.id])[0]:
+            raise UsageError("this exact snapshot (same image, name, tags and --time) was taken and forgotten "
+                             "before; give another --time")
         if self._repo.index.has_blobs([record.id])[0]:
             # The very same record (same image, name, time, tags and statistics) was stored before.
             if self._repo.index.get_snapshot(record.id) is None:

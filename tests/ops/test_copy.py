@@ -3,6 +3,7 @@ the destination lacks sent, re-copies skipped, the destination whole (restore bi
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from dedupimg.core.errors import SnapshotNotFound, UsageError
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.ops import copy as copy_mod
 from dedupimg.ops.copy import ALREADY_THERE, FORGOTTEN_THERE, copy_snapshots, open_source, repository_config
+from dedupimg.ops.prune import prune
 from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, restores, small_repo, snap
@@ -150,6 +152,26 @@ def test_refused_and_unknown(src, dst, tmp_path):
     again = copy_snapshots(src, dst, None)
     assert again.copied == [] and again.snapshots[0].skipped == FORGOTTEN_THERE
     audit_clean(dst)
+    # Also once a prune there dropped the record's row (found by review: the copy listed it again, a repair
+    # or another host's sync took it out, and the next prune freed its data): the tombstone still counts.
+    prune(dst)
+    third = copy_snapshots(src, dst, None)
+    assert third.copied == [] and third.snapshots[0].skipped == FORGOTTEN_THERE and dst.snapshots() == []
+    audit_clean(dst)
+
+
+def test_a_snapshot_forgotten_and_pruned_is_not_stored_again(src, tmp_path):
+    """The same image, name and --time as a forgotten snapshot make the same record: refused, as before the
+    prune dropped its row (a tombstone names it: listed again, it would vanish at the next repair)."""
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    (tmp_path / "a.img").write_bytes(V1)
+    rec = take_snapshot(src, str(tmp_path / "a.img"), name="a", when=when).record
+    src.forget([rec])
+    prune(src)
+    with pytest.raises(UsageError, match="taken and forgotten before"):
+        take_snapshot(src, str(tmp_path / "a.img"), name="a", when=when)
+    assert src.snapshots() == []
+    audit_clean(src)
 
 
 def test_an_interrupt_may_stop_the_next_snapshot(src, dst, tmp_path, monkeypatch):
