@@ -86,9 +86,11 @@ def remove(
     lock_wait: LockWait = 0.0,
     repo_dir: RepoOption = None,
 ) -> None:
-    """Remove a key: its password no longer opens the repository.
+    """Remove a key: its key object is deleted, so its password no longer opens the repository.
 
-    Refused for the last key, and for the key this command was opened with (open with another password).
+    Refused for the last key, and for the key this command was opened with (open with another password). Not a
+    revocation: a copy of the old key object (a backup, or storage that puts it back) still opens it with the
+    old password; the master keys do not change (docs/security.md).
     """
     removed = _change(ctx, lock_wait, lambda repo: keys.remove_key(repo, key_id))
     stdout.print(f"removed key {keys.short_id(removed)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import reprlib
 import secrets
 from dataclasses import asdict, dataclass, field, fields
@@ -106,7 +107,7 @@ class Config:
             if chunker.algorithm != "fastcdc2020":
                 raise ValueError(f"unknown chunker {reprlib.repr(chunker.algorithm)}")
             config = cls(
-                repo_id=str(doc["repo_id"]),
+                repo_id=_repo_id(doc["repo_id"]),
                 chunker=chunker,
                 segments=SegmentParams(**_section(doc, "segments", SegmentParams)),
                 compression="zstd",
@@ -125,6 +126,14 @@ class Config:
         except (ValueError, TypeError, RecursionError) as exc:
             message = " ".join(str(exc).split())  # on one line: messages may quote the damaged input
             raise UnsupportedFormat(f"{where}: damaged or unknown repository config ({message})") from None
+
+
+def _repo_id(value: object) -> str:
+    """A repository id as ``init`` makes it: 32 lowercase hex digits. It names this host's cache directory of
+    a remote repository, so a config from an untrusted store must not smuggle a path into it ("..", "/")."""
+    if not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32}", value)):
+        raise ValueError(f"repo_id {reprlib.repr(value)} is not 32 hex digits")
+    return value
 
 
 def _section(doc: dict[str, Any], key: str, kind: type) -> dict[str, Any]:
@@ -187,8 +196,8 @@ def parse_config_file(data: bytes, where: str = "config") -> Config | SealedConf
             and "sealed" in doc):
         return Config.from_bytes(data, where)
     try:
-        repo_id, encryption = doc["repo_id"], doc["encryption"]
-        if not (isinstance(repo_id, str) and isinstance(encryption, str) and isinstance(doc["sealed"], str)):
+        repo_id, encryption = _repo_id(doc["repo_id"]), doc["encryption"]
+        if not (isinstance(encryption, str) and isinstance(doc["sealed"], str)):
             raise ValueError("a field has the wrong type")
         return SealedConfig(repo_id, encryption, base64.b64decode(doc["sealed"].encode(), validate=True))
     except (KeyError, ValueError) as exc:

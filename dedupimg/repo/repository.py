@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import blake3
+
 from dedupimg.core import interrupts
 from dedupimg.core.config import ENCRYPTED_VERSION, ChunkerParams, Config, SealedConfig, parse_config_file
 from dedupimg.core.crypto import AEADS, MasterKeys
@@ -57,6 +59,7 @@ TMP = "tmp"
 INDEX = "index"
 CACHE_ENV = "DEDUPIMG_CACHE_DIR"
 ENCRYPTED_MARKER = "encrypted"  # in a remote repository's cache directory
+ENCRYPTED_LOCATIONS = "encrypted-locations"  # in the cache root: a file per encrypted remote location
 OPEN_PACKS = 64
 MAX_READ = 16 << 20  # largest single pread of adjacent blobs
 # An object store: reads in flight at once (restore), and per read worker (mount, serve).
@@ -309,7 +312,7 @@ class Repository:
                 held.acquire()
             if remote:
                 path = cache_home(cache_dir, config.repo_id)
-                _remember_encryption(path, config)
+                _remember_encryption(path, config, store.location(""))
             repo = cls(path, config, store, owns_store=True, remote=remote, unlocked=unlocked)
             if remote:
                 try:
@@ -1071,17 +1074,24 @@ class BlobWriter:
             self._uploads = None
 
 
-def _remember_encryption(cache: Path, config: Config) -> None:
-    """This host's cache of a remote repository remembers that it is encrypted: a config replaced by an
-    unencrypted one (key objects deleted too) is refused instead of receiving plaintext."""
-    marker = cache / ENCRYPTED_MARKER
+def _remember_encryption(cache: Path, config: Config, location: str) -> None:
+    """This host remembers which remote repositories are encrypted: a config replaced by an unencrypted one (key
+    objects deleted too) is refused instead of receiving plaintext. Both by repository id (a marker in its
+    cache) and by location (``<cache root>/encrypted-locations/``): the id comes from the config, which the
+    storage provider can replace with one naming another id, and so another, unmarked cache."""
+    markers = [cache / ENCRYPTED_MARKER,
+               cache.parent / ENCRYPTED_LOCATIONS / blake3.blake3(location.encode()).hexdigest()[:32]]
     if config.encrypted:
-        if not marker.exists():
-            atomic_write(marker, config.encryption.encode() + b"\n")
-    elif marker.exists():
-        raise IntegrityError(f"repository {config.repo_id[:8]} was encrypted when this host last used it ({marker}), "
-                             "but its config now says unencrypted: refusing to open it, which would store data "
-                             "unencrypted")
+        for marker in markers:
+            if not marker.exists():
+                make_dirs(marker.parent)
+                atomic_write(marker, f"{config.encryption}\n{location}\n".encode())
+        return
+    for marker in markers:
+        if marker.exists():
+            raise IntegrityError(f"repository {location} was encrypted when this host last used it ({marker}), but "
+                                 "its config now says unencrypted: refusing to open it, which would store data "
+                                 "unencrypted (if it was re-created on purpose, delete that file)")
 
 
 def _config_file(config: Config, master: MasterKeys | None) -> bytes:

@@ -77,6 +77,7 @@ T = TypeVar("T")
 LOCK_PREFIX = "locks/"
 LOCK_STALE_SECONDS = 30 * 60  # a lock object older than this (its "time") is stale: ignored, and removable
 LOCK_REFRESH_SECONDS = 5 * 60  # a held lock's object is written again this often
+LOCK_RECORD_MAX = 4096  # bytes of a lock object read; a record is far smaller
 # Its holder stops counting on a lock not refreshed for this share of LOCK_STALE_SECONDS (20 of 30 minutes):
 # others judge staleness by their own clocks, which may run ahead of ours.
 LOCK_TRUST_SHARE = 2 / 3
@@ -255,10 +256,11 @@ class S3Store:
     def _lock_record(self, name: str) -> dict[str, Any] | None:
         """The lock record in object ``name``; None when it is gone or not a lock record."""
         try:
-            record = json.loads(self.read(name))
+            # A record is ~150 bytes: a planted object, however large or deeply nested, is just not a lock.
+            record = json.loads(self.read(name, 0, LOCK_RECORD_MAX))
             record["mode"] = LockMode(record["mode"]).value
             record["time"] = float(record["time"])
-        except (ObjectMissing, ValueError, KeyError, TypeError):
+        except (ObjectMissing, ValueError, KeyError, TypeError, RecursionError):
             return None
         return dict(record)
 

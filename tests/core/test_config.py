@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dedupimg.core.config import ChunkerParams, Config
+from dedupimg.core.config import ChunkerParams, Config, SealedConfig, parse_config_file
 from dedupimg.core.errors import EXIT_CODES, DedupimgError, UnsupportedFormat
 
 
@@ -27,6 +27,22 @@ def test_unsupported_version():
 def test_garbage_is_a_clear_error(raw):
     with pytest.raises(UnsupportedFormat):
         Config.from_bytes(raw)
+
+
+@pytest.mark.parametrize("repo_id", ["../../victim", "/etc", "0123456789ABCDEF0123456789abcdef", "", 7, None])
+def test_a_repo_id_is_32_hex_digits_never_a_path(repo_id):
+    """Found by review: a remote repository's id names this host's cache directory, and a config from the
+    store could make it "../x" or an absolute path, whose index/ the cache code would then remove."""
+    doc = json.loads(Config().to_bytes())
+    doc["repo_id"] = repo_id
+    with pytest.raises(UnsupportedFormat, match="repo_id"):
+        Config.from_bytes(json.dumps(doc).encode())
+    sealed = SealedConfig("0" * 32, "aes-256-gcm", b"x")
+    doc = json.loads(sealed.to_bytes())
+    doc["repo_id"] = repo_id
+    with pytest.raises(UnsupportedFormat, match="repo_id"):
+        parse_config_file(json.dumps(doc).encode())
+    assert parse_config_file(sealed.to_bytes()) == sealed
 
 
 def test_out_of_range_parameters_are_rejected():

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from dedupimg.store import location_spec
+from dedupimg.store.base import write_object
 from dedupimg.store.s3 import S3Store
 from tests.helpers import cli_env, det_bytes, ok, run_cli
 
@@ -139,3 +140,28 @@ def test_a_snapshot_whose_lock_was_removed_is_not_listed(s3loc: str, tmp_path: P
                        env=host_env(tmp_path, "a"))).strip()
     restore_equals(s3loc, tmp_path, "b", again, data)
     ok(run_cli("-r", s3loc, "check", "--read-data", env=host_env(tmp_path, "a")))
+
+
+@pytest.mark.parametrize("new_id", [False, True], ids=["same-id", "new-id"])
+def test_a_host_refuses_an_encrypted_repository_made_unencrypted(s3loc: str, tmp_path: Path, new_id: bool) -> None:
+    """The storage provider replaces the config of an encrypted repository by an unencrypted one and deletes its
+    keys and index objects: a host that used it must not store plaintext there. Found by review: with a config
+    naming another repository id, the host looked in another cache, found no marker and stored plaintext."""
+    pw = {"DEDUPIMG_PASSWORD": "correct horse"}
+    ok(run_cli("-r", s3loc, "init", env={**host_env(tmp_path, "a"), **pw}))
+    (tmp_path / "img").write_bytes(det_bytes(5, 1 << 20))
+    ok(run_cli("-r", s3loc, "snapshot", tmp_path / "img", env={**host_env(tmp_path, "a"), **pw}))
+    ok(run_cli("-r", s3loc + "-plain", "init", "--encryption", "none", env=host_env(tmp_path, "p")))
+    spec, plain = location_spec(s3loc), location_spec(s3loc + "-plain")
+    store = S3Store(spec["endpoint"], spec["bucket"], spec["prefix"])
+    config = json.loads(S3Store(plain["endpoint"], plain["bucket"], plain["prefix"]).read("config"))
+    if not new_id:
+        config["repo_id"] = json.loads(store.read("config"))["repo_id"]
+    store.delete([o.name for d in ("keys/", "index/") for o in store.list(d).objects])
+    write_object(store, "config", json.dumps(config).encode())
+    packs = {o.name for d in store.list("packs/").dirs for o in store.list(d + "/").objects}
+    (tmp_path / "secret").write_bytes(b"plaintext nobody may read " * 50_000)
+    out = run_cli("-r", s3loc, "snapshot", tmp_path / "secret", env=host_env(tmp_path, "a"))
+    assert out.returncode == 17, out.stderr.decode()
+    assert "was encrypted when this host last used it" in out.stderr.decode()
+    assert {o.name for d in store.list("packs/").dirs for o in store.list(d + "/").objects} == packs

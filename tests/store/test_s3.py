@@ -84,12 +84,15 @@ def test_a_lock_is_an_object_with_its_holder_and_release_deletes_it(s3: S3Store)
 def test_a_stale_lock_is_ignored_and_a_foreign_object_too(s3: S3Store):
     old = {"host": "gone", "pid": 1, "time": time.time() - LOCK_STALE_SECONDS - 60, "mode": "exclusive", "what": "x"}
     for name, data in ((f"{LOCK_PREFIX}exclusive-gone-1-0", json.dumps(old).encode()),
-                       (f"{LOCK_PREFIX}not-a-lock", b"junk")):
+                       (f"{LOCK_PREFIX}not-a-lock", b"junk"),
+                       (f"{LOCK_PREFIX}exclusive-deep-1-0", b"[" * 3000 + b"]" * 3000),  # found by review
+                       (f"{LOCK_PREFIX}exclusive-huge-1-0", b" " * (8 << 20) + json.dumps(old).encode())):
         writer = s3.create()
         writer.write(data)
         writer.commit(name)
     with s3.lock(LockMode.EXCLUSIVE, what="prune") as held:
         assert held.locked
+    assert len(s3.list_locks()) == 1  # the stale one; the others are not lock records
 
 
 def test_two_exclusive_lockers_never_hold_at_once(s3: S3Store):
