@@ -50,7 +50,7 @@ from dedupimg.store.lock import LockMode
 
 if TYPE_CHECKING:
     from dedupimg.repo import repair as repair_mod
-from dedupimg.store.base import ObjectMissing, ObjectReader, StoreLock
+from dedupimg.store.base import ObjectMissing, ObjectReader, StoreError, StoreLock
 from dedupimg.store.local import LocalStore
 
 CONFIG = "config"
@@ -728,7 +728,7 @@ class Repository:
             name = indexobjects.name_of(data)
             try:
                 indexobjects.write(self.store, name, data)
-            except Exception:
+            except (StoreError, OSError):  # the request failed (not an interrupt, which is passed on)
                 if not self._landed(name, sealed):
                     raise
                 # Written after all (only its answer was lost): committed, as if the answer had come.
