@@ -91,6 +91,7 @@ def copy_snapshots(src: Repository, dst: Repository, refs: list[str] | None,
                          "--copy-chunker-params-from SOURCE'")
     progress = progress or NoProgress()
     records = src.snapshots() if not refs else list({r.id: r for r in map(src.resolve, refs)}.values())
+    _refuse_merged_series(src, dst, records)
     present = {r.id for r in dst.snapshots()}
     out: list[SnapshotCopy] = []
     for record in records:
@@ -102,6 +103,23 @@ def copy_snapshots(src: Repository, dst: Repository, refs: list[str] | None,
         interrupts.reset()
         out.append(_copy_one(src, dst, record, progress))
     return CopyResult(out)
+
+
+def _refuse_merged_series(src: Repository, dst: Repository, records: list[SnapshotRecord]) -> None:
+    """UsageError, before anything is copied, when a snapshot's name already belongs to another host's
+    snapshots in the destination (and did not in the source): forget keeps each name's versions as one series,
+    so two machines' disks under one name would lose one machine's snapshots to the other's newer ones (what
+    ``snapshot`` refuses for a default name; found by review for copy). Names that two hosts share in the
+    source already are copied as they are."""
+    in_source = {(r.name, r.host) for r in src.snapshots()}
+    for rec in records:
+        for other in dst.snapshots(rec.name):
+            if other.host != rec.host and (rec.name, other.host) not in in_source:
+                raise UsageError(
+                    f"snapshot {rec.name}@{rec.short_id} is of {rec.source} on host {rec.host}, but in "
+                    f"{dst.location} the name {rec.name!r} already belongs to snapshots of {other.source} on host "
+                    f"{other.host}: copied there, forget would treat two machines as one series; copy into "
+                    "another repository, or snapshot each machine under a name of its own (--name)")
 
 
 def open_source(location: str, dst: Repository, lock_wait: float = 0.0, purpose: str = "copy") -> Repository:

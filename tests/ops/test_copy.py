@@ -200,3 +200,23 @@ def chunk_ids(repo: Repository, rec: SnapshotRecord) -> set[bytes]:
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_two_machines_disks_under_one_name_are_not_merged(src, dst, tmp_path, monkeypatch):
+    """Found by review: host b's disk.img copied into a repository holding host a's disk.img made one series,
+    and forget --keep-daily then removed host a's snapshots as older versions of host b's. Refused before
+    anything is copied; a name the two hosts already share in the source is copied as it is."""
+    import dedupimg.ops.snapshot as snapshot_mod
+
+    (tmp_path / "disk.img").write_bytes(V1)
+    monkeypatch.setattr(snapshot_mod.socket, "gethostname", lambda: "host-a")
+    mine = take_snapshot(dst, str(tmp_path / "disk.img")).record  # the destination's own series
+    monkeypatch.setattr(snapshot_mod.socket, "gethostname", lambda: "host-b")
+    theirs = take_snapshot(src, str(tmp_path / "disk.img")).record
+    assert mine.name == theirs.name == "disk.img"
+    with pytest.raises(UsageError, match="name 'disk.img' already belongs to snapshots of .* on host host-a"):
+        copy_snapshots(src, dst, None)
+    assert dst.snapshots() == [mine]
+    monkeypatch.setattr(snapshot_mod.socket, "gethostname", lambda: "host-a")
+    take_snapshot(src, str(tmp_path / "disk.img"), name="disk.img", when=mine.datetime.replace(year=2027))
+    assert copy_snapshots(src, dst, [theirs.hex_id]).copied == [theirs.id]  # shared in the source already
