@@ -68,15 +68,36 @@ class Duration:
         ``time.Date`` does (2015-03-31 minus one month is "2015-02-31", that is 2015-03-03); the hours are then
         subtracted as elapsed time. Returns None if the result falls before year 1, i.e. before any time
         Python can represent: every snapshot is then newer than it.
+
+        Like Go's ``time.Parse``, which gives a time whose offset is the local zone's at that instant the
+        local zone itself, such a ``t`` is shifted by days in the local zone, daylight saving rules included
+        (one day before 12:00+01:00 on the day summer time ended is 12:00+02:00, 25 hours earlier; found by
+        review against restic); any other offset stays fixed.
         """
-        month_index = t.month - 1 - self.months
-        year = t.year - self.years + month_index // 12
+        local = _local_zone_of(t)
+        wall = t if local is None else local
+        month_index = wall.month - 1 - self.months
+        year = wall.year - self.years + month_index // 12
         month = month_index % 12 + 1
         try:
-            day = date(year, month, 1) + timedelta(days=t.day - 1 - self.days)
-            return datetime.combine(day, t.timetz()).astimezone(UTC) - timedelta(hours=self.hours)
-        except (ValueError, OverflowError):
+            day = date(year, month, 1) + timedelta(days=wall.day - 1 - self.days)
+            if local is None:
+                back = datetime.combine(day, t.timetz()).astimezone(UTC)
+            else:  # a naive wall clock read in the local zone (mktime: its rules at that date)
+                back = datetime.fromtimestamp(datetime.combine(day, local.time()).timestamp(), UTC)
+            return back - timedelta(hours=self.hours)
+        except (ValueError, OverflowError, OSError):
             return None
+
+
+def _local_zone_of(t: datetime) -> datetime | None:
+    """``t`` as a naive wall clock of the local zone when its offset is the local zone's at that instant (as Go's
+    time.Parse would then give it the local zone), else None."""
+    try:
+        local = datetime.fromtimestamp(t.timestamp())
+    except (ValueError, OverflowError, OSError):
+        return None
+    return local if local.astimezone().utcoffset() == t.utcoffset() else None
 
 
 def parse_duration(text: str) -> Duration:

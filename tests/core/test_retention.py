@@ -8,6 +8,7 @@ manual (doc/060_forget.rst).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -639,3 +640,26 @@ def test_property_bucket_rule_counts_buckets(items, rule, n):
     # a larger count never keeps less
     more = run(items, Policy(**{rule: n + 1}))
     assert {d.item.nr for d in decisions if d.keep} <= {d.item.nr for d in more if d.keep}
+
+
+@pytest.fixture
+def berlin_time(monkeypatch: pytest.MonkeyPatch):
+    """The process's local zone as Central European time, by POSIX rule (no tzdata needed)."""
+    monkeypatch.setenv("TZ", "CET-1CEST,M3.5.0,M10.5.0/3")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_keep_within_counts_days_in_the_local_zone_across_daylight_saving(berlin_time):
+    """Found by review against restic 0.14: snapshots at 2026-10-24 12:30+02:00 and 2026-10-25 12:00+01:00 (summer
+    time ended in between), --keep-within 1d. restic (Go's AddDate in the local zone) measures from 2026-10-24
+    12:00+02:00 and keeps both; the fixed offset of the newest had measured from 13:00+02:00 and removed one."""
+    cest, cet = timezone(timedelta(hours=2)), timezone(timedelta(hours=1))
+    items = [Snap(at("2026-10-24 12:30:00", cest), (), 0), Snap(at("2026-10-25 12:00:00", cet), (), 1)]
+    assert len(kept_labels(run(items, Policy(within=parse_duration("1d"))))) == 2
+    # A snapshot whose offset is not the local zone's keeps its own fixed offset, as Go's Parse gives it.
+    other = timezone(timedelta(hours=5, minutes=30))
+    items = [Snap(at("2026-10-24 12:30:00", other), (), 0), Snap(at("2026-10-25 13:00:00", other), (), 1)]
+    assert len(kept_labels(run(items, Policy(within=parse_duration("1d"))))) == 1
