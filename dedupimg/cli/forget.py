@@ -22,6 +22,7 @@ from dedupimg.cli.app import (
 from dedupimg.cli.render import (
     JSON_VERSION,
     exit_codes_help,
+    human_bytes,
     local_time,
     plural,
     print_json,
@@ -93,12 +94,16 @@ def forget(
     if json:
         doc: dict[str, object] = {"version": JSON_VERSION, "dry_run": dry_run, "groups": _plan_json(todo)}
         if report is not None:
-            doc["prune"] = prune_json(report)
+            doc["prune"] = {**prune_json(report), **({"bytes_freed_by_forget": result.freed_by_forget}
+                                                      if dry_run else {})}
         print_json(doc)
         return
     _render_plan(todo, dry_run, pruning=report is not None)
     if report is not None:
         render_prune(report)
+    if result.freed_by_forget:
+        stdout.print(f"and the snapshots it would remove would free about {human_bytes(result.freed_by_forget)} "
+                     "more (that plan is of the repository as it is now)")
 
 
 def _plan_json(todo: ForgetPlan) -> list[dict[str, object]]:

@@ -15,6 +15,7 @@ from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.retention import EMPTY_POLICY_MESSAGE, Decision, Policy, SnapshotFilter, apply_policy, group_by_name
 from dedupimg.ops.prune import PruneReport, prune
 from dedupimg.ops.selection import fields_of
+from dedupimg.ops.stats import snapshot_stats
 from dedupimg.repo.repository import Repository
 
 
@@ -75,6 +76,9 @@ def forget_snapshots(repo: Repository, records: list[SnapshotRecord]) -> None:
 class ForgetReport:
     plan: ForgetPlan  # what was removed (or, in a dry run, would be) and what was kept, and why
     prune: PruneReport | None  # the prune that followed, if one was asked for
+    # A dry run with prune: bytes the removed snapshots' own data would add to what the prune plan frees (the
+    # plan is made on the repository as it is, where they still live).
+    freed_by_forget: int = 0
 
 
 def forget_and_prune(
@@ -96,4 +100,5 @@ def forget_and_prune(
     plan = plan_ids(repo, refs) if refs else plan_policy(repo, policy, name, where)
     if not dry_run:
         execute(repo, plan)
-    return ForgetReport(plan, prune(repo, dry_run=dry_run) if and_prune else None)
+    freed = snapshot_stats(repo, plan.remove, each=False).totals.freed if dry_run and and_prune and plan.remove else 0
+    return ForgetReport(plan, prune(repo, dry_run=dry_run) if and_prune else None, freed)

@@ -50,3 +50,9 @@ def test_dry_run_changes_nothing(tmp_path):
         assert len(result.plan.remove) == 1
         assert result.prune is not None and result.prune.dry_run and result.prune.outcome is None
         assert repo.snapshots() == before
+        # The prune plan is of the repository as it is; what the forget would add to it is said beside (a
+        # review found the dry run said "would free about 0 B"), and it is what the real run frees.
+        assert result.prune.bytes_to_free == 0 and result.freed_by_forget > 0
+        real = forget_and_prune(repo, [], Policy(last=1), and_prune=True)
+        assert real.prune is not None and real.prune.outcome is not None
+        assert real.prune.outcome.bytes_freed >= result.freed_by_forget
