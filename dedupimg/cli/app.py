@@ -100,7 +100,7 @@ def root(
         if given is not None and given.name == "COMMANDLINE":
             os.environ.pop("DEDUPIMG_PASSWORD", None)
         os.environ["DEDUPIMG_PASSWORD_COMMAND"] = password_command
-    if sys.stdin.isatty():
+    if sys.stdin is not None and sys.stdin.isatty():  # None: started with stdin closed
         set_prompt(_ask_password)
 
 
@@ -161,9 +161,15 @@ RepoOption = Annotated[
                  show_default=False, help="Repository directory or s3:... URL (also accepted before the command)."),
 ]
 
+def _finite_wait(value: float) -> float:
+    if not 0 <= value < float("inf"):  # also NaN, which passes min=0 and would wait for ever
+        raise typer.BadParameter(f"must be a number of seconds, 0 or more, not {value}")
+    return value
+
+
 LockWait = Annotated[
     float,
-    typer.Option("--lock-wait", metavar="SECONDS", min=0,
+    typer.Option("--lock-wait", metavar="SECONDS", min=0, callback=_finite_wait,
                  help="Wait up to this long for a conflicting command's lock to go (default: fail at once)."),
 ]
 

@@ -33,7 +33,7 @@ from dedupimg.cli import (
     verify,
 )
 from dedupimg.cli.app import accept_levels_everywhere, app
-from dedupimg.core import interrupts
+from dedupimg.core import envints, interrupts
 from dedupimg.core.errors import DedupimgError, Interrupted, PermissionDenied
 
 # ``dedupimg --help`` lists the commands in this order (command groups, here ``key`` and ``repair``, come last).
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = bool(os.environ.get("DEDUPIMG_DEBUG"))
     render.json_status = "--json" in (sys.argv[1:] if argv is None else argv)
     try:
+        envints.check()  # read at import, where a bad value could only fall back to the default
         command = typer.main.get_command(app)  # what app() runs, with -q/-v added after every command
         accept_levels_everywhere(command)  # type: ignore[arg-type]  # a TyperGroup, typed as click's Command
         rv = command.main(args=argv, prog_name="dedupimg", standalone_mode=False)

@@ -35,7 +35,7 @@ from dedupimg.ops.prune import PruneReport
 # No markup and no emoji codes: names, tags, paths and messages are user text, printed as given ("[bold]" or
 # ":smile:" in an image name stays literal; "[/x]" would otherwise raise MarkupError after the work was done).
 # A pipe or a log gets whole lines (tables are not cut to 80 columns there); a terminal its own width.
-_PIPE_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 250
+_PIPE_WIDTH = None if (sys.stdout is not None and sys.stdout.isatty()) or os.environ.get("COLUMNS") else 250
 stdout = Console(highlight=False, soft_wrap=True, markup=False, emoji=False, width=_PIPE_WIDTH)
 stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
 

@@ -83,12 +83,20 @@ def _from_command(command: str) -> str:
     if not argv:
         raise UsageError("the password command is empty")
     try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120, check=False)
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL) as proc:
+            assert proc.stdout is not None
+            # Read a bounded amount (found by review: `cat /dev/zero` grew without limit); a password is one
+            # short line, so more than MAX_PASSWORD characters is refused below.
+            out = proc.stdout.read(MAX_PASSWORD + 1)
+            if len(out) > MAX_PASSWORD:
+                proc.kill()
+            code = proc.wait(timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise WrongPassword(f"password command {argv[0]} failed: {exc}") from None
-    if done.returncode != 0:
-        raise WrongPassword(f"password command {argv[0]} exited with {done.returncode}")
-    return _first_line(done.stdout.decode("utf-8", errors="surrogateescape"), f"output of {argv[0]}")
+    text = out.decode("utf-8", errors="surrogateescape")
+    if len(out) <= MAX_PASSWORD and code != 0:
+        raise WrongPassword(f"password command {argv[0]} exited with {code}")
+    return _first_line(text, f"output of {argv[0]}")
 
 
 NEW_PREFIX = "DEDUPIMG_NEW_"

@@ -124,8 +124,10 @@ def _restore_into(repo: Repository, record: SnapshotRecord, out: Target | NullTa
         out.commit()
         progress.finish()
     except BaseException as exc:
-        hasher.close()
-        out.abort()
+        try:
+            out.abort()  # first: a second Ctrl-C while the hasher's thread is joined must not keep the temp file
+        finally:
+            hasher.close()
         if out.in_place and isinstance(exc, DedupimgError):
             raise _left_partial(exc, out, record) from None
         raise

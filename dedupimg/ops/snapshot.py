@@ -95,6 +95,9 @@ def take_snapshot(
     when = _checked_time(when or datetime.now())
     host = socket.gethostname()
     _check_changes(changes)
+    _check_text("source", source)
+    if name is not None:
+        _check_text("name", name)
     src = open_source(source, name, source_format, changes.dirty_bitmap if changes else None)
     plan = None
     try:
@@ -220,6 +223,19 @@ def _checked_time(when: datetime) -> datetime:
         raise UsageError(f"time {when.isoformat()} is out of range: give a time from "
                          f"{EARLIEST.date()} to {LATEST.date()} (UTC)")
     return when
+
+
+def _check_text(what: str, text: str) -> None:
+    """A name or source path goes into the snapshot record as UTF-8 text and into one-line messages: refused
+    before anything is read when it cannot (found by review: a non-UTF-8 source path failed only after the
+    whole image was stored; a newline in a name split later messages in two)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"the {what} {text!r} is not valid UTF-8: rename it, or reach it through a symlink "
+                         "(and give --name)") from None
+    if not text.isprintable():
+        raise UsageError(f"the {what} {text!r} holds control characters: give --name NAME")
 
 
 def _check_default_name(repo: Repository, src: ImageSource, host: str) -> None:

@@ -46,6 +46,7 @@ from typing import NamedTuple
 import msgpack
 
 from dedupimg.core.crypto import Aead
+from dedupimg.core.envints import env_int
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.parallel import worker_count
 from dedupimg.repo import pack
@@ -54,7 +55,7 @@ from dedupimg.store.base import ObjectReader
 
 LENGTH = struct.Struct("<I")
 # DEDUPIMG_READ_WORKERS=0 reads in the serving process itself (as before the pool; for comparisons).
-WORKERS = int(os.environ.get("DEDUPIMG_READ_WORKERS", worker_count(least=1)))
+WORKERS = env_int("DEDUPIMG_READ_WORKERS", worker_count(least=1), 0, 64)
 # A worker allocates and frees a pread buffer of about a MiB per run; glibc would hand it back to the kernel
 # every time (brk and page faults were a fifth of a worker's time). These keep it in the heap.
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}

@@ -24,6 +24,7 @@ import blake3
 from dedupimg.core import interrupts
 from dedupimg.core.config import ENCRYPTED_VERSION, ChunkerParams, Config, SealedConfig, parse_config_file
 from dedupimg.core.crypto import AEADS, MasterKeys
+from dedupimg.core.envints import env_int
 from dedupimg.core.errors import (
     AmbiguousSnapshot,
     DedupimgError,
@@ -63,12 +64,12 @@ ENCRYPTED_LOCATIONS = "encrypted-locations"  # in the cache root: a file per enc
 OPEN_PACKS = 64
 MAX_READ = 16 << 20  # largest single pread of adjacent blobs
 # An object store: reads in flight at once (restore), and per read worker (mount, serve).
-REMOTE_READS = int(os.environ.get("DEDUPIMG_REMOTE_READS", "6"))  # (an override for measurements)
-REMOTE_READS_PER_WORKER = int(os.environ.get("DEDUPIMG_REMOTE_READS_PER_WORKER", "4"))
+REMOTE_READS = env_int("DEDUPIMG_REMOTE_READS", 6, 1, 64)  # (an override for measurements)
+REMOTE_READS_PER_WORKER = env_int("DEDUPIMG_REMOTE_READS_PER_WORKER", 4, 1, 64)
 REMOTE_GAP = 512 << 10  # bytes of other blobs one request may read over rather than make two (object stores)
 # Packs of a remote repository uploading at once while the next fills, each up to 32 MiB in memory: 3 were no
 # faster than 2 here and took 37 MB more (first snapshot of 1 GiB on loopback SeaweedFS: 257 vs 294 MB peak).
-UPLOADS_AHEAD = int(os.environ.get("DEDUPIMG_UPLOADS_AHEAD", "2"))
+UPLOADS_AHEAD = env_int("DEDUPIMG_UPLOADS_AHEAD", 2, 0, 16)
 POOL_RUN = 1 << 20  # a read worker's unit of work: a read-ahead window spreads over the workers
 
 
@@ -221,6 +222,10 @@ class Repository:
         if spec["kind"] != "local":
             return cls._init_remote(open_store(spec), config, cache_dir, master, secret)
         path = Path(spec["root"])
+        if not str(path).isprintable() or _utf8(str(path)) is None:
+            # LMDB takes its path as UTF-8 text: found by review, such a path failed after the directories
+            # were made, and the half-made repository then refused a second init.
+            raise UsageError(f"repository path {str(path)!r} is not printable UTF-8: choose another path")
         outer = _enclosing_repository(path)
         if outer is not None:
             raise RepositoryExists(f"{path} is inside the dedupimg repository {outer}; refusing to create a "
@@ -1072,6 +1077,14 @@ class BlobWriter:
         if self._uploads is not None:
             self._uploads.shutdown(wait=True)
             self._uploads = None
+
+
+def _utf8(text: str) -> bytes | None:
+    """``text`` as UTF-8; None when it holds undecodable bytes (a path's, as surrogate escapes)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
 
 
 def _remember_encryption(cache: Path, config: Config, location: str) -> None:

@@ -110,6 +110,7 @@ REPLY_BUFFERS = 32
 MAX_STRING = 4096  # proto.md: names, descriptions and messages are at most 4096 bytes (longer breaks clients)
 MAX_STATUS_SPAN = 256 << 20  # BLOCK_STATUS answers at most this much per request (the spec allows less)
 NEGOTIATION_TIMEOUT = 60.0  # a client silent this long during the handshake holds a thread for nothing
+SEND_TIMEOUT = 60  # seconds a reply may wait for a client that does not read it before the connection ends
 SHUTDOWN_GRACE = 5.0  # seconds connections get to finish the request in flight when the server stops
 KEEP_READERS = 16  # snapshot readers kept for new connections (each caches up to 64 MiB of chunks)
 
@@ -472,6 +473,10 @@ class _Session:
             export = handler(self, option, data)
             if export is not None:
                 self.sock.settimeout(None)  # an idle client (a VM that reads nothing) is fine from here on
+                # ... but one that stops reading its replies is not: a send blocked this long ends the
+                # connection, which returns its reply buffer to the pool of 32 that every connection shares
+                # (found by review: 32 such clients stopped every other client's reads for good).
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
                 return export
 
     def opt_export_name(self, option: int, data: bytes) -> Export:

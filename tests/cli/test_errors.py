@@ -292,3 +292,28 @@ def test_init_inside_another_repository_is_refused(tmp_path):
     fails(run_cli("init", "-r", tmp_path / "file"), 21, "not a directory")
     # Beside a repository is fine.
     ok(run_cli("init", "-r", tmp_path / "second"))
+
+
+def test_hostile_input_found_by_review_gets_one_line(repo_with_snapshot, tmp_path):
+    """What a review of the CLI broke: each now one clear line and a documented code, nothing stored."""
+    repo, image = repo_with_snapshot
+    env = {"DEDUPIMG_PASSWORD": "pw", "DEDUPIMG_ENCRYPTION": "aes-256-gcm"}
+    for bad in ("abc", "1000", "-1"):  # read at import: was a ValueError traceback, or 1000 worker processes
+        fails(run_cli("-r", repo, "snapshots", env={"DEDUPIMG_READ_WORKERS": bad}), 2, "DEDUPIMG_READ_WORKERS")
+    fails(run_cli("-r", repo, "check", "--lock-wait", "nan"), 2, "--lock-wait")  # waited for ever
+    before = ok(run_cli("-r", repo, "snapshots", "--json"))
+    weird = Path(os.fsdecode(bytes(tmp_path) + b"/src\xff.img"))
+    weird.write_bytes(det_bytes(2, 50_000))  # failed only after the image was stored (UnicodeEncodeError)
+    fails(run_cli("-r", repo, "snapshot", weird, "--name", "w"), 2, "not valid UTF-8")
+    fails(run_cli("-r", repo, "snapshot", image, "--name", "two\nlines"), 2, "control characters")
+    assert ok(run_cli("-r", repo, "snapshots", "--json")) == before
+    fails(run_cli("-r", Path(os.fsdecode(bytes(tmp_path) + b"/repo\xff")), "init", "--encryption", "none"), 2,
+          "not printable UTF-8")
+    assert not Path(os.fsdecode(bytes(tmp_path) + b"/repo\xff")).exists()  # was half made, then refused again
+    enc = tmp_path / "enc"
+    ok(run_cli("-r", enc, "init", env=env))
+    fails(run_cli("-r", enc, "--password-command", "cat /dev/zero", "snapshots"), 22, "longer than")  # grew
+    assert subprocess.run([sys.executable, "-m", "dedupimg", "-r", str(repo), "snapshots"], stdin=subprocess.DEVNULL,
+                          capture_output=True, close_fds=True).returncode == 0
+    closed = subprocess.run(f"{sys.executable} -m dedupimg -r {repo} snapshots <&-", shell=True, capture_output=True)
+    assert closed.returncode == 0, closed.stderr  # stdin closed: was AttributeError on sys.stdin.isatty()
