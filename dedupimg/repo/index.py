@@ -191,8 +191,9 @@ class Index:
         if not create:
             try:
                 st = os.stat(data)
-            except FileNotFoundError:
-                # LMDB would quietly make an empty index: every snapshot would seem gone.
+            except (FileNotFoundError, NotADirectoryError):
+                # LMDB would quietly make an empty index: every snapshot would seem gone. (NotADirectory:
+                # index/ is a file; found by review, it was exit 1 without the hint.)
                 raise IntegrityError(
                     f"index {path} is missing (no {DATA_FILE}); rebuild it from the packs with "
                     "'dedupimg repair index'"

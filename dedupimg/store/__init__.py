@@ -25,11 +25,17 @@ def location_spec(location: str) -> StoreSpec:
     rest = location[len(S3_SCHEME):]
     if not rest.startswith(("http://", "https://")):
         rest = "https://" + rest
-    url = urlsplit(rest)
+    expected = (f"repository {location!r}: expected s3:http://HOST:PORT/BUCKET/PREFIX (or s3:https://...) with "
+                "a port from 1 to 65535")
+    try:
+        url = urlsplit(rest)
+        port = url.port  # a bad one (":99999", ":abc") would reach object_store, which panics on it
+        host = url.hostname
+    except ValueError:  # also a bad IPv6 literal ("[::1", "[zz]")
+        raise UsageError(expected) from None
     bucket, _, prefix = url.path.lstrip("/").partition("/")
-    if not url.netloc or not bucket or url.query or url.fragment:
-        raise UsageError(f"repository {location!r}: expected s3:http://HOST:PORT/BUCKET/PREFIX "
-                         "(or s3:https://...)")
+    if not url.netloc or not host or port == 0 or not bucket or url.query or url.fragment:
+        raise UsageError(expected)
     return {"kind": "s3", "endpoint": f"{url.scheme}://{url.netloc}", "bucket": bucket,
             "prefix": prefix.strip("/"), "region": ""}
 

@@ -317,3 +317,12 @@ def test_hostile_input_found_by_review_gets_one_line(repo_with_snapshot, tmp_pat
                           capture_output=True, close_fds=True).returncode == 0
     closed = subprocess.run(f"{sys.executable} -m dedupimg -r {repo} snapshots <&-", shell=True, capture_output=True)
     assert closed.returncode == 0, closed.stderr  # stdin closed: was AttributeError on sys.stdin.isatty()
+
+
+def test_an_index_that_is_a_file_is_a_missing_index(tmp_path):
+    """Found by review: index/ replaced by a file was exit 1 "Not a directory", not 17 with the repair hint."""
+    repo = tmp_path / "repo"
+    ok(run_cli("-r", repo, "init", "--encryption", "none"))
+    shutil.rmtree(repo / "index")
+    (repo / "index").write_text("x")
+    fails(run_cli("-r", repo, "snapshots"), 17, "repair index")

@@ -407,3 +407,14 @@ def test_a_stalled_server_times_out_and_is_retried(monkeypatch: pytest.MonkeyPat
             assert "\n" not in str(info.value) and "2 retries" in str(info.value)
         for conn in accepted:
             conn.close()
+
+
+@pytest.mark.parametrize("location", ["s3:http://127.0.0.1:99999/bkt", "s3:http://127.0.0.1:abc/bkt",
+                                      "s3:http://[::1/bkt", "s3:http://127.0.0.1:0/bkt"])
+def test_a_bad_port_or_host_is_a_usage_error(location: str):
+    """Found by review: such a port reached object_store, which panicked (a 164-line traceback)."""
+    from dedupimg.store import location_spec
+
+    with pytest.raises(UsageError, match="port from 1 to 65535"):
+        location_spec(location)
+    assert location_spec("s3:http://[::1]:8333/b")["endpoint"] == "http://[::1]:8333"
