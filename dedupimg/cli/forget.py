@@ -94,8 +94,10 @@ def forget(
     if json:
         doc: dict[str, object] = {"version": JSON_VERSION, "dry_run": dry_run, "groups": _plan_json(todo)}
         if report is not None:
-            doc["prune"] = {**prune_json(report), **({"bytes_freed_by_forget": result.freed_by_forget}
-                                                      if dry_run else {})}
+            prune_doc = prune_json(report)
+            if dry_run:
+                prune_doc["bytes_freed_by_forget"] = result.freed_by_forget
+            doc["prune"] = prune_doc
         print_json(doc)
         return
     _render_plan(todo, dry_run, pruning=report is not None)

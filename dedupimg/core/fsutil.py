@@ -17,6 +17,16 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 
 
+def printable_utf8(text: str) -> bool:
+    """Whether ``text`` (a path or name, whose undecodable bytes Python holds as surrogate escapes) is valid
+    UTF-8 without control characters: what snapshot records, LMDB paths and one-line messages can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return text.isprintable()
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

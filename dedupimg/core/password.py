@@ -10,8 +10,10 @@ calls :meth:`PasswordSource.get`.
 from __future__ import annotations
 
 import os
+import select
 import shlex
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ Prompt = Callable[[str, bool], str]
 _prompt: Prompt | None = None
 
 MAX_PASSWORD = 4096
+COMMAND_TIMEOUT = 120.0  # seconds a --password-command may take
 
 
 def set_prompt(prompt: Prompt | None) -> None:
@@ -84,19 +87,33 @@ def _from_command(command: str) -> str:
         raise UsageError("the password command is empty")
     try:
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL) as proc:
-            assert proc.stdout is not None
-            # Read a bounded amount (found by review: `cat /dev/zero` grew without limit); a password is one
-            # short line, so more than MAX_PASSWORD characters is refused below.
-            out = proc.stdout.read(MAX_PASSWORD + 1)
+            out = _read_bounded(proc, COMMAND_TIMEOUT)
             if len(out) > MAX_PASSWORD:
                 proc.kill()
-            code = proc.wait(timeout=120)
+            code = proc.wait(timeout=COMMAND_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise WrongPassword(f"password command {argv[0]} failed: {exc}") from None
-    text = out.decode("utf-8", errors="surrogateescape")
     if len(out) <= MAX_PASSWORD and code != 0:
         raise WrongPassword(f"password command {argv[0]} exited with {code}")
-    return _first_line(text, f"output of {argv[0]}")
+    return _first_line(out.decode("utf-8", errors="surrogateescape"), f"output of {argv[0]}")
+
+
+def _read_bounded(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """At most MAX_PASSWORD + 1 bytes of ``proc``'s output, until it closes it, within ``timeout`` seconds
+    (found by review: `cat /dev/zero` as the command grew without limit); TimeoutExpired after that."""
+    assert proc.stdout is not None
+    fd, out = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while len(out) <= MAX_PASSWORD:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            proc.kill()
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        piece = os.read(fd, MAX_PASSWORD + 1 - len(out))
+        if not piece:
+            break
+        out += piece
+    return out
 
 
 NEW_PREFIX = "DEDUPIMG_NEW_"

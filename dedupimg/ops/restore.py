@@ -344,18 +344,25 @@ def _delta_run(repo: Repository, target: Target | NullTarget, run: Run) -> RunRe
     return _write_now(target, writes, RunResult(pieces, [], read=len(current)))
 
 
+def _blocks(offset: int, length: int) -> Iterator[tuple[int, int]]:
+    """``[pos, end)`` of each DELTA_BLOCK-aligned (in the image) block of ``length`` bytes at image ``offset``."""
+    pos = 0
+    while pos < length:
+        end = min(length, (offset + pos) // DELTA_BLOCK * DELTA_BLOCK + DELTA_BLOCK - offset)
+        yield pos, end
+        pos = end
+
+
 def _nonzero_blocks(data: bytes, offset: int) -> Iterator[tuple[int, int]]:
-    """The ranges of ``data`` (at image ``offset``) covering its DELTA_BLOCK-aligned blocks that are not all
-    zero, adjacent blocks merged."""
-    pos, start = 0, -1
-    while pos < len(data):
-        end = min(len(data), (offset + pos) // DELTA_BLOCK * DELTA_BLOCK + DELTA_BLOCK - offset)
+    """The ranges of ``data`` (at image ``offset``) covering its blocks that are not all zero, adjacent blocks
+    merged."""
+    start = -1
+    for pos, end in _blocks(offset, len(data)):
         if not is_zero(data, pos, end):
             start = pos if start < 0 else start
         elif start >= 0:
             yield start, pos
             start = -1
-        pos = end
     if start >= 0:
         yield start, len(data)
 
@@ -370,9 +377,7 @@ def _add_block_writes(writes: list[tuple[int, list[Buffer]]], offset: int, new: 
     write_end = -1
     if writes:
         write_end = writes[-1][0] + sum(len(b) for b in writes[-1][1])
-    pos = 0
-    while pos < len(new):
-        end = min(len(new), (offset + pos) // DELTA_BLOCK * DELTA_BLOCK + DELTA_BLOCK - offset)
+    for pos, end in _blocks(offset, len(new)):
         current = old[pos:end]
         if len(current) != end - pos or not new.startswith(current, pos):  # memcmp, no copy
             if write_end == offset + pos:
@@ -380,4 +385,3 @@ def _add_block_writes(writes: list[tuple[int, list[Buffer]]], offset: int, new: 
             else:
                 writes.append((offset + pos, [view[pos:end]]))
             write_end = offset + end
-        pos = end

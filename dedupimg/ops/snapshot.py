@@ -23,6 +23,7 @@ from typing import Any
 from dedupimg.core.buffers import PoolClosed
 from dedupimg.core.chunker import Batch, Chunker
 from dedupimg.core.errors import UsageError
+from dedupimg.core.fsutil import printable_utf8
 from dedupimg.core.imagehash import ImageHasher
 from dedupimg.core.manifest import (
     HASH_OF_EXTENTS,
@@ -229,13 +230,9 @@ def _check_text(what: str, text: str) -> None:
     """A name or source path goes into the snapshot record as UTF-8 text and into one-line messages: refused
     before anything is read when it cannot (found by review: a non-UTF-8 source path failed only after the
     whole image was stored; a newline in a name split later messages in two)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"the {what} {text!r} is not valid UTF-8: rename it, or reach it through a symlink "
-                         "(and give --name)") from None
-    if not text.isprintable():
-        raise UsageError(f"the {what} {text!r} holds control characters: give --name NAME")
+    if not printable_utf8(text):
+        raise UsageError(f"the {what} {text!r} is not valid UTF-8 or holds control characters: rename it, or "
+                         "reach it through a symlink (and give --name NAME)")
 
 
 def _check_default_name(repo: Repository, src: ImageSource, host: str) -> None:

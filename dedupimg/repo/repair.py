@@ -211,12 +211,9 @@ def _register(index: Index, store: Store, name: str, report: RepairReport, fmt: 
     file_name = integrity.base_name(name)
     try:
         info = integrity.read_pack_info(store, name, fmt)
-    except StoreError as exc:
-        if not isinstance(exc, NotAnObject):
-            raise  # unreadable is not damaged: what it holds is unknown (see _repair_under_lock)
-        report.damaged_packs.append((file_name, str(exc).replace(f"{store.location(name)}: ", "")))
-        return None, []
     except IntegrityError as exc:
+        if isinstance(exc, StoreError) and not isinstance(exc, NotAnObject):
+            raise  # unreadable is not damaged: what it holds is unknown (see _repair_under_lock)
         report.damaged_packs.append((file_name, str(exc).replace(f"{store.location(name)}: ", "")))
         return None, []
     problems = integrity.layout_problems(info)

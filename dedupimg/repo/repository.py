@@ -36,7 +36,7 @@ from dedupimg.core.errors import (
     SnapshotNotFound,
     UsageError,
 )
-from dedupimg.core.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs
+from dedupimg.core.fsutil import DIR_MODE, atomic_write, fsync_dir, make_dirs, printable_utf8
 from dedupimg.core.manifest import Segment, SnapshotRecord, decode_segment, decode_tombstone, encode_tombstone
 from dedupimg.core.parallel import worker_count
 from dedupimg.core.password import REPOSITORY, PasswordSource
@@ -222,7 +222,7 @@ class Repository:
         if spec["kind"] != "local":
             return cls._init_remote(open_store(spec), config, cache_dir, master, secret)
         path = Path(spec["root"])
-        if not str(path).isprintable() or _utf8(str(path)) is None:
+        if not printable_utf8(str(path)):
             # LMDB takes its path as UTF-8 text: found by review, such a path failed after the directories
             # were made, and the half-made repository then refused a second init.
             raise UsageError(f"repository path {str(path)!r} is not printable UTF-8: choose another path")
@@ -1077,14 +1077,6 @@ class BlobWriter:
         if self._uploads is not None:
             self._uploads.shutdown(wait=True)
             self._uploads = None
-
-
-def _utf8(text: str) -> bytes | None:
-    """``text`` as UTF-8; None when it holds undecodable bytes (a path's, as surrogate escapes)."""
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
 
 
 def _remember_encryption(cache: Path, config: Config, location: str) -> None:
