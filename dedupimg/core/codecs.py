@@ -10,6 +10,10 @@ from dedupimg.core.errors import IntegrityError
 
 RAW = 0
 ZSTD = 1
+# One zstd frame compressed against another chunk's raw bytes (its *base*) as a raw-content dictionary: a chunk
+# that a small write changed costs about the changed bytes, not the whole chunk again (docs/format.md §4.1a).
+DELTA = 2
+CODECS = (RAW, ZSTD, DELTA)
 
 MAX_BLOB = 64 << 20  # no blob is larger: refuse to allocate more when decoding damaged input
 # Keep the compressed form only when it saves at least this share: decompressing a barely smaller blob
@@ -34,20 +38,39 @@ class Compressor:
         return RAW, bytes(raw)
 
 
+def encode_delta(raw: bytes | bytearray | memoryview, base: bytes, level: int) -> bytes:
+    """One zstd frame of ``raw`` compressed with ``base`` as a raw-content dictionary (codec DELTA)."""
+    dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(raw)
+
+
 _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 
-def decode_blob(codec: int, stored: bytes | memoryview, raw_len: int) -> bytes:
+def _plain_decompressor() -> zstandard.ZstdDecompressor:
+    decompressor: zstandard.ZstdDecompressor | None = getattr(_local, "zstd", None)
+    if decompressor is None:
+        decompressor = _local.zstd = zstandard.ZstdDecompressor()
+    return decompressor
+
+
+def decode_blob(codec: int, stored: bytes | memoryview, raw_len: int, base: bytes | None = None) -> bytes:
+    """The raw bytes of a stored blob; ``base``: the raw bytes of a DELTA blob's base (None for others)."""
     if not 0 <= raw_len <= MAX_BLOB:
         raise IntegrityError(f"blob raw length {raw_len} is out of range")
     if codec == RAW:
         if len(stored) != raw_len:
             raise IntegrityError(f"raw blob has {len(stored)} bytes, its header says {raw_len}")
         return bytes(stored)
-    if codec == ZSTD:
-        decompressor = getattr(_local, "zstd", None)
-        if decompressor is None:
-            decompressor = _local.zstd = zstandard.ZstdDecompressor()
+    if codec == DELTA and base is None:
+        raise IntegrityError("delta blob read without its base")
+    if codec in (ZSTD, DELTA):
+        if codec == DELTA:
+            assert base is not None
+            dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            decompressor = zstandard.ZstdDecompressor(dict_data=dictionary)
+        else:
+            decompressor = _plain_decompressor()
         try:
             # zstandard allocates the size a frame header claims, whatever max_output_size says: refuse a
             # claim other than raw_len before decompressing (-1 = no size in the header: bounded by raw_len).

@@ -19,7 +19,12 @@ from dedupimg.core.errors import UnsupportedFormat, UsageError
 FORMAT_NAME = "dedupimg"
 FORMAT_VERSION = 1  # unencrypted repositories
 ENCRYPTED_VERSION = 2  # encrypted: sealed blobs and trailers (docs/format.md §10)
-VERSIONS = (FORMAT_VERSION, ENCRYPTED_VERSION)
+# Versions 3 and 4 are 1 and 2 with chunks stored as deltas on another chunk (codec DELTA, docs/format.md §11):
+# what ``init`` makes now. 1 and 2 stay readable and writable, without deltas, as the older dedupimg made them.
+DELTA_VERSION = 3
+ENCRYPTED_DELTA_VERSION = 4
+VERSIONS = (FORMAT_VERSION, ENCRYPTED_VERSION, DELTA_VERSION, ENCRYPTED_DELTA_VERSION)
+ENCRYPTED_VERSIONS = (ENCRYPTED_VERSION, ENCRYPTED_DELTA_VERSION)
 NO_ENCRYPTION = "none"
 DEFAULT_PADDING = 64  # an encrypted blob's stored span is a multiple of this (docs/security.md)
 
@@ -68,19 +73,24 @@ class Config:
     compression: str = "zstd"
     compression_level: int = 1  # at 16 KiB chunks, level 3 costs twice the CPU for ~1% (docs/performance.md)
     pack_size: int = 32 << 20
-    version: int = FORMAT_VERSION
-    encryption: str = NO_ENCRYPTION  # or an AEAD of core/crypto.py (then version 2)
+    version: int = DELTA_VERSION
+    encryption: str = NO_ENCRYPTION  # or an AEAD of core/crypto.py (then version 2 or 4)
     padding: int = DEFAULT_PADDING  # encrypted only
 
     @property
     def encrypted(self) -> bool:
         return self.encryption != NO_ENCRYPTION
 
+    @property
+    def deltas(self) -> bool:
+        """Whether chunks may be stored as deltas on another chunk (format versions 3 and 4)."""
+        return self.version in (DELTA_VERSION, ENCRYPTED_DELTA_VERSION)
+
     def to_bytes(self) -> bytes:
         """The config as JSON; an encrypted repository's, the document that is sealed into its config file."""
         doc: dict[str, Any] = {"format": FORMAT_NAME, "version": self.version, "hash": "blake3-256"}
         doc.update(asdict(self))
-        if not self.encrypted:  # version 1 configs stay byte for byte as before
+        if not self.encrypted:  # unencrypted configs stay byte for byte as version 1 wrote them
             del doc["encryption"], doc["padding"]
         else:
             doc["chunker"]["seed"] = 0  # the key's (core/crypto.py MasterKeys), never written here
@@ -96,10 +106,10 @@ class Config:
             if type(version) is not int or version not in VERSIONS:  # not true, not 1.0
                 raise UnsupportedFormat(
                     f"{where}: repository format version {reprlib.repr(version)} is not supported "
-                    f"(this dedupimg reads versions {FORMAT_VERSION} and {ENCRYPTED_VERSION})"
+                    f"(this dedupimg reads versions {', '.join(map(str, VERSIONS[:-1]))} and {VERSIONS[-1]})"
                 )
             encryption = doc.get("encryption", NO_ENCRYPTION)
-            if (encryption == NO_ENCRYPTION) != (version == FORMAT_VERSION) or not isinstance(encryption, str):
+            if (encryption == NO_ENCRYPTION) == (version in ENCRYPTED_VERSIONS) or not isinstance(encryption, str):
                 raise ValueError("encryption does not match the format version")
             if doc.get("hash") != "blake3-256" or doc.get("compression") != "zstd":
                 raise ValueError("unknown hash or compression")

@@ -161,6 +161,8 @@ class _Checker:
         self.chunk_listings: Counter[bytes] = Counter()  # chunk id -> listings by stored segments
         self.segment_listings: Counter[bytes] = Counter()  # segment id -> listings by live records
         self.stored_segments: dict[bytes, int] = {}  # segment id -> length
+        self.links: dict[bytes, bytes] = {}  # delta chunk id -> base chunk id (each counts as a base's reference)
+        self.unlinked: dict[bytes, bytes] = {}  # links not yet matched with a delta row
         self.records: dict[bytes, SnapshotRef] = {}
         self.record_rows: set[bytes] = set()
         self.segment_rows: set[bytes] = set()
@@ -176,7 +178,8 @@ class _Checker:
     def run(self, read_data: float, seed: bytes | None) -> CheckReport:
         totals = self.index.entry_counts()
         self.progress.start("check index", totals["blobs"] + totals["segments"] + totals["snapshots"])
-        packs, pack_ids, next_pack, garbage = self.index.scan(self._on_segment, self._on_snapshot, self._on_blob)
+        packs, pack_ids, next_pack, garbage = self.index.scan(self._on_segment, self._on_snapshot, self._on_blob,
+                                                              self._on_link)
         self.progress.advance(self.done_items % TICK)
         self.progress.finish()
         self.packs = {p.pack_no: p for p in packs}
@@ -253,6 +256,10 @@ class _Checker:
                 self.add("segment-damaged", f"manifest segment {seg_id.hex()[:16]} is {stored} bytes long, snapshot "
                          f"{rec_id.hex()[:8]} lists it as {length}", key, ("blob", seg_id))
 
+    def _on_link(self, delta: bytes, base: bytes) -> None:
+        self.links[delta] = self.unlinked[delta] = base
+        self.chunk_listings[base] += 1  # a base is referenced by each delta on it, as by a segment listing it
+
     def _on_blob(self, blob_id: bytes, loc: BlobLocation | None, dead: bool) -> None:
         self._tick()
         key: Key = ("blob", blob_id)
@@ -266,6 +273,10 @@ class _Checker:
         if loc.type == pack.CHUNK:
             self.counts.chunks += 1
             expected = self.chunk_listings.pop(blob_id, 0)
+            base = self.unlinked.pop(blob_id, None)
+            if (loc.codec == pack.DELTA) != (base is not None):
+                self.add("index-mismatch", f"chunk {short} is stored as a delta but the index names no base for it"
+                         if base is None else f"the index names a base for chunk {short}, which is not a delta", key)
         elif loc.type == pack.SEGMENT:
             self.segment_rows.add(blob_id)
             self.meta_pack[blob_id] = loc.pack_no
@@ -298,6 +309,9 @@ class _Checker:
             self.counts.dead_rows += 1
 
     def _after_scan(self, pack_ids: dict[bytes, int], next_pack: int, garbage: dict[int, int]) -> None:
+        for delta in self.unlinked:
+            self.add("index-mismatch", f"the index names a base for chunk {delta.hex()[:16]}, which is not indexed",
+                     ("blob", delta))
         for chunk_id, n in self.chunk_listings.items():
             self.add("chunk-missing", f"chunk {chunk_id.hex()[:16]}, listed {n} times by stored segments, is not "
                      "indexed", ("blob", chunk_id))
@@ -398,6 +412,9 @@ class _Checker:
             if (loc.type, loc.codec, loc.stored_len, loc.raw_len) != (e.type, e.codec, e.stored_len, e.raw_len):
                 self.add("index-mismatch", f"index row of blob {e.id.hex()[:16]} disagrees with the trailer of pack "
                          f"{name} (type, codec or lengths)", ("blob", e.id), key)
+            elif e.codec == pack.DELTA and self.links.get(e.id) != e.base:
+                self.add("index-mismatch", f"the index names another base for delta chunk {e.id.hex()[:16]} than "
+                         f"the trailer of pack {name}", ("blob", e.id), key)
         if matched != self.rows_per_pack.get(row.pack_no, 0):
             mismatched[row.pack_no] = {e.id: e.offset for e in info.entries}
         if garbage > row.size:
@@ -471,7 +488,8 @@ class _Checker:
         locs = self.index.lookup_blobs([e.id for e in info.entries])
         full = {e.offset for e, loc in zip(info.entries, locs, strict=True)
                 if loc is not None and loc.pack_no == row.pack_no and loc.offset == e.offset}
-        return pool.submit(integrity.verify_pack_data, self.repo.store, name, info, full, self.repo.blobs)
+        return pool.submit(integrity.verify_pack_data, self.repo.store, name, info, full, self.repo.blobs,
+                           self.repo.delta_base_raws)
 
     def _pack_data_done(self, row: PackRow, job: Future[integrity.PackData]) -> None:
         data = job.result()

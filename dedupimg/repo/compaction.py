@@ -105,8 +105,15 @@ def plan(repo: Repository, max_unused: float = DEFAULT_MAX_UNUSED) -> PrunePlan:
 
 
 def _cascade(repo: Repository, dead: dict[bytes, BlobLocation | None], result: PrunePlan) -> None:
-    """Drop dead segments that are still stored; chunks whose last reference they held die with them."""
+    """Drop dead segments that are still stored; chunks whose last reference they held die with them, and then
+    bases whose last reference was a dying delta chunk (deltas are one deep: no further step)."""
     lost: Counter[bytes] = Counter()
+    _lose_segments(repo, dead, result, lost)
+    _lose_bases(repo, dead, lost)
+
+
+def _lose_segments(repo: Repository, dead: dict[bytes, BlobLocation | None], result: PrunePlan,
+                   lost: Counter[bytes]) -> None:
     dead_segments = [i for i, loc in dead.items() if loc is not None and loc.type == pack.SEGMENT]
     for seg_id, stored in zip(dead_segments, repo.index.has_segments(dead_segments), strict=True):
         if not stored:
@@ -127,6 +134,20 @@ def _cascade(repo: Repository, dead: dict[bytes, BlobLocation | None], result: P
             raise IntegrityError(f"chunk {i.hex()[:16]} has fewer references than segments list it; run check")
         if count == lost[i]:
             dying.append(i)
+    for i, loc in zip(dying, repo.index.lookup_blobs(dying), strict=True):
+        dead[i] = loc
+
+
+def _lose_bases(repo: Repository, dead: dict[bytes, BlobLocation | None], lost: Counter[bytes]) -> None:
+    """Each dying delta chunk takes its reference from its base (Index.apply_prune drops the link): a base
+    whose every reference goes in this prune dies too. ``lost``: the references dead segments take."""
+    deltas = [i for i, loc in dead.items() if loc is not None and loc.type == pack.CHUNK and loc.codec == pack.DELTA]
+    if not deltas:
+        return
+    by_base = Counter(b for b in repo.delta_bases(deltas) if b is not None)
+    ids = [b for b in by_base if b not in dead]
+    dying = [i for i, count in zip(ids, repo.index.refcounts(ids), strict=True)
+             if count is not None and count == by_base[i] + lost[i]]
     for i, loc in zip(dying, repo.index.lookup_blobs(dying), strict=True):
         dead[i] = loc
 
@@ -278,15 +299,18 @@ def _rewrite(
             where = repo.store.location(w.name)
             data = repo.store.read(w.name, where=where)  # the whole pack
             view = memoryview(data)
+            deltas = [e.id for e in w.live if e.codec == pack.DELTA]
+            links = dict(zip(deltas, repo.delta_bases(deltas), strict=True))
+            bases = repo.delta_base_raws(deltas) if deltas else None
             for e in w.live:
                 # Checked whole (IntegrityError on damage), then stored again as it was compressed (a sealed
                 # blob under a fresh nonce).
                 _type, codec, raw_len, stored = repo.blobs.open_blob(view, e.offset, e.type, e.id, e.stored_len,
                                                                       where, e.offset)
-                pack.decode_checked(repo.blobs, e.type, codec, raw_len, stored, e.id, where, e.offset)
+                pack.decode_checked(repo.blobs, e.type, codec, raw_len, stored, e.id, where, e.offset, bases)
                 if writer is None:
                     writer = repo.new_pack()
-                writer.add(e.type, e.id, codec, bytes(stored), raw_len)
+                writer.add(e.type, e.id, codec, bytes(stored), raw_len, links.get(e.id) or b"")
                 if writer.size >= repo.config.pack_size:
                     finish()
             advance(w.row.size)

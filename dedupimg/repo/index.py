@@ -47,6 +47,8 @@ BLOB_HEADER_SIZE = 44  # pack.BLOB_HEADER.size: a blob takes this plus its store
 INITIAL_MAP = 64 << 20
 DATA_FILE = "data.mdb"
 FORGOTTEN_KEY = b"forgot/"  # meta: b"forgot/" + record id -> b"": a record a tombstone names (forget, sync)
+BASE_KEY = b"base/"  # meta: b"base/" + delta chunk id -> its base chunk's id (format 3: docs/format.md §7.3)
+DELTA_CODEC = 2  # codecs.DELTA
 OBJECT_KEY = b"obj/"  # meta: b"obj/" + index object name -> the 32-byte ids of the packs it lists (remote only)
 # Blob types whose rows are counted (pack.CHUNK, pack.SEGMENT), the record type, and the tombstone type
 # (pack.TOMBSTONE), whose rows hold a permanent count of 1: tombstones are never garbage.
@@ -78,6 +80,7 @@ class NewBlob:
     stored_len: int
     raw_len: int
     id: bytes
+    base: bytes = b""  # a DELTA chunk's base chunk
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class SealedPack:
     @classmethod
     def from_entries(cls, pack_id: bytes, size: int, entries: Iterable[BlobEntryLike],
                      published: str | None = None) -> SealedPack:
-        return cls(pack_id, size, [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id)
+        return cls(pack_id, size, [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id, e.base)
                                    for e in entries], published)
 
 
@@ -114,6 +117,8 @@ class BlobEntryLike(Protocol):
     def raw_len(self) -> int: ...
     @property
     def id(self) -> bytes: ...
+    @property
+    def base(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -331,6 +336,15 @@ class Index:
 
         return self._read(run)
 
+    def delta_bases(self, ids: list[bytes]) -> list[bytes | None]:
+        """The base chunk of each id that is a DELTA chunk, None for every other id."""
+
+        def run(txn: lmdb.Transaction) -> list[bytes | None]:
+            get, meta = txn.get, self._meta
+            return [None if (v := get(BASE_KEY + i, db=meta)) is None else bytes(v) for i in ids]
+
+        return self._read(run)
+
     def has_blobs(self, ids: list[bytes]) -> list[bool]:
         return self._read(lambda txn: [txn.get(i, db=self._blobs) is not None for i in ids])
 
@@ -466,10 +480,12 @@ class Index:
         on_segment: Callable[[bytes, bytes], None],
         on_snapshot: Callable[[bytes, bytes], None],
         on_blob: Callable[[bytes, BlobLocation | None, bool], None],
+        on_link: Callable[[bytes, bytes], None] = lambda delta, base: None,
     ) -> tuple[list[PackRow], dict[bytes, int], int, dict[int, int]]:
         """Everything ``check`` compares, from ONE read transaction, so that a concurrent commit cannot make
         the counts disagree: calls ``on_segment(id, encoded)`` for every stored segment, then
-        ``on_snapshot(id, encoded)`` for every record, then ``on_blob(id, row or None, in_dead)`` for every id
+        ``on_snapshot(id, encoded)`` for every record, ``on_link(delta id, base id)`` for every delta's link, then
+        ``on_blob(id, row or None, in_dead)`` for every id
         in ``blobs`` or ``dead`` (the two merged in key order); returns the ``packs`` rows, ``pack_ids``
         (pack id -> number), ``meta/next_pack`` and ``garbage`` (pack number -> bytes).
         """
@@ -487,6 +503,12 @@ class Index:
                 on_segment(bytes(k), bytes(v))
             for k, v in txn.cursor(db=self._snapshots).iternext():
                 on_snapshot(bytes(k), bytes(v))
+            with txn.cursor(db=self._meta) as cur:
+                if cur.set_range(BASE_KEY):
+                    for k, v in cur:
+                        if not bytes(k).startswith(BASE_KEY):
+                            break
+                        on_link(bytes(k)[len(BASE_KEY):], bytes(v))
             dead = (bytes(k) for k in txn.cursor(db=self._dead).iternext(keys=True, values=False))
             next_dead = next(dead, None)
             for k, v in txn.cursor(db=self._blobs).iternext():
@@ -527,18 +549,19 @@ class Index:
 
     def commit_pack(
         self, sealed: SealedPack, segments: list[NewSegment], snapshot: NewSnapshot | None = None,
-        present: Callable[[], bool] | None = None,
+        present: Callable[[], bool] | None = None, links: dict[bytes, bytes] | None = None,
     ) -> None:
         """Register a durable pack, its blobs and segments, and optionally a snapshot, in one transaction.
 
         ``present``: asked inside the transaction whether the pack's file is still there (see
-        :meth:`discard_unlisted`); IntegrityError, and nothing registered, when it is not."""
+        :meth:`discard_unlisted`); IntegrityError, and nothing registered, when it is not. ``links``: delta
+        rows are linked later (:meth:`link_deltas`; repair registers packs in any order)."""
 
         def run(txn: lmdb.Transaction) -> None:
             if present is not None and not present():
                 raise IntegrityError(f"pack {sealed.id.hex()} vanished before its commit (another snapshot that "
                                      "wrote the very same pack failed and removed it); nothing was listed")
-            self._register_pack(txn, sealed)
+            self._register_pack(txn, sealed, links)
             self._store_segments(txn, segments)
             if snapshot is not None:
                 self._store_snapshot(txn, snapshot)
@@ -629,6 +652,7 @@ class Index:
                 if txn.delete(seg.id, db=self._segments):
                     lost.update(seg.chunk_ids)
             _add_counts(txn, self._blobs, self._dead, lost, -1)
+            self._unlink_deltas(txn, dropped_blobs)
             for i in dropped_blobs:
                 v = txn.get(i, db=self._blobs)
                 if v is None:
@@ -717,6 +741,7 @@ class Index:
             new_records: dict[bytes, bytes] = {}
             segments: dict[bytes, bytes] = {}
             forgotten: set[bytes] = set()
+            links: dict[bytes, bytes] = {}
             for name, listings in sorted(todo.items()):
                 for listing in listings:
                     for b in listing.sealed.blobs:
@@ -727,9 +752,10 @@ class Index:
                             segments[b.id] = raw
                         elif b.type == _TOMBSTONE_TYPE and raw is not None:
                             forgotten.update(decode_tombstone(raw))
-                    self._register_pack(txn, listing.sealed)
+                    self._register_pack(txn, listing.sealed, links)
                     report.packs += 1
                 self._note_object(txn, name, [ls.sealed.id for ls in listings])
+            self._link_deltas(txn, list(links.items()), drop_unbased=True)
             stored = []
             for seg_id, raw in segments.items():
                 # Only a segment with a row: a prune of this cache drops the rows of dead segments in packs it
@@ -797,7 +823,13 @@ class Index:
         txn.put(pack_id, PACK_NO.pack(pack_no), db=self._pack_ids)
         return pack_no, True
 
-    def _register_pack(self, txn: lmdb.Transaction, sealed: SealedPack) -> int:
+    def _register_pack(self, txn: lmdb.Transaction, sealed: SealedPack,
+                       links: dict[bytes, bytes] | None = None) -> int:
+        """Register a pack and rows for its blobs not indexed yet. A new DELTA row is linked to its base at once
+        (the base must be indexed), or, given ``links``, put there for :meth:`_link_deltas` once every pack of
+        a sync or repair is registered (packs come in any order there). A whole copy of a chunk indexed as a
+        delta takes its row: a base must never be a delta, and a chunk that was written twice (two snapshots
+        at once) may be the base of others in one copy and a delta in the other."""
         if sealed.published is not None:
             self._note_object(txn, sealed.published, [sealed.id])
         pack_no, new = self._list_pack(txn, sealed.id, sealed.size, len(sealed.blobs))
@@ -809,12 +841,70 @@ class Index:
             value = BLOB_VALUE.pack(b.type, b.codec, pack_no, b.offset, b.stored_len, b.raw_len, refcount)
             # An id already indexed keeps its first location; this copy is garbage in its pack.
             if not txn.put(b.id, value, db=self._blobs, overwrite=False):
-                duplicate_bytes += BLOB_HEADER_SIZE + b.stored_len
-            elif b.type in _COUNTED:
+                old_value = txn.get(b.id, db=self._blobs)
+                assert old_value is not None
+                old = BlobLocation(*BLOB_VALUE.unpack(old_value))
+                if old.codec == DELTA_CODEC and b.codec != DELTA_CODEC and b.type == old.type:
+                    txn.put(b.id, BLOB_VALUE.pack(b.type, b.codec, pack_no, b.offset, b.stored_len, b.raw_len,
+                                                  old.refcount), db=self._blobs)
+                    _add_garbage(txn, self._garbage, old.pack_no, BLOB_HEADER_SIZE + old.stored_len)
+                    if links is not None and b.id in links:
+                        del links[b.id]
+                    else:
+                        self._unlink_deltas(txn, [b.id])
+                else:
+                    duplicate_bytes += BLOB_HEADER_SIZE + b.stored_len
+                continue
+            if b.type in _COUNTED:
                 txn.put(b.id, b"", db=self._dead)  # until a segment or a record references it
+            if b.codec == DELTA_CODEC:
+                if links is None:
+                    self._link_deltas(txn, [(b.id, b.base)])
+                else:
+                    links[b.id] = b.base
         if duplicate_bytes:
             _add_garbage(txn, self._garbage, pack_no, duplicate_bytes)
         return pack_no
+
+    def link_deltas(self, links: dict[bytes, bytes]) -> list[bytes]:
+        """Link DELTA rows registered with deferred links (repair index); returns the deltas dropped because
+        their base is not indexed."""
+        return self._write(lambda txn: self._link_deltas(txn, list(links.items()), drop_unbased=True))
+
+    def _link_deltas(self, txn: lmdb.Transaction, links: list[tuple[bytes, bytes]], drop_unbased: bool = False
+                     ) -> list[bytes]:
+        """Record each (delta, base) link and count it as a reference of the base, so that no prune drops a base
+        while a delta on it is indexed (docs/format.md §7.3). A base must be indexed and not a delta itself:
+        otherwise IntegrityError, or with ``drop_unbased`` the delta's row is dropped (its data cannot be read;
+        segments listing it are then not stored, as for a chunk whose pack is missing)."""
+        dropped = []
+        for delta, base in links:
+            v = txn.get(base, db=self._blobs)
+            if v is None or BLOB_VALUE.unpack(v)[1] == DELTA_CODEC or delta == base:
+                if not drop_unbased:
+                    raise IntegrityError(f"chunk {delta.hex()[:16]} is stored as a delta on chunk {base.hex()[:16]}, "
+                                         "which is not indexed (or is a delta itself)")
+                row = txn.get(delta, db=self._blobs)
+                if row is not None:
+                    loc = BlobLocation(*BLOB_VALUE.unpack(row))
+                    _add_garbage(txn, self._garbage, loc.pack_no, BLOB_HEADER_SIZE + loc.stored_len)
+                    txn.delete(delta, db=self._blobs)
+                txn.delete(delta, db=self._dead)
+                dropped.append(delta)
+                continue
+            txn.put(BASE_KEY + delta, base, db=self._meta)
+            _add_counts(txn, self._blobs, self._dead, Counter([base]), +1)
+        return dropped
+
+    def _unlink_deltas(self, txn: lmdb.Transaction, ids: Iterable[bytes]) -> None:
+        """Drop the links of the DELTA rows among ``ids`` (rows a prune drops): each base loses the reference."""
+        bases: Counter[bytes] = Counter()
+        for i in ids:
+            base = txn.get(BASE_KEY + i, db=self._meta)
+            if base is not None:
+                bases[bytes(base)] += 1
+                txn.delete(BASE_KEY + i, db=self._meta)
+        _add_counts(txn, self._blobs, self._dead, bases, -1)
 
     def _store_segments(self, txn: lmdb.Transaction, segments: list[NewSegment]) -> None:
         for seg in segments:

@@ -5,7 +5,7 @@ A repository in an object store (S3) keeps its LMDB index as a local cache on ea
 object per commit: ``index/<64 hex>`` (the blake3 of its bytes), zstd-compressed msgpack::
 
     {"v": 1, "packs": [[pack id, pack size,
-                        [[type, codec, offset, raw_len, stored_len, id], ...],   # the pack's trailer
+                        [[type, codec, offset, raw_len, stored_len, id(, base)], ...],   # its trailer
                         [[id, codec, raw_len, stored bytes], ...]],              # its metadata blobs
                        ...]}
 
@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import msgpack
 import zstandard
 
-from dedupimg.core.codecs import MAX_BLOB, RAW, ZSTD, decode_blob
+from dedupimg.core.codecs import CODECS, MAX_BLOB, decode_blob
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.ids import BLOB_TYPES, CHUNK, blob_id
+from dedupimg.repo import pack
 from dedupimg.repo.index import NewBlob, SealedPack
 from dedupimg.repo.pack import PLAIN, BlobFormat
 from dedupimg.store import Store
@@ -55,7 +56,7 @@ def encode(packs: Iterable[tuple[SealedPack, dict[bytes, tuple[int, bytes]]]], f
     """An index object listing ``packs``: each a sealed pack and its metadata blobs' (codec, stored bytes)."""
     doc = {"v": VERSION, "packs": [
         [sealed.id, sealed.size,
-         [[b.type, b.codec, b.offset, b.raw_len, b.stored_len, b.id] for b in sealed.blobs],
+         [pack.trailer_row(b) for b in sealed.blobs],
          [[i, codec, _raw_len(sealed, i), stored] for i, (codec, stored) in sorted(meta.items())]]
         for sealed, meta in packs]}
     return fmt.seal(zstandard.ZstdCompressor(level=3).compress(msgpack.packb(doc, use_bin_type=True)), SEAL_AD)
@@ -84,11 +85,12 @@ def decode(data: bytes, name: str, where: str, fmt: BlobFormat = PLAIN) -> list[
             raise IntegrityError(f"unknown index object version {doc.get('v') if isinstance(doc, dict) else '?'}")
         out = []
         for pack_id, size, rows, meta in doc["packs"]:
-            blobs = [NewBlob(t, c, off, stored_len, raw_len, i) for t, c, off, raw_len, stored_len, i in rows]
-            if not (isinstance(pack_id, bytes) and len(pack_id) == 32 and type(size) is int and size >= 0) or any(
-                    b.type not in BLOB_TYPES or not isinstance(b.id, bytes) or len(b.id) != 32
-                    or b.codec not in (RAW, ZSTD) or not _in_range(b.offset, size)
-                    or not _in_range(b.stored_len, MAX_BLOB) or not _in_range(b.raw_len, MAX_BLOB) for b in blobs):
+            if not (isinstance(pack_id, bytes) and len(pack_id) == 32 and type(size) is int and size >= 0):
+                raise IntegrityError("bad pack row")
+            blobs = [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id, e.base)
+                     for e in (pack.parse_row(row, size) for row in rows)]
+            if any(b.type not in BLOB_TYPES or b.codec not in CODECS or not _in_range(b.stored_len, MAX_BLOB)
+                   or not _in_range(b.raw_len, MAX_BLOB) for b in blobs):
                 raise IntegrityError("bad pack row")
             types = {b.id: b.type for b in blobs}
             raws: dict[bytes, bytes] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from dedupimg.core.errors import IntegrityError
@@ -31,6 +31,7 @@ class PackData:
 
     errors: list[tuple[pack.BlobEntry | None, str, bool]] = field(default_factory=list)  # (blob, problem, indexed)
     meta: list[tuple[pack.BlobEntry, bytes]] = field(default_factory=list)
+    deltas: list[tuple[pack.BlobEntry, bytes]] = field(default_factory=list)  # (delta, stored bytes): decoded last
     bytes_read: int = 0
 
 
@@ -61,7 +62,7 @@ def layout_problems(info: PackInfo) -> list[str]:
         if e.offset != pos:
             problems.append(f"blob {e.id.hex()[:16]} is at offset {e.offset}, expected {pos}")
             break
-        if e.type not in pack.BLOB_TYPES or e.codec not in (pack.RAW, pack.ZSTD):
+        if e.type not in pack.BLOB_TYPES or e.codec not in pack.CODECS:
             problems.append(f"blob {e.id.hex()[:16]} has unknown type {e.type} or codec {e.codec}")
         if e.raw_len > pack.MAX_BLOB or e.stored_len > pack.MAX_BLOB:
             problems.append(f"blob {e.id.hex()[:16]} claims an impossible length")
@@ -75,14 +76,15 @@ def layout_problems(info: PackInfo) -> list[str]:
     return problems
 
 
-def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[int], fmt: pack.BlobFormat
-                     ) -> PackData:
+def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[int], fmt: pack.BlobFormat,
+                     bases_of: Callable[[list[bytes]], pack.Bases] | None = None) -> PackData:
     """Read the whole pack sequentially and check it.
 
     Every blob's header must match its trailer row. Blobs whose offset is in ``full`` (those the index points
     at) are also decoded and hashed against their id; the raw bytes of those that are segments, snapshot
     records or tombstones are returned for the caller to compare with the index. Never raises IntegrityError:
-    problems are returned.
+    problems are returned. A delta chunk is decoded after the pack is read, with its base read through
+    ``bases_of(delta ids)`` (the repository's: the base is where the index says, often in another pack).
     """
     out = PackData()
     where = base_name(name)
@@ -121,7 +123,25 @@ def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[in
                     out.errors.append((e, problem, indexed))
             i = j
         reader.drop_cache()  # a check should not evict the cache
+    _check_deltas(out, where, fmt, bases_of)
     return out
+
+
+def _check_deltas(out: PackData, where: str, fmt: pack.BlobFormat,
+                  bases_of: Callable[[list[bytes]], pack.Bases] | None) -> None:
+    if not out.deltas:
+        return
+    try:
+        bases = bases_of([e.id for e, _stored in out.deltas]) if bases_of is not None else {}
+    except IntegrityError as exc:
+        out.errors += [(e, f"its base cannot be read: {str(exc).removeprefix(where + ': ')}", True)
+                       for e, _stored in out.deltas]
+        return
+    for e, stored in out.deltas:
+        try:
+            pack.decode_checked(fmt, e.type, e.codec, e.raw_len, stored, e.id, where, e.offset, bases)
+        except IntegrityError as exc:
+            out.errors.append((e, str(exc).removeprefix(f"{where}: "), True))
 
 
 def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where: str, out: PackData,
@@ -137,6 +157,9 @@ def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where
         if (type_, codec, raw_len) != (e.type, e.codec, e.raw_len) or \
                 (not fmt.encrypted and len(stored) != e.stored_len):
             return f"blob header at {e.offset} does not match the trailer (blob {e.id.hex()[:16]})"
+        if codec == pack.DELTA:
+            out.deltas.append((e, bytes(stored)))  # decoded once the pack is read, with its base
+            return ""
         raw = pack.decode_checked(fmt, type_, codec, raw_len, stored, e.id, where, e.offset)
     except IntegrityError as exc:
         return str(exc).removeprefix(f"{where}: ")

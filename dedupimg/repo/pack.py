@@ -23,12 +23,23 @@ handle (``dedupimg.store``), and never opens, lists or deletes anything itself.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import msgpack
 
-from dedupimg.core.codecs import MAX_BLOB, MIN_SAVING, RAW, ZSTD, Compressor, decode_blob  # noqa: F401
+from dedupimg.core.codecs import (  # noqa: F401
+    CODECS,
+    DELTA,
+    MAX_BLOB,
+    MIN_SAVING,
+    RAW,
+    ZSTD,
+    Compressor,
+    decode_blob,
+    encode_delta,
+)
 from dedupimg.core.crypto import NONCE, TAG, Aead, chunk_hasher
 from dedupimg.core.errors import IntegrityError
 from dedupimg.core.ids import BLOB_TYPES, CHUNK, SEGMENT, SNAPSHOT, TOMBSTONE, blob_id  # noqa: F401
@@ -59,6 +70,7 @@ class BlobEntry:
     raw_len: int
     stored_len: int
     id: bytes
+    base: bytes = b""  # a DELTA blob's base chunk (format 3); b"" for every other blob
 
     @property
     def data_offset(self) -> int:
@@ -217,6 +229,34 @@ class EncodedBlob(NamedTuple):
     raw_len: int
     pieces: list[bytes]
     stored_len: int
+    base: bytes = b""  # a DELTA chunk's base
+
+
+class RowLike(Protocol):
+    """A blob's row as trailers and index objects hold it (BlobEntry, index.NewBlob)."""
+
+    @property
+    def type(self) -> int: ...
+    @property
+    def codec(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def raw_len(self) -> int: ...
+    @property
+    def stored_len(self) -> int: ...
+    @property
+    def id(self) -> bytes: ...
+    @property
+    def base(self) -> bytes: ...
+
+
+def trailer_row(e: RowLike) -> list[object]:
+    """A blob's trailer row (and index object row): 6 fields, and a 7th, the base's id, for a DELTA blob."""
+    row: list[object] = [e.type, e.codec, e.offset, e.raw_len, e.stored_len, e.id]
+    if e.codec == DELTA:
+        row.append(e.base)
+    return row
 
 
 class PackWriter:
@@ -243,16 +283,18 @@ class PackWriter:
     def temp_name(self) -> str:
         return self._out.temp_name
 
-    def add(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int) -> BlobEntry:
+    def add(self, type_: int, id_: bytes, codec: int, stored: bytes, raw_len: int, base: bytes = b"") -> BlobEntry:
         pieces, stored_len = self._fmt.encode(type_, id_, codec, stored, raw_len)
-        entry = self.add_encoded(EncodedBlob(type_, id_, codec, raw_len, pieces, stored_len))
+        entry = self.add_encoded(EncodedBlob(type_, id_, codec, raw_len, pieces, stored_len, base))
         if type_ != CHUNK:
             self.metadata[id_] = (codec, bytes(stored))
         return entry
 
     def add_encoded(self, blob: EncodedBlob) -> BlobEntry:
         """Append a blob its format has encoded already (a chunk: metadata blobs go through :meth:`add`)."""
-        entry = BlobEntry(blob.type, blob.codec, self._offset, blob.raw_len, blob.stored_len, blob.id)
+        if (blob.codec == DELTA) != (len(blob.base) == 32) or (blob.codec == DELTA and blob.type != CHUNK):
+            raise ValueError("a DELTA blob, and only a DELTA chunk, names a 32-byte base")
+        entry = BlobEntry(blob.type, blob.codec, self._offset, blob.raw_len, blob.stored_len, blob.id, blob.base)
         for piece in blob.pieces:
             self._out.write(piece)
         self._offset += BLOB_HEADER.size + blob.stored_len
@@ -268,7 +310,7 @@ class PackWriter:
         time. A sealed trailer's footer does not say how many blobs the pack holds.
         """
         trailer = self._fmt.seal_trailer(msgpack.packb(
-            [[e.type, e.codec, e.offset, e.raw_len, e.stored_len, e.id] for e in self.entries],
+            [trailer_row(e) for e in self.entries],
             use_bin_type=True,
         ))
         pack_id = blob_id(trailer)
@@ -318,41 +360,52 @@ def list_packs(store: Store, skipped: list[str] | None = None) -> list[ObjectInf
     return out
 
 
-def read_blob(reader: ObjectReader, e: BlobEntry, where: str, fmt: BlobFormat = PLAIN) -> tuple[int, bytes]:
+def read_blob(reader: ObjectReader, e: BlobEntry, where: str, fmt: BlobFormat = PLAIN,
+              bases: Bases | None = None) -> tuple[int, bytes]:
     """Read and verify the blob of trailer row ``e``; returns (type, raw bytes)."""
     if e.offset < 0 or e.stored_len > MAX_BLOB:
         raise IntegrityError(f"{where}: blob offset {e.offset} or length is out of range")
     data = reader.pread(blob_span(e.stored_len), e.offset)
-    return parse_blob(memoryview(data), 0, e.type, e.id, e.stored_len, where, e.offset, fmt)
+    return parse_blob(memoryview(data), 0, e.type, e.id, e.stored_len, where, e.offset, fmt, bases)
 
 
 # A blob of a run: (offset in the pack, id, type, stored length), as the index has it.
 RunBlob = tuple[int, bytes, int, int]
+# The raw bytes of DELTA blobs' bases, by the *delta's* id: what decoding a delta needs besides its own bytes.
+Bases = Mapping[bytes, bytes]
 
 
 def read_blob_run(reader: ObjectReader, start: int, length: int, blobs: list[RunBlob], where: str,
-                  fmt: BlobFormat = PLAIN) -> list[bytes]:
+                  fmt: BlobFormat = PLAIN, bases: Bases | None = None) -> list[bytes]:
     """Read blobs near each other with one pread: ``blobs`` lie within ``[start, start+length)``."""
     if start < 0 or length < 0:
         raise IntegrityError(f"{where}: blob run at {start} (+{length}) is out of range")
     pread_view = getattr(reader, "pread_view", None)  # an object store's reader: the bytes as received
     view = memoryview(reader.pread(length, start) if pread_view is None else pread_view(length, start))
-    return [parse_blob(view, offset - start, type_, id_, stored_len, where, offset, fmt)[1]
+    return [parse_blob(view, offset - start, type_, id_, stored_len, where, offset, fmt, bases)[1]
             for offset, id_, type_, stored_len in blobs]
 
 
 def parse_blob(view: memoryview, pos: int, expect_type: int, expect_id: bytes, stored_len: int, where: str,
-               offset: int, fmt: BlobFormat = PLAIN) -> tuple[int, bytes]:
+               offset: int, fmt: BlobFormat = PLAIN, bases: Bases | None = None) -> tuple[int, bytes]:
     """Check and decode the blob that starts at ``view[pos]`` (``offset`` in the pack, for messages)."""
     type_, codec, raw_len, stored = fmt.open_blob(view, pos, expect_type, expect_id, stored_len, where, offset)
-    return type_, decode_checked(fmt, type_, codec, raw_len, stored, expect_id, where, offset)
+    return type_, decode_checked(fmt, type_, codec, raw_len, stored, expect_id, where, offset, bases)
 
 
 def decode_checked(fmt: BlobFormat, type_: int, codec: int, raw_len: int, stored: bytes | memoryview,
-                   expect_id: bytes, where: str, offset: int) -> bytes:
-    """The raw bytes of an opened blob (:meth:`BlobFormat.open_blob`), checked against its id."""
+                   expect_id: bytes, where: str, offset: int, bases: Bases | None = None) -> bytes:
+    """The raw bytes of an opened blob (:meth:`BlobFormat.open_blob`), checked against its id. A DELTA blob
+    needs its base's raw bytes, ``bases[delta id]``; a wrong base decodes to bytes that fail the id check.
+    (Which base a delta has is its trailer row's and index row's business: the blob does not say.)"""
+    base = None
+    if codec == DELTA:
+        base = bases.get(expect_id) if bases is not None and type_ == CHUNK else None
+        if base is None:
+            raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset} is a delta read without "
+                                 "its base")
     try:
-        raw = decode_blob(codec, stored, raw_len)
+        raw = decode_blob(codec, stored, raw_len, base)
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: blob {expect_id.hex()[:16]} at {offset}: {_one_line(exc)}") from None
     if fmt.verify_id(type_, raw) != expect_id:
@@ -407,24 +460,35 @@ def parse_trailer(trailer: bytes, count: int | None, limit: int, where: str) -> 
     try:
         # Every msgpack item takes at least a byte: no array can be longer than the trailer.
         bound = len(trailer) if count is None else min(count, len(trailer))
-        rows = msgpack.unpackb(trailer, use_list=True, raw=False, max_array_len=max(bound, 6))
+        rows = msgpack.unpackb(trailer, use_list=True, raw=False, max_array_len=max(bound, 7))
         if not isinstance(rows, list) or (count is not None and len(rows) != count):
             raise ValueError("wrong blob count")
         entries = []
         for row in rows:
-            if not (isinstance(row, list) and len(row) == 6):
-                raise ValueError("a row is not 6 fields")
-            t, c, off, raw_len, stored_len, id_ = row
-            if not (isinstance(id_, bytes) and len(id_) == 32):
-                raise ValueError("bad blob id")
-            if not all(type(v) is int and v >= 0 for v in (t, c, off, raw_len, stored_len)):
-                raise ValueError("bad blob field")
-            if off + blob_span(stored_len) > limit:
-                raise ValueError("blob extends past the trailer")
-            entries.append(BlobEntry(t, c, off, raw_len, stored_len, id_))
+            entries.append(parse_row(row, limit))
         return entries
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise IntegrityError(f"{where}: pack trailer is damaged ({_one_line(exc)})") from None
+
+
+def parse_row(row: object, limit: int) -> BlobEntry:
+    """One trailer row (or index object row), checked: 6 fields, or 7 for a DELTA chunk (its base's id);
+    ``limit``: where the blobs end (the trailer's offset, or the pack's size). ValueError when damaged."""
+    if not (isinstance(row, list) and len(row) in (6, 7)):
+        raise ValueError("a row is not 6 or 7 fields")
+    t, c, off, raw_len, stored_len, id_ = row[:6]
+    base = row[6] if len(row) == 7 else b""
+    if (c == DELTA) != (len(row) == 7):
+        raise ValueError("a delta row without its base, or a base on another row")
+    if c == DELTA and not (t == CHUNK and isinstance(base, bytes) and len(base) == 32 and base != id_):
+        raise ValueError("a delta that is not a chunk, or a bad base")
+    if not (isinstance(id_, bytes) and len(id_) == 32):
+        raise ValueError("bad blob id")
+    if not all(type(v) is int and v >= 0 for v in (t, c, off, raw_len, stored_len)):
+        raise ValueError("bad blob field")
+    if off + blob_span(stored_len) > limit:
+        raise ValueError("blob extends past the trailer")
+    return BlobEntry(t, c, off, raw_len, stored_len, id_, base)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -18,9 +18,11 @@ description (``Store.spec()``, as JSON on its command line) and opens packs ther
 is first sent how to read blobs (``[nil]``, or ``[keys]`` of an encrypted repository: never on its command line),
 starts by sending ``u32 n`` + msgpack ``["ready"]``, then answers requests in order:
 request  ``u32 n`` + msgpack ``[task, slot, [[pack name, start, length, [[offset, id, type, stored length], ...],
-         where], ...]]``: one or more runs of blobs, each read with one pread, their raw bytes back to back in
-         the slot (several short runs share a slot: a later version's chunks alternate between packs, and a
-         slot per 100 KiB run left most of the arena empty and starved a restore of slots)
+         where], ...], base runs, [[delta id, base id], ...]]``: one or more runs of blobs, each read with one
+         pread, their raw bytes back to back in the slot (several short runs share a slot: a later version's
+         chunks alternate between packs, and a slot per 100 KiB run left most of the arena empty and starved a
+         restore of slots); the DELTA chunks among them are decoded with the raw bytes of their bases, which
+         the base runs (read first, same form, never put in the slot) hold
 answer   ``u32 n`` + msgpack ``[task, True, [raw lengths]]`` (the bytes are in the slot, in the order asked)
       or ``u32 n`` + msgpack ``[task, False, message]`` when a blob is damaged (IntegrityError in the caller).
 A worker that dies fails its outstanding tasks (ReadPoolError, exit code 17 like damage: the read fails,
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -158,14 +161,28 @@ def worker_main(arena_fd: int, slot_bytes: int, slots: int, spec: StoreSpec, inp
                 readers.popitem(last=False)[1].close()
         return reader
 
+    def read_runs(runs: list[list[object]], bases: pack.Bases | None) -> Iterator[tuple[list[pack.RunBlob],
+                                                                                      list[bytes], str, int]]:
+        for name, start, length, blobs, where in runs:
+            assert isinstance(name, str) and isinstance(where, str) and isinstance(blobs, list)
+            assert isinstance(start, int) and isinstance(length, int)
+            run = [tuple(b) for b in blobs]
+            yield run, pack.read_blob_run(reader_of(name, where), start, length, run, where,
+                                          fmt, bases), where, start
+
     def serve(msg: list[object]) -> None:
-        task, slot, runs = msg
-        assert isinstance(slot, int) and isinstance(runs, list)
+        task, slot, runs, base_runs, links = msg
+        assert isinstance(slot, int) and isinstance(runs, list) and isinstance(base_runs, list)
+        assert isinstance(links, list)
         try:
+            bases: dict[bytes, bytes] | None = None
+            if links:
+                base_raws = {b[1]: raw for blobs, raws, _w, _s in read_runs(base_runs, None)
+                             for b, raw in zip(blobs, raws, strict=True)}
+                bases = {delta: base_raws[base] for delta, base in links if base in base_raws}
             raws: list[bytes] = []
-            for name, start, length, blobs, where in runs:
-                raws += pack.read_blob_run(reader_of(name, where), start, length, [tuple(b) for b in blobs], where,
-                                           fmt)
+            for _blobs, run_raws, where, start in read_runs(runs, bases):
+                raws += run_raws
                 if sum(len(r) for r in raws) > slot_bytes:
                     raise IntegrityError(f"{where}: the blobs at {start} are larger than the index says")
         except IntegrityError as exc:
@@ -356,9 +373,11 @@ class ReadPool:
 
     # -- work -----------------------------------------------------------------------------------------------
 
-    def submit(self, runs: list[PackRun]) -> Future[Landed] | None:
+    def submit(self, runs: list[PackRun], base_runs: list[PackRun] | None = None,
+               links: list[tuple[bytes, bytes]] | None = None) -> Future[Landed] | None:
         """The future of the blobs of ``runs`` (together at most a slot of raw bytes), in order; None when no
-        worker is left to take them (the caller reads them itself)."""
+        worker is left to take them (the caller reads them itself). DELTA chunks among them need ``links``
+        (delta id, base id) and ``base_runs`` that hold those bases."""
         future: Future[Landed] = Future()
         task = next(self._tasks)
         with self.lock:
@@ -375,8 +394,8 @@ class ReadPool:
             return None
         try:
             with worker.write_lock:  # requests from several threads must not interleave in the pipe
-                _send(worker.inp, [task, slot, [[r.name, r.start, r.length, [list(b) for b in r.blobs], r.where]
-                                                for r in runs]])
+                _send(worker.inp, [task, slot, _runs_message(runs), _runs_message(base_runs or []),
+                                   [list(link) for link in links or []]])
         except OSError:
             with self.lock:
                 worker.alive = False
@@ -399,3 +418,7 @@ class ReadPool:
 if __name__ == "__main__":
     worker_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]),
                 threads=int(sys.argv[5]) if len(sys.argv) > 5 else 1)
+
+
+def _runs_message(runs: list[PackRun]) -> list[list[object]]:
+    return [[r.name, r.start, r.length, [list(b) for b in r.blobs], r.where] for r in runs]

@@ -137,14 +137,18 @@ def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progres
     metadata: list[tuple[str, list[pack.BlobEntry]]] = []
     listings: dict[str, Listing] = {}
     progress.start("repair index: read pack trailers", len(names))
+    links: dict[bytes, bytes] = {}  # delta chunk -> base: linked once every pack is registered
     for name in names:
-        sealed, entries = _register(index, store, name, report, fmt)
+        sealed, entries = _register(index, store, name, report, fmt, links)
         if sealed is not None:
             listings[name] = (sealed, {})
         if entries:
             metadata.append((name, entries))
         progress.advance(1)
     progress.finish()
+    for delta in index.link_deltas(links):
+        report.damaged_blobs.append(f"chunk {delta.hex()[:16]} is stored as a delta on a chunk that no readable "
+                                    "pack holds")
 
     segments: set[bytes] = set()  # stored: every chunk they list is indexed
     incomplete: set[bytes] = set()  # read, but listing a chunk that is not indexed
@@ -205,8 +209,8 @@ def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progres
     return list(listings.values())
 
 
-def _register(index: Index, store: Store, name: str, report: RepairReport, fmt: pack.BlobFormat
-              ) -> tuple[SealedPack | None, list[pack.BlobEntry]]:
+def _register(index: Index, store: Store, name: str, report: RepairReport, fmt: pack.BlobFormat,
+              links: dict[bytes, bytes]) -> tuple[SealedPack | None, list[pack.BlobEntry]]:
     """Register one pack with all its blobs; returns it and its metadata entries (None, [] when skipped)."""
     file_name = integrity.base_name(name)
     try:
@@ -223,7 +227,7 @@ def _register(index: Index, store: Store, name: str, report: RepairReport, fmt: 
         report.damaged_packs.append((file_name, "; ".join(problems)))
         return None, []
     sealed = SealedPack.from_entries(info.id, info.size, info.entries)
-    index.commit_pack(sealed, [])
+    index.commit_pack(sealed, [], links=links)
     report.packs += 1
     return sealed, [e for e in info.entries if e.type in integrity.META_TYPES]
 

@@ -15,14 +15,23 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import blake3
 
 from dedupimg.core import interrupts
-from dedupimg.core.config import ENCRYPTED_VERSION, ChunkerParams, Config, SealedConfig, parse_config_file
+from dedupimg.core.config import (
+    DELTA_VERSION,
+    ENCRYPTED_DELTA_VERSION,
+    ENCRYPTED_VERSION,
+    FORMAT_VERSION,
+    ChunkerParams,
+    Config,
+    SealedConfig,
+    parse_config_file,
+)
 from dedupimg.core.crypto import AEADS, MasterKeys
 from dedupimg.core.envints import env_int
 from dedupimg.core.errors import (
@@ -71,6 +80,9 @@ REMOTE_GAP = 512 << 10  # bytes of other blobs one request may read over rather 
 # faster than 2 here and took 37 MB more (first snapshot of 1 GiB on loopback SeaweedFS: 257 vs 294 MB peak).
 UPLOADS_AHEAD = env_int("DEDUPIMG_UPLOADS_AHEAD", 2, 0, 16)
 POOL_RUN = 1 << 20  # a read worker's unit of work: a read-ahead window spreads over the workers
+# A changed chunk is stored as a delta on its base only when that takes at most this share of its stored bytes
+# alone: reading a delta costs a second blob (its base) at restore, which a small saving does not pay for.
+DELTA_MAX_SHARE = 0.5
 
 
 def store_for(path: Path) -> Store:
@@ -122,6 +134,7 @@ class _Run:
     length: int
     blobs: list[pack.RunBlob]
     raw: int = 0  # raw bytes of its blobs
+    deltas: list[bytes] = field(default_factory=list)  # the ids of its DELTA chunks (their bases are read too)
 
 
 @dataclass(frozen=True)
@@ -193,19 +206,22 @@ class Repository:
         hashing_of: MasterKeys | None = None,
         copied_params: bool = False,
         padding: int | None = None,
+        deltas: bool = True,
     ) -> Repository:
         """Create a repository at ``location``: a local directory, or ``s3:...`` (store/__init__.py).
 
         ``encryption`` an AEAD of core/crypto.py: an encrypted repository, with a key for the password of
         ``password`` (asked twice on a terminal). ``copied_params``: ``chunker`` is another repository's, whose
-        master keys are ``hashing_of`` (None: it is unencrypted): chunk ids and cut points as there."""
+        master keys are ``hashing_of`` (None: it is unencrypted): chunk ids and cut points as there.
+        ``deltas`` False makes a repository of the formats before deltas (1 or 2), for older dedupimg."""
         spec = location_spec(str(location))
-        config = Config(chunker=chunker or ChunkerParams())
+        config = Config(chunker=chunker or ChunkerParams(), version=DELTA_VERSION if deltas else FORMAT_VERSION)
         master: MasterKeys | None = None
         if encryption != "none":
             if encryption not in AEADS:
                 raise UsageError(f"unknown encryption {encryption!r}: use one of {', '.join(AEADS)} or none")
-            config = replace(config, version=ENCRYPTED_VERSION, encryption=encryption)
+            config = replace(config, version=ENCRYPTED_DELTA_VERSION if deltas else ENCRYPTED_VERSION,
+                             encryption=encryption)
             if padding is not None:
                 config = replace(config, padding=padding)
             master = MasterKeys.generate()
@@ -468,16 +484,53 @@ class Repository:
         Blobs that lie back to back in one pack (chunks stored in image order usually do) are read with
         one pread, up to MAX_READ bytes.
         """
+        return self._read_ids(ids, resolve_deltas=True)
+
+    def _read_ids(self, ids: list[bytes], resolve_deltas: bool) -> list[bytes]:
+        runs = self._runs(ids, MAX_READ)
+        bases = self._bases(runs) if resolve_deltas else None
         if not self.remote:
-            return [raw for run in self._runs(ids, MAX_READ) for raw in self._read_run(run)]
+            return [raw for run in runs for raw in self._read_run(run, bases)]
         found: dict[bytes, bytes] = {}  # runs grouped by pack (below): put back in the order asked
-        for run in self._runs(ids, MAX_READ):
-            found.update(zip((b[1] for b in run.blobs), self._read_run(run), strict=True))
+        for run in runs:
+            found.update(zip((b[1] for b in run.blobs), self._read_run(run, bases), strict=True))
         return [found[i] for i in ids]
 
-    def _read_run(self, run: _Run) -> list[bytes]:
+    def _read_run(self, run: _Run, bases: pack.Bases | None = None) -> list[bytes]:
         with self._packs.use(run.pack_no) as reader:
-            return pack.read_blob_run(reader, run.start, run.length, run.blobs, f"pack #{run.pack_no}", self.blobs)
+            return pack.read_blob_run(reader, run.start, run.length, run.blobs, f"pack #{run.pack_no}", self.blobs,
+                                      bases)
+
+    def _links(self, runs: list[_Run]) -> list[tuple[bytes, bytes]]:
+        """(delta id, base id) of the DELTA chunks in ``runs``."""
+        deltas = [d for run in runs for d in run.deltas]
+        if not deltas:
+            return []
+        links = []
+        for delta, base in zip(deltas, self.index.delta_bases(deltas), strict=True):
+            if base is None:
+                raise IntegrityError(f"chunk {delta.hex()[:16]} is a delta whose base the index does not name; "
+                                     "run 'dedupimg repair index'")
+            links.append((delta, base))
+        return links
+
+    def delta_base_raws(self, delta_ids: list[bytes]) -> dict[bytes, bytes]:
+        """The raw bytes of each delta chunk's base, by delta id (check --read-data)."""
+        found = self.index.lookup_blobs(delta_ids)
+        run = _Run(0, 0, 0, [], deltas=[i for i, loc in zip(delta_ids, found, strict=True)
+                                         if loc is not None and loc.codec == pack.DELTA])
+        return self._bases([run]) or {}
+
+    def _bases(self, runs: list[_Run]) -> dict[bytes, bytes] | None:
+        """The raw bytes of the bases of the DELTA chunks in ``runs``, by delta id (None: no delta there).
+        Bases are never deltas themselves (the index refuses such a link): they are read without bases, so a
+        damaged index that named a delta as a base fails here instead of recursing."""
+        links = self._links(runs)
+        if not links:
+            return None
+        base_ids = list(dict.fromkeys(b for _d, b in links))
+        raws = dict(zip(base_ids, self._read_ids(base_ids, resolve_deltas=False), strict=True))
+        return {delta: raws[base] for delta, base in links}
 
     # -- reading for servers: a pool of worker processes (readpool.py says why) --------------------------------
 
@@ -530,7 +583,10 @@ class Repository:
             return [([b[1] for b in run.blobs], self._read_here([run])) for run in self._runs(ids, MAX_READ)]
         out: list[tuple[list[bytes], Future[Landed]]] = []
         for bundle in self._bundles(self._runs(ids, POOL_RUN, pool.slot_bytes), pool.slot_bytes):
-            future = pool.submit([self._pack_run(run) for run in bundle])
+            links = self._links(bundle)
+            base_runs = self._runs(list(dict.fromkeys(b for _d, b in links)), POOL_RUN) if links else []
+            future = pool.submit([self._pack_run(run) for run in bundle], [self._pack_run(r) for r in base_runs],
+                                 links)
             if future is None:  # no worker left in the pool: read here
                 future = self._read_here(bundle)
             out.append(([b[1] for run in bundle for b in run.blobs], future))
@@ -560,7 +616,8 @@ class Repository:
         """A done future of the blobs of ``runs``, read in this thread (or of the damage found)."""
         future: Future[Landed] = Future()
         try:
-            future.set_result(Landed(None, 0, [raw for run in runs for raw in self._read_run(run)]))
+            bases = self._bases(runs)
+            future.set_result(Landed(None, 0, [raw for run in runs for raw in self._read_run(run, bases)]))
         except IntegrityError as exc:
             future.set_exception(exc)
         return future
@@ -598,7 +655,13 @@ class Repository:
             run.blobs.append((loc.offset, id_, loc.type, loc.stored_len))
             run.length = end - run.start
             run.raw += loc.raw_len
+            if loc.codec == pack.DELTA:
+                run.deltas.append(id_)
         return runs
+
+    def delta_bases(self, ids: list[bytes]) -> list[bytes | None]:
+        """The base chunk of each id stored as a delta (format 3), None for every other id."""
+        return self.index.delta_bases(ids)
 
     def segment(self, seg_id: bytes) -> Segment:
         raw = self.index.get_segment(seg_id)
@@ -931,14 +994,20 @@ class BlobWriter:
             writer.add(type_, id_, codec, stored, len(raw))
             self._added(type_, id_, len(raw))
 
-    def encode_chunk(self, id_: bytes, raw: bytes | bytearray | memoryview) -> EncodedBlob:
+    def encode_chunk(self, id_: bytes, raw: bytes | bytearray | memoryview,
+                     base: tuple[bytes, bytes] | None = None) -> EncodedBlob:
         """The chunk compressed and sealed as its pack will store it, for :meth:`add_encoded_chunk`; safe on
         any thread. A snapshot encodes on its pool beside the writing thread: AES-GCM holds the GIL, and
         sealing on the writing thread had cost an encrypted first snapshot 7% (2 GiB vm v1, medians of 3,
         2026-11-26 15:41 UTC: 5.48 s sealed there, 5.14 s on the pool; unencrypted 4.75 / 4.63 s)."""
         codec, stored = self._compressor.encode(raw)
+        base_id = b""
+        if base is not None and self._repo.config.deltas and base[0] != id_:
+            delta = pack.encode_delta(raw, base[1], self._repo.config.compression_level)
+            if len(delta) <= len(stored) * DELTA_MAX_SHARE:
+                codec, stored, base_id = pack.DELTA, delta, base[0]
         pieces, stored_len = self._repo.blobs.encode(pack.CHUNK, id_, codec, stored, len(raw))
-        return EncodedBlob(pack.CHUNK, id_, codec, len(raw), pieces, stored_len)
+        return EncodedBlob(pack.CHUNK, id_, codec, len(raw), pieces, stored_len, base_id)
 
     def add_encoded_chunk(self, blob: EncodedBlob) -> None:
         writer = self._pack_for(blob.id)

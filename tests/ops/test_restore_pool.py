@@ -57,7 +57,7 @@ def test_restore_reads_through_the_pool_and_packs_short_runs_into_slots(versions
     assert pool is not None
     submitted: list[int] = []
     submit = pool.submit
-    monkeypatch.setattr(pool, "submit", lambda runs: submitted.append(len(runs)) or submit(runs))
+    monkeypatch.setattr(pool, "submit", lambda runs, *rest: submitted.append(len(runs)) or submit(runs, *rest))
     assert restored(repo, rec2, tmp_path / "out") == data2
     assert pinned, "the restore did not read through the pool"
     assert max(submitted) > 1, "no slot held more than one pack run of the scattered version"

@@ -629,6 +629,7 @@ configs = st.builds(
                        zero_cut=st.integers(0, 1 << 40)),
     compression_level=st.integers(-7, 22),
     pack_size=st.integers(1 << 16, 1 << 30),
+    version=st.sampled_from([1, 3]),  # unencrypted: before deltas, and with them
 )
 
 
@@ -638,7 +639,7 @@ def check_config(cfg: Config) -> None:
             value = getattr(params, f.name)
             assert type(value) is (str if f.name == "algorithm" else int), (f.name, value)
     assert type(cfg.compression_level) is int and type(cfg.pack_size) is int and type(cfg.version) is int
-    assert cfg.version == 1 and cfg.chunker.algorithm == "fastcdc2020"
+    assert cfg.version in (1, 3) and not cfg.encrypted and cfg.chunker.algorithm == "fastcdc2020"
     assert Config.from_bytes(cfg.to_bytes()) == cfg
 
 
