@@ -224,6 +224,22 @@ class RepositoryMachine(RuleBasedStateMachine):
                 data = data[:pos] + bytes(n) + data[pos + n :]
         self.take(data, name, tags, hours, holes)
 
+    @precondition(lambda self: self.model)
+    @rule(name=st.sampled_from(NAMES), pokes=st.lists(st.tuples(st.integers(0, 1 << 22), st.integers(1, 64)),
+                                                      min_size=1, max_size=8), hours=st.integers(1, 48))
+    def snapshot_next_version(self, name: str, pokes: list[tuple[int, int]], hours: int) -> None:
+        """The next version of the newest image of ``name``, with a few small writes: its changed chunks are
+        stored as deltas on the chunks of the version before (format 3), whose bases then must outlive any
+        forget and prune of that version while a delta on them lives."""
+        self.healthy = False
+        of_name = [e for e in self.model.values() if e.name == name]
+        data = bytearray(max(of_name, key=lambda e: e.time).data if of_name else self.images[-1])
+        for pos, n in pokes:
+            if data:
+                pos %= len(data)
+                data[pos : pos + n] = det_bytes(pos, len(data[pos : pos + n]))
+        self.take(bytes(data), name, [], hours, False)
+
     def take(self, data: bytes, name: str, tags: list, hours: int, holes: bool) -> None:
         when = self.tick(hours)
         tag_list = [make_tag(t) for t in tags]
