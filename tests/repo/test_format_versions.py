@@ -16,6 +16,7 @@ from dedupimg.ops.forget import execute, plan_ids
 from dedupimg.ops.prune import prune
 from dedupimg.ops.restore import restore
 from dedupimg.ops.snapshot import take_snapshot
+from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
 
 ARCHIVE = Path(__file__).resolve().parent.parent / "data" / "v1-repository.tar.gz"
@@ -48,6 +49,18 @@ def test_a_version_1_repository_opens_restores_and_takes_new_snapshots(v1_repo: 
         image = tmp_path / "new.img"
         image.write_bytes((tmp_path / f"{next(iter(SNAPSHOTS))[:8]}.img").read_bytes()[::-1])
         new = take_snapshot(repo, str(image), name="disk").record
+        # Its next version, with small writes, would be stored as deltas in format 3 (docs/format.md §11);
+        # a format-1 repository gets whole chunks, which an older dedupimg reads.
+        poked = bytearray(image.read_bytes())
+        for pos in range(1000, len(poked), len(poked) // 8):
+            poked[pos : pos + 8] = b"\xa5" * 8
+        (tmp_path / "next.img").write_bytes(bytes(poked))
+        take_snapshot(repo, str(tmp_path / "next.img"), name="disk")
+        codecs = set()
+        for obj in pack.list_packs(repo.store):
+            with repo.store.open(obj.name) as reader:
+                codecs |= {e.codec for e in pack.read_trailer(reader)}
+        assert pack.DELTA not in codecs and pack.ZSTD in codecs
         execute(repo, plan_ids(repo, [next(iter(SNAPSHOTS))[:8]]))
         prune(repo)
         out = tmp_path / "new-restored.img"
