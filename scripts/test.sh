@@ -13,5 +13,5 @@ if [ $# -gt 0 ]; then
 fi
 .venv/bin/python -m pytest -q
 # The CLI tests make encrypted repositories (init's default): their quick ones once more with unencrypted
-# repositories (format 1); the library tests run on both kinds already (tests/conftest.py's repo fixture).
+# repositories (format 3); the library tests run on both kinds already (tests/conftest.py's repo fixture).
 DEDUPIMG_ENCRYPTION=none exec .venv/bin/python -m pytest -q -m "not slow and not encrypted_only" tests/cli

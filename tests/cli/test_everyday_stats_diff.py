@@ -43,8 +43,9 @@ def test_stats_counts_holes_apart_from_dedup_and_unique_bytes_match_what_prune_f
     for s in costs.values():
         assert s["size"] == 8 * MiB and s["allocated_bytes"] == data and s["zero_bytes"] == 8 * MiB - data
         assert s["shared_bytes"] + s["unique_bytes"] == data
-        # Only the chunks around the 50 KB change are each snapshot's own.
-        assert 50_000 <= s["unique_bytes"] < 50_000 + 4 * 16384
+        # Only the chunks around the 50 KB change are each snapshot's own (but for a's chunks at its edges
+        # that are the bases of b's deltas there: shared, as forgetting a would not free them).
+        assert 50_000 - 2 * 16384 < s["unique_bytes"] < 50_000 + 4 * 16384
         assert s["unique_chunks"] >= 1 and s["freed_bytes"] >= s["unique_data_bytes"] * 0.9
     totals = doc["totals"]
     assert totals["zero_bytes"] == 2 * (8 * MiB - data) and totals["allocated_bytes"] == 2 * data

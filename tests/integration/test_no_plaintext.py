@@ -244,10 +244,18 @@ def test_control_unencrypted_repository_shows_them(tmp_path: Path, image: Image)
     repo = tmp_path / "plain"
     history(str(repo), image, None, "--encryption", "none")
     files = local_files(repo)
+    raws: dict[bytes, bytes] = {}
+    deltas = []
     for path in pack_files(repo):
         with open_file(path) as reader:
             for e in trailer(path):
-                files[f"{path.name}#{e.offset}"] = pack.read_blob(reader, e, path.name)[1]
+                if e.codec == pack.DELTA:  # decoded below, with its base (docs/format.md §11)
+                    deltas.append((path, e))
+                    continue
+                files[f"{path.name}#{e.offset}"] = raws[e.id] = pack.read_blob(reader, e, path.name)[1]
+    for path, e in deltas:
+        with open_file(path) as reader:
+            files[f"{path.name}#{e.offset}"] = pack.read_blob(reader, e, path.name, bases={e.id: raws[e.base]})[1]
     needles, sources = secrets(image)
     chunks = chunk_needles(str(repo), image, tmp_path / "unused-cache")
     needles.update(chunks)

@@ -124,7 +124,9 @@ def test_stats_unique_and_shared_from_reference_counts(path, tmp_path):
         ca, cb = report.snapshots
         for c in (ca, cb):
             assert c.allocated == 150_000 and c.zeros == 0 and c.shared + c.unique == c.allocated
-            assert 50_000 <= c.unique < 50_000 + 16_384  # the chunk at the seam may be its own too
+            # The chunk at the seam may be its own too; or b's seam chunk is a delta on a's (docs/format.md §11),
+            # and a's then counts as shared: forgetting a would not free it.
+            assert 50_000 - 16_384 < c.unique < 50_000 + 16_384
             assert c.unique_data <= c.unique and c.freed >= c.unique_data * 0.9
         t = report.totals
         assert t.allocated == 300_000 and t.zeros == 0 and t.chunks > 0

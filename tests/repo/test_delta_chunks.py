@@ -77,9 +77,10 @@ def test_a_later_version_stores_its_changed_chunks_as_deltas(tmp_path: Path, enc
         assert repo.config.version == (4 if encrypted else 3) and whole.config.version == (2 if encrypted else 1)
         results = [take(repo, tmp_path, img, hour=h) for h, img in enumerate(images)]
         plain = [take(whole, tmp_path, img, hour=h) for h, img in enumerate(images)]
-        assert results[0].bytes_stored == pytest.approx(plain[0].bytes_stored, rel=0.01)  # a first version: no base
+        # A first version has no base: about the same bytes (encrypted: keyed cut points differ per repository).
+        assert results[0].bytes_stored == pytest.approx(plain[0].bytes_stored, rel=0.05)
         for later, before in zip(results[1:], plain[1:], strict=True):
-            assert later.chunks_new == before.chunks_new  # the same chunks are new ...
+            assert abs(later.chunks_new - before.chunks_new) <= 3  # as many chunks are new (cut points: keyed)...
             assert later.bytes_stored < 0.5 * before.bytes_stored  # ... and cost less than half
         assert len(deltas_in(repo)) >= 40 and not deltas_in(whole)
         for res, img in zip(results, images, strict=True):
