@@ -255,7 +255,7 @@ def _check_default_name(repo: Repository, src: ImageSource, host: str) -> None:
 def _latest(repo: Repository, name: str, host: str) -> SnapshotRecord | None:
     """The newest snapshot of ``name`` from ``host`` (a full snapshot's parent, for deltas)."""
     records = [r for r in repo.snapshots(name) if r.host == host]
-    return max(records, key=lambda r: r.time) if records else None
+    return max(records, key=lambda r: r.datetime) if records else None
 
 
 class _BaseFinder:
@@ -286,7 +286,7 @@ class _BaseFinder:
 
 
 def _base_finder(repo: Repository, parent: SnapshotRecord | None) -> _BaseFinder | None:
-    if parent is None or not repo.config.deltas or parent.chunker != chunker_dict(repo.config.chunker):
+    if parent is None or not repo.writes_deltas or parent.chunker != chunker_dict(repo.config.chunker):
         return None
     return _BaseFinder(repo, parent)
 

@@ -83,6 +83,11 @@ POOL_RUN = 1 << 20  # a read worker's unit of work: a read-ahead window spreads 
 # A changed chunk is stored as a delta on its base only when that takes at most this share of its stored bytes
 # alone: reading a delta costs a second blob (its base) at restore, which a small saving does not pay for.
 DELTA_MAX_SHARE = 0.5
+DELTA_SURE = 16  # a delta at most 1/16 of the raw chunk is kept without compressing the chunk alone (CPU)
+# Deltas need their base read back while a snapshot runs: a local pread, but in an object store a request per
+# run of bases (a scattered nightly's bases lie all over the parent's packs): downloading about what the upload
+# saves. So object stores get whole chunks unless this is 1 (tests, measurements); they read deltas either way.
+REMOTE_DELTAS = env_int("DEDUPIMG_REMOTE_DELTAS", 0, 0, 1)
 
 
 def store_for(path: Path) -> Store:
@@ -659,6 +664,11 @@ class Repository:
                 run.deltas.append(id_)
         return runs
 
+    @property
+    def writes_deltas(self) -> bool:
+        """Whether new chunks may be stored as deltas here (format 3 or 4, and a local store: REMOTE_DELTAS)."""
+        return self.config.deltas and (not self.remote or bool(REMOTE_DELTAS))
+
     def delta_bases(self, ids: list[bytes]) -> list[bytes | None]:
         """The base chunk of each id stored as a delta (format 3), None for every other id."""
         return self.index.delta_bases(ids)
@@ -1000,12 +1010,17 @@ class BlobWriter:
         any thread. A snapshot encodes on its pool beside the writing thread: AES-GCM holds the GIL, and
         sealing on the writing thread had cost an encrypted first snapshot 7% (2 GiB vm v1, medians of 3,
         2026-11-26 15:41 UTC: 5.48 s sealed there, 5.14 s on the pool; unencrypted 4.75 / 4.63 s)."""
-        codec, stored = self._compressor.encode(raw)
-        base_id = b""
+        base_id, delta = b"", b""
         if base is not None and self._repo.config.deltas and base[0] != id_:
-            delta = pack.encode_delta(raw, base[1], self._repo.config.compression_level)
-            if len(delta) <= len(stored) * DELTA_MAX_SHARE:
-                codec, stored, base_id = pack.DELTA, delta, base[0]
+            base_id, delta = base[0], pack.encode_delta(raw, base[1], self._repo.config.compression_level)
+        if delta and len(delta) * DELTA_SURE <= len(raw):
+            codec, stored = pack.DELTA, delta  # a few changed bytes: zstd alone is not even tried
+        else:
+            codec, stored = self._compressor.encode(raw)
+            if delta and len(delta) <= len(stored) * DELTA_MAX_SHARE:
+                codec, stored = pack.DELTA, delta
+            else:
+                base_id = b""
         pieces, stored_len = self._repo.blobs.encode(pack.CHUNK, id_, codec, stored, len(raw))
         return EncodedBlob(pack.CHUNK, id_, codec, len(raw), pieces, stored_len, base_id)
 
