@@ -94,7 +94,8 @@ class _Manifests:
 
 def _dying(m: _Manifests, records: list[SnapshotRecord]) -> tuple[set[bytes], set[bytes]]:
     """The segments and chunks whose reference counts reach 0 when ``records`` are forgotten (as
-    Repository.forget, then prune's cascade, count them)."""
+    Repository.forget, then prune's cascade, count them: a dying delta chunk also takes its reference from its
+    base, docs/format.md §11)."""
     listings = Counter(sid for r in records for sid, _ in r.segments)
     m.load_usage(listings)
     segments = {sid for sid, n in listings.items() if m.usage[sid].refcount <= n}
@@ -103,6 +104,10 @@ def _dying(m: _Manifests, records: list[SnapshotRecord]) -> tuple[set[bytes], se
         lost.update(m.segment(sid).chunk_ids())
     m.load_usage(lost)
     chunks = {c for c, n in lost.items() if m.usage[c].refcount <= n}
+    dying = list(chunks)
+    by_base = Counter(b for b in m.repo.delta_bases(dying) if b is not None and b not in chunks)
+    m.load_usage(by_base)
+    chunks |= {b for b, n in by_base.items() if m.usage[b].refcount <= n + lost[b]}
     return segments, chunks
 
 

@@ -46,7 +46,9 @@ def test_stats_counts_holes_apart_from_dedup_and_unique_bytes_match_what_prune_f
         # Only the chunks around the 50 KB change are each snapshot's own (but for a's chunks at its edges
         # that are the bases of b's deltas there: shared, as forgetting a would not free them).
         assert 50_000 - 2 * 16384 < s["unique_bytes"] < 50_000 + 4 * 16384
-        assert s["unique_chunks"] >= 1 and s["freed_bytes"] >= s["unique_data_bytes"] * 0.9
+        # Random data is stored about as large as it is, but for b's chunks at the edges of the change: deltas
+        # on a's, a fraction of it. (What forgetting frees is compared with what prune frees below.)
+        assert s["unique_chunks"] >= 1 and s["freed_bytes"] >= (s["unique_data_bytes"] - 2 * 4 * 16384) * 0.9
     totals = doc["totals"]
     assert totals["zero_bytes"] == 2 * (8 * MiB - data) and totals["allocated_bytes"] == 2 * data
     # Holes are not deduplication: two near-identical images of mostly holes dedup about 2x, not 30x.

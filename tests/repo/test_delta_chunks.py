@@ -23,6 +23,7 @@ from dedupimg.ops.forget import execute, plan_ids
 from dedupimg.ops.prune import prune
 from dedupimg.ops.restore import restore
 from dedupimg.ops.snapshot import SnapshotResult, take_snapshot
+from dedupimg.ops.stats import snapshot_stats
 from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
 from dedupimg.serve.reader import SnapshotReader
@@ -80,7 +81,8 @@ def test_a_later_version_stores_its_changed_chunks_as_deltas(tmp_path: Path, enc
         # A first version has no base: about the same bytes (encrypted: keyed cut points differ per repository).
         assert results[0].bytes_stored == pytest.approx(plain[0].bytes_stored, rel=0.05)
         for later, before in zip(results[1:], plain[1:], strict=True):
-            assert abs(later.chunks_new - before.chunks_new) <= 3  # as many chunks are new (cut points: keyed)...
+            # about as many chunks are new (encrypted: keyed cut points, another key per repository) ...
+            assert abs(later.chunks_new - before.chunks_new) <= before.chunks_new // 4
             assert later.bytes_stored < 0.5 * before.bytes_stored  # ... and cost less than half
         assert len(deltas_in(repo)) >= 40 and not deltas_in(whole)
         for res, img in zip(results, images, strict=True):
@@ -186,3 +188,30 @@ def test_pack_trailer_rows_of_deltas_name_their_base() -> None:
             pack.parse_row(bad, 1000)
     assert pack.trailer_row(pack.BlobEntry(pack.CHUNK, pack.ZSTD, 8, 100, 20, delta)) == \
         [pack.CHUNK, pack.ZSTD, 8, 100, 20, delta]
+
+
+def test_stats_says_what_forgetting_frees_bases_included(tmp_path: Path) -> None:
+    """stats' "freed" follows prune's cascade: a dying delta takes its reference from its base. Every version
+    rewrites the same places, so each one's changed chunks are deltas on the first version's chunks there,
+    which, once the first version is forgotten, live only as bases: forgetting the last version frees them."""
+    data = bytearray(det_bytes(7, SIZE))
+    images = []
+    for v in range(4):
+        for k in range(40):
+            pos = k * 48_271 % (SIZE - 16)
+            data[pos : pos + 16] = det_bytes(1000 * v + k, 16)
+        images.append(bytes(data))
+    with small_repo(tmp_path / "repo", avg=4096) as repo:
+        recs = [take(repo, tmp_path, img, hour=h).record for h, img in enumerate(images)]
+        for victim in recs:
+            expected = snapshot_stats(repo, [victim]).snapshots[0].freed
+            before = sum(os.path.getsize(p) for p in (tmp_path / "repo" / "packs").rglob("*.pack"))
+            execute(repo, plan_ids(repo, [victim.hex_id]))
+            prune(repo, max_unused=0.0)
+            after = sum(os.path.getsize(p) for p in (tmp_path / "repo" / "packs").rglob("*.pack"))
+            # Pack bytes also hold a trailer row per blob (~48 bytes, as much as a small delta), footers, and the
+            # tombstone forget adds. Without the base cascade the last one is 13% short.
+            assert expected * 0.97 - 4096 <= before - after <= expected * 1.03 + 4096, (expected, before - after)
+            if victim is not recs[-1]:
+                assert restores(repo, recs[-1], images[-1], tmp_path)
+                assert check(repo, read_data=1.0).ok
