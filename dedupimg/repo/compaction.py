@@ -31,6 +31,7 @@ from dedupimg.core.errors import IntegrityError, UsageError
 from dedupimg.core.manifest import decode_segment
 from dedupimg.repo import integrity, pack
 from dedupimg.repo.index import BlobLocation, NewSegment, PackRow, SealedPack
+from dedupimg.repo.integrity import DELTA_BATCH
 from dedupimg.store.base import TEMP_PREFIX, TEMP_SUFFIX, NotAnObject, ObjectMissing
 
 if TYPE_CHECKING:  # the repository calls in (Repository.plan_prune); only its type is needed here
@@ -299,10 +300,11 @@ def _rewrite(
             where = repo.store.location(w.name)
             data = repo.store.read(w.name, where=where)  # the whole pack
             view = memoryview(data)
-            deltas = [e.id for e in w.live if e.codec == pack.DELTA]
-            links = dict(zip(deltas, repo.delta_bases(deltas), strict=True))
-            bases = repo.delta_base_raws(deltas) if deltas else None
-            for e in w.live:
+            for i, e in enumerate(w.live):
+                if i % DELTA_BATCH == 0:  # the bases of the next deltas (all of a pack's could take 100s of MB)
+                    deltas = [d.id for d in w.live[i : i + DELTA_BATCH] if d.codec == pack.DELTA]
+                    links = dict(zip(deltas, repo.delta_bases(deltas), strict=True))
+                    bases = repo.delta_base_raws(deltas) if deltas else None
                 # Checked whole (IntegrityError on damage), then stored again as it was compressed (a sealed
                 # blob under a fresh nonce).
                 _type, codec, raw_len, stored = repo.blobs.open_blob(view, e.offset, e.type, e.id, e.stored_len,

@@ -53,6 +53,7 @@ OBJECT_KEY = b"obj/"  # meta: b"obj/" + index object name -> the 32-byte ids of 
 # Blob types whose rows are counted (pack.CHUNK, pack.SEGMENT), the record type, and the tombstone type
 # (pack.TOMBSTONE), whose rows hold a permanent count of 1: tombstones are never garbage.
 _COUNTED = (0, 1)
+_CHUNK_TYPE = 0
 _SEGMENT_TYPE = 1
 _SNAPSHOT_TYPE = 2
 _TOMBSTONE_TYPE = 3
@@ -100,6 +101,19 @@ class SealedPack:
                      published: str | None = None) -> SealedPack:
         return cls(pack_id, size, [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id, e.base)
                                    for e in entries], published)
+
+
+@dataclass
+class DeferredLinks:
+    """DELTA rows that a sync or repair registered before every pack was (packs come in any order there):
+    linked by :meth:`Index.link_deltas` at the end. ``spares`` keeps the other delta copies of a chunk (a stale
+    copy left in a kept pack by a prune, another snapshot's): when the base of the copy that took the row is
+    gone, a copy whose base is there takes the row instead of the chunk being dropped (found by review: a
+    repair or a cache rebuild that met the stale copy first left a healthy snapshot out, and a prune then
+    deleted it)."""
+
+    links: dict[bytes, bytes] = field(default_factory=dict)  # delta id -> base of the copy that has the row
+    spares: dict[bytes, list[tuple[int, NewBlob]]] = field(default_factory=dict)  # delta id -> (pack no, copy)
 
 
 class BlobEntryLike(Protocol):
@@ -549,7 +563,7 @@ class Index:
 
     def commit_pack(
         self, sealed: SealedPack, segments: list[NewSegment], snapshot: NewSnapshot | None = None,
-        present: Callable[[], bool] | None = None, links: dict[bytes, bytes] | None = None,
+        present: Callable[[], bool] | None = None, links: DeferredLinks | None = None,
     ) -> None:
         """Register a durable pack, its blobs and segments, and optionally a snapshot, in one transaction.
 
@@ -741,7 +755,7 @@ class Index:
             new_records: dict[bytes, bytes] = {}
             segments: dict[bytes, bytes] = {}
             forgotten: set[bytes] = set()
-            links: dict[bytes, bytes] = {}
+            links = DeferredLinks()
             for name, listings in sorted(todo.items()):
                 for listing in listings:
                     for b in listing.sealed.blobs:
@@ -755,7 +769,7 @@ class Index:
                     self._register_pack(txn, listing.sealed, links)
                     report.packs += 1
                 self._note_object(txn, name, [ls.sealed.id for ls in listings])
-            self._link_deltas(txn, list(links.items()), drop_unbased=True)
+            self._link_deferred(txn, links)
             stored = []
             for seg_id, raw in segments.items():
                 # Only a segment with a row: a prune of this cache drops the rows of dead segments in packs it
@@ -824,7 +838,7 @@ class Index:
         return pack_no, True
 
     def _register_pack(self, txn: lmdb.Transaction, sealed: SealedPack,
-                       links: dict[bytes, bytes] | None = None) -> int:
+                       links: DeferredLinks | None = None) -> int:
         """Register a pack and rows for its blobs not indexed yet. A new DELTA row is linked to its base at once
         (the base must be indexed), or, given ``links``, put there for :meth:`_link_deltas` once every pack of
         a sync or repair is registered (packs come in any order there). A whole copy of a chunk indexed as a
@@ -848,12 +862,14 @@ class Index:
                     txn.put(b.id, BLOB_VALUE.pack(b.type, b.codec, pack_no, b.offset, b.stored_len, b.raw_len,
                                                   old.refcount), db=self._blobs)
                     _add_garbage(txn, self._garbage, old.pack_no, BLOB_HEADER_SIZE + old.stored_len)
-                    if links is not None and b.id in links:
-                        del links[b.id]
+                    if links is not None and b.id in links.links:
+                        del links.links[b.id]
                     else:
                         self._unlink_deltas(txn, [b.id])
                 else:
                     duplicate_bytes += BLOB_HEADER_SIZE + b.stored_len
+                    if links is not None and b.codec == DELTA_CODEC:
+                        links.spares.setdefault(b.id, []).append((pack_no, b))
                 continue
             if b.type in _COUNTED:
                 txn.put(b.id, b"", db=self._dead)  # until a segment or a record references it
@@ -861,15 +877,50 @@ class Index:
                 if links is None:
                     self._link_deltas(txn, [(b.id, b.base)])
                 else:
-                    links[b.id] = b.base
+                    links.links[b.id] = b.base
         if duplicate_bytes:
             _add_garbage(txn, self._garbage, pack_no, duplicate_bytes)
         return pack_no
 
-    def link_deltas(self, links: dict[bytes, bytes]) -> list[bytes]:
+    def link_deltas(self, links: DeferredLinks) -> list[bytes]:
         """Link DELTA rows registered with deferred links (repair index); returns the deltas dropped because
-        their base is not indexed."""
-        return self._write(lambda txn: self._link_deltas(txn, list(links.items()), drop_unbased=True))
+        no copy of them has a usable base."""
+        return self._write(lambda txn: self._link_deferred(txn, links))
+
+    def _link_deferred(self, txn: lmdb.Transaction, links: DeferredLinks) -> list[bytes]:
+        """:meth:`_link_deltas` for deferred links, where a delta whose base is unusable first tries its spare
+        copies (:class:`DeferredLinks`)."""
+        pairs = []
+        for delta, base in links.links.items():
+            if not self._usable_base(txn, delta, base):
+                base = self._switch_to_spare(txn, delta, links.spares.get(delta, [])) or base
+            pairs.append((delta, base))
+        return self._link_deltas(txn, pairs, drop_unbased=True)
+
+    def _usable_base(self, txn: lmdb.Transaction, delta: bytes, base: bytes) -> bool:
+        """A base is an indexed chunk that is not a delta itself (deltas are one deep), and not the delta."""
+        v = txn.get(base, db=self._blobs)
+        if v is None or delta == base:
+            return False
+        type_, codec = BLOB_VALUE.unpack(v)[:2]
+        return type_ == _CHUNK_TYPE and codec != DELTA_CODEC
+
+    def _switch_to_spare(self, txn: lmdb.Transaction, delta: bytes, spares: list[tuple[int, NewBlob]]
+                         ) -> bytes | None:
+        """Point ``delta``'s row at the first spare copy whose base is usable (its count kept; the garbage
+        moves from the spare's pack to the old copy's); returns that base, or None."""
+        row = txn.get(delta, db=self._blobs)
+        if row is None:
+            return None
+        old = BlobLocation(*BLOB_VALUE.unpack(row))
+        for pack_no, b in spares:
+            if self._usable_base(txn, delta, b.base):
+                txn.put(delta, BLOB_VALUE.pack(b.type, b.codec, pack_no, b.offset, b.stored_len, b.raw_len,
+                                               old.refcount), db=self._blobs)
+                _add_garbage(txn, self._garbage, old.pack_no, BLOB_HEADER_SIZE + old.stored_len)
+                _add_garbage(txn, self._garbage, pack_no, -(BLOB_HEADER_SIZE + b.stored_len))
+                return b.base
+        return None
 
     def _link_deltas(self, txn: lmdb.Transaction, links: list[tuple[bytes, bytes]], drop_unbased: bool = False
                      ) -> list[bytes]:
@@ -879,11 +930,10 @@ class Index:
         segments listing it are then not stored, as for a chunk whose pack is missing)."""
         dropped = []
         for delta, base in links:
-            v = txn.get(base, db=self._blobs)
-            if v is None or BLOB_VALUE.unpack(v)[1] == DELTA_CODEC or delta == base:
+            if not self._usable_base(txn, delta, base):
                 if not drop_unbased:
-                    raise IntegrityError(f"chunk {delta.hex()[:16]} is stored as a delta on chunk {base.hex()[:16]}, "
-                                         "which is not indexed (or is a delta itself)")
+                    raise IntegrityError(f"chunk {delta.hex()[:16]} is stored as a delta on {base.hex()[:16]}, which "
+                                         "is not an indexed chunk stored whole")
                 row = txn.get(delta, db=self._blobs)
                 if row is not None:
                     loc = BlobLocation(*BLOB_VALUE.unpack(row))

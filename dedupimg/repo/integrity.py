@@ -127,21 +127,32 @@ def verify_pack_data(store: Store, name: str, info: PackInfo, full: Container[in
     return out
 
 
+DELTA_BATCH = 256  # deltas decoded at once: their bases (~20 KiB each) are held meanwhile
+
+
 def _check_deltas(out: PackData, where: str, fmt: pack.BlobFormat,
                   bases_of: Callable[[list[bytes]], pack.Bases] | None) -> None:
-    if not out.deltas:
-        return
-    try:
-        bases = bases_of([e.id for e, _stored in out.deltas]) if bases_of is not None else {}
-    except IntegrityError as exc:
-        out.errors += [(e, f"its base cannot be read: {str(exc).removeprefix(where + ': ')}", True)
-                       for e, _stored in out.deltas]
-        return
-    for e, stored in out.deltas:
+    """Decode the pack's delta chunks with their bases, a batch at a time (a pack of nightly deltas holds
+    thousands: all their bases at once would take hundreds of MB). When a batch's bases cannot all be read,
+    each delta's base is read alone, so that a damaged base is blamed on its own deltas only."""
+    for i in range(0, len(out.deltas), DELTA_BATCH):
+        batch = out.deltas[i : i + DELTA_BATCH]
         try:
-            pack.decode_checked(fmt, e.type, e.codec, e.raw_len, stored, e.id, where, e.offset, bases)
-        except IntegrityError as exc:
-            out.errors.append((e, str(exc).removeprefix(f"{where}: "), True))
+            bases: pack.Bases | None = bases_of([e.id for e, _ in batch]) if bases_of is not None else {}
+        except IntegrityError:
+            bases = None
+        for e, stored in batch:
+            own = bases
+            if own is None and bases_of is not None:
+                try:
+                    own = bases_of([e.id])
+                except IntegrityError as exc:
+                    out.errors.append((e, f"its base cannot be read: {exc}", True))
+                    continue
+            try:
+                pack.decode_checked(fmt, e.type, e.codec, e.raw_len, stored, e.id, where, e.offset, own)
+            except IntegrityError as exc:
+                out.errors.append((e, str(exc).removeprefix(f"{where}: "), True))
 
 
 def _check_blob(view: memoryview, pos: int, e: pack.BlobEntry, full: bool, where: str, out: PackData,

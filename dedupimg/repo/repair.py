@@ -30,7 +30,7 @@ from dedupimg.core.fsutil import DIR_MODE, fsync_dir
 from dedupimg.core.manifest import SnapshotRecord, decode_segment, decode_tombstone
 from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.repo import indexobjects, integrity, keys, pack
-from dedupimg.repo.index import DATA_FILE, Index, NewSegment, NewSnapshot, SealedPack
+from dedupimg.repo.index import DATA_FILE, DeferredLinks, Index, NewSegment, NewSnapshot, SealedPack
 from dedupimg.repo.repository import INDEX, TMP, Repository, cache_home
 from dedupimg.store import Store, location_spec
 from dedupimg.store.base import NotAnObject, StoreError
@@ -137,7 +137,7 @@ def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progres
     metadata: list[tuple[str, list[pack.BlobEntry]]] = []
     listings: dict[str, Listing] = {}
     progress.start("repair index: read pack trailers", len(names))
-    links: dict[bytes, bytes] = {}  # delta chunk -> base: linked once every pack is registered
+    links = DeferredLinks()  # delta chunks: linked to their bases once every pack is registered
     for name in names:
         sealed, entries = _register(index, store, name, report, fmt, links)
         if sealed is not None:
@@ -210,7 +210,7 @@ def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progres
 
 
 def _register(index: Index, store: Store, name: str, report: RepairReport, fmt: pack.BlobFormat,
-              links: dict[bytes, bytes]) -> tuple[SealedPack | None, list[pack.BlobEntry]]:
+              links: DeferredLinks) -> tuple[SealedPack | None, list[pack.BlobEntry]]:
     """Register one pack with all its blobs; returns it and its metadata entries (None, [] when skipped)."""
     file_name = integrity.base_name(name)
     try:
