@@ -25,6 +25,7 @@ from dedupimg.core.errors import IntegrityError, UsageError
 from dedupimg.core.manifest import Segment, SnapshotRecord
 from dedupimg.core.password import SOURCE_REPOSITORY
 from dedupimg.core.progress import NoProgress, Progress
+from dedupimg.ops.bases import BaseFinder, base_finder, encode_chunks, latest
 from dedupimg.repo.repository import BlobWriter, Repository
 from dedupimg.store.lock import LockMode
 
@@ -162,7 +163,10 @@ def _copy_one(src: Repository, dst: Repository, record: SnapshotRecord, progress
         return SnapshotCopy(record, FORGOTTEN_THERE)
     try:
         progress.start(f"copy {record.name}@{record.short_id}", record.size)
-        _Transfer(src, writer, progress).run(record)
+        # The destination's newest snapshot of the same series is the parent: the chunks this version changed
+        # are stored there as deltas on its chunks, as the snapshot made them in the source (docs/format.md §11).
+        bases = base_finder(dst, latest(dst, record.name, record.host))
+        _Transfer(src, dst, writer, progress, bases).run(record)
         writer.commit_snapshot(record)
         progress.finish()
     except BaseException:
@@ -182,31 +186,40 @@ def _check_record(record: SnapshotRecord) -> None:
 class _Transfer:
     """Chunks the destination lacks, in batches of about BATCH_BYTES, then the segments that need them."""
 
-    def __init__(self, src: Repository, writer: BlobWriter, progress: Progress) -> None:
+    def __init__(self, src: Repository, dst: Repository, writer: BlobWriter, progress: Progress,
+                 bases: BaseFinder | None = None) -> None:
         self._src = src
+        self._dst = dst
         self._writer = writer
         self._progress = progress
-        self._chunks: dict[bytes, int] = {}  # id -> raw length, to read from the source
+        self._bases = bases
+        self._chunks: dict[bytes, tuple[int, int]] = {}  # id -> (raw length, image offset): to read from the source
         self._chunk_bytes = 0
         self._segments: list[tuple[bytes, Segment]] = []  # waiting for the chunks above to be stored
 
     def run(self, record: SnapshotRecord) -> None:
         seen: set[bytes] = set()
+        offset = 0
         for seg_id, length in record.segments:
             if seg_id not in seen:
                 seen.add(seg_id)
-                self._segment(seg_id)
+                self._segment(seg_id, offset)
+            offset += length
             self._progress.advance(length)
         self._flush()
 
-    def _segment(self, seg_id: bytes) -> None:
+    def _segment(self, seg_id: bytes, offset: int) -> None:
         segment = self._src.segment(seg_id)
-        extents = {i: n for n, i in segment.extents() if i is not None and i not in self._chunks}
+        extents: dict[bytes, tuple[int, int]] = {}
+        for n, i in segment.extents():
+            if i is not None and i not in self._chunks and i not in extents:
+                extents[i] = (n, offset)
+            offset += n
         ids = list(extents)
         for id_, lacking in zip(ids, self._writer.missing(ids), strict=True):
             if lacking:
                 self._chunks[id_] = extents[id_]
-                self._chunk_bytes += extents[id_]
+                self._chunk_bytes += extents[id_][0]
                 if self._chunk_bytes >= BATCH_BYTES:
                     self._store_chunks()
         self._segments.append((seg_id, segment))
@@ -215,8 +228,15 @@ class _Transfer:
 
     def _store_chunks(self) -> None:
         ids = list(self._chunks)
-        for id_, raw in zip(ids, self._src.read_blobs(ids), strict=True):
-            self._writer.add_chunk(id_, raw)
+        raws = self._src.read_blobs(ids)
+        if self._bases is None:
+            for id_, raw in zip(ids, raws, strict=True):
+                self._writer.add_chunk(id_, raw)
+        else:
+            bases = self._bases([(at, n) for n, at in self._chunks.values()])
+            chunks = list(zip(ids, raws, strict=True))
+            for blob in encode_chunks(self._writer.encode_chunk, self._dst.read_blobs, chunks, bases):
+                self._writer.add_encoded_chunk(blob)
         self._chunks.clear()
         self._chunk_bytes = 0
 

@@ -22,8 +22,7 @@ from typing import Any
 
 from dedupimg.core.buffers import PoolClosed
 from dedupimg.core.chunker import Batch, Chunker
-from dedupimg.core.errors import IntegrityError, UsageError
-from dedupimg.core.extents import ExtentMap
+from dedupimg.core.errors import UsageError
 from dedupimg.core.fsutil import printable_utf8
 from dedupimg.core.imagehash import ImageHasher
 from dedupimg.core.manifest import (
@@ -39,6 +38,7 @@ from dedupimg.core.nbdclient import is_nbd_uri, parse_uri
 from dedupimg.core.parallel import started_ahead, worker_count
 from dedupimg.core.progress import NoProgress, Progress
 from dedupimg.core.zeros import is_zero
+from dedupimg.ops.bases import BaseFinder, base_finder, encode_chunks, latest
 from dedupimg.ops.changed import Plan, Reused, check_parent, load_changed_ranges
 from dedupimg.ops.nbdsource import NbdSource
 from dedupimg.ops.qemu import check_format, detect_format, open_image
@@ -113,7 +113,7 @@ def take_snapshot(
     writer = repo.writer()
     try:
         progress.start(f"snapshot {src.name}", src.size)
-        base_of = _base_finder(repo, plan.parent if plan is not None else _latest(repo, src.name, host))
+        base_of = base_finder(repo, plan.parent if plan is not None else latest(repo, src.name, host))
         store = _Store(repo, writer, progress, hash_image=plan is None, base_of=base_of)
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="dedupimg-snap") as pool:
             reader = _Reader(src, Chunker(repo.config.chunker), plan)
@@ -252,45 +252,6 @@ def _check_default_name(repo: Repository, src: ImageSource, host: str) -> None:
                              f"(or --name {src.name!r} to add it to that series anyway)")
 
 
-def _latest(repo: Repository, name: str, host: str) -> SnapshotRecord | None:
-    """The newest snapshot of ``name`` from ``host`` (a full snapshot's parent, for deltas)."""
-    records = [r for r in repo.snapshots(name) if r.host == host]
-    return max(records, key=lambda r: r.datetime) if records else None
-
-
-class _BaseFinder:
-    """For a changed chunk, the chunk that held the most of its bytes at the same offsets in the parent version
-    (or, when that one is stored as a delta, its base: deltas stay one deep). A scattered 4 KiB write makes a
-    whole ~20 KiB chunk new; stored as a delta on the parent's chunk (docs/format.md §11) it costs about the
-    changed bytes."""
-
-    def __init__(self, repo: Repository, parent: SnapshotRecord) -> None:
-        self._map = ExtentMap(parent, repo.segment)
-        self._size = parent.size
-        self._index_bases = repo.delta_bases
-
-    def __call__(self, spans: list[tuple[int, int]]) -> list[bytes | None]:
-        """The base for each ``(image offset, length)``, or None."""
-        found: list[bytes | None] = []
-        for offset, length in spans:
-            best, most = None, 0
-            if offset < self._size:
-                for ext in self._map.extents(offset, min(length, self._size - offset)):
-                    overlap = min(ext.offset + ext.length, offset + length) - max(ext.offset, offset)
-                    if ext.id is not None and overlap > most:
-                        best, most = ext.id, overlap
-            found.append(best)
-        known = [b for b in found if b is not None]
-        deeper = dict(zip(known, self._index_bases(known), strict=True))
-        return [None if b is None else deeper[b] or b for b in found]
-
-
-def _base_finder(repo: Repository, parent: SnapshotRecord | None) -> _BaseFinder | None:
-    if parent is None or not repo.writes_deltas or parent.chunker != chunker_dict(repo.config.chunker):
-        return None
-    return _BaseFinder(repo, parent)
-
-
 _END = object()
 
 
@@ -390,7 +351,7 @@ class _Store:
     """
 
     def __init__(self, repo: Repository, writer: BlobWriter, progress: Progress, hash_image: bool = True,
-                 base_of: _BaseFinder | None = None) -> None:
+                 base_of: BaseFinder | None = None) -> None:
         self._writer = writer
         self._read_blobs = repo.read_blobs
         self._base_of = base_of
@@ -491,13 +452,7 @@ class _Store:
         read_blobs = self._read_blobs
 
         def work(part: list[tuple[bytes, int, int]], part_bases: list[bytes | None]) -> list[EncodedBlob]:
-            wanted = list(dict.fromkeys(b for b in part_bases if b is not None))
-            try:
-                raws = dict(zip(wanted, read_blobs(wanted), strict=True)) if wanted else {}
-            except IntegrityError:
-                raws = {}  # a damaged base: these chunks are stored whole (check reports the damage)
-            return [encode(id_, view[s:e], None if b is None or b not in raws else (b, raws[b]))
-                    for (id_, s, e), b in zip(part, part_bases, strict=True)]
+            return encode_chunks(encode, read_blobs, [(id_, view[s:e]) for id_, s, e in part], part_bases)
 
         if not new:
             return []

@@ -102,14 +102,23 @@ def test_every_reader_gets_the_exact_bytes(tmp_path: Path) -> None:
             reader = SnapshotReader(repo, recs[-1])
             for off in range(0, SIZE, 300_007):
                 assert reader.read(off, 70_000) == images[-1][off : off + 70_000]
-    # copy into another repository: whole chunks there, the same images.
+    # copy into another repository: deltas there too (on the destination's copy of the version before), and
+    # into one of format 1 whole chunks; the same images from both.
+    def pack_bytes(path: Path) -> int:
+        return sum(os.path.getsize(p) for p in (path / "packs").rglob("*.pack"))
+
     src = Repository.open(tmp_path / "repo")
     dst = Repository.init(tmp_path / "copy", ChunkerParams.for_average(4096), pack_size=1 << 16)
-    with src, dst:
+    old = Repository.init(tmp_path / "v1", ChunkerParams.for_average(4096), pack_size=1 << 16, deltas=False)
+    with src, dst, old:
         copy_snapshots(src, dst, None)
-        for rec, img in zip(recs, images, strict=True):
-            assert restores(dst, rec, img, tmp_path)
-        assert check(dst, read_data=1.0).ok
+        copy_snapshots(src, old, None)
+        assert deltas_in(dst) and not deltas_in(old)
+        assert pack_bytes(tmp_path / "copy") < 1.1 * pack_bytes(tmp_path / "repo") < pack_bytes(tmp_path / "v1")
+        for repo_there in (dst, old):
+            for rec, img in zip(recs, images, strict=True):
+                assert restores(repo_there, rec, img, tmp_path)
+            assert check(repo_there, read_data=1.0).ok
 
 
 def test_a_base_outlives_its_snapshots_while_a_delta_on_it_lives(tmp_path: Path, encrypted: bool) -> None:
