@@ -37,6 +37,7 @@ import lmdb
 
 from dedupimg.core.errors import IntegrityError, NoSpaceError, PermissionDenied, RepositoryLocked
 from dedupimg.core.manifest import SnapshotRecord, decode_segment, decode_tombstone
+from dedupimg.repo.pack import RowLike
 
 BLOB_VALUE = struct.Struct("<BBIQIII")
 PACK_NO = struct.Struct(">I")
@@ -97,7 +98,7 @@ class SealedPack:
     published: str | None = None
 
     @classmethod
-    def from_entries(cls, pack_id: bytes, size: int, entries: Iterable[BlobEntryLike],
+    def from_entries(cls, pack_id: bytes, size: int, entries: Iterable[RowLike],
                      published: str | None = None) -> SealedPack:
         return cls(pack_id, size, [NewBlob(e.type, e.codec, e.offset, e.stored_len, e.raw_len, e.id, e.base)
                                    for e in entries], published)
@@ -114,25 +115,6 @@ class DeferredLinks:
 
     links: dict[bytes, bytes] = field(default_factory=dict)  # delta id -> base of the copy that has the row
     spares: dict[bytes, list[tuple[int, NewBlob]]] = field(default_factory=dict)  # delta id -> (pack no, copy)
-
-
-class BlobEntryLike(Protocol):
-    """A pack trailer entry (pack.BlobEntry), without importing pack."""
-
-    @property
-    def type(self) -> int: ...
-    @property
-    def codec(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def stored_len(self) -> int: ...
-    @property
-    def raw_len(self) -> int: ...
-    @property
-    def id(self) -> bytes: ...
-    @property
-    def base(self) -> bytes: ...
 
 
 @dataclass(frozen=True)

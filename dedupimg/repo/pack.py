@@ -233,7 +233,7 @@ class EncodedBlob(NamedTuple):
 
 
 class RowLike(Protocol):
-    """A blob's row as trailers and index objects hold it (BlobEntry, index.NewBlob)."""
+    """A blob's row as trailers and index objects hold it (BlobEntry, index.NewBlob): what the index registers."""
 
     @property
     def type(self) -> int: ...

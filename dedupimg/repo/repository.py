@@ -142,6 +142,11 @@ class _Run:
     deltas: list[bytes] = field(default_factory=list)  # the ids of its DELTA chunks (their bases are read too)
 
 
+def _deltas(runs: list[_Run]) -> list[bytes]:
+    """The ids of the DELTA chunks in ``runs`` (their bases are read with them)."""
+    return [d for run in runs for d in run.deltas]
+
+
 @dataclass(frozen=True)
 class RepoStats:
     snapshots: int
@@ -493,7 +498,7 @@ class Repository:
 
     def _read_ids(self, ids: list[bytes], resolve_deltas: bool) -> list[bytes]:
         runs = self._runs(ids, MAX_READ)
-        bases = self._bases(runs) if resolve_deltas else None
+        bases = self._bases(_deltas(runs)) if resolve_deltas else None
         if not self.remote:
             return [raw for run in runs for raw in self._read_run(run, bases)]
         found: dict[bytes, bytes] = {}  # runs grouped by pack (below): put back in the order asked
@@ -506,9 +511,8 @@ class Repository:
             return pack.read_blob_run(reader, run.start, run.length, run.blobs, f"pack #{run.pack_no}", self.blobs,
                                       bases)
 
-    def _links(self, runs: list[_Run]) -> list[tuple[bytes, bytes]]:
-        """(delta id, base id) of the DELTA chunks in ``runs``."""
-        deltas = [d for run in runs for d in run.deltas]
+    def _links(self, deltas: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """(delta id, base id) of each DELTA chunk in ``deltas``."""
         if not deltas:
             return []
         links = []
@@ -520,17 +524,14 @@ class Repository:
         return links
 
     def delta_base_raws(self, delta_ids: list[bytes]) -> dict[bytes, bytes]:
-        """The raw bytes of each delta chunk's base, by delta id (check --read-data)."""
-        found = self.index.lookup_blobs(delta_ids)
-        run = _Run(0, 0, 0, [], deltas=[i for i, loc in zip(delta_ids, found, strict=True)
-                                         if loc is not None and loc.codec == pack.DELTA])
-        return self._bases([run]) or {}
+        """The raw bytes of each delta chunk's base, by delta id (check --read-data, prune's rewrite)."""
+        return self._bases(delta_ids) or {}
 
-    def _bases(self, runs: list[_Run]) -> dict[bytes, bytes] | None:
-        """The raw bytes of the bases of the DELTA chunks in ``runs``, by delta id (None: no delta there).
+    def _bases(self, deltas: list[bytes]) -> dict[bytes, bytes] | None:
+        """The raw bytes of the bases of the DELTA chunks ``deltas``, by delta id (None: there is none).
         Bases are never deltas themselves (the index refuses such a link): they are read without bases, so a
         damaged index that named a delta as a base fails here instead of recursing."""
-        links = self._links(runs)
+        links = self._links(deltas)
         if not links:
             return None
         base_ids = list(dict.fromkeys(b for _d, b in links))
@@ -588,7 +589,7 @@ class Repository:
             return [([b[1] for b in run.blobs], self._read_here([run])) for run in self._runs(ids, MAX_READ)]
         out: list[tuple[list[bytes], Future[Landed]]] = []
         for bundle in self._bundles(self._runs(ids, POOL_RUN, pool.slot_bytes), pool.slot_bytes):
-            links = self._links(bundle)
+            links = self._links(_deltas(bundle))
             base_runs = self._runs(list(dict.fromkeys(b for _d, b in links)), POOL_RUN) if links else []
             future = pool.submit([self._pack_run(run) for run in bundle], [self._pack_run(r) for r in base_runs],
                                  links)
@@ -621,7 +622,7 @@ class Repository:
         """A done future of the blobs of ``runs``, read in this thread (or of the damage found)."""
         future: Future[Landed] = Future()
         try:
-            bases = self._bases(runs)
+            bases = self._bases(_deltas(runs))
             future.set_result(Landed(None, 0, [raw for run in runs for raw in self._read_run(run, bases)]))
         except IntegrityError as exc:
             future.set_exception(exc)

@@ -60,6 +60,11 @@ def stored_blobs(repo: Repository) -> list[pack.BlobEntry]:
     return out
 
 
+def pack_bytes(repo_path: Path) -> int:
+    """The bytes of a local repository's pack files."""
+    return sum(os.path.getsize(p) for p in (repo_path / "packs").rglob("*.pack"))
+
+
 def deltas_in(repo: Repository) -> list[pack.BlobEntry]:
     return [e for e in stored_blobs(repo) if e.codec == pack.DELTA]
 
@@ -104,9 +109,6 @@ def test_every_reader_gets_the_exact_bytes(tmp_path: Path) -> None:
                 assert reader.read(off, 70_000) == images[-1][off : off + 70_000]
     # copy into another repository: deltas there too (on the destination's copy of the version before), and
     # into one of format 1 whole chunks; the same images from both.
-    def pack_bytes(path: Path) -> int:
-        return sum(os.path.getsize(p) for p in (path / "packs").rglob("*.pack"))
-
     src = Repository.open(tmp_path / "repo")
     dst = Repository.init(tmp_path / "copy", ChunkerParams.for_average(4096), pack_size=1 << 16)
     old = Repository.init(tmp_path / "v1", ChunkerParams.for_average(4096), pack_size=1 << 16, deltas=False)
@@ -125,7 +127,7 @@ def test_a_base_outlives_its_snapshots_while_a_delta_on_it_lives(tmp_path: Path,
     images = versions()
     with small_repo(tmp_path / "repo", avg=4096, encrypted=encrypted) as repo:
         recs = [take(repo, tmp_path, img, hour=h).record for h, img in enumerate(images)]
-        before = sum(os.path.getsize(p) for p in (tmp_path / "repo" / "packs").rglob("*.pack"))
+        before = pack_bytes(tmp_path / "repo")
         # Forget the first two versions: the third's deltas name chunks only they listed.
         execute(repo, plan_ids(repo, [recs[0].hex_id, recs[1].hex_id]))
         prune(repo, max_unused=0.0)  # rewrite every pack with anything dead: moves bases and deltas
@@ -136,7 +138,7 @@ def test_a_base_outlives_its_snapshots_while_a_delta_on_it_lives(tmp_path: Path,
         # Forget the last one: its deltas go, and with them the bases they held.
         execute(repo, plan_ids(repo, [recs[2].hex_id]))
         prune(repo, max_unused=0.0)
-        after = sum(os.path.getsize(p) for p in (tmp_path / "repo" / "packs").rglob("*.pack"))
+        after = pack_bytes(tmp_path / "repo")
         assert not [e for e in stored_blobs(repo) if e.type == pack.CHUNK]
         assert after < before / 50
         assert check(repo, read_data=1.0).ok
@@ -221,10 +223,10 @@ def test_stats_says_what_forgetting_frees_bases_included(tmp_path: Path) -> None
         recs = [take(repo, tmp_path, img, hour=h).record for h, img in enumerate(images)]
         for victim in recs:
             expected = snapshot_stats(repo, [victim]).snapshots[0].freed
-            before = sum(os.path.getsize(p) for p in (tmp_path / "repo" / "packs").rglob("*.pack"))
+            before = pack_bytes(tmp_path / "repo")
             execute(repo, plan_ids(repo, [victim.hex_id]))
             prune(repo, max_unused=0.0)
-            after = sum(os.path.getsize(p) for p in (tmp_path / "repo" / "packs").rglob("*.pack"))
+            after = pack_bytes(tmp_path / "repo")
             # Pack bytes also hold a trailer row per blob (~48 bytes, as much as a small delta), footers, and the
             # tombstone forget adds. Without the base cascade the last one is 13% short.
             assert expected * 0.97 - 4096 <= before - after <= expected * 1.03 + 4096, (expected, before - after)
