@@ -135,9 +135,15 @@ def parse_duration(text: str) -> Duration:
 def parse_tag_list(text: str) -> frozenset[str]:
     """One ``--keep-tag`` value: comma separated tags, each stripped (restic's splitTagList).
 
-    ``""`` gives ``{""}``, which matches untagged snapshots only.
+    ``""`` gives ``{""}``, which matches untagged snapshots only. ``""`` together with tags (``",a"``) is
+    refused: no snapshot is untagged and tagged at once, and restic's answer depends on the order (``,a``
+    matches untagged snapshots, ``a,`` none), so a user who wrote it meant something else.
     """
-    return frozenset(tag.strip() for tag in text.split(","))
+    tags = frozenset(tag.strip() for tag in text.split(","))
+    if "" in tags and len(tags) > 1:
+        raise UsageError(f"tag list {text!r}: an empty tag (untagged) cannot be combined with tags; "
+                         "give '' as a list of its own")
+    return tags
 
 
 @dataclass(frozen=True)
