@@ -77,6 +77,15 @@ class _Manifests:
         self.repo = repo
         self.segments: dict[bytes, Segment] = {}
         self.usage: dict[bytes, BlobUsage] = {}
+        self._dead_links: Counter[bytes] | None = None
+
+    @property
+    def dead_links(self) -> Counter[bytes]:
+        """References that dead delta chunks hold on their bases: the next prune takes them whatever is
+        forgotten, so a base they alone keep besides the forgotten snapshots dies with those."""
+        if self._dead_links is None:
+            self._dead_links = self.repo.dead_delta_links()
+        return self._dead_links
 
     def segment(self, seg_id: bytes) -> Segment:
         seg = self.segments.get(seg_id)
@@ -95,7 +104,7 @@ class _Manifests:
 def _dying(m: _Manifests, records: list[SnapshotRecord]) -> tuple[set[bytes], set[bytes]]:
     """The segments and chunks whose reference counts reach 0 when ``records`` are forgotten (as
     Repository.forget, then prune's cascade, count them: a dying delta chunk also takes its reference from its
-    base, docs/format.md §11)."""
+    base, docs/format.md §11, and so does a delta that is dead already)."""
     listings = Counter(sid for r in records for sid, _ in r.segments)
     m.load_usage(listings)
     segments = {sid for sid, n in listings.items() if m.usage[sid].refcount <= n}
@@ -103,11 +112,12 @@ def _dying(m: _Manifests, records: list[SnapshotRecord]) -> tuple[set[bytes], se
     for sid in segments:
         lost.update(m.segment(sid).chunk_ids())
     m.load_usage(lost)
-    chunks = {c for c, n in lost.items() if m.usage[c].refcount <= n}
+    pending = m.dead_links
+    chunks = {c for c, n in lost.items() if m.usage[c].refcount <= n + pending[c]}
     dying = list(chunks)
     by_base = Counter(b for b in m.repo.delta_bases(dying) if b is not None and b not in chunks)
     m.load_usage(by_base)
-    chunks |= {b for b, n in by_base.items() if m.usage[b].refcount <= n + lost[b]}
+    chunks |= {b for b, n in by_base.items() if m.usage[b].refcount <= n + lost[b] + pending[b]}
     return segments, chunks
 
 

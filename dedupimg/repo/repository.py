@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -673,6 +673,13 @@ class Repository:
     def delta_bases(self, ids: list[bytes]) -> list[bytes | None]:
         """The base chunk of each id stored as a delta (format 3), None for every other id."""
         return self.index.delta_bases(ids)
+
+    def dead_delta_links(self) -> Counter[bytes]:
+        """How many links each base holds from delta chunks whose reference count is 0 already (an interrupted
+        snapshot's): the next prune drops those deltas and, with them, their references of the base (§11)."""
+        deltas = [i for i, loc in self.index.dead_rows()
+                  if loc is not None and loc.type == pack.CHUNK and loc.codec == pack.DELTA]
+        return Counter(b for b in self.index.delta_bases(deltas) if b is not None)
 
     def segment(self, seg_id: bytes) -> Segment:
         raw = self.index.get_segment(seg_id)
