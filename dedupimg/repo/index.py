@@ -730,9 +730,17 @@ class Index:
 
         def run(txn: lmdb.Transaction) -> SyncReport:
             report = SyncReport()
+            numbers: dict[bytes, int] = {}
             if replace:
+                # Packs keep their numbers and gone packs' numbers are never given again: a process of this
+                # host that is open meanwhile (a mount, a restore: unlocked commands sync too) holds pack
+                # numbers from before, and must never find another pack under one of them.
+                numbers = {bytes(k): PACK_NO.unpack(v)[0] for k, v in txn.cursor(db=self._pack_ids)}
+                next_no = txn.get(b"next_pack", db=self._meta)
                 for db in self._dbs:
                     txn.drop(db, delete=False)
+                if next_no is not None:
+                    txn.put(b"next_pack", next_no, db=self._meta)
             todo = {n: ls for n, ls in objects.items() if txn.get(OBJECT_KEY + n.encode(), db=self._meta) is None}
             new_records: dict[bytes, bytes] = {}
             segments: dict[bytes, bytes] = {}
@@ -748,7 +756,7 @@ class Index:
                             segments[b.id] = raw
                         elif b.type == _TOMBSTONE_TYPE and raw is not None:
                             forgotten.update(decode_tombstone(raw))
-                    self._register_pack(txn, listing.sealed, links)
+                    self._register_pack(txn, listing.sealed, links, numbers)
                     report.packs += 1
                 self._note_object(txn, name, [ls.sealed.id for ls in listings])
             self._link_deferred(txn, links)
@@ -807,20 +815,24 @@ class Index:
         txn.put(b"next_pack", PACK_NO.pack(pack_no + 1), db=self._meta)
         return int(pack_no)
 
-    def _list_pack(self, txn: lmdb.Transaction, pack_id: bytes, size: int, blob_count: int) -> tuple[int, bool]:
+    def _list_pack(self, txn: lmdb.Transaction, pack_id: bytes, size: int, blob_count: int,
+                   numbers: Mapping[bytes, int] | None = None) -> tuple[int, bool]:
         """(pack number, newly listed). Pack ids name content, so a writer can make a pack that is already
         listed (the same blobs in the same order): it is the same file, and must keep one number, or dropping
-        one number's row would delete the file the other still names."""
+        one number's row would delete the file the other still names. ``numbers``: the numbers packs had
+        before a rebuild (Index.sync), kept."""
         listed = txn.get(pack_id, db=self._pack_ids)
         if listed is not None:
             return PACK_NO.unpack(listed)[0], False
-        pack_no = self._next_pack_no(txn)
+        pack_no = numbers.get(pack_id) if numbers else None
+        if pack_no is None:
+            pack_no = self._next_pack_no(txn)
         txn.put(PACK_NO.pack(pack_no), PACK_VALUE.pack(pack_id, size, blob_count), db=self._packs)
         txn.put(pack_id, PACK_NO.pack(pack_no), db=self._pack_ids)
         return pack_no, True
 
     def _register_pack(self, txn: lmdb.Transaction, sealed: SealedPack,
-                       links: DeferredLinks | None = None) -> int:
+                       links: DeferredLinks | None = None, numbers: Mapping[bytes, int] | None = None) -> int:
         """Register a pack and rows for its blobs not indexed yet. A new DELTA row is linked to its base at once
         (the base must be indexed), or, given ``links``, put there for :meth:`_link_deltas` once every pack of
         a sync or repair is registered (packs come in any order there). A whole copy of a chunk indexed as a
@@ -828,7 +840,7 @@ class Index:
         at once) may be the base of others in one copy and a delta in the other."""
         if sealed.published is not None:
             self._note_object(txn, sealed.published, [sealed.id])
-        pack_no, new = self._list_pack(txn, sealed.id, sealed.size, len(sealed.blobs))
+        pack_no, new = self._list_pack(txn, sealed.id, sealed.size, len(sealed.blobs), numbers)
         if not new:
             return pack_no  # its blobs are registered already, at these very offsets
         duplicate_bytes = 0

@@ -421,8 +421,9 @@ class Repository:
         """Bring a remote repository's cache up to date with the index objects in the store: add new ones;
         rebuild it from all of them when some it holds are gone (a prune or repair rewrote them).
 
-        Called by :meth:`open` before anything is read: a rebuild renumbers packs, so it must not run under
-        readers that hold pack numbers (open pack handles, a read pool's runs)."""
+        Called by :meth:`open` before anything is read. A rebuild keeps every pack's number and never gives a
+        gone pack's number to another, so other processes of this host that hold pack numbers meanwhile (a
+        mount's open pack handles, a read pool's runs) never read one pack for another."""
         if not self.remote:
             return SyncReport()
         have = set(self.index.index_objects())

@@ -269,7 +269,8 @@ class RemoteRepositoryMachine(RuleBasedStateMachine):
     def use(self, h: int) -> Repository:
         """The next command runs on host ``h % hosts``: the command before it (on this host or another) is
         over, and this one opens the repository and syncs its cache, as every command does. (A repository is
-        not synced while open: a rebuild numbers the packs anew, under the readers it holds open.)"""
+        not synced while open: each command syncs once, when it opens; tests/repo/test_cache_rebuild.py has
+        a reader open across another process's rebuild.)"""
         self.close_host()
         self.open_host(h % self.hosts)
         return self.r
