@@ -85,21 +85,30 @@ def best_overlap(parent: Version, start: int, end: int) -> int | None:
     return best
 
 
-def measure(parent: Version, child: Version, seen: set[bytes], level: int) -> Tally:
+def measure(parent: Version, child: Version, seen: set[bytes], level: int, shifted: bool = False) -> Tally:
     tally = Tally()
     plain = zstandard.ZstdCompressor(level=level)
+    # --base shifted: where the parent held the last chunk both versions share, by content; a new chunk's base
+    # is then sought at its offset minus that shift (bytes inserted or removed before it move it).
+    where: dict[bytes, int] = {}
+    if shifted:
+        for s, e in parent.cuts:
+            where.setdefault(blake3.blake3(parent.data[s:e]).digest(), s)
+    shift = 0
     for index, (start, end) in enumerate(child.cuts):
         chunk = child.data[start:end]
         if not chunk.strip(b"\0"):
             continue
         digest = blake3.blake3(chunk).digest()
+        if shifted and digest in where:
+            shift = start - where[digest]
         if digest in seen:
             continue
         seen.add(digest)
         tally.new_chunks += 1
         alone = len(plain.compress(chunk))
         tally.plain += alone
-        near = best_overlap(parent, start, end)
+        near = best_overlap(parent, start - shift, end - shift) if start >= shift else None
         if near is None:
             tally.delta += alone
             continue
@@ -140,6 +149,9 @@ def main() -> None:
     parser.add_argument("series", nargs="+", type=Path)
     parser.add_argument("--level", type=int, default=1, help="zstd level (the repository's default: 1)")
     parser.add_argument("--peers", type=Path, help="a bench.py JSON report of the same series")
+    parser.add_argument("--base", choices=["offset", "shifted"], default="offset",
+                        help="offset: the parent's chunk at the same image offset (what snapshots do); shifted: "
+                             "at the offset moved by the shift of the last chunk both versions share")
     args = parser.parse_args()
     print(f"zstd level {args.level}; MB of chunk data stored per later version; CPU-s on one thread\n")
     print("| series | version | new chunks | plain MB | delta MB | delta/plain | as deltas | encode s | decode s "
@@ -154,7 +166,7 @@ def main() -> None:
             seen.add(blake3.blake3(parent.data[start:end]).digest())
         for number, path in enumerate(versions[1:], start=2):
             child = cut(path)
-            t = measure(parent, child, seen, args.level)
+            t = measure(parent, child, seen, args.level, args.base == "shifted")
             peer_text = ", ".join(f"{tool} {growth[number - 2]:.1f}" for tool, growth in peers.items()
                                   if len(growth) >= number - 1)
             print(f"| {directory.name} | v{number} | {t.new_chunks:,} | {t.plain / 1e6:.1f} | {t.delta / 1e6:.1f} "

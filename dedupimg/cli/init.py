@@ -8,7 +8,7 @@ import typer
 
 from dedupimg.cli.app import FromPasswordFile, RepoOption, repo_location, use_from_password_file
 from dedupimg.cli.render import exit_codes_help, stderr, stdout
-from dedupimg.core.config import DEFAULT_CHUNK_SIZE, ChunkerParams, SegmentParams
+from dedupimg.core.config import DEFAULT_CHUNK_SIZE, NEW_SEGMENTS, ChunkerParams
 from dedupimg.core.crypto import default_aead
 from dedupimg.core.errors import UsageError
 from dedupimg.ops.copy import repository_config
@@ -53,7 +53,7 @@ def init(
             raise UsageError(f"{copy_chunker_params_from} is encrypted: its chunker parameters are secret and "
                              "cannot go into an unencrypted repository's config")
         chunker = source.chunker
-        if source.segments != SegmentParams():
+        if source.segments != NEW_SEGMENTS:
             stderr.print(f"dedupimg: warning: {copy_chunker_params_from} cuts manifest segments with other "
                          "parameters; they are not copied (snapshots still copy whole)")
     else:

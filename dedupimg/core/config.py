@@ -56,7 +56,8 @@ class ChunkerParams:
 
 @dataclass(frozen=True)
 class SegmentParams:
-    """How a snapshot's extent list is cut into content-addressed manifest segments."""
+    """How a snapshot's extent list is cut into content-addressed manifest segments. These defaults are what
+    a config that leaves a key out means (docs/format.md §1.1); new repositories get NEW_SEGMENTS."""
 
     # Cut after a chunk extent whose id's last two bytes (little endian) & mask == 0: ~1 in (mask+1) extents.
     cut_mask: int = 0x3FF
@@ -65,11 +66,19 @@ class SegmentParams:
     zero_cut: int = 1 << 20
 
 
+# New repositories end a segment after ~1 chunk in 128 (~2.5 MiB of image), not 1024: a later version stores
+# every segment holding a changed chunk again (in a pack and in the index), so where changes are few or
+# clustered smaller segments store far less (1 GiB tar, 3 changed files: 0.7 against 2.7 MB per version); where
+# they are everywhere (1% of a VM disk's blocks) every segment changes either way and the smaller ones cost
+# 0.4-2.5% more (index rows and page slack). benchmarks/segments.py; docs/performance.md.
+NEW_SEGMENTS = SegmentParams(cut_mask=0x7F)
+
+
 @dataclass(frozen=True)
 class Config:
     repo_id: str = field(default_factory=lambda: secrets.token_hex(16))
     chunker: ChunkerParams = field(default_factory=ChunkerParams)
-    segments: SegmentParams = field(default_factory=SegmentParams)
+    segments: SegmentParams = NEW_SEGMENTS
     compression: str = "zstd"
     compression_level: int = 1  # at 16 KiB chunks, level 3 costs twice the CPU for ~1% (docs/performance.md)
     pack_size: int = 32 << 20
