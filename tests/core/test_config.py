@@ -60,3 +60,13 @@ def test_every_error_class_has_a_documented_code():
 
     for cls in [DedupimgError, *walk(DedupimgError)]:
         assert cls.exit_code in EXIT_CODES, cls
+
+
+def test_new_repositories_cut_smaller_segments_but_a_missing_key_keeps_its_old_meaning():
+    """init writes cut_mask 0x7F (benchmarks/segments.py); a config that leaves the key out was written for
+    the old default and must keep cutting as it did (docs/format.md §1.1), or its snapshots' segments change."""
+    assert Config().segments.cut_mask == 0x7F
+    assert json.loads(Config().to_bytes())["segments"]["cut_mask"] == 0x7F
+    doc = json.loads(Config().to_bytes())
+    del doc["segments"]["cut_mask"]
+    assert Config.from_bytes(json.dumps(doc).encode()).segments.cut_mask == 0x3FF
