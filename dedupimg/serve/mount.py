@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import pickle
@@ -49,6 +50,7 @@ REFRESH_SECONDS = 2.0
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 LINK_MODE = stat.S_IFLNK | 0o777
+NAME_MAX = 255  # bytes of one path component: a longer name in a listing fails the whole readdir (EIO)
 BLKSIZE = 1 << 20  # st_blksize: cp, cat and friends size their buffers by it
 # kernel_cache: snapshots never change, so the page cache may outlive an open file. default_permissions: the
 # kernel checks the modes below, so no access() round trips. max_threads 2: the read workers (readpool.py)
@@ -91,11 +93,24 @@ class _Entry:
 
 
 def entry_name(name: str) -> str:
-    """An image name as one path component: '%' and '/' percent-encoded, and no clash with '.', '..', by-id."""
-    out = name.replace("%", "%25").replace("/", "%2F")
+    """An image name as one path component: '%', '/' and NUL percent-encoded, no clash with '.', '..', by-id,
+    and at most NAME_MAX bytes.
+
+    A longer one (records of older versions may hold names of any length; a 5000 character name made `ls` of
+    the whole mount fail) keeps its first bytes and ends with ``%~`` and 16 hex digits of the full name's hash:
+    stable across mounts, distinct for distinct names, and never equal to a name that fits, in which '%' is
+    always followed by two hex digits.
+    """
+    out = name.replace("%", "%25").replace("/", "%2F").replace("\0", "%00")
     if out in ("", ".", "..", BY_ID):
         out = "".join(f"%{ord(c):02X}" for c in out) or "%"
-    return out
+    raw = out.encode(errors="surrogateescape")
+    if len(raw) <= NAME_MAX:
+        return out
+    digest = hashlib.blake2b(name.encode(errors="surrogatepass"), digest_size=8).hexdigest()
+    head = raw[: NAME_MAX - len(digest) - 2].decode(errors="ignore")
+    cut = head.rfind("%", len(head) - 2)  # no escape cut in two ('%2' of '%2F')
+    return f"{head[:cut] if cut >= 0 else head}%~{digest}"
 
 
 def _utc(rec: SnapshotRecord) -> datetime:

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
+from dedupimg.serve.mount import entry_name
 from dedupimg.serve.reader import SnapshotReader
 from tests.helpers import det_bytes, make_tree, run_cli, sh, small_repo, text_bytes, wait_for
 from tests.integration.support import mounted, unmount
@@ -74,6 +76,45 @@ def test_layout_names_sizes_modes(tmp_path, two_images):
         assert os.stat(mnt / "disk").st_mtime == T2.timestamp()
         with pytest.raises(FileNotFoundError):
             os.stat(mnt / "disk" / "nothing.img")
+
+
+def test_names_too_long_for_a_file_name_are_shortened_and_the_listing_works(tmp_path):
+    """Records of older versions may hold names of any length: one of 5000 characters made `ls` of the whole
+    mount fail (a listing entry over 255 bytes). Each now shows cut to 255 bytes with a suffix from its hash:
+    distinct names stay distinct, the same name shows the same way at every mount, its files read."""
+    path = tmp_path / "repo"
+    repo = small_repo(path)
+    src = tmp_path / "src.img"
+    src.write_bytes(image_bytes(1))
+    rec = take_snapshot(repo, str(src), name="short", when=T1).record
+    long_names = ["x" * 5000, "x" * 4999 + "y", "a/b%" * 80, "é" * 200]  # as an older version could store them
+    olds = [rec] + [take_snapshot(repo, str(src), name=f"n{i}", when=T2).record for i in range(len(long_names) - 1)]
+    news = []
+    for old, name in zip(olds, long_names, strict=True):
+        new = replace(old, name=name, id=b"")
+        new.encode()  # sets the id
+        news.append(new)
+    repo.replace_records(list(zip(olds, news, strict=True)))
+    ok_rec = take_snapshot(repo, str(src), name="plain", when=T1).record
+    repo.close()
+    mnt = tmp_path / "mnt"
+    with mounted(path, mnt, tmp_path / "log"):
+        listed = os.listdir(mnt)  # was OSError (EIO) for the whole root
+        assert len(listed) == len(long_names) + 2 and {"by-id", "plain"} <= set(listed)
+        assert all(len(os.fsencode(n)) <= 255 for n in listed)
+        shortened = sorted(set(listed) - {"by-id", "plain"})
+        assert all("%~" in n for n in shortened)
+        assert subprocess.run(["ls", "-lR", str(mnt)], capture_output=True).returncode == 0
+        assert os.listdir(mnt / "plain") == [f"2026-11-24T22:00:00+00:00_{ok_rec.short_id}.img", "latest"]
+        for name, new in zip(long_names, news, strict=True):
+            shown = entry_name(name)
+            assert shown in shortened
+            files = sorted(os.listdir(mnt / shown))
+            assert files[-1] == "latest" and files[0].endswith(f"_{new.short_id}.img")
+            assert (mnt / shown / "latest").read_bytes() == image_bytes(1)
+        first = sorted(listed)
+    with mounted(path, mnt, tmp_path / "log"):
+        assert sorted(os.listdir(mnt)) == first  # stable
 
 
 def test_reads_are_bit_exact_and_short_at_the_end(tmp_path, two_images):

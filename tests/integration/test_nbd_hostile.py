@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -265,12 +265,17 @@ def test_damage_after_the_first_piece_is_never_sent_as_data(tmp_path):
 
 def test_long_name_is_cut_in_the_description_and_list_works(tmp_path, serve):
     repo = tmp_path / "repo"
-    cli("-r", repo, "init")
     image = tmp_path / "disk.img"
     image.write_bytes(det_bytes(13, 100 * KiB))
     long_name = "é" * 3000  # 6000 bytes of UTF-8: cut at a character boundary
-    long_id = cli("-r", repo, "snapshot", image, "--name", long_name).strip()
-    short_id = cli("-r", repo, "snapshot", image, "--name", "short").strip()
+    r = small_repo(repo)
+    rec = take_snapshot(r, str(image), name="long").record
+    renamed = replace(rec, name=long_name, id=b"")  # as versions that took names of any length stored it
+    renamed.encode()  # sets the id
+    r.replace_records([(rec, renamed)])
+    long_id = renamed.hex_id
+    short_id = take_snapshot(r, str(image), name="short").record.hex_id
+    r.close()
     server = serve(repo)
     proc = subprocess.run(["nbdinfo", "--list", "--json", server.url], capture_output=True, text=True,
                           timeout=TIMEOUT)
