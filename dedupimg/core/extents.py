@@ -126,6 +126,28 @@ class ExtentMap:
             offset = base + size
             s += 1
 
+    def allocated(self) -> int:
+        """Bytes of the image held in chunks (not holes or zero runs): a pass over every segment."""
+        return sum(n for _, segment in self.walk() for n, cid in segment.extents() if cid is not None)
+
+    def seek(self, offset: int, data: bool) -> int | None:
+        """lseek's SEEK_DATA (``data``) or SEEK_HOLE: the first offset from ``offset`` on that is in a chunk, or
+        in a hole or zero run; the end of the image counts as a hole. None when ``offset`` is not in the image,
+        or no data follows it (ENXIO)."""
+        if not 0 <= offset < self.size:
+            return None
+        pos = self.extents(offset, 1)[0].offset
+        for lengths, ids in self.pieces(offset, self.size):
+            # Whole slices without what is sought are skipped at C speed (a 1 TiB image is millions of extents).
+            if (ids.count(None) == len(ids)) if data else (None not in ids):
+                pos += sum(lengths)
+                continue
+            for n, cid in zip(lengths, ids, strict=True):
+                if (cid is not None) == data:
+                    return max(pos, offset)
+                pos += n
+        return None if data else self.size
+
     def zero_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """``(offset, length, zero)`` runs for ``[offset, offset+length)``, adjacent extents of the same kind
         merged: what NBD block status reports."""

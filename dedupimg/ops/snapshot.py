@@ -52,6 +52,10 @@ PLANNED = 2  # batches being compressed ahead of the one being written
 # Buffers a snapshot may hold at once: queued, hashing, planned, one being filled and its tail. The reader
 # waits for a free one, which bounds memory (12 x 8 MiB) whatever the image size.
 BUFFERS = QUEUE + AHEAD + PLANNED + 5
+# A snapshot name is at most this many UTF-8 bytes: what a file name may be, so that a name shows whole in
+# tables, messages and (unless it holds '/' or '%', escaped there) as a directory of the mount. A 5000
+# character name broke `ls` of the mount (found by review); the mount shortens what older records still hold.
+MAX_NAME_BYTES = 255
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,12 @@ def take_snapshot(
     _check_changes(changes)
     _check_text("source", source)
     if name is not None:
-        _check_text("name", name)
+        _check_name(name)
     src = open_source(source, name, source_format, changes.dirty_bitmap if changes else None)
     plan = None
     try:
         if name is None:
+            _check_name(src.name)
             _check_default_name(repo, src, host)
         if changes is not None:
             plan = _plan(repo, src, changes)
@@ -235,6 +240,15 @@ def _check_text(what: str, text: str) -> None:
     if not printable_utf8(text):
         raise UsageError(f"the {what} {text!r} is not valid UTF-8 or holds control characters: rename it, or "
                          "reach it through a symlink (and give --name NAME)")
+
+
+def _check_name(name: str) -> None:
+    """A snapshot name: printable UTF-8 of at most MAX_NAME_BYTES (the message quotes only its start)."""
+    _check_text("name", name)
+    size = len(name.encode())
+    if size > MAX_NAME_BYTES:
+        raise UsageError(f"the name {name[:40]!r}... is {size} bytes long: give a name of at most "
+                         f"{MAX_NAME_BYTES} bytes (--name NAME)")
 
 
 def _check_default_name(repo: Repository, src: ImageSource, host: str) -> None:

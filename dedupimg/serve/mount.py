@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import pickle
+import queue
 import shutil
 import signal
 import stat
@@ -37,6 +39,7 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from dedupimg.core.errors import DedupimgError, MountError, TargetError
+from dedupimg.core.extents import ExtentMap
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.repo.repository import Repository
 from dedupimg.serve.reader import SnapshotReader
@@ -49,6 +52,10 @@ REFRESH_SECONDS = 2.0
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 LINK_MODE = stat.S_IFLNK | 0o777
+# st_blocks of a snapshot listing at most this many segments (about 28 GiB of image at the default chunker
+# parameters: 0.15 s) is counted when first asked for; of a larger one, on a thread, the whole size until then.
+SYNC_SEGMENTS = 2048
+NAME_MAX = 255  # bytes of one path component: a longer name in a listing fails the whole readdir (EIO)
 BLKSIZE = 1 << 20  # st_blksize: cp, cat and friends size their buffers by it
 # kernel_cache: snapshots never change, so the page cache may outlive an open file. default_permissions: the
 # kernel checks the modes below, so no access() round trips. max_threads 2: the read workers (readpool.py)
@@ -91,11 +98,24 @@ class _Entry:
 
 
 def entry_name(name: str) -> str:
-    """An image name as one path component: '%' and '/' percent-encoded, and no clash with '.', '..', by-id."""
-    out = name.replace("%", "%25").replace("/", "%2F")
+    """An image name as one path component: '%', '/' and NUL percent-encoded, no clash with '.', '..', by-id,
+    and at most NAME_MAX bytes.
+
+    A longer one (records of older versions may hold names of any length; a 5000 character name made `ls` of
+    the whole mount fail) keeps its first bytes and ends with ``%~`` and 16 hex digits of the full name's hash:
+    stable across mounts, distinct for distinct names, and never equal to a name that fits, in which '%' is
+    always followed by two hex digits.
+    """
+    out = name.replace("%", "%25").replace("/", "%2F").replace("\0", "%00")
     if out in ("", ".", "..", BY_ID):
         out = "".join(f"%{ord(c):02X}" for c in out) or "%"
-    return out
+    raw = out.encode(errors="surrogateescape")
+    if len(raw) <= NAME_MAX:
+        return out
+    digest = hashlib.blake2b(name.encode(errors="surrogatepass"), digest_size=8).hexdigest()
+    head = raw[: NAME_MAX - len(digest) - 2].decode(errors="ignore")
+    cut = head.rfind("%", len(head) - 2)  # no escape cut in two ('%2' of '%2F')
+    return f"{head[:cut] if cut >= 0 else head}%~{digest}"
 
 
 def _utc(rec: SnapshotRecord) -> datetime:
@@ -157,6 +177,10 @@ class SnapshotFS:
         # One reader per open snapshot, shared by its handles, so that they share its chunk cache.
         self._readers: dict[bytes, tuple[SnapshotReader, int]] = {}
         self._next_fh = 1
+        self._blocks: dict[bytes, int] = {}  # st_blocks of each snapshot, by id (a record never changes)
+        self._to_count: queue.SimpleQueue[SnapshotRecord] = queue.SimpleQueue()  # ... large ones, counted apart
+        self._counting: set[bytes] = set()
+        self._counter: threading.Thread | None = None
         self._owner = {"st_uid": os.getuid(), "st_gid": os.getgid()}
 
     def load(self) -> dict[str, _Entry]:
@@ -194,13 +218,50 @@ class SnapshotFS:
             "st_mode": e.mode,
             "st_nlink": nlink,
             "st_size": e.size,
-            "st_blocks": (e.size + 511) // 512,
+            "st_blocks": (e.size + 511) // 512 if e.record is None else self._allocated_blocks(e.record),
             "st_blksize": BLKSIZE,
             "st_mtime": e.mtime_ns,
             "st_ctime": e.mtime_ns,
             "st_atime": e.mtime_ns,
             **self._owner,
         }
+
+    def _allocated_blocks(self, rec: SnapshotRecord) -> int:
+        """st_blocks of a snapshot's file: its bytes held in chunks, in 512-byte units, so that du, ls -s and
+        cp see holes and zero runs as holes. Computed once per snapshot from its extent map (a pass over its
+        segments, no chunk read: about 5 ms per GiB of image). For a snapshot of more than SYNC_SEGMENTS
+        segments, on a thread of its own, so that `ls -l` of many large images does not wait for it: until it
+        is known (and when the segments cannot be read), the whole size."""
+        blocks = self._blocks.get(rec.id)
+        if blocks is not None:
+            return blocks
+        if len(rec.segments) <= SYNC_SEGMENTS:
+            self._count_allocated(rec)
+        else:
+            with self._lock:
+                if rec.id not in self._counting:
+                    self._counting.add(rec.id)
+                    if self._counter is None:
+                        self._counter = threading.Thread(target=self._count_queued, daemon=True)
+                        self._counter.start()
+                    self._to_count.put(rec)
+        return self._blocks.get(rec.id, (rec.size + 511) // 512)
+
+    def _count_allocated(self, rec: SnapshotRecord) -> None:
+        with self._lock:
+            reader = self._readers.get(rec.id, (None, 0))[0]
+        extent_map = reader.map if reader is not None else ExtentMap(rec, self._repo.segment)
+        try:
+            self._blocks[rec.id] = (extent_map.allocated() + 511) // 512
+        except Exception as exc:  # noqa: BLE001  (damage or any failure: stat still answers)
+            log.error("dedupimg mount: snapshot %s: cannot map its extents: %s", rec.short_id, exc)
+
+    def _count_queued(self) -> None:
+        while True:
+            rec = self._to_count.get()
+            self._count_allocated(rec)
+            with self._lock:
+                self._counting.discard(rec.id)
 
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
         tree = self.load()
@@ -247,6 +308,23 @@ class SnapshotFS:
         except Exception as exc:  # noqa: BLE001  (damage or any failure: EIO, never wrong bytes)
             log.error("dedupimg mount: %s: read of %d bytes at %d failed: %s", path, len(buf), offset, exc)
             raise _fail(errno.EIO) from None
+
+    def lseek(self, path: str, offset: int, whence: int, fh: int) -> int:
+        """SEEK_DATA and SEEK_HOLE from the extent map (holes and zero runs are holes), so that cp --sparse,
+        qemu-img and other tools that look for holes skip them; the kernel answers the other kinds itself."""
+        reader = self._handles.get(fh)
+        if reader is None:
+            raise _fail(errno.EBADF)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise _fail(errno.EINVAL)
+        try:
+            found = reader.map.seek(offset, whence == os.SEEK_DATA)
+        except Exception as exc:  # noqa: BLE001  (a damaged segment: EIO, as a read)
+            log.error("dedupimg mount: %s: seek from %d failed: %s", path, offset, exc)
+            raise _fail(errno.EIO) from None
+        if found is None:
+            raise _fail(errno.ENXIO)
+        return found
 
     def release(self, path: str, fh: int) -> int:
         with self._lock:
@@ -327,6 +405,11 @@ def _direct_read_fuse(fuse: ModuleType) -> Any:
             address = ctypes.cast(buf, ctypes.c_void_p).value or 0
             dest = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
             return int(self.operations.read_into(name, dest, offset, fip.contents.fh))
+
+        def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
+            # libfuse 3.8's lseek, which mfusepy lists but does not wrap (without this, mounting fails).
+            name = None if path is None else path.decode(self.encoding, self.errors)
+            return int(self.operations.lseek(name, offset, whence, fip.contents.fh))
 
     return DirectReadFUSE
 

@@ -8,7 +8,8 @@ In transmission it answers READ, FLUSH, BLOCK_STATUS and DISC; writes, trims and
 Each export is a snapshot, named by anything :meth:`Repository.resolve` accepts. Data comes from one
 :class:`SnapshotReader` per snapshot, shared by every connection; it verifies each chunk, so a damaged chunk
 becomes an EIO reply, never wrong bytes. One thread serves each connection; a client that breaks the
-protocol loses its own connection and nothing else.
+protocol loses its own connection and nothing else. At most MAX_CONNECTIONS are open at once (one more is
+closed before the greeting), and each has NEGOTIATION_SECONDS in all to reach transmission.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
+from dedupimg.core.envints import env_int
 from dedupimg.core.errors import DedupimgError, IntegrityError, Interrupted, ListenError, SnapshotNotFound, UsageError
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.nbdproto import (
@@ -109,7 +112,12 @@ READ_PIECE = 1 << 20
 REPLY_BUFFERS = 32
 MAX_STRING = 4096  # proto.md: names, descriptions and messages are at most 4096 bytes (longer breaks clients)
 MAX_STATUS_SPAN = 256 << 20  # BLOCK_STATUS answers at most this much per request (the spec allows less)
-NEGOTIATION_TIMEOUT = 60.0  # a client silent this long during the handshake holds a thread for nothing
+# A connection has this many seconds from accept to the transmission phase, however it spends them (one
+# option every few seconds, a byte at a time): it held its thread for ever when the limit was per receive.
+NEGOTIATION_SECONDS = env_int("DEDUPIMG_NBD_NEGOTIATION_SECONDS", 60, 1, 3600)
+# Connections open at once (one thread each); one more is closed at once, before the greeting.
+MAX_CONNECTIONS = env_int("DEDUPIMG_NBD_MAX_CONNECTIONS", 128, 1, 65536)
+NOTICE_SECONDS = 10.0  # at most one log line per kind of refusal this often, however many clients are refused
 SEND_TIMEOUT = 60  # seconds a reply may wait for a client that does not read it before the connection ends
 SHUTDOWN_GRACE = 5.0  # seconds connections get to finish the request in flight when the server stops
 KEEP_READERS = 16  # snapshot readers kept for new connections (each caches up to 64 MiB of chunks)
@@ -173,9 +181,19 @@ class NbdServer:
     """
 
     def __init__(
-        self, repo: Repository, refs: Sequence[str] = (), host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
+        self,
+        repo: Repository,
+        refs: Sequence[str] = (),
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        max_connections: int = MAX_CONNECTIONS,
+        negotiation_seconds: float = NEGOTIATION_SECONDS,
     ) -> None:
         self.repo = repo
+        self.max_connections = max_connections
+        self.negotiation_seconds = negotiation_seconds
+        self._open = 0  # connections accepted and not yet closed
+        self._notices: dict[str, tuple[float, int]] = {}  # kind -> (when last logged, how many since)
         self._lock = threading.Lock()
         self._exports: dict[bytes, Export] = {}  # by snapshot id, least recently asked for first
         self._fixed: list[SnapshotRecord] | None = None
@@ -295,6 +313,31 @@ class NbdServer:
         with self._lock:
             self._sessions.pop(sock, None)
 
+    def _admit(self) -> bool:
+        """Count a new connection in, unless MAX_CONNECTIONS are open (then it is to be closed at once)."""
+        with self._lock:
+            if self._open >= self.max_connections:
+                return False
+            self._open += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._open -= 1
+
+    def notice(self, kind: str, message: str) -> None:
+        """Log ``message`` (a warning: on stderr), at most once per NOTICE_SECONDS for each ``kind``, saying how
+        many more of the kind there were: a flood of hostile clients must not become a flood of lines."""
+        now = time.monotonic()
+        with self._lock:
+            last, skipped = self._notices.get(kind, (float("-inf"), 0))
+            if now - last < NOTICE_SECONDS:
+                self._notices[kind] = (last, skipped + 1)
+                return
+            self._notices[kind] = (now, 0)
+        more = f" (and {skipped} more like it since the last such line)" if skipped else ""
+        log.warning("%s%s", message, more)
+
 
 def serve(
     repo: Repository,
@@ -364,6 +407,26 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), _Handler)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        nbd = self.nbd
+        if not nbd._admit():
+            nbd.notice("full", f"dedupimg serve: refused a connection from {_peer(client_address)}: "
+                               f"{nbd.max_connections} connections are open, the limit "
+                               "(DEDUPIMG_NBD_MAX_CONNECTIONS)")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            nbd._leave()  # no thread was started to do it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.nbd._leave()
+
     def handle_error(self, request: object, client_address: object) -> None:
         exc = sys.exc_info()[1]
         if isinstance(exc, Interrupted):
@@ -382,7 +445,7 @@ class _Handler(socketserver.BaseRequestHandler):
         if not nbd._register(self.request):
             return
         try:
-            _Session(nbd, self.request).run()
+            _Session(nbd, self.request, self.client_address).run()
         finally:
             nbd._unregister(self.request)
 
@@ -408,9 +471,13 @@ CommandHandler = Callable[["_Session", Export, int, int, int, int], None]
 class _Session:
     """One client connection: the handshake, then the transmission loop."""
 
-    def __init__(self, server: NbdServer, sock: socket.socket) -> None:
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: object = None) -> None:
         self.server = server
         self.sock = sock
+        self.peer = peer
+        # Until transmission: when negotiation must be over. Its receives and sends then wait at most until
+        # this moment, and its receives read the socket itself (the buffered rfile would wait anew per read).
+        self.deadline: float | None = time.monotonic() + server.negotiation_seconds
         self.rfile = sock.makefile("rb")
         self.no_zeroes = False
         self.structured = False
@@ -432,16 +499,51 @@ class _Session:
     # -- wire helpers ---------------------------------------------------------------------------------------
 
     def recv(self, n: int) -> bytes:
+        if self.deadline is not None:
+            return self._recv_by_deadline(n)
         data = self.rfile.read(n)
         if data is None or len(data) != n:
             raise _Close
         return data
 
+    def _recv_by_deadline(self, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            self._wait_at_most_until_deadline()
+            try:
+                part = self.sock.recv(n - len(data))
+            except TimeoutError:
+                self._late()
+            if not part:
+                raise _Close
+            data += part
+        return bytes(data)
+
+    def _wait_at_most_until_deadline(self) -> None:
+        assert self.deadline is not None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self._late()
+        self.sock.settimeout(left)
+
+    def _late(self) -> NoReturn:
+        self.server.notice("late", f"dedupimg serve: closed the connection from {_peer(self.peer)}: still "
+                                   f"negotiating after {self.server.negotiation_seconds:g} s "
+                                   "(DEDUPIMG_NBD_NEGOTIATION_SECONDS)")
+        raise _Close
+
     def send(self, *parts: bytes | memoryview) -> None:
         """Send the pieces in order, gathered by the kernel (sendmsg): image data is never joined first."""
         pending = [memoryview(p).cast("B") for p in parts if len(p)]
         while pending:
-            sent = self.sock.sendmsg(pending[:SEND_PIECES])
+            if self.deadline is None:
+                sent = self.sock.sendmsg(pending[:SEND_PIECES])
+            else:  # a client that does not read its option replies is held to the deadline too
+                self._wait_at_most_until_deadline()
+                try:
+                    sent = self.sock.sendmsg(pending[:SEND_PIECES])
+                except TimeoutError:
+                    self._late()
             while sent and pending:
                 if sent >= len(pending[0]):
                     sent -= len(pending.pop(0))
@@ -455,7 +557,6 @@ class _Session:
     # -- handshake ------------------------------------------------------------------------------------------
 
     def handshake(self) -> Export | None:
-        self.sock.settimeout(NEGOTIATION_TIMEOUT)
         self.send(GREETING.pack(NBDMAGIC, IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
         (client_flags,) = struct.unpack(">I", self.recv(4))
         if client_flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
@@ -472,6 +573,7 @@ class _Session:
                 continue
             export = handler(self, option, data)
             if export is not None:
+                self.deadline = None
                 self.sock.settimeout(None)  # an idle client (a VM that reads nothing) is fine from here on
                 # ... but one that stops reading its replies is not: a send blocked this long ends the
                 # connection, which returns its reply buffer to the pool of 32 that every connection shares
@@ -737,6 +839,14 @@ def _wire(text: str, limit: int = MAX_STRING) -> bytes:
     if len(raw) <= limit:
         return raw
     return raw[: max(0, limit - 3)].decode(errors="ignore").encode() + b"..."
+
+
+def _peer(address: object) -> str:
+    """A client's address as HOST:PORT for a log line."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[:2]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
 
 
 def _quietly(fn: Callable[..., object], *args: object) -> None:

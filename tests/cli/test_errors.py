@@ -300,6 +300,8 @@ def test_hostile_input_found_by_review_gets_one_line(repo_with_snapshot, tmp_pat
     env = {"DEDUPIMG_PASSWORD": "pw", "DEDUPIMG_ENCRYPTION": "aes-256-gcm"}
     for bad in ("abc", "1000", "-1"):  # read at import: was a ValueError traceback, or 1000 worker processes
         fails(run_cli("-r", repo, "snapshots", env={"DEDUPIMG_READ_WORKERS": bad}), 2, "DEDUPIMG_READ_WORKERS")
+    for var in ("DEDUPIMG_NBD_MAX_CONNECTIONS", "DEDUPIMG_NBD_NEGOTIATION_SECONDS"):  # serve's limits
+        fails(run_cli("-r", repo, "serve", "--listen", "127.0.0.1:0", env={var: "0"}), 2, var)
     fails(run_cli("-r", repo, "check", "--lock-wait", "nan"), 2, "--lock-wait")  # waited for ever
     before = ok(run_cli("-r", repo, "snapshots", "--json"))
     weird = Path(os.fsdecode(bytes(tmp_path) + b"/src\xff.img"))

@@ -304,3 +304,16 @@ def test_times_at_the_ends_of_the_range_are_stored_and_mountable(repo, tmp_path)
     with Repository.open(repo) as r:
         tree = build_tree(r.snapshots())  # what mount shows: every record's time converts
     assert sum(1 for p in tree if p.startswith("/by-id/")) == 3
+
+
+def test_name_longer_than_255_bytes_is_refused_in_one_line(repo, tmp_path):
+    """A 5000 character name broke `ls` of the mount (found by review): refused before anything is read, in one
+    line that quotes only its start; 255 bytes of UTF-8 (what a file name may be) is taken."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(text_bytes(3, 50_000))
+    line = fails(run_cli("-r", repo, "snapshot", image, "--name", "x" * 5000), 2, "5000 bytes", "at most 255")
+    assert len(line) < 200
+    fails(run_cli("-r", repo, "snapshot", image, "--name", "é" * 128), 2, "256 bytes")  # bytes, not characters
+    assert listing(repo) == []
+    ok(run_cli("-r", repo, "snapshot", image, "--name", "é" * 127 + "x"))
+    assert [s["name"] for s in listing(repo)] == ["é" * 127 + "x"]

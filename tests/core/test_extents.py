@@ -137,3 +137,37 @@ def test_pieces_are_the_extents_as_segment_slices() -> None:
                     *(b for b in boundaries[::5] if b > offset)):
             flat = [(n, i) for lengths, ids in m.pieces(offset, end) for n, i in zip(lengths, ids, strict=True)]
             assert flat == [(e.length, e.id) for e in m.extents(offset, end - offset)], (offset, end)
+
+
+def _brute_seek(flat: list[Extent], size: int, offset: int, data: bool) -> int | None:
+    if not 0 <= offset < size:
+        return None
+    for e in flat:
+        if e.offset + e.length > offset and (e.id is not None) == data:
+            return max(e.offset, offset)
+    return None if data else size
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_seek_data_and_hole_as_lseek_defines_them(seed: int) -> None:
+    record, segments, flat = _image(seed)
+    m = ExtentMap(record, segments.__getitem__)
+    rng = random.Random(seed)
+    offsets = [-1, 0, record.size - 1, record.size, record.size + 5] + [e.offset for e in flat] + \
+        [e.offset + e.length - 1 for e in flat] + [rng.randrange(record.size) for _ in range(300)]
+    for offset in offsets:
+        for data in (True, False):
+            assert m.seek(offset, data) == _brute_seek(flat, record.size, offset, data), (offset, data)
+    assert m.allocated() == sum(e.length for e in flat if e.id is not None)
+
+
+def test_seek_over_whole_segments_without_what_is_sought() -> None:
+    """All data, then all zeros, then data: skipping whole segments still lands on the right extent."""
+    segs = [Segment([100, 200], [_cid(1), _cid(2)]), Segment([50, 50], [None, None]), Segment([7, 9], [_cid(3), None])]
+    by_id = {blob_id(s.encode()): s for s in segs}
+    record = SnapshotRecord(name="img", time="2026-01-01T00:00:00+00:00", size=416, image_hash=bytes(32),
+                            segments=[(i, s.size) for i, s in by_id.items()])
+    m = ExtentMap(record, by_id.__getitem__)
+    assert [m.seek(o, False) for o in (0, 299, 300, 399)] == [300, 300, 300, 399]
+    assert [m.seek(o, True) for o in (0, 300, 350, 400, 406, 407, 415)] == [0, 400, 400, 400, 406, None, None]
+    assert m.allocated() == 307

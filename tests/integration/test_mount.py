@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import pytest
 from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
+from dedupimg.serve.mount import entry_name
 from dedupimg.serve.reader import SnapshotReader
-from tests.helpers import det_bytes, make_tree, run_cli, sh, small_repo, text_bytes, wait_for
+from tests.helpers import det_bytes, make_tree, run_cli, sh, small_repo, text_bytes, wait_for, write_sparse
 from tests.integration.support import mounted, unmount
 from tests.packfiles import pack_file, trailer
 
@@ -74,6 +76,89 @@ def test_layout_names_sizes_modes(tmp_path, two_images):
         assert os.stat(mnt / "disk").st_mtime == T2.timestamp()
         with pytest.raises(FileNotFoundError):
             os.stat(mnt / "disk" / "nothing.img")
+
+
+def test_names_too_long_for_a_file_name_are_shortened_and_the_listing_works(tmp_path):
+    """Records of older versions may hold names of any length: one of 5000 characters made `ls` of the whole
+    mount fail (a listing entry over 255 bytes). Each now shows cut to 255 bytes with a suffix from its hash:
+    distinct names stay distinct, the same name shows the same way at every mount, its files read."""
+    path = tmp_path / "repo"
+    repo = small_repo(path)
+    src = tmp_path / "src.img"
+    src.write_bytes(image_bytes(1))
+    rec = take_snapshot(repo, str(src), name="short", when=T1).record
+    long_names = ["x" * 5000, "x" * 4999 + "y", "a/b%" * 80, "é" * 200]  # as an older version could store them
+    olds = [rec] + [take_snapshot(repo, str(src), name=f"n{i}", when=T2).record for i in range(len(long_names) - 1)]
+    news = []
+    for old, name in zip(olds, long_names, strict=True):
+        new = replace(old, name=name, id=b"")
+        new.encode()  # sets the id
+        news.append(new)
+    repo.replace_records(list(zip(olds, news, strict=True)))
+    ok_rec = take_snapshot(repo, str(src), name="plain", when=T1).record
+    repo.close()
+    mnt = tmp_path / "mnt"
+    with mounted(path, mnt, tmp_path / "log"):
+        listed = os.listdir(mnt)  # was OSError (EIO) for the whole root
+        assert len(listed) == len(long_names) + 2 and {"by-id", "plain"} <= set(listed)
+        assert all(len(os.fsencode(n)) <= 255 for n in listed)
+        shortened = sorted(set(listed) - {"by-id", "plain"})
+        assert all("%~" in n for n in shortened)
+        assert subprocess.run(["ls", "-lR", str(mnt)], capture_output=True).returncode == 0
+        assert os.listdir(mnt / "plain") == [f"2026-11-24T22:00:00+00:00_{ok_rec.short_id}.img", "latest"]
+        for name, new in zip(long_names, news, strict=True):
+            shown = entry_name(name)
+            assert shown in shortened
+            files = sorted(os.listdir(mnt / shown))
+            assert files[-1] == "latest" and files[0].endswith(f"_{new.short_id}.img")
+            assert (mnt / shown / "latest").read_bytes() == image_bytes(1)
+        first = sorted(listed)
+    with mounted(path, mnt, tmp_path / "log"):
+        assert sorted(os.listdir(mnt)) == first  # stable
+
+
+def test_sparse_image_shows_its_holes_to_stat_du_and_seek(tmp_path):
+    """Holes and zero runs of a snapshot are holes of its file: st_blocks counts only the bytes held in chunks
+    (it was the whole size), and SEEK_DATA / SEEK_HOLE find them (there were none: SEEK_HOLE gave the end)."""
+    path = tmp_path / "repo"
+    repo = small_repo(path)
+    src = tmp_path / "sparse.img"
+    size = 16 * MiB + 100
+    a, b = det_bytes(5, MiB), text_bytes(6, MiB + 4321)
+    tail = b"end" * 33 + b"!"  # the last 100 bytes, at 16 MiB
+    write_sparse(src, size, [(2 * MiB, a), (5 * MiB, bytes(MiB)), (9 * MiB, b), (16 * MiB, tail)])  # zeros at 5 MiB
+    expect = src.read_bytes()
+    rec = take_snapshot(repo, str(src), name="sparse", when=T1).record
+    repo.close()
+    mnt = tmp_path / "mnt"
+    with mounted(path, mnt, tmp_path / "log"):
+        image = mnt / "by-id" / f"{rec.hex_id}.img"
+        st = os.stat(image)
+        assert st.st_size == size
+        data = len(a) + len(b) + len(tail)
+        assert data <= st.st_blocks * 512 <= data + 8192  # was the whole 16 MiB
+        assert int(sh("du", "-B1", image).split()[0]) == st.st_blocks * 512
+        assert os.stat(mnt / "sparse" / "latest").st_blocks == st.st_blocks
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_DATA) == 2 * MiB
+            assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+            assert os.lseek(fd, 2 * MiB + 5, os.SEEK_HOLE) == 3 * MiB
+            assert os.lseek(fd, 3 * MiB, os.SEEK_DATA) == 9 * MiB  # the written zeros at 5 MiB are a hole too
+            assert 9 * MiB + len(b) <= os.lseek(fd, 9 * MiB, os.SEEK_HOLE) <= 9 * MiB + len(b) + 4096
+            assert os.lseek(fd, size - 1, os.SEEK_HOLE) == size  # the end counts as a hole
+            assert os.lseek(fd, 11 * MiB, os.SEEK_DATA) == 16 * MiB
+            for offset in (size, size + 1):
+                with pytest.raises(OSError) as err:
+                    os.lseek(fd, offset, os.SEEK_DATA)
+                assert err.value.errno == errno.ENXIO
+            assert os.pread(fd, 100, 2 * MiB - 50) == expect[2 * MiB - 50 : 2 * MiB + 50]  # reads unchanged
+        finally:
+            os.close(fd)
+        copy = tmp_path / "copy.img"
+        sh("cp", image, copy)  # --sparse=auto: sparse because st_blocks / SEEK_HOLE show the holes
+        assert copy.read_bytes() == expect
+        assert os.stat(copy).st_blocks * 512 <= data + 2 * MiB
 
 
 def test_reads_are_bit_exact_and_short_at_the_end(tmp_path, two_images):

@@ -5,13 +5,16 @@
   used to keep 32 MiB apiece (708 MiB); reads are now served in pieces from a small shared pool;
 - a read larger than one piece is still exact, and damage found after the first piece never passes for data;
 - an export description longer than the spec's 4096 bytes is cut, so `nbdinfo --list` works for every export;
-- `serve --listen` on an address other than loopback warns that the exports are unauthenticated.
+- `serve --listen` on an address other than loopback warns that the exports are unauthenticated;
+- negotiation has a deadline as a whole (a client sending an option every few seconds, or a byte at a time,
+  held its thread for ever), and connections beyond a cap are closed at once, the others going on.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -19,14 +22,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.serve import nbd
-from tests.helpers import ROOT, cli_env, det_bytes, first_line, ok, run_cli, small_repo
+from tests.helpers import ROOT, cli_env, det_bytes, first_line, ok, run_cli, small_repo, wait_for
 from tests.integration.support import RawClient, build, flip_byte_in_chunk, start, stop
 
 MiB = 1 << 20
@@ -51,9 +54,9 @@ def serve() -> Iterator:
     """Start ``dedupimg serve`` as its own process (its memory is measured); stopped after the test."""
     started: list[Server] = []
 
-    def run(repo: Path, *args: str, listen: str = "127.0.0.1:0", workers: str = "0") -> Server:
+    def run(repo: Path, *args: str, listen: str = "127.0.0.1:0", workers: str = "0", **env: str) -> Server:
         proc = subprocess.Popen([sys.executable, "-m", "dedupimg", "-r", str(repo), "serve", "--listen", listen,
-                                 *args], stderr=subprocess.PIPE, env=cli_env(DEDUPIMG_READ_WORKERS=workers),
+                                 *args], stderr=subprocess.PIPE, env=cli_env(DEDUPIMG_READ_WORKERS=workers, **env),
                                 cwd=ROOT)
         assert proc.stderr is not None
         line = first_line(proc.stderr, TIMEOUT)
@@ -148,6 +151,98 @@ def test_64_clients_connecting_at_once_are_all_served(big, serve):
     # A dropped SYN costs a client at least a second of TCP backoff, and a few of them several: on two
     # cores all 64 are done in a few seconds when none is dropped.
     assert time.monotonic() - started < 20
+
+
+# -- negotiation deadline and connection cap ---------------------------------------------------------------------
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """True when the server has closed ``sock`` (it sends nothing else here): readable, at end of file."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_negotiation_is_cut_at_its_deadline_however_slowly_the_client_goes(big, serve):
+    """A client that sent NBD_OPT_LIST every few seconds, or an option a byte at a time, stayed in negotiation
+    for ever (the 60 s limit was per receive), one thread each. Now the whole negotiation has a deadline (here 3 s
+    instead of 60): both are cut at it, with one log line; a client in transmission is not."""
+    repo, sid, data = big
+    server = serve(repo, DEDUPIMG_NBD_NEGOTIATION_SECONDS="3")
+    idle = BigClient(server.port)
+    idle.go(sid)
+    lister, dribbler = RawClient(server.port), RawClient(server.port)
+    started = time.monotonic()
+    header = nbd.OPTION.pack(nbd.IHAVEOPT, nbd.NBD_OPT_LIST, 0)[:-4] + struct.pack(">I", 1000)  # 1000 bytes follow
+    cut: dict[str, float] = {}
+    sent = tick = 0
+    while len(cut) < 2 and time.monotonic() - started < 12:
+        tick += 1
+        if "dribbler" not in cut:
+            if hung_up(dribbler.sock):
+                cut["dribbler"] = time.monotonic() - started
+            else:
+                dribbler.sock.sendall((header + bytes(1000))[sent : sent + 1])  # a byte every 0.25 s
+                sent += 1
+        if "lister" not in cut and tick % 2 == 0:
+            try:
+                lister.option(nbd.NBD_OPT_LIST)  # every 0.5 s, each answered at once
+                while lister.option_reply()[1] != nbd.NBD_REP_ACK:
+                    pass
+            except (EOFError, ConnectionError):
+                cut["lister"] = time.monotonic() - started
+        time.sleep(0.25)
+    assert set(cut) == {"lister", "dribbler"}, cut  # both still negotiating after 12 s before
+    assert all(2.5 < t < 7 for t in cut.values()), cut
+    assert idle.read(0, MiB) == data[:MiB]  # transmission has no deadline: idle for longer than it, still served
+    line = first_line(server.proc.stderr, TIMEOUT)
+    assert "still negotiating after 3 s" in line and "127.0.0.1:" in line, line
+    proc = subprocess.run(["nbdinfo", "--size", f"{server.url}/{sid}"], capture_output=True, text=True,
+                          timeout=TIMEOUT)  # real clients negotiate in milliseconds
+    assert proc.returncode == 0 and int(proc.stdout) == len(data), proc.stderr
+    for c in (idle, lister, dribbler):
+        c.close()
+
+
+def test_connections_beyond_the_cap_are_closed_at_once_and_the_others_go_on(big, serve, tmp_path):
+    """Connections were not limited in number (a thread each). With the cap at 4 (here; 128 by default), a
+    fifth connection is closed before the greeting, with a log line, while the four go on; a freed place is
+    taken again, and nbdcopy's four connections fit."""
+    repo, sid, data = big
+    server = serve(repo, DEDUPIMG_NBD_MAX_CONNECTIONS="4")
+    uri = f"{server.url}/{sid}"
+    clients = [BigClient(server.port) for _ in range(4)]  # each has had its greeting: all four are served
+    clients[0].go(sid)
+    clients[1].go(sid, structured=True)
+    for _ in range(3):
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as extra:
+            assert extra.recv(1) == b""  # closed, no greeting
+        assert time.monotonic() - started < 5
+    proc = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0
+    line = first_line(server.proc.stderr, TIMEOUT)
+    assert "refused a connection from 127.0.0.1:" in line and "4 connections are open" in line, line
+    # The four go on: reads in transmission, and negotiation.
+    assert clients[0].read(5 * MiB, MiB) == data[5 * MiB : 6 * MiB]
+    assert b"".join(p[8:] for _, _, p in clients[1].read_structured(0, 64 * KiB)) == data[: 64 * KiB]
+    clients[2].go(sid)
+    assert clients[2].read(MiB, 4096) == data[MiB : MiB + 4096]
+    clients[3].close()  # a place is freed once its thread is done
+
+    def nbdinfo_works() -> bool:
+        return subprocess.run(["nbdinfo", "--size", uri], capture_output=True, timeout=TIMEOUT).returncode == 0
+
+    wait_for(nbdinfo_works, "a freed place taken by nbdinfo")
+    for c in clients[:3]:
+        c.close()
+    out = tmp_path / "copy.img"
+    wait_for(lambda: subprocess.run(["nbdcopy", "--connections=4", uri, str(out)], capture_output=True,
+                                    timeout=TIMEOUT).returncode == 0, "nbdcopy over 4 connections")
+    assert out.read_bytes() == data
 
 
 # -- memory ---------------------------------------------------------------------------------------------------
@@ -265,12 +360,17 @@ def test_damage_after_the_first_piece_is_never_sent_as_data(tmp_path):
 
 def test_long_name_is_cut_in_the_description_and_list_works(tmp_path, serve):
     repo = tmp_path / "repo"
-    cli("-r", repo, "init")
     image = tmp_path / "disk.img"
     image.write_bytes(det_bytes(13, 100 * KiB))
     long_name = "é" * 3000  # 6000 bytes of UTF-8: cut at a character boundary
-    long_id = cli("-r", repo, "snapshot", image, "--name", long_name).strip()
-    short_id = cli("-r", repo, "snapshot", image, "--name", "short").strip()
+    r = small_repo(repo)
+    rec = take_snapshot(r, str(image), name="long").record
+    renamed = replace(rec, name=long_name, id=b"")  # as versions that took names of any length stored it
+    renamed.encode()  # sets the id
+    r.replace_records([(rec, renamed)])
+    long_id = renamed.hex_id
+    short_id = take_snapshot(r, str(image), name="short").record.hex_id
+    r.close()
     server = serve(repo)
     proc = subprocess.run(["nbdinfo", "--list", "--json", server.url], capture_output=True, text=True,
                           timeout=TIMEOUT)
