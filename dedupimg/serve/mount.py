@@ -52,9 +52,10 @@ REFRESH_SECONDS = 2.0
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 LINK_MODE = stat.S_IFLNK | 0o777
-# st_blocks of a snapshot listing at most this many segments (about 28 GiB of image at the default chunker
-# parameters: 0.15 s) is counted when first asked for; of a larger one, on a thread, the whole size until then.
-SYNC_SEGMENTS = 2048
+# st_blocks of a snapshot of at most this many image bytes (about 0.15 s of counting) is counted when first
+# asked for; of a larger one, on a thread, the whole size until then. (By size, not by segments: how many
+# segments cover a GiB depends on the repository's segment mask.)
+SYNC_BYTES = 28 << 30
 NAME_MAX = 255  # bytes of one path component: a longer name in a listing fails the whole readdir (EIO)
 BLKSIZE = 1 << 20  # st_blksize: cp, cat and friends size their buffers by it
 # kernel_cache: snapshots never change, so the page cache may outlive an open file. default_permissions: the
@@ -229,13 +230,13 @@ class SnapshotFS:
     def _allocated_blocks(self, rec: SnapshotRecord) -> int:
         """st_blocks of a snapshot's file: its bytes held in chunks, in 512-byte units, so that du, ls -s and
         cp see holes and zero runs as holes. Computed once per snapshot from its extent map (a pass over its
-        segments, no chunk read: about 5 ms per GiB of image). For a snapshot of more than SYNC_SEGMENTS
-        segments, on a thread of its own, so that `ls -l` of many large images does not wait for it: until it
+        segments, no chunk read: about 5 ms per GiB of image). For a snapshot of more than SYNC_BYTES of
+        image, on a thread of its own, so that `ls -l` of many large images does not wait for it: until it
         is known (and when the segments cannot be read), the whole size."""
         blocks = self._blocks.get(rec.id)
         if blocks is not None:
             return blocks
-        if len(rec.segments) <= SYNC_SEGMENTS:
+        if rec.size <= SYNC_BYTES:
             self._count_allocated(rec)
         else:
             with self._lock:

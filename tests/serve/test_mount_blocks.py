@@ -32,7 +32,7 @@ def test_st_blocks_counts_data_only(sparse):
 
 def test_large_snapshot_is_counted_on_a_thread_and_stat_does_not_wait(sparse, monkeypatch):
     fs, path, rec = sparse
-    monkeypatch.setattr(mount, "SYNC_SEGMENTS", 0)  # every snapshot counts as large
+    monkeypatch.setattr(mount, "SYNC_BYTES", 0)  # every snapshot counts as large
     first = fs.getattr(path)["st_blocks"]
     assert first * 512 in (2 * MiB, 12 * MiB)  # the whole size until counted (or counted already)
     wait_for(lambda: fs.getattr(path)["st_blocks"] * 512 == 2 * MiB, "st_blocks counted on the thread")
