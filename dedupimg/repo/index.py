@@ -834,6 +834,8 @@ class Index:
                 if listed is not None:
                     self._drop_snapshot(txn, rec_id, [sid for sid, _ in SnapshotRecord.decode(bytes(listed)).segments])
                     report.forgotten += 1
+                else:  # another host's 'forget --left-out' of a record this cache left out too
+                    self._forget_left_out(txn, rec_id)
             report.objects = len(todo)
             return report
 

@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from dedupimg.core.config import ChunkerParams
+from dedupimg.core.config import ChunkerParams, Config
 from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.core.progress import NoProgress
 from dedupimg.core.retention import Policy
 from dedupimg.ops.check import check
 from dedupimg.ops.forget import forget_and_prune
 from dedupimg.ops.prune import prune
 from dedupimg.ops.repair import repair_index
 from dedupimg.repo import pack
-from dedupimg.repo.repository import Repository
+from dedupimg.repo.repair import _repair_under_lock
+from dedupimg.repo.repository import Repository, cache_home, read_remote_config
+from dedupimg.store.memory import MemoryStore
 from tests.helpers import det_bytes, restores, small_repo, snap, text_bytes
 from tests.packfiles import pack_file, trailer
 
@@ -227,3 +231,52 @@ def test_forget_left_out_then_prune_frees_it(tmp_path, others):
     assert repair_index(path).left_out == []  # forgotten: it does not come back
     assert listed(path) == {r.id for r, _ in expected[1:]}
     all_restore(path, expected[1:], tmp_path)
+
+
+# -- a remote repository: every host's cache marks what it leaves out ---------------------------------------------
+
+
+def test_remote_hosts_keep_a_left_out_snapshot_until_one_forgets_it(tmp_path):
+    """A repair on host 0 leaves a out; host 1's cache, rebuilt from the new index object, leaves it out too
+    and marks it, so host 1's prune keeps its data (it freed it before); host 1's 'forget --left-out' reaches
+    host 0 through its sync, whose prune then frees it."""
+    store = MemoryStore()
+    config = replace(Config(chunker=ChunkerParams.for_average(1024)), pack_size=1 << 16)
+    Repository._init_remote(store, config, tmp_path / "host0").close()
+    config = read_remote_config(store)
+
+    def host(h: int) -> Repository:
+        repo = Repository(cache_home(tmp_path / f"host{h}", config.repo_id), config, store, owns_store=False,
+                          remote=True)
+        repo.sync()
+        return repo
+
+    images = {"a": det_bytes(10, 150_000) + text_bytes(1, 120_000), "b": det_bytes(20, 150_000)}
+    with host(0) as repo:
+        recs = {n: snap(repo, tmp_path / f"{n}.img", data, name=None) for n, data in images.items()}
+        with host(1):
+            pass  # host 1's cache knows both
+        def chunks(r: SnapshotRecord) -> set[bytes]:
+            return {c for sid, _ in r.segments for c in repo.segment(sid).chunk_ids()}
+
+        mine = chunks(recs["a"]) - chunks(recs["b"])
+        lost = next(pack.pack_name(row.id) for row in repo.index.pack_rows()
+                    if any(loc is not None and loc.pack_no == row.pack_no
+                           for loc in repo.index.lookup_blobs(sorted(mine))))
+    store.delete([lost])
+    home = cache_home(tmp_path / "host0", config.repo_id)
+    os.makedirs(home / "tmp", exist_ok=True)  # as repair_index makes it for a remote repository
+    report = _repair_under_lock(home, store, NoProgress(), pack.PLAIN, remote=True)
+    assert [r.id for r in report.left_out] == [recs["a"].id]
+
+    with host(1) as repo:
+        pruned = prune(repo, 0.0)
+        assert any(loc is not None for loc in repo.index.lookup_blobs(sorted(mine)))  # outside the lost pack
+        assert [r.id for r in repo.left_out()] == [recs["a"].id] and pruned.held_rows > 0
+        forget_and_prune(repo, [], Policy(), left_out=True)
+    with host(0) as repo:
+        assert repo.left_out() == []
+        result = prune(repo, 0.0)
+        assert result.held_rows == 0 and result.records_dropped == 1
+        assert check(repo, 1.0).ok
+        assert restores(repo, recs["b"], images["b"], tmp_path)
