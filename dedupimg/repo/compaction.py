@@ -247,7 +247,11 @@ def _find_leftovers(repo: Repository, result: PrunePlan) -> None:
             continue  # not a name dedupimg writes: leave it alone
     listed = repo.index.pack_numbers(list(ids))
     orphans = [obj.name for pid, obj in ids.items() if pid not in listed]
-    _refuse_if_index_lost_snapshots(repo, orphans, bool(ids))
+    # A salvaged pack a prune rewrote, then was killed before deleting: its intact blobs are in the new packs,
+    # and its damaged trailer would otherwise make the check below refuse (docs/format.md §8.5).
+    rewritten = set(repo.index.salvaged_packs())
+    _refuse_if_index_lost_snapshots(repo, [n for n in orphans if integrity.pack_file_id(n) not in rewritten],
+                                    bool(ids))
     sizes = {obj.name: obj.size for obj in found}
     for name in orphans:
         result.orphan_packs.append(name)
@@ -319,6 +323,8 @@ def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] |
     gone = [n for n in [w.name for w in todo.delete + todo.repack] + todo.orphan_packs + todo.tmp_files
             if n not in kept]
     freed = repo.store.delete(gone)
+    if repo.index.salvaged_packs():
+        repo.index.drop_salvaged_marks()  # only now that the files of those rewritten are gone
     return PruneOutcome(len(todo.delete), len(todo.repack), len(new_packs), freed - written, written)
 
 

@@ -494,6 +494,17 @@ class Index:
         """Mark packs a repair registered from a forward scan (repair index, in the index it builds)."""
         self._write(lambda txn: [txn.put(SALVAGED_KEY + i, b"", db=self._meta) for i in pack_ids])
 
+    def drop_salvaged_marks(self) -> None:
+        """Drop the marks of salvaged packs the index no longer lists (prune, once their files are deleted: until
+        then the mark tells the leftover file of a rewrite from a damaged pack that may hold lost snapshots)."""
+
+        def run(txn: lmdb.Transaction) -> None:
+            for pack_id in self._ids_under(txn, SALVAGED_KEY):
+                if txn.get(pack_id, db=self._pack_ids) is None:
+                    txn.delete(SALVAGED_KEY + pack_id, db=self._meta)
+
+        self._write(run)
+
     def pack_rows_in(self, pack_nos: Iterable[int]) -> dict[int, list[tuple[bytes, BlobLocation]]]:
         """The ``blobs`` rows that point into each of ``pack_nos`` (a scan of every row: prune asks this only
         of salvaged packs, whose trailer cannot say what they hold)."""
@@ -735,7 +746,6 @@ class Index:
                 v = txn.get(key, db=self._packs)
                 if v is not None:
                     txn.delete(bytes(PACK_VALUE.unpack(v)[0]), db=self._pack_ids)
-                    txn.delete(SALVAGED_KEY + bytes(PACK_VALUE.unpack(v)[0]), db=self._meta)
                     txn.delete(key, db=self._packs)
                 txn.delete(key, db=self._garbage)
             for pack_no, nbytes in garbage.items():

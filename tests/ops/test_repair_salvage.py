@@ -280,3 +280,31 @@ def test_remote_hosts_keep_a_left_out_snapshot_until_one_forgets_it(tmp_path):
         assert result.held_rows == 0 and result.records_dropped == 1
         assert check(repo, 1.0).ok
         assert restores(repo, recs["b"], images["b"], tmp_path)
+
+
+def test_a_prune_killed_before_deleting_a_rewritten_salvaged_pack_finishes_next_time(tmp_path, monkeypatch):
+    """Killed after its index transaction, a prune leaves the damaged file unlisted: the next prune deletes it
+    (its mark says it was rewritten) instead of refusing at its trailer as at an unknown damaged pack."""
+    from dedupimg.store.local import LocalStore
+
+    path = tmp_path / "repo"
+    expected = make_world(path, tmp_path, encrypted=True)  # sealed: the rewrite gets another name
+    (a, _), (b, _), (c, _) = expected
+    victim = own_chunk_pack(path, a, [b, c])
+    os.truncate(victim, trailer(victim)[-1].end)
+    repair_index(path)
+
+    def killed(self: LocalStore, names: list[str]) -> int:
+        raise KeyboardInterrupt  # as a kill between the index transaction and the deletions
+
+    monkeypatch.setattr(LocalStore, "delete", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(path)
+    monkeypatch.undo()
+    assert victim.exists()
+    run_prune(path)
+    assert not victim.exists()
+    with Repository.open(path) as repo:
+        assert repo.index.salvaged_packs() == []
+        assert check(repo, 1.0).ok
+    all_restore(path, expected, tmp_path)
