@@ -67,6 +67,9 @@ def forget(
     ] = None,
     dry_run: DryRunOption = False,
     and_prune: Annotated[bool, typer.Option("--prune", help="Run prune afterwards (same lock).")] = False,
+    left_out: Annotated[bool, typer.Option(
+        "--left-out", help="Remove every snapshot that 'repair index' left out (its data incomplete): prune keeps "
+                           "what those still have until then.")] = False,
     json: JsonOption = False,
     lock_wait: LockWait = 0.0,
     repo_dir: RepoOption = None,
@@ -87,9 +90,13 @@ def forget(
     if ids and (name or host or tag):
         raise UsageError("--name, --host and --tag select snapshots for keep rules; they do not apply to snapshot "
                          "ids")
+    if left_out and (ids or not policy.empty() or name or host or tag):
+        raise UsageError("--left-out removes every snapshot a repair left out; give no ids, keep rules or filters "
+                         "with it")
     where = snapshot_filter(None, host, tag)
     with open_repo(ctx, LockMode.EXCLUSIVE, lock_wait) as repo:
-        result = forget_and_prune(repo, ids, policy, name, dry_run=dry_run, and_prune=and_prune, where=where)
+        result = forget_and_prune(repo, ids, policy, name, dry_run=dry_run, and_prune=and_prune, where=where,
+                                  left_out=left_out)
     todo, report = result.plan, result.prune
     if json:
         doc: dict[str, object] = {"version": JSON_VERSION, "dry_run": dry_run, "groups": _plan_json(todo)}

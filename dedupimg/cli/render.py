@@ -150,6 +150,8 @@ def prune_json(r: PruneReport) -> dict[str, object]:
         "orphan_packs": r.orphan_packs,
         "tmp_files": r.tmp_files,
         "skipped": [str(p) for p in r.skipped],
+        "salvaged_packs": r.salvaged_packs,
+        "held_rows": r.held_rows,
     }
     if r.outcome is not None:
         doc.update(packs_deleted=r.outcome.packs_deleted, packs_rewritten=r.outcome.packs_rewritten,
@@ -164,6 +166,11 @@ def render_prune(r: PruneReport) -> None:
             f"({human_bytes(r.bytes_to_copy)} to copy); {r.chunks_dropped} chunks, {r.segments_dropped} "
             f"segments, {r.records_dropped} records dropped; {r.orphan_packs} orphan packs, {r.tmp_files} "
             f"temporary files")
+    if r.salvaged_packs:
+        plan += f"; {r.salvaged_packs} salvaged damaged packs among them"
+    if r.held_rows:
+        plan += (f"; {r.held_rows} blobs kept for snapshots 'repair index' left out (remove those with 'forget "
+                 "--left-out')")
     for p in r.skipped:  # Text: a path is not rich markup
         stdout.print(Text(f"skipped {p}: a directory, not a file dedupimg writes; left alone"), soft_wrap=True)
     if r.outcome is None:

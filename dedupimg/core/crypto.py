@@ -22,6 +22,7 @@ import msgpack
 from argon2.exceptions import HashingError as Argon2Error
 from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from dedupimg.core.errors import IntegrityError, UnsupportedFormat, UsageError
@@ -104,6 +105,7 @@ class Aead:
         if name not in AEADS:
             raise UnsupportedFormat(f"unknown encryption {name!r} (this dedupimg knows {', '.join(AEADS)})")
         self.name = name
+        self._key = key
         self._impl = AESGCM(key) if name == AES_GCM else ChaCha20Poly1305(key)
 
     def seal(self, plain: bytes | bytearray | memoryview, ad: bytes) -> bytes:
@@ -119,6 +121,26 @@ class Aead:
             return self._impl.decrypt(view[:NONCE], view[NONCE:], ad)
         except InvalidTag:
             return None
+
+    def peek(self, sealed: bytes | memoryview, length: int) -> bytes:
+        """The first ``length`` bytes of ``sealed``'s plaintext, decrypted but NOT authenticated.
+
+        Only ``repair index``'s salvage of a pack without its trailer uses it: a sealed blob's length, type and
+        id are in no clear header, so the inner header is peeked to learn where the blob ends, and its data to
+        compute the id to try. Nothing peeked is trusted: a blob counts only once :meth:`open` authenticates it
+        with that id. Both AEADs encrypt with a stream cipher, so a prefix decrypts alone: AES-GCM is AES-CTR
+        from counter block nonce|2 (NIST SP 800-38D, 96-bit nonce), ChaCha20-Poly1305 is ChaCha20 from block
+        counter 1 (RFC 8439 §2.8; block 0 makes the Poly1305 key)."""
+        view = memoryview(sealed)
+        nonce = bytes(view[:NONCE])
+        if len(nonce) != NONCE:
+            return b""
+        cipher: Cipher[Any] = (
+            Cipher(algorithms.AES(self._key), modes.CTR(nonce + (2).to_bytes(4, "big"))) if self.name == AES_GCM
+            else Cipher(algorithms.ChaCha20(self._key, (1).to_bytes(4, "little") + nonce), mode=None)
+        )
+        dec = cipher.decryptor()
+        return dec.update(bytes(view[NONCE : NONCE + max(0, length)])) + dec.finalize()
 
     def open(self, sealed: bytes | memoryview, ad: bytes, what: str) -> bytes:
         """The plaintext, or IntegrityError naming ``what`` (altered, truncated, or sealed for another place)."""

@@ -61,6 +61,16 @@ def plan_ids(repo: Repository, refs: list[str]) -> ForgetPlan:
     })
 
 
+def plan_left_out(repo: Repository) -> ForgetPlan:
+    """Remove every snapshot that ``repair index`` left out (its data incomplete): prune keeps what such a
+    snapshot still has until it is forgotten, in case the missing data is recovered and repaired back."""
+    groups = group_by_name(repo.left_out(), lambda r: r.name)
+    return ForgetPlan({
+        group: [Decision(r, False, ()) for r in sorted(records, key=lambda r: r.datetime, reverse=True)]
+        for group, records in sorted(groups.items())
+    })
+
+
 def execute(repo: Repository, plan: ForgetPlan) -> list[SnapshotRecord]:
     """Remove the plan's records; returns them."""
     removed = plan.remove
@@ -90,15 +100,22 @@ def forget_and_prune(
     dry_run: bool = False,
     and_prune: bool = False,
     where: SnapshotFilter | None = None,
+    left_out: bool = False,
 ) -> ForgetReport:
     """Forget exactly the snapshots ``refs`` names or, without refs, those ``policy`` removes (of every image
-    name, or only of ``name``); then, with ``and_prune``, prune (default ``max_unused``) at once.
+    name, or only of ``name``), or with ``left_out`` every snapshot a repair left out; then, with ``and_prune``,
+    prune (default ``max_unused``) at once.
 
     The caller holds the repository's exclusive lock, so nothing comes between the forget and the prune.
     ``dry_run`` plans both and changes nothing.
     """
-    plan = plan_ids(repo, refs) if refs else plan_policy(repo, policy, name, where)
+    if left_out and (refs or not policy.empty()):
+        raise UsageError("--left-out forgets every snapshot a repair left out; give no ids or keep rules with it")
+    plan = plan_left_out(repo) if left_out else plan_ids(repo, refs) if refs else \
+        plan_policy(repo, policy, name, where)
     if not dry_run:
         execute(repo, plan)
-    freed = snapshot_stats(repo, plan.remove, each=False).totals.freed if dry_run and and_prune and plan.remove else 0
+    # (Stats count listed snapshots: a left-out one's share is not estimated.)
+    freed = snapshot_stats(repo, plan.remove, each=False).totals.freed \
+        if dry_run and and_prune and plan.remove and not left_out else 0
     return ForgetReport(plan, prune(repo, dry_run=dry_run) if and_prune else None, freed)

@@ -37,6 +37,8 @@ class PruneReport:
     tmp_files: int
     outcome: PruneOutcome | None  # None for a dry run
     skipped: tuple[str, ...] = ()  # where directories named like packs or temporary files are: reported, left alone
+    salvaged_packs: int = 0  # damaged packs a repair salvaged: rewritten (or deleted) whatever max_unused says
+    held_rows: int = 0  # rows kept for snapshots a repair left out, until 'forget --left-out'
 
     @property
     def bytes_freed(self) -> int:
@@ -70,4 +72,6 @@ def prune(
         tmp_files=len(todo.tmp_files),
         outcome=outcome,
         skipped=tuple(todo.skipped),
+        salvaged_packs=len(todo.salvaged),
+        held_rows=todo.held,
     )

@@ -344,6 +344,7 @@ class _Checker:
 
     def _check_unlisted(self) -> None:
         """Record rows neither live nor dead: what 'repair index' leaves when a snapshot's data is incomplete."""
+        marked = set(self.repo.index.left_out()) if self.unlisted else set()
         for rec_id in self.unlisted:
             ref = SnapshotRef(rec_id, "?", "?")
             try:
@@ -351,8 +352,11 @@ class _Checker:
                 ref = SnapshotRef(rec_id, rec.name, rec.time)
             except IntegrityError:
                 pass
+            why = ("left out by 'repair index': its data is incomplete; prune keeps what it has until the missing "
+                   "packs are recovered and repaired, or 'forget --left-out' removes it") if rec_id in marked else \
+                "left out by 'repair index' because its data is incomplete?"
             self.add("record-unlisted", f"snapshot {rec_id.hex()[:8]} has its record indexed but is neither listed nor "
-                     "forgotten (left out by 'repair index' because its data is incomplete?)", snapshots=[ref])
+                     f"forgotten ({why})", snapshots=[ref])
 
     def _check_tombstones(self) -> None:
         """Tombstones live only in packs: read them (few and small) and make sure no live record is named."""

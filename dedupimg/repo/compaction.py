@@ -12,6 +12,15 @@ record), so its work follows what was forgotten, not the size of the repository:
    live blobs copied, as stored, into new packs after checking each against its id); other packs stay, and
    their dropped blobs become counted garbage.
 
+Two kinds of rows are not what they seem, and ``repair index`` marks both (``meta``, docs/format.md §7):
+
+* what a snapshot that repair left out (its data incomplete) still has is at reference count 0, like garbage,
+  but it is kept until that snapshot is forgotten: the missing pack may yet be recovered from a copy, and a
+  repair would then list the snapshot again. Whether other snapshots are listed makes no difference;
+* a salvaged pack (its trailer cut or damaged: repair registered the blobs a forward scan verified) is always
+  rewritten, or deleted when nothing in it lives, whatever ``max_unused`` says: its rows are the only account
+  of what it holds, and no later command should have to read it without a trailer.
+
 Execution keeps every instant safe (docs/format.md §8.5): new packs are written, fsynced and renamed; then one
 index transaction drops the dead rows, moves the copied rows to the new packs and unlists the old packs; only
 then are the old pack files deleted. A kill before the transaction leaves unlisted new packs, a kill after
@@ -28,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from dedupimg.core.config import DEFAULT_MAX_UNUSED
 from dedupimg.core.errors import IntegrityError, UsageError
-from dedupimg.core.manifest import decode_segment
+from dedupimg.core.manifest import SnapshotRecord, decode_segment
 from dedupimg.repo import integrity, pack
 from dedupimg.repo.index import BlobLocation, NewSegment, PackRow, SealedPack
 from dedupimg.repo.integrity import DELTA_BATCH
@@ -54,6 +63,8 @@ class PrunePlan:
     repack: list[PackWork] = field(default_factory=list)
     keep: list[PackWork] = field(default_factory=list)  # affected packs that stay, with their new garbage
     garbage: dict[int, int] = field(default_factory=dict)  # pack number -> dead bytes added by this prune
+    salvaged: list[str] = field(default_factory=list)  # store names of salvaged packs, rewritten or deleted
+    held: int = 0  # rows kept at count 0 for snapshots a repair left out, until they are forgotten
     dropped_segments: list[NewSegment] = field(default_factory=list)
     dropped_blobs: list[bytes] = field(default_factory=list)
     dropped_by_type: Counter[int] = field(default_factory=Counter)
@@ -95,7 +106,9 @@ def plan(repo: Repository, max_unused: float = DEFAULT_MAX_UNUSED) -> PrunePlan:
         raise UsageError(f"max_unused is a fraction from 0 to 1, not {max_unused}")
     result = PrunePlan(max_unused)
     dead = {i: loc for i, loc in repo.index.dead_rows()}
-    _cascade(repo, dead, result)
+    held = _held_by_left_out(repo)
+    result.held = len(held)
+    _cascade(repo, dead, result, held)
     for i, loc in dead.items():
         result.dropped_blobs.append(i)
         if loc is not None:
@@ -105,11 +118,38 @@ def plan(repo: Repository, max_unused: float = DEFAULT_MAX_UNUSED) -> PrunePlan:
     return result
 
 
-def _cascade(repo: Repository, dead: dict[bytes, BlobLocation | None], result: PrunePlan) -> None:
+def _held_by_left_out(repo: Repository) -> set[bytes]:
+    """Every indexed blob a left-out snapshot still has: its record, its segments and the chunks they list
+    (a segment repair could not store, some of its chunks being gone, is read from its pack). A delta chunk's
+    base needs nothing here: the delta's link counts as a reference of it while the delta's row stays."""
+    ids = repo.index.left_out()
+    records = [i for i, known in zip(ids, repo.index.has_blobs(ids), strict=True) if known]
+    if not records:
+        return set()
+    held = set(records)
+    seg_ids = sorted({sid for raw in repo.read_blobs(records) for sid, _ in SnapshotRecord.decode(raw).segments})
+    seg_ids = [i for i, known in zip(seg_ids, repo.index.has_blobs(seg_ids), strict=True) if known]
+    held.update(seg_ids)
+    copies = [repo.index.get_segment(i) for i in seg_ids]
+    unstored = [i for i, raw in zip(seg_ids, copies, strict=True) if raw is None]
+    raws = [raw for raw in copies if raw is not None] + repo.read_blobs(unstored)
+    chunk_ids = sorted({c for raw in raws for c in decode_segment(raw).chunk_ids()})
+    held.update(i for i, known in zip(chunk_ids, repo.index.has_blobs(chunk_ids), strict=True) if known)
+    return held
+
+
+def _cascade(repo: Repository, dead: dict[bytes, BlobLocation | None], result: PrunePlan,
+             held: set[bytes] | None = None) -> None:
     """Drop dead segments that are still stored; chunks whose last reference they held die with them, and then
-    bases whose last reference was a dying delta chunk (deltas are one deep: no further step)."""
+    bases whose last reference was a dying delta chunk (deltas are one deep: no further step). ``held`` rows
+    never die here (a left-out snapshot's): neither before the cascade nor through it."""
     lost: Counter[bytes] = Counter()
+    held = held or set()
+    for i in held:
+        dead.pop(i, None)
     _lose_segments(repo, dead, result, lost)
+    for i in held:  # a chunk only an unstored (incomplete) segment of a left-out snapshot lists
+        dead.pop(i, None)
     _lose_bases(repo, dead, lost)
 
 
@@ -159,15 +199,22 @@ def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result
         if loc is not None:
             dead_bytes[loc.pack_no] += pack.blob_span(loc.stored_len)
     garbage = repo.index.garbage_bytes()
-    affected = sorted(set(dead_bytes) | {p for p, n in garbage.items() if n})
+    salvaged = set(repo.index.pack_numbers(repo.index.salvaged_packs()).values())
+    salvaged_rows = repo.index.pack_rows_in(salvaged) if salvaged else {}
+    affected = sorted(set(dead_bytes) | {p for p, n in garbage.items() if n} | salvaged)
     rows = repo.index.pack_rows_of(affected)
     for pack_no in affected:
         row = rows.get(pack_no)
         if row is None:
             raise IntegrityError(f"dead blobs name pack number {pack_no}, which the index does not list; run check")
         name = pack.pack_name(row.id)
-        with repo.store.open(name) as reader:
-            entries = pack.read_trailer(reader, repo.blobs)
+        if pack_no in salvaged:  # no usable trailer: what it holds is what its rows say
+            result.salvaged.append(name)
+            entries = sorted((pack.BlobEntry(loc.type, loc.codec, loc.offset, loc.raw_len, loc.stored_len, i)
+                              for i, loc in salvaged_rows[pack_no]), key=lambda e: e.offset)
+        else:
+            with repo.store.open(name) as reader:
+                entries = pack.read_trailer(reader, repo.blobs)
         ids = [e.id for e in entries]
         live = [
             e for e, loc in zip(entries, repo.index.lookup_blobs(ids), strict=True)
@@ -177,7 +224,7 @@ def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result
         work = PackWork(row, name, row.size - live_bytes, live)
         if not live:
             result.delete.append(work)
-        elif work.unused_bytes > result.max_unused * row.size:
+        elif pack_no in salvaged or work.unused_bytes > result.max_unused * row.size:
             result.repack.append(work)
         else:
             result.keep.append(work)
@@ -200,7 +247,11 @@ def _find_leftovers(repo: Repository, result: PrunePlan) -> None:
             continue  # not a name dedupimg writes: leave it alone
     listed = repo.index.pack_numbers(list(ids))
     orphans = [obj.name for pid, obj in ids.items() if pid not in listed]
-    _refuse_if_index_lost_snapshots(repo, orphans, bool(ids))
+    # A salvaged pack a prune rewrote, then was killed before deleting: its intact blobs are in the new packs,
+    # and its damaged trailer would otherwise make the check below refuse (docs/format.md §8.5).
+    rewritten = set(repo.index.salvaged_packs())
+    _refuse_if_index_lost_snapshots(repo, [n for n in orphans if integrity.pack_file_id(n) not in rewritten],
+                                    bool(ids))
     sizes = {obj.name: obj.size for obj in found}
     for name in orphans:
         result.orphan_packs.append(name)
@@ -272,6 +323,8 @@ def execute(repo: Repository, todo: PrunePlan, on_bytes: Callable[[int], None] |
     gone = [n for n in [w.name for w in todo.delete + todo.repack] + todo.orphan_packs + todo.tmp_files
             if n not in kept]
     freed = repo.store.delete(gone)
+    if repo.index.salvaged_packs():
+        repo.index.drop_salvaged_marks()  # only now that the files of those rewritten are gone
     return PruneOutcome(len(todo.delete), len(todo.repack), len(new_packs), freed - written, written)
 
 

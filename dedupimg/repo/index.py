@@ -51,6 +51,12 @@ FORGOTTEN_KEY = b"forgot/"  # meta: b"forgot/" + record id -> b"": a record a to
 BASE_KEY = b"base/"  # meta: b"base/" + delta chunk id -> its base chunk's id (format 3: docs/format.md §7.3)
 DELTA_CODEC = 2  # codecs.DELTA
 OBJECT_KEY = b"obj/"  # meta: b"obj/" + index object name -> the 32-byte ids of the packs it lists (remote only)
+# meta: b"leftout/" + record id -> b"": a record a repair (or a sync) found but could not list, its data being
+# incomplete. Prune keeps what such a record still has until it is forgotten (docs/format.md §7, §8.5).
+LEFT_OUT_KEY = b"leftout/"
+# meta: b"salvaged/" + pack id -> b"": a pack whose trailer a repair could not use; its rows are the blobs a
+# forward scan verified. Prune rewrites it (its intact blobs into a new pack) and deletes it (§8.5).
+SALVAGED_KEY = b"salvaged/"
 # Blob types whose rows are counted (pack.CHUNK, pack.SEGMENT), the record type, and the tombstone type
 # (pack.TOMBSTONE), whose rows hold a permanent count of 1: tombstones are never garbage.
 _COUNTED = (0, 1)
@@ -450,14 +456,67 @@ class Index:
         return self._read(lambda txn: {name: int(txn.stat(db)["entries"]) for name, db in dbs.items()})
 
     def has_unforgotten_records(self) -> bool:
-        """Whether a snapshot record's row is neither listed in ``snapshots`` nor in ``dead`` (damage)."""
+        """Whether a snapshot record's row is neither listed in ``snapshots`` nor in ``dead`` nor left out by a
+        repair (damage: an index that lost its listings)."""
 
         def run(txn: lmdb.Transaction) -> bool:
             for k, v in txn.cursor(db=self._blobs).iternext():
                 if v[0] == _SNAPSHOT_TYPE and txn.get(k, db=self._snapshots) is None \
-                        and txn.get(k, db=self._dead) is None:
+                        and txn.get(k, db=self._dead) is None and txn.get(LEFT_OUT_KEY + k, db=self._meta) is None:
                     return True
             return False
+
+        return self._read(run)
+
+    def left_out(self) -> list[bytes]:
+        """The records a repair (or a sync) left out, their data incomplete: ``meta`` b"leftout/" keys."""
+        return self._read(lambda txn: self._ids_under(txn, LEFT_OUT_KEY))
+
+    def salvaged_packs(self) -> list[bytes]:
+        """The packs a repair registered from a forward scan, their trailer unusable: b"salvaged/" keys."""
+        return self._read(lambda txn: self._ids_under(txn, SALVAGED_KEY))
+
+    def _ids_under(self, txn: lmdb.Transaction, prefix: bytes) -> list[bytes]:
+        out = []
+        with txn.cursor(db=self._meta) as cur:
+            if cur.set_range(prefix):
+                for k in cur.iternext(keys=True, values=False):
+                    if not bytes(k).startswith(prefix):
+                        break
+                    out.append(bytes(k)[len(prefix):])
+        return out
+
+    def note_left_out(self, record_ids: Iterable[bytes]) -> None:
+        """Mark records a repair could not list (repair index, in the index it builds)."""
+        self._write(lambda txn: [txn.put(LEFT_OUT_KEY + i, b"", db=self._meta) for i in record_ids])
+
+    def note_salvaged(self, pack_ids: Iterable[bytes]) -> None:
+        """Mark packs a repair registered from a forward scan (repair index, in the index it builds)."""
+        self._write(lambda txn: [txn.put(SALVAGED_KEY + i, b"", db=self._meta) for i in pack_ids])
+
+    def drop_salvaged_marks(self) -> None:
+        """Drop the marks of salvaged packs the index no longer lists (prune, once their files are deleted: until
+        then the mark tells the leftover file of a rewrite from a damaged pack that may hold lost snapshots)."""
+
+        def run(txn: lmdb.Transaction) -> None:
+            for pack_id in self._ids_under(txn, SALVAGED_KEY):
+                if txn.get(pack_id, db=self._pack_ids) is None:
+                    txn.delete(SALVAGED_KEY + pack_id, db=self._meta)
+
+        self._write(run)
+
+    def pack_rows_in(self, pack_nos: Iterable[int]) -> dict[int, list[tuple[bytes, BlobLocation]]]:
+        """The ``blobs`` rows that point into each of ``pack_nos`` (a scan of every row: prune asks this only
+        of salvaged packs, whose trailer cannot say what they hold)."""
+        wanted = set(pack_nos)
+
+        def run(txn: lmdb.Transaction) -> dict[int, list[tuple[bytes, BlobLocation]]]:
+            out: dict[int, list[tuple[bytes, BlobLocation]]] = {n: [] for n in wanted}
+            for k, v in txn.cursor(db=self._blobs).iternext():
+                loc = BlobLocation(*BLOB_VALUE.unpack(v))
+                if loc.pack_no in wanted:
+                    out[loc.pack_no].append((bytes(k), loc))
+            return out
 
         return self._read(run)
 
@@ -605,7 +664,8 @@ class Index:
             self._register_pack(txn, tombstone_pack)
             self._note_forgotten(txn, [snap.id for snap in forgotten])
             for snap in forgotten:
-                self._drop_snapshot(txn, snap.id, snap.segment_ids)  # False: forgotten already (a re-run)
+                if not self._drop_snapshot(txn, snap.id, snap.segment_ids):  # forgotten already (a re-run),
+                    self._forget_left_out(txn, snap.id)  # or a record a repair left out
 
         self._write(run)
 
@@ -666,6 +726,11 @@ class Index:
                 if sealed.published is not None:
                     self._note_object(txn, sealed.published, [sealed.id])
                 pack_no, _new = self._list_pack(txn, sealed.id, sealed.size, len(sealed.blobs))  # rows move there
+                # A salvaged pack rewritten with all its blobs in order is the same pack again (same trailer,
+                # same id), now whole: its row takes the new size, and it is no longer salvaged.
+                txn.put(PACK_NO.pack(pack_no), PACK_VALUE.pack(sealed.id, sealed.size, len(sealed.blobs)),
+                        db=self._packs)
+                txn.delete(SALVAGED_KEY + sealed.id, db=self._meta)
                 # Every blob of it is live and pointed at: a listed pack of the same content (a rewrite that an
                 # interrupted prune made durable, or another host's twin) loses the garbage it had counted.
                 txn.delete(PACK_NO.pack(pack_no), db=self._garbage)
@@ -781,11 +846,14 @@ class Index:
                     report.snapshots += 1
                 else:
                     report.left_out.append(rec_id)
+                    txn.put(LEFT_OUT_KEY + rec_id, b"", db=self._meta)  # prune keeps what it has (as repair's)
             for rec_id in sorted(forgotten):
                 listed = txn.get(rec_id, db=self._snapshots)
                 if listed is not None:
                     self._drop_snapshot(txn, rec_id, [sid for sid, _ in SnapshotRecord.decode(bytes(listed)).segments])
                     report.forgotten += 1
+                else:  # another host's 'forget --left-out' of a record this cache left out too
+                    self._forget_left_out(txn, rec_id)
             report.objects = len(todo)
             return report
 
@@ -964,6 +1032,12 @@ class Index:
         txn.put(rec_id, b"", db=self._dead)
         return True
 
+    def _forget_left_out(self, txn: lmdb.Transaction, rec_id: bytes) -> None:
+        """A left-out record that is forgotten: its mark goes and its row joins ``dead``, so that prune frees
+        what it still held (nothing else references that, or the count would keep it)."""
+        if txn.delete(LEFT_OUT_KEY + rec_id, db=self._meta) and txn.get(rec_id, db=self._blobs) is not None:
+            txn.put(rec_id, b"", db=self._dead)
+
     def _store_snapshot(self, txn: lmdb.Transaction, snapshot: NewSnapshot) -> None:
         if txn.get(FORGOTTEN_KEY + snapshot.id, db=self._meta) is not None:
             # Its tombstone would take it out again (repair index, another host's sync) and prune would then
@@ -972,6 +1046,7 @@ class Index:
         if txn.put(snapshot.id, snapshot.raw, db=self._snapshots, overwrite=False):
             _add_refs(txn, self._blobs, self._dead, snapshot.segment_ids, +1)
             txn.delete(snapshot.id, db=self._dead)
+            txn.delete(LEFT_OUT_KEY + snapshot.id, db=self._meta)  # complete now (a sync that found the rest)
 
 
 def _add_refs(txn: lmdb.Transaction, db: lmdb._Database, dead: lmdb._Database, ids: Iterable[bytes],

@@ -206,6 +206,46 @@ def read_blobs(store: Store, name: str, entries: list[pack.BlobEntry], fmt: pack
     return out
 
 
+@dataclass
+class Salvage:
+    """The blobs of a pack read without its trailer (repair index, on a pack whose trailer is cut or damaged):
+    a forward scan from the first blob, each blob verified as a read verifies it."""
+
+    entries: list[pack.BlobEntry] = field(default_factory=list)  # verified, at their offsets in the pack
+    deltas: int = 0  # DELTA chunks passed over: the base each needs is named only by the trailer
+    damaged: int = 0  # blobs whose bytes did not verify
+    end: int = 0  # where the scan stopped: the first offset where no whole blob starts
+
+
+def salvage_pack(store: Store, name: str, fmt: pack.BlobFormat) -> Salvage | None:
+    """Scan the pack ``name`` blob by blob from offset 8 (blobs lie back to back, docs/format.md §4); None when
+    it does not even start with the pack magic (not a pack of this repository: nothing to salvage). A StoreError
+    (the pack cannot be read) propagates: repair stops rather than guess.
+
+    A blob that fails to verify is passed over by the length its header claims: when the damage is in that
+    length, the next offsets hold no blob and the scan ends there; a blob found at a wrong offset would still
+    have to decode and hash to its id, so nothing unverified is ever registered."""
+    where = base_name(name)
+    data = store.read(name, where=where)
+    if data[: len(fmt.pack_magic)] != fmt.pack_magic:
+        return None
+    view = memoryview(data)
+    out = Salvage(end=len(fmt.pack_magic))
+    seen: set[bytes] = set()
+    while True:
+        found = fmt.find_blob(view, out.end, where)
+        if not found.span:
+            return out
+        if found.entry is not None and found.entry.id not in seen:  # (a pack never holds an id twice)
+            out.entries.append(found.entry)
+            seen.add(found.entry.id)
+        elif found.delta:
+            out.deltas += 1
+        elif found.entry is None:
+            out.damaged += 1
+        out.end += found.span
+
+
 def tmp_leftovers(store: Store) -> list[tuple[str, str]]:
     """Entries of the store's ``tmp/`` that no running process is writing, with what each one is; each
     named by its location (local: its path)."""

@@ -136,6 +136,25 @@ class BlobFormat:
             return f"blob header at {e.offset} does not match the trailer (blob {e.id.hex()[:16]})"
         return ""
 
+    def find_blob(self, view: memoryview, pos: int, where: str) -> Found:
+        """The blob at ``view[pos]`` of a pack read without its trailer (repair's salvage of a cut pack): its
+        header says what it is, its bytes must decode and hash to the id it claims."""
+        header = view[pos : pos + BLOB_HEADER.size]
+        if len(header) != BLOB_HEADER.size:
+            return Found(None, 0)
+        magic, type_, codec, raw_len, stored_len, id_ = BLOB_HEADER.unpack(header)
+        if magic != BLOB_MAGIC or type_ not in BLOB_TYPES or codec not in CODECS or raw_len > MAX_BLOB \
+                or stored_len > MAX_BLOB or pos + blob_span(stored_len) > len(view):
+            return Found(None, 0)
+        span = blob_span(stored_len)
+        if codec == DELTA:
+            return Found(None, span, delta=True)
+        try:
+            parse_blob(view, pos, type_, id_, stored_len, where, pos, self)
+        except IntegrityError:
+            return Found(None, span)
+        return Found(BlobEntry(type_, codec, pos, raw_len, stored_len, id_), span)
+
     def seal_trailer(self, trailer: bytes) -> bytes:
         return trailer
 
@@ -148,6 +167,17 @@ class BlobFormat:
 
     def unseal(self, data: bytes, ad: bytes, what: str) -> bytes:
         return data
+
+
+class Found(NamedTuple):
+    """What :meth:`BlobFormat.find_blob` found at a pack offset: ``span`` 0 when no blob starts there (or its
+    bytes are cut short); else the blob's span, and its row when it verified (decoded, hashed to its id, and
+    in a sealed pack authenticated). ``delta``: a DELTA chunk, which no scan can verify (its base's id is
+    only in its trailer row)."""
+
+    entry: BlobEntry | None
+    span: int
+    delta: bool = False
 
 
 PLAIN = BlobFormat()
@@ -206,6 +236,35 @@ class SealedFormat(BlobFormat):
         if (codec, raw_len) != (e.codec, e.raw_len):
             return f"blob {e.id.hex()[:16]} at {e.offset} does not match the trailer"
         return ""
+
+    def find_blob(self, view: memoryview, pos: int, where: str) -> Found:
+        """A sealed blob shows no id, type or length: the inner header is peeked (decrypted unauthenticated,
+        :meth:`Aead.peek`) for its length, the data decoded for the id, and the blob counts only when it
+        authenticates as a blob of some type with that id (two candidate ids: keyed for a chunk, plain blake3
+        for the other types)."""
+        head = view[pos : pos + BLOB_HEADER.size]
+        if len(head) != BLOB_HEADER.size:
+            return Found(None, 0)
+        codec, zero, raw_len, data_len, zeros = SEALED_INNER.unpack(self.aead.peek(head, SEALED_INNER.size))
+        if codec not in CODECS or zero or zeros != bytes(6) or raw_len > MAX_BLOB or data_len > MAX_BLOB:
+            return Found(None, 0)
+        stored_len = data_len + (-(BLOB_HEADER.size + data_len) % self.padding)
+        span = blob_span(stored_len)
+        if pos + span > len(view):
+            return Found(None, 0)
+        if codec == DELTA:
+            return Found(None, span, delta=True)
+        sealed = view[pos : pos + span]
+        try:
+            raw = decode_blob(codec, self.aead.peek(sealed, SEALED_INNER.size + data_len)[SEALED_INNER.size :],
+                              raw_len, None)
+        except IntegrityError:
+            return Found(None, span)
+        for type_ in BLOB_TYPES:
+            id_ = self.verify_id(type_, raw)
+            if self.aead.try_open(sealed, self._ad[type_] + id_) is not None:
+                return Found(BlobEntry(type_, codec, pos, raw_len, stored_len, id_), span)
+        return Found(None, span)
 
     def seal_trailer(self, trailer: bytes) -> bytes:
         return self.aead.seal(trailer, TRAILER_AD)

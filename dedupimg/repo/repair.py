@@ -4,13 +4,15 @@ Packs are self-describing (docs/format.md §4): their trailers list every blob, 
 are blobs too, and ``forget`` writes a tombstone blob naming the records it dropped. So the index
 (locations, segments, records, reference counts, the dead list, garbage) can be derived again:
 
-1. every pack's trailer is read and checked (a damaged pack is reported and skipped, never fatal) and the
-   pack registered with all its blobs (``commit_pack``, one transaction per pack);
+1. every pack's trailer is read and checked and the pack registered with all its blobs (``commit_pack``, one
+   transaction per pack); a damaged pack is reported, never fatal, and registered with the blobs a forward
+   scan finds intact (salvaged, :func:`_salvage`);
 2. every segment, snapshot record and tombstone blob is read and verified; a segment all of whose chunks are
    indexed is stored (which counts its chunk references), one transaction per pack;
 3. every record that no tombstone names and whose segments are all stored is listed (which counts its
-   segment references); records that name a missing or incomplete segment are reported and left out;
-   tombstoned records' rows go to the dead list.
+   segment references); records that name a missing or incomplete segment are reported, left out and
+   marked so (prune keeps what they still have until they are forgotten); tombstoned records' rows go to the
+   dead list.
 
 The new index is built in ``tmp/index-rebuild-<pid>/`` and swapped in crash-safely (see :func:`_swap_in`).
 The repair never opens the old index, which may be missing or damaged. Memory: one pack's trailer and
@@ -47,10 +49,22 @@ class LeftOut:
     reason: str
 
 
+@dataclass(frozen=True)
+class Salvaged:
+    """A damaged pack (trailer cut or damaged) whose intact blobs a forward scan found and verified."""
+
+    name: str  # file name
+    blobs: int  # registered
+    deltas: int  # DELTA chunks passed over: their base is named only by the lost trailer
+    damaged: int  # blobs that did not verify
+    bytes_lost: int  # bytes of the pack not in a registered blob (the cut blob, the trailer, the passed over)
+
+
 @dataclass
 class RepairReport:
     packs: int = 0  # packs registered
-    damaged_packs: list[tuple[str, str]] = field(default_factory=list)  # (file name, why skipped)
+    damaged_packs: list[tuple[str, str]] = field(default_factory=list)  # (file name, why damaged)
+    salvaged: list[Salvaged] = field(default_factory=list)  # damaged packs registered with their intact blobs
     skipped: list[str] = field(default_factory=list)  # where directories named like packs are: left alone
     damaged_blobs: list[str] = field(default_factory=list)  # metadata blobs that could not be read
     segments: int = 0
@@ -202,6 +216,7 @@ def _rebuild(store: Store, index: Index, report: RepairReport, progress: Progres
             continue
         live.append(NewSnapshot(rec_id, raw, [sid for sid, _ in rec.segments]))
     index.add_references([], live)
+    index.note_left_out(r.id for r in report.left_out)  # prune keeps what they have until they are forgotten
     report.snapshots = len(live)
     index.note_forgotten(forgotten)
     dead = sorted(forgotten)
@@ -219,17 +234,46 @@ def _register(index: Index, store: Store, name: str, report: RepairReport, fmt: 
         if isinstance(exc, StoreError) and not isinstance(exc, NotAnObject):
             raise  # unreadable is not damaged: what it holds is unknown (see _repair_under_lock)
         report.damaged_packs.append((file_name, str(exc).replace(f"{store.location(name)}: ", "")))
-        return None, []
+        if isinstance(exc, NotAnObject):
+            return None, []  # a FIFO, a directory: no bytes to salvage
+        return _salvage(index, store, name, report, fmt)
     problems = integrity.layout_problems(info)
     if info.id != integrity.pack_file_id(name):
         problems.insert(0, "its trailer hash does not match its name")
     if problems:
         report.damaged_packs.append((file_name, "; ".join(problems)))
-        return None, []
+        return _salvage(index, store, name, report, fmt)
     sealed = SealedPack.from_entries(info.id, info.size, info.entries)
     index.commit_pack(sealed, [], links=links)
     report.packs += 1
     return sealed, [e for e in info.entries if e.type in integrity.META_TYPES]
+
+
+def _salvage(index: Index, store: Store, name: str, report: RepairReport, fmt: pack.BlobFormat
+             ) -> tuple[SealedPack | None, list[pack.BlobEntry]]:
+    """Register the intact blobs of a damaged pack, found by a forward scan (as restic's ``repair packs``
+    salvages, but in place: repair writes and deletes no pack). The pack keeps its name and is marked
+    salvaged, so that prune copies those blobs into a new pack through the one commit routine and deletes
+    it. Delta chunks are never registered: the base each was compressed against is named only in the
+    trailer row, which is gone, and a delta linked to a guessed base would be a wrong registration.
+
+    A pack named unlike a pack (no id to register it under) or not starting with the pack magic (not this
+    repository's kind of pack) is left as it is, an unlisted damaged file that prune refuses to delete."""
+    pack_id = integrity.pack_file_id(name)
+    if pack_id is None:
+        return None, []
+    found = integrity.salvage_pack(store, name, fmt)
+    if found is None:
+        return None, []
+    size = store.size(name)
+    sealed = SealedPack.from_entries(pack_id, size, found.entries)
+    index.commit_pack(sealed, [])  # no DELTA rows: nothing to link
+    index.note_salvaged([pack_id])
+    kept = sum(pack.blob_span(e.stored_len) for e in found.entries)
+    report.salvaged.append(Salvaged(integrity.base_name(name), len(found.entries), found.deltas, found.damaged,
+                                    size - len(fmt.pack_magic) - kept))
+    report.packs += 1
+    return sealed, [e for e in found.entries if e.type in integrity.META_TYPES]
 
 
 def _swap_in(path: Path, work: Path) -> None:

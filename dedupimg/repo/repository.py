@@ -876,6 +876,14 @@ class Repository:
         again (copy skips it)."""
         return self.index.forgotten([record_id])[0]
 
+    def left_out(self) -> list[SnapshotRecord]:
+        """The snapshots ``repair index`` found but left out, their data incomplete (oldest first): not listed,
+        not forgotten; prune keeps what they still have until ``forget --left-out`` forgets them."""
+        ids = self.index.left_out()
+        ids = [i for i, known in zip(ids, self.index.has_blobs(ids), strict=True) if known]
+        records = [SnapshotRecord.decode(raw) for raw in self.read_blobs(ids)]
+        return sorted(records, key=lambda r: (r.datetime, r.hex_id))
+
     def unknown_records(self, record_ids: list[bytes]) -> list[bytes]:
         """Those of ``record_ids`` (snapshot records found in packs the index does not list) that the index
         knows nothing of: not listed, no forgotten row, named by no tombstone. Such a record is a snapshot

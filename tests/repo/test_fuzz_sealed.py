@@ -133,6 +133,31 @@ def test_sealed_blob_decodes_and_any_damage_is_refused(aead: str, type_: int, ra
 
 
 @SETTINGS
+@given(AEADS, st.booleans(), st.sampled_from(sorted(pack.BLOB_TYPES)), RAWS, st.data())
+def test_salvage_scan_finds_an_intact_blob_and_never_a_damaged_one(aead: str, sealed: bool, type_: int, raw: bytes,
+                                                                   data: st.DataObject) -> None:
+    """``find_blob`` (repair's scan of a pack without its trailer, plain or sealed: the sealed inner header
+    peeked unauthenticated) finds an intact blob's row and span; after any damage it finds nothing, or only
+    that very blob, unchanged (damage past its span), never anything else. (A plain blob's type byte is in
+    no hash: a flipped one can make the same bytes another type of blob with the same id.)"""
+    fmt: pack.BlobFormat = sealed_format(aead) if sealed else pack.PLAIN
+    id_ = fmt.verify_id(type_, raw)
+    codec, stored = pack.Compressor(3).encode(raw)
+    pieces, stored_len = fmt.encode(type_, id_, codec, stored, len(raw))
+    blob = b"".join(pieces)
+    head = b"\0" * 8
+    found = fmt.find_blob(memoryview(head + blob), 8, WHERE)
+    assert found == pack.Found(pack.BlobEntry(type_, codec, 8, len(raw), stored_len, id_), len(blob))
+
+    bad = data.draw(damaged(blob))
+    got = fmt.find_blob(memoryview(head + bad), 8, WHERE)
+    if got.entry is not None and sealed:  # the AEAD covers every byte, and the type and id (its ad)
+        assert got.entry == found.entry and bad[: len(blob)] == blob
+    elif got.entry is not None:  # a plain header's type byte is covered by nothing: the same bytes, the same id
+        assert (got.entry.id, got.entry.raw_len) == (id_, len(raw))
+
+
+@SETTINGS
 @given(AEADS, st.sampled_from(sorted(pack.BLOB_TYPES)), RAWS, st.data())
 def test_sealed_blob_in_another_context_is_refused(aead: str, type_: int, raw: bytes, data: st.DataObject) -> None:
     """Asked for as another type or id, with another length, key or AEAD, at another offset: refused."""
