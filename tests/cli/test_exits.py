@@ -1,0 +1,76 @@
+"""How the CLI ends when things go wrong around the command rather than in it (found by a review of the CLI):
+an init that fails or is killed midway, a repository's tmp/ that is not a directory, an unusable cache
+directory, a reader that closes standard output, a command group without its command, a Ctrl-C during the
+imports or just after a snapshot was stored; and the "version" of every JSON document.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import fails, ok, run_cli, sh
+
+# -- init: all or nothing ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def few_inodes(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs with 100 inodes: fewer than a repository's directories (packs/00 ... packs/ff), so init fails
+    midway with ENOSPC."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=100", "tmpfs", mnt)
+    try:
+        yield mnt
+    finally:
+        sh("umount", mnt)
+
+
+def test_an_init_that_fails_midway_leaves_nothing_and_the_next_init_works(few_inodes):
+    repo, empty = few_inodes / "repo", few_inodes / "empty"
+    empty.mkdir()  # an existing empty directory (a mount point, say) is built in place
+    for path in (repo, empty):
+        fails(run_cli("-r", path, "init"), 18, "no space left on device", str(path))
+    assert sorted(os.listdir(few_inodes)) == ["empty"]  # no repo/, no temporary directory beside it
+    assert os.listdir(empty) == []
+    sh("mount", "-o", "remount,nr_inodes=2000", few_inodes)
+    for path in (repo, empty):  # was: "exists and is not empty; refusing to create a repository there"
+        assert "created repository" in ok(run_cli("-r", path, "init"))
+        assert "0 snapshots" in ok(run_cli("-r", path, "snapshots"))
+    assert sorted(os.listdir(few_inodes)) == ["empty", "repo"]
+
+
+def _pid_gone() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_what_a_killed_init_left_does_not_stop_the_next_one(tmp_path):
+    # A kill -9 mid-init: a new path's repository was being built under a temporary name beside it; an existing
+    # empty directory's in place, behind a marker. Both remains are what such a kill leaves, with the process gone.
+    dead = _pid_gone()
+    beside = tmp_path / f".repo.init-{dead}-0123abcd"
+    (beside / "packs" / "00").mkdir(parents=True)
+    (beside / "tmp").mkdir()
+    running = tmp_path / f".repo.init-{os.getpid()}-89abcdef"  # an init still running (this process) is left
+    running.mkdir()
+    ok(run_cli("-r", tmp_path / "repo", "init"))
+    assert not beside.exists() and running.exists()
+    assert "0 snapshots" in ok(run_cli("-r", tmp_path / "repo", "snapshots"))
+
+    inplace = tmp_path / "mountpoint"
+    (inplace / "packs" / "00").mkdir(parents=True)
+    (inplace / "index").mkdir()
+    (inplace / ".init-unfinished").touch()
+    ok(run_cli("-r", inplace, "init"))
+    assert sorted(os.listdir(inplace)) == sorted(os.listdir(tmp_path / "repo"))  # the marker is gone too
+    # Without the marker, what is there may be anyone's: refused as before.
+    other = tmp_path / "other"
+    (other / "packs").mkdir(parents=True)
+    fails(run_cli("-r", other, "init"), 21, "not empty")
