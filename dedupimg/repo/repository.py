@@ -44,6 +44,7 @@ from dedupimg.core.errors import (
     RepositoryExists,
     RepositoryNotFound,
     SnapshotNotFound,
+    UnusablePath,
     UsageError,
 )
 from dedupimg.core.fsutil import (
@@ -115,10 +116,17 @@ def cache_home(cache_dir: Path | str | None, repo_id: str) -> Path:
     home = Path(cache_dir or os.environ.get(CACHE_ENV) or default_cache_root()) / repo_id
     try:
         make_dirs(home)
+        if not home.is_dir():  # a dangling symlink: make_dirs took its FileExistsError for a directory
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(home))
+        # Written at every open (the index, the markers): a read-only filesystem fails here, not halfway.
+        if not os.access(home, os.W_OK):
+            code = errno.EROFS if os.statvfs(home).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OSError(code, os.strerror(code), str(home))
     except PermissionError:
         raise PermissionDenied(f"cannot create the cache directory {home}: permission denied") from None
-    except OSError as exc:
-        raise UsageError(f"cannot create the cache directory {home}: {exc.strerror}") from None
+    except OSError as exc:  # a read-only filesystem, a file where a directory belongs, ...
+        raise UnusablePath(f"cannot use the cache directory {home}: {exc.strerror} (set --cache-dir or "
+                           f"{CACHE_ENV} to a writable directory)") from None
     return home
 
 

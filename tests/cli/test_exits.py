@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.helpers import fails, ok, run_cli, sh
+from tests.helpers import det_bytes, fails, ok, run_cli, sh
 
 # -- init: all or nothing ---------------------------------------------------------------------------------------
 
@@ -74,3 +76,44 @@ def test_what_a_killed_init_left_does_not_stop_the_next_one(tmp_path):
     other = tmp_path / "other"
     (other / "packs").mkdir(parents=True)
     fails(run_cli("-r", other, "init"), 21, "not empty")
+
+
+# -- a damaged repository's tmp/ ------------------------------------------------------------------------------------
+
+
+def test_a_tmp_that_is_a_file_or_missing_is_exit_16_naming_it(tmp_path):
+    repo = tmp_path / "repo"
+    ok(run_cli("-r", repo, "init", "--encryption", "none"))
+    image = tmp_path / "disk.img"
+    image.write_bytes(det_bytes(5, 60_000))
+    (repo / "tmp").rmdir()
+    (repo / "tmp").write_text("x")
+    for command in (["snapshot", image], ["repair", "index"]):  # was exit 1, "Not a directory: .../tmp/..."
+        fails(run_cli("-r", repo, *command), 16, f"{repo / 'tmp'} is not a directory")
+    (repo / "tmp").unlink()
+    fails(run_cli("-r", repo, "snapshot", image), 16, f"{repo / 'tmp'} is missing")
+    (repo / "tmp").mkdir()
+    ok(run_cli("-r", repo, "snapshot", image))
+
+
+# -- an unusable cache directory (remote repositories) ------------------------------------------------------------
+
+
+def test_an_unusable_cache_directory_is_exit_16_naming_it(s3_server: Any, s3_credentials: None, tmp_path: Path):
+    location = f"s3:{s3_server.endpoint}/{s3_server.bucket}/exits-{uuid.uuid4().hex[:12]}"
+    ok(run_cli("-r", location, "init", env={"DEDUPIMG_CACHE_DIR": str(tmp_path / "cache")}))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "at-all")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", readonly)
+    try:
+        for cache in (tmp_path / "file" / "below",  # ENOTDIR
+                      tmp_path / "dangling",  # ENOENT: a symlink to a path whose parent is missing
+                      readonly):  # EROFS
+            for args in (["--cache-dir", cache, "snapshots"], ["snapshots"]):  # the option or the environment
+                line = fails(run_cli("-r", location, *args, env={"DEDUPIMG_CACHE_DIR": str(cache)}), 16,
+                             "cannot use the cache directory")
+                assert str(cache) in line, line
+    finally:
+        sh("umount", readonly)
