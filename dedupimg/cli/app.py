@@ -36,6 +36,20 @@ app = typer.Typer(
 )
 
 
+def command_group(help: str) -> typer.Typer:
+    """A group of commands (``dedupimg key``, ``dedupimg repair``): given without one of its commands, it says so
+    in one line and exits 2 (usage error), naming the commands it has."""
+    group = typer.Typer(help=help)
+
+    @group.callback(invoke_without_command=True)
+    def require_command(ctx: typer.Context) -> None:
+        if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+            names = ", ".join(ctx.command.list_commands(ctx))  # type: ignore[attr-defined]  # a group's context
+            raise UsageError(f"{ctx.command_path}: missing command ({names}); see '{ctx.command_path} --help'")
+
+    return group
+
+
 def _version() -> str:
     try:
         return package_version("dedupimg")

@@ -6,6 +6,7 @@ imports or just after a snapshot was stored; and the "version" of every JSON doc
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
@@ -117,3 +118,35 @@ def test_an_unusable_cache_directory_is_exit_16_naming_it(s3_server: Any, s3_cre
                 assert str(cache) in line, line
     finally:
         sh("umount", readonly)
+
+
+# -- JSON -------------------------------------------------------------------------------------------------------------
+
+
+def test_every_json_document_has_a_version(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    ok(run_cli("-r", src, "init"))
+    ok(run_cli("-r", dst, "init", "--copy-chunker-params-from", src))
+    image = tmp_path / "disk.img"
+    image.write_bytes(det_bytes(7, 60_000))
+    ok(run_cli("-r", src, "snapshot", image))
+    docs = {
+        "copy": json.loads(ok(run_cli("-r", dst, "copy", "--from-repo", src, "--json"))),
+        "unlock": json.loads(ok(run_cli("-r", dst, "unlock", "--json"))),
+        "repair index": json.loads(ok(run_cli("-r", dst, "repair", "index", "--json"))),
+    }
+    keys = json.loads(ok(run_cli("-r", dst, "key", "list", "--json")))
+    docs.update({f"key list [{i}]": k for i, k in enumerate(keys)})
+    for command, doc in docs.items():
+        assert doc.get("version") == 1, (command, doc)
+    assert docs["copy"]["copied"] == 1 and docs["copy"]["snapshots"][0]["version"] == 1
+
+
+# -- a group without its command -------------------------------------------------------------------------------------
+
+
+def test_a_command_group_without_its_command_says_so_in_one_line():
+    for group, commands in (("key", "list, add, remove, passwd"), ("repair", "index")):
+        proc = run_cli(group)
+        fails(proc, 2, f"dedupimg {group}: missing command ({commands})", f"dedupimg {group} --help")
+        assert proc.stdout == b""  # was the whole help text, and no error line
