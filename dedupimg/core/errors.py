@@ -129,6 +129,13 @@ class Interrupted(DedupimgError):
     exit_code = 130
 
 
+class OutputClosed(DedupimgError):
+    """Standard output was closed by its reader (``dedupimg snapshots | head -1``): the command stops quietly,
+    with no message, and exits 141, the code a shell reports for a process that SIGPIPE ended."""
+
+    exit_code = 141
+
+
 class WrongPassword(DedupimgError):
     """22: the password opens no key of the repository, or none was given (no terminal to ask on)."""
 
@@ -180,4 +187,5 @@ EXIT_CODES: dict[int, str] = {
     23: "snapshot --verify-unchanged: a range the change list calls unchanged differs from the parent "
         "(nothing stored; take a full snapshot)",
     130: "interrupted",
+    141: "standard output closed by its reader (a pipe into head): stopped quietly",
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import det_bytes, fails, ok, run_cli, sh
+from tests.helpers import cli_env, det_bytes, fails, ok, run_cli, sh
 
 # -- init: all or nothing ---------------------------------------------------------------------------------------
 
@@ -118,6 +119,34 @@ def test_an_unusable_cache_directory_is_exit_16_naming_it(s3_server: Any, s3_cre
                 assert str(cache) in line, line
     finally:
         sh("umount", readonly)
+
+
+# -- standard output closed by its reader -----------------------------------------------------------------------------
+
+
+def _with_stdout_closed(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[bytes]:
+    """The CLI with standard output a pipe whose reader is gone (``| head -c0`` that has exited)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "dedupimg", *map(str, args)], stdout=write,
+                              stderr=subprocess.PIPE, env=cli_env(), timeout=120)
+    finally:
+        os.close(write)
+
+
+def test_a_closed_standard_output_ends_the_command_quietly_with_141(tmp_path):
+    repo = tmp_path / "repo"
+    ok(run_cli("-r", repo, "init"))
+    image = tmp_path / "disk.img"
+    image.write_bytes(det_bytes(6, 60_000))
+    ok(run_cli("-r", repo, "snapshot", image))
+    for args in (["snapshots", "--json"], ["snapshots"], ["info"], ["key", "list"]):
+        proc = _with_stdout_closed("-r", repo, *args)  # was exit 1, or 120 and "Exception ignored" for --json
+        assert (proc.returncode, proc.stderr) == (141, b""), (args, proc.returncode, proc.stderr)
+    # A restore to a closed pipe is an incomplete image: that stays an error, said so.
+    proc = _with_stdout_closed("-r", repo, "restore", "latest", "-")
+    assert proc.returncode == 16 and b"output pipe closed" in proc.stderr, proc.stderr
 
 
 # -- JSON -------------------------------------------------------------------------------------------------------------
