@@ -1,13 +1,15 @@
-"""The ``dedupimg`` entry point (``dedupimg.cli.main:main``): registers every command on the app, installs the
+"""The command line's entry point (``dedupimg.cli.main:main``, called by ``dedupimg/__main__.py`` once it has
+made an early Ctrl-C harmless): registers every command on the app, installs the
 signal handlers and is the one place that turns exceptions into exit codes."""
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -59,7 +61,7 @@ def _on_signal(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    sys.exit(_run(argv))
+    _exit(_run(argv))
 
 
 def _run(argv: list[str] | None) -> int:
@@ -113,3 +115,30 @@ def _quiet_on_closed_stdout() -> int:
     os.close(devnull)
     return OutputClosed.exit_code
 
+
+def _exit(code: int) -> NoReturn:
+    """Exit with ``code``. The command is over, and so its outcome: a SIGINT or SIGTERM from now on ends the
+    process at once with this code (a Ctrl-C just after a snapshot was stored exited 130 before, a signal's death
+    in the interpreter's shutdown), and once the shutdown's exit functions run, signals are ignored (the
+    interpreter restores the default action, death, for a handler of Python's before it tears the modules down)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            if stream is sys.stdout:
+                _quiet_on_closed_stdout()  # what is left is dropped, not written again at the interpreter's exit
+        except ValueError:  # closed
+            pass
+
+    def finished(signum: int, frame: Any) -> None:
+        os._exit(code)
+
+    signal.signal(signal.SIGINT, finished)
+    signal.signal(signal.SIGTERM, finished)
+    atexit.register(_ignore_signals)  # registered last, so run first of the exit functions
+    sys.exit(code)
+
+
+def _ignore_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1256,9 +1256,12 @@ class BlobWriter:
     def _index(self, sealed: SealedPack, segments: list[NewSegment], snapshot: NewSnapshot | None) -> None:
         self.stored_bytes += sealed.size
         try:
-            self._repo.index.commit_pack(sealed, segments, snapshot, self._repo.pack_present(sealed))
             if snapshot is not None:
-                interrupts.mark_committed()  # the snapshot is listed: a signal from now on cannot undo it
+                # The transaction that lists the snapshot starts: a signal from now on no longer stops the command
+                # (marked before, not after the commit, so that no instant lies between the two in which an
+                # interrupt would report a listed snapshot as not stored).
+                interrupts.mark_committed()
+            self._repo.index.commit_pack(sealed, segments, snapshot, self._repo.pack_present(sealed))
         except BaseException:
             # Not committed (a full disk, say): remove the pack so that it is not left as an orphan holding a
             # record the index does not know, which would make prune stop until 'repair index'.
