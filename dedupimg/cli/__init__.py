@@ -1,7 +1,8 @@
 """The command line: one module per command, each of which parses its options, calls one library function and
 renders the result. The only package that imports typer and rich.
 
-- ``main``: the entry point (``dedupimg.cli.main:main``). Registers the commands on the app in the order the
+- ``main``: the entry point (``dedupimg.cli.main:main``, which ``dedupimg/__main__.py`` imports once its early
+  SIGINT handler is in place). Registers the commands on the app in the order the
   help lists them, installs the signal handlers, and is the one place that turns exceptions into exit codes.
 - ``app``: the typer app, its root callback (``-r/--repo`` before the command) and the shared option types
   (``RepoOption`` for ``-r`` after the command, ``LockWait``, ``JsonOption``, ...) and ``open_repo``.

@@ -9,24 +9,51 @@ from __future__ import annotations
 
 import getpass
 import os
+import select
 import sys
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import typer.core
 
 from dedupimg.cli import render
-from dedupimg.core.errors import UsageError, WrongPassword
+from dedupimg.core.errors import OutputClosed, UsageError, WrongPassword
 from dedupimg.core.password import prefer_file, set_prompt
 from dedupimg.core.retention import SnapshotFilter, parse_tag_list
 from dedupimg.repo.repository import CACHE_ENV, Repository
 from dedupimg.store import normalize_location
 from dedupimg.store.lock import LockMode
 
+
+def stdout_closed() -> bool:
+    """Whether standard output is a pipe (or socket) whose reader has gone: poll reports an error on it."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # POLLERR and POLLHUP are always reported
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no stdout at all, or one without a descriptor
+        return False
+
+
+class DedupimgGroup(typer.core.TyperGroup):
+    """The app's click group: a command whose output pipe was closed by its reader (``| head -1``) raises
+    OutputClosed, which main ends quietly, instead of the BrokenPipeError that click would turn into a silent
+    exit 1 before main could see it."""
+
+    def invoke(self, ctx: typer.core._click.Context) -> Any:  # typer's own copy of click
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            if stdout_closed():
+                raise OutputClosed("standard output was closed by its reader") from None
+            raise
+
+
 app = typer.Typer(
+    cls=DedupimgGroup,
     name="dedupimg",
     help="Deduplicating backups of whole disk and VM images.",
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
@@ -34,6 +61,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def command_group(help: str) -> typer.Typer:
+    """A group of commands (``dedupimg key``, ``dedupimg repair``): given without one of its commands, it says so
+    in one line and exits 2 (usage error), naming the commands it has."""
+    group = typer.Typer(help=help)
+
+    @group.callback(invoke_without_command=True)
+    def require_command(ctx: typer.Context) -> None:
+        if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+            names = ", ".join(ctx.command.list_commands(ctx))  # type: ignore[attr-defined]  # a group's context
+            raise UsageError(f"{ctx.command_path}: missing command ({names}); see '{ctx.command_path} --help'")
+
+    return group
 
 
 def _version() -> str:

@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from dedupimg.cli.app import FromPasswordFile, JsonOption, LockWait, RepoOption, open_repo, use_from_password_file
-from dedupimg.cli.render import exit_codes_help, human_bytes, print_json, progress_sink, record_json, stdout
+from dedupimg.cli.render import (
+    JSON_VERSION,
+    exit_codes_help,
+    human_bytes,
+    print_json,
+    progress_sink,
+    record_json,
+    stdout,
+)
 from dedupimg.ops.copy import copy_snapshots, open_source
 from dedupimg.store import normalize_location
 from dedupimg.store.lock import LockMode
@@ -48,8 +56,9 @@ def copy(
             doc.update(copied=s.copied, skipped=s.skipped or None, chunks_new=s.chunks, bytes_new=s.bytes_copied,
                        bytes_stored=s.bytes_uploaded)
             docs.append(doc)
-        print_json({"copied": len(result.copied), "skipped": len(result.skipped), "chunks_new": result.chunks,
-                    "bytes_new": result.bytes_copied, "bytes_stored": result.bytes_uploaded, "snapshots": docs})
+        print_json({"version": JSON_VERSION, "copied": len(result.copied), "skipped": len(result.skipped),
+                    "chunks_new": result.chunks, "bytes_new": result.bytes_copied,
+                    "bytes_stored": result.bytes_uploaded, "snapshots": docs})
         return
     for s in result.snapshots:
         label = f"{s.record.name}@{s.record.short_id}"

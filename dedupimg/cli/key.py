@@ -10,8 +10,8 @@ from typing import Annotated, TypeVar
 import typer
 from rich.table import Table
 
-from dedupimg.cli.app import LockWait, RepoOption, open_repo, repo_location
-from dedupimg.cli.render import exit_codes_help, print_json, stdout
+from dedupimg.cli.app import LockWait, RepoOption, command_group, open_repo, repo_location
+from dedupimg.cli.render import JSON_VERSION, exit_codes_help, print_json, stdout
 from dedupimg.core.password import NEW_PREFIX, prefer_file
 from dedupimg.ops import keys
 from dedupimg.repo.repository import Repository
@@ -19,8 +19,7 @@ from dedupimg.store.lock import LockMode
 
 T = TypeVar("T")
 
-key_app = typer.Typer(help="List, add and remove the passwords (keys) of an encrypted repository.",
-                      no_args_is_help=True)
+key_app = command_group("List, add and remove the passwords (keys) of an encrypted repository.")
 
 NewPasswordFile = Annotated[
     Path | None,
@@ -54,7 +53,7 @@ def list_(
     with open_repo(ctx) as repo:
         found = keys.list_keys(repo)
     if json:
-        print_json([{"id": keys.key_id(k.name), "short_id": k.short_id, "current": k.current,
+        print_json([{"version": JSON_VERSION, "id": keys.key_id(k.name), "short_id": k.short_id, "current": k.current,
                      **{f: k.info.get(f, "") for f in ("user", "host", "created")},
                      **({"error": k.info["error"]} if "error" in k.info else {})} for k in found])
         return

@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from dedupimg.core.errors import EXIT_CODES
+from dedupimg.core.errors import EXIT_CODES, OutputClosed
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.progress import NoProgress
 from dedupimg.core.progress import Progress as ProgressSink
@@ -36,14 +36,23 @@ from dedupimg.ops.prune import PruneReport
 # ":smile:" in an image name stays literal; "[/x]" would otherwise raise MarkupError after the work was done).
 # A pipe or a log gets whole lines (tables are not cut to 80 columns there); a terminal its own width.
 _PIPE_WIDTH = None if (sys.stdout is not None and sys.stdout.isatty()) or os.environ.get("COLUMNS") else 250
-stdout = Console(highlight=False, soft_wrap=True, markup=False, emoji=False, width=_PIPE_WIDTH)
+class _Stdout(Console):
+    """Standard output: a reader that went away (``| head -1``) raises OutputClosed, which main ends quietly
+    with its code (rich's own handling exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # what is still buffered is dropped, not written again
+        raise OutputClosed("standard output was closed by its reader")
+
+
+stdout = _Stdout(highlight=False, soft_wrap=True, markup=False, emoji=False, width=_PIPE_WIDTH)
 stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
-# Codes every command can return (success, unexpected error, usage error, interrupted), and those of every
-# command that opens a repository: none there, its config damaged or too new, a file of it not readable
-# (permission denied), its index missing or damaged ("run repair index").
-ANY_COMMAND_CODES = (0, 1, 2, 130)
+# Codes every command can return (success, unexpected error, usage error, interrupted, standard output closed),
+# and those of every command that opens a repository: none there, its config damaged or too new, a file of it not
+# readable (permission denied), its index missing or damaged ("run repair index").
+ANY_COMMAND_CODES = (0, 1, 2, 130, 141)
 OPENS_REPOSITORY_CODES = (10, 12, 16, 17, 22)
 
 

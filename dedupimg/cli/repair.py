@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from dedupimg.cli.app import JsonOption, LockWait, RepoOption, repo_location
-from dedupimg.cli.render import exit_codes_help, print_json, progress_sink, stdout
+from dedupimg.cli.app import JsonOption, LockWait, RepoOption, command_group, repo_location
+from dedupimg.cli.render import JSON_VERSION, exit_codes_help, print_json, progress_sink, stdout
 from dedupimg.ops.repair import RepairReport, repair_index
 
-repair_app = typer.Typer(help="Rebuild repository metadata from the pack files.", no_args_is_help=True)
+repair_app = command_group("Rebuild repository metadata from the pack files.")
 
 
 @repair_app.command("index", epilog=exit_codes_help(10, 11, 12, 16, 18, opens_repository=False))
@@ -58,6 +58,7 @@ def index(
 
 def _repair_json(report: RepairReport) -> dict[str, object]:
     return {
+        "version": JSON_VERSION,
         "packs": report.packs,
         "damaged_packs": [{"pack": n, "reason": why} for n, why in report.damaged_packs],
         "salvaged": [{"pack": s.name, "blobs": s.blobs, "deltas": s.deltas, "damaged": s.damaged,

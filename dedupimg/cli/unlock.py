@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dedupimg.cli.app import JsonOption, RepoOption, repo_location
-from dedupimg.cli.render import exit_codes_help, print_json, stdout
+from dedupimg.cli.render import JSON_VERSION, exit_codes_help, print_json, stdout
 from dedupimg.ops.unlock import unlock as remove_locks
 
 
@@ -25,7 +25,7 @@ def unlock(
     """
     removed = remove_locks(repo_location(ctx), remove_all)
     if json:
-        print_json({"removed": removed})
+        print_json({"version": JSON_VERSION, "removed": removed})
         return
     for what in removed:
         stdout.print(f"removed {what}", markup=False)

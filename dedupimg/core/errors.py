@@ -99,6 +99,13 @@ class PermissionDenied(DedupimgError):
     exit_code = 16
 
 
+class UnusablePath(DedupimgError):
+    """A directory dedupimg keeps its own files in cannot be used: a repository's ``tmp/`` that is missing or not
+    a directory, a cache directory on a read-only filesystem or below a file. The message names the path."""
+
+    exit_code = 16
+
+
 class IntegrityError(DedupimgError):
     """Stored data does not match its hash, a pack or record is damaged, or the index is missing or damaged
     (the message then says to run ``dedupimg repair index``, which rebuilds it from the packs)."""
@@ -120,6 +127,13 @@ class Interrupted(DedupimgError):
     """SIGINT or SIGTERM ended the command; nothing partial is kept (a stopped ``serve`` exits 0)."""
 
     exit_code = 130
+
+
+class OutputClosed(DedupimgError):
+    """Standard output was closed by its reader (``dedupimg snapshots | head -1``): the command stops quietly,
+    with no message, and exits 141, the code a shell reports for a process that SIGPIPE ended."""
+
+    exit_code = 141
 
 
 class WrongPassword(DedupimgError):
@@ -161,8 +175,8 @@ EXIT_CODES: dict[int, str] = {
     13: "no such snapshot",
     14: "snapshot reference is ambiguous",
     15: "restore target exists (use --force)",
-    16: "a path cannot be read or written: the source, the target or mount point, or the repository's files "
-        "(permission denied, missing, the wrong kind of file)",
+    16: "a path cannot be read or written: the source, the target or mount point, or the repository's files or "
+        "cache directory (permission denied, missing, the wrong kind of file, a read-only filesystem)",
     17: "integrity error: stored data or a restored image does not match its hash; check found a problem; "
         "the index is missing or damaged (run 'dedupimg repair index')",
     18: "no space left on the repository's or target's device",
@@ -173,4 +187,5 @@ EXIT_CODES: dict[int, str] = {
     23: "snapshot --verify-unchanged: a range the change list calls unchanged differs from the parent "
         "(nothing stored; take a full snapshot)",
     130: "interrupted",
+    141: "standard output closed by its reader (a pipe into head): stopped quietly",
 }

@@ -1,10 +1,12 @@
 """Interrupts that come too late to stop anything.
 
 The CLI turns SIGINT and SIGTERM into an exception (exit 130, "nothing partial is kept"). Once the index
-transaction that lists a new snapshot has committed, that is no longer true: the snapshot exists, whole. A
-signal from then on must not make the command report failure for a snapshot that is listed, so the writer
-marks the moment here and the CLI's handler lets such a late signal pass (the command then finishes, prints the
-snapshot and exits 0). Only a one-shot command sets it; the process ends soon after.
+transaction that lists a new snapshot commits, that is no longer true: the snapshot exists, whole. A signal from
+then on must not make the command report failure for a snapshot that is listed, so the writer marks the moment
+here, just before that transaction (a signal between the commit and a mark after it would still raise), and the
+CLI's handler lets such a late signal pass: the command finishes, prints the snapshot and exits with its normal
+code. Only a one-shot command sets it; the process ends soon after (and the CLI lets no signal change its exit
+code once the command has returned: cli/main.py).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from dedupimg.repo.index import DATA_FILE, DeferredLinks, Index, NewSegment, New
 from dedupimg.repo.repository import INDEX, TMP, Repository, cache_home
 from dedupimg.store import Store, location_spec
 from dedupimg.store.base import NotAnObject, StoreError
+from dedupimg.store.local import unusable_tmp
 from dedupimg.store.lock import LockMode
 
 
@@ -103,7 +104,11 @@ def _repair_under_lock(path: Path, store: Store, progress: Progress, fmt: pack.B
     report = RepairReport()
     tmp = path / TMP
     # Under the exclusive lock no other repair runs: any rebuild or old index in tmp/ is a leftover.
-    for name in sorted(os.listdir(tmp)):
+    try:
+        names = os.listdir(tmp)
+    except (FileNotFoundError, NotADirectoryError):
+        raise unusable_tmp(path) from None
+    for name in sorted(names):
         if name.startswith((integrity.REBUILD_PREFIX, integrity.OLD_PREFIX)):
             _remove(tmp / name)
             report.leftovers_removed.append(name)

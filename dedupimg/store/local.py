@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dedupimg.core.errors import PermissionDenied
+from dedupimg.core.errors import PermissionDenied, UnusablePath
 from dedupimg.core.fsutil import DIR_MODE, FILE_MODE, fsync_dir, make_dirs, raise_for_space
 from dedupimg.store.base import (
     TEMP_PREFIX,
@@ -235,6 +235,16 @@ class LocalReader(ReaderBase):
             self.fd = -1
 
 
+def unusable_tmp(root: Path) -> UnusablePath:
+    """The error for a repository whose ``tmp/`` (where every file is written first) is missing or is not a
+    directory: the repository is damaged, and no command that writes can run until it is a directory again."""
+    tmp = root / TEMP_PREFIX.rstrip("/")
+    if not os.path.lexists(tmp):
+        return UnusablePath(f"the repository's temporary directory {tmp} is missing: make it (mkdir -m 700 {tmp})")
+    return UnusablePath(f"the repository's temporary directory {tmp} is not a directory: move what is there away "
+                        f"and make it one (mkdir -m 700 {tmp})")
+
+
 class LocalWriter:
     """A new file in ``tmp/``. Writes are gathered and issued with writev in pieces of about a megabyte: two
     small writes per chunk would cost more in system calls than the copy itself."""
@@ -248,7 +258,14 @@ class LocalWriter:
         self._tmp = store.root / self.temp_name
         self._fd = -1
         store._uncommitted.add(self)  # before the file exists: from here on the store's close() finds it
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except (FileNotFoundError, NotADirectoryError):
+            store._uncommitted.discard(self)
+            raise unusable_tmp(store.root) from None
+        except BaseException:
+            store._uncommitted.discard(self)
+            raise
         self._pieces: list[bytes] = []
         self._buffered = 0
 

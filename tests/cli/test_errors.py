@@ -61,7 +61,7 @@ def test_a_code_is_shared_only_by_classes_of_one_meaning():
     shared = {code: names for code, names in by_code.items() if len(names) > 1}
     assert shared == {
         10: {"RepositoryNotFound", "NotARepository"},  # no repository at the path
-        16: {"SourceError", "TargetError", "PermissionDenied"},  # a path cannot be read or written
+        16: {"SourceError", "TargetError", "PermissionDenied", "UnusablePath"},  # a path cannot be read or written
         17: {"IntegrityError", "CheckFailed"},  # damage found (the index's: "run repair index")
     }, shared
     assert by_code[21] == {"RepositoryExists"}  # init's refusals, apart from "no repository here" (10)
