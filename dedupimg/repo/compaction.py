@@ -151,6 +151,8 @@ def _cascade(repo: Repository, dead: dict[bytes, BlobLocation | None], result: P
     for i in held:  # a chunk only an unstored (incomplete) segment of a left-out snapshot lists
         dead.pop(i, None)
     _lose_bases(repo, dead, lost)
+    for i in held:  # such a chunk whose last counted reference was the link of a dying delta: a base it holds
+        dead.pop(i, None)
 
 
 def _lose_segments(repo: Repository, dead: dict[bytes, BlobLocation | None], result: PrunePlan,
