@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dedupimg.core.errors import IntegrityError
 from dedupimg.repo import pack
@@ -217,6 +217,11 @@ class Salvage:
     end: int = 0  # where the scan stopped: the first offset where no whole blob starts
 
 
+# The longest span a blob can have (MAX_BLOB stored bytes, its header, a sealed blob's padding of at most 4096):
+# the salvage scan keeps at most two of these in memory, whatever the size of the damaged file.
+_SCAN_WINDOW = pack.blob_span(pack.MAX_BLOB) + 4096
+
+
 def salvage_pack(store: Store, name: str, fmt: pack.BlobFormat) -> Salvage | None:
     """Scan the pack ``name`` blob by blob from offset 8 (blobs lie back to back, docs/format.md §4); None when
     it does not even start with the pack magic (not a pack of this repository: nothing to salvage). A StoreError
@@ -224,26 +229,42 @@ def salvage_pack(store: Store, name: str, fmt: pack.BlobFormat) -> Salvage | Non
 
     A blob that fails to verify is passed over by the length its header claims: when the damage is in that
     length, the next offsets hold no blob and the scan ends there; a blob found at a wrong offset would still
-    have to decode and hash to its id, so nothing unverified is ever registered."""
+    have to decode and hash to its id, so nothing unverified is ever registered. The file is read in windows
+    (a damaged file may be of any size): each blob is looked at with at least the longest span a blob can
+    have, or the rest of the file, in memory."""
     where = base_name(name)
-    data = store.read(name, where=where)
-    if data[: len(fmt.pack_magic)] != fmt.pack_magic:
-        return None
-    view = memoryview(data)
-    out = Salvage(end=len(fmt.pack_magic))
-    seen: set[bytes] = set()
-    while True:
-        found = fmt.find_blob(view, out.end, where)
-        if not found.span:
-            return out
-        if found.entry is not None and found.entry.id not in seen:  # (a pack never holds an id twice)
-            out.entries.append(found.entry)
-            seen.add(found.entry.id)
-        elif found.delta:
-            out.deltas += 1
-        elif found.entry is None:
-            out.damaged += 1
-        out.end += found.span
+    with store.open(name, where) as reader:
+        size = reader.size
+
+        def read(offset: int, length: int) -> bytes:
+            try:
+                return reader.pread(length, offset)
+            except OSError as exc:
+                raise StoreError(where, f"cannot read pack at {offset}: {exc.strerror}", exc.strerror) from None
+
+        magic = fmt.pack_magic
+        if read(0, len(magic)) != magic:
+            return None
+        out = Salvage(end=len(magic))
+        seen: set[bytes] = set()
+        start, buf = out.end, b""  # buf holds the file's bytes from ``start``
+        while True:
+            have = start + len(buf)
+            if have < size and out.end + _SCAN_WINDOW > have:
+                buf = buf[out.end - start :] + read(have, min(size, out.end + 2 * _SCAN_WINDOW) - have)
+                start = out.end
+            found = fmt.find_blob(memoryview(buf), out.end - start, where)
+            if not found.span:
+                return out
+            entry = found.entry
+            if entry is not None and entry.id not in seen:  # (a pack never holds an id twice)
+                out.entries.append(replace(entry, offset=out.end))
+                seen.add(entry.id)
+            elif found.delta:
+                out.deltas += 1
+            elif entry is None:
+                out.damaged += 1
+            out.end += found.span
 
 
 def tmp_leftovers(store: Store) -> list[tuple[str, str]]:

@@ -3,19 +3,16 @@ lost pack recovered later brings it back whole (docs/reliability.md §1.3, §5).
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-import pytest
-
 from dedupimg.core.config import ChunkerParams
 from dedupimg.core.manifest import SnapshotRecord
+from dedupimg.core.retention import Policy
 from dedupimg.ops.check import check
 from dedupimg.ops.forget import forget_and_prune
 from dedupimg.ops.prune import prune
 from dedupimg.ops.repair import repair_index
-from dedupimg.core.retention import Policy
 from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
 from tests.helpers import det_bytes, restores, snap, text_bytes
@@ -45,7 +42,6 @@ def test_a_base_only_an_incomplete_segment_of_a_left_out_snapshot_lists_survives
     v0, image0, v1 = delta_world(path, tmp_path)
     with Repository.open(path) as repo:
         seg_chunks = {sid: repo.segment(sid).chunk_ids() for sid, _ in v0.segments}
-        v1_chunks = {c for sid, _ in v1.segments for c in repo.segment(sid).chunk_ids()}
         rows = {row.id: trailer(path / pack.pack_name(row.id)) for row in repo.index.pack_rows()}
         where = {e.id: pid for pid, entries in rows.items() for e in entries}
         deltas = [e.id for entries in rows.values() for e in entries if e.codec == pack.DELTA]
