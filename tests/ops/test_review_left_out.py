@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from dedupimg.core.config import ChunkerParams
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.retention import Policy
@@ -15,7 +17,7 @@ from dedupimg.ops.prune import prune
 from dedupimg.ops.repair import repair_index
 from dedupimg.repo import pack
 from dedupimg.repo.repository import Repository
-from tests.helpers import det_bytes, restores, snap, text_bytes
+from tests.helpers import det_bytes, restores, small_repo, snap, text_bytes
 from tests.packfiles import trailer
 
 
@@ -85,3 +87,45 @@ def test_a_base_only_an_incomplete_segment_of_a_left_out_snapshot_lists_survives
         assert [r.id for r in repo.snapshots()] == [v0.id]
         assert restores(repo, v0, image0, tmp_path)
         assert check(repo, 1.0).ok
+
+
+@pytest.mark.xfail(strict=True, reason="prune frees chunks that only a left-out snapshot's missing segment lists "
+                   "(no row says what that segment lists): the lost pack recovered later cannot bring it back")
+def test_chunks_of_a_left_out_snapshots_missing_segment_survive_prune(tmp_path):
+    """v1 differs from v0 in its middle: its segment S there is new and lists v0's chunks around the change.
+    v0 is forgotten; the pack holding S is lost; repair leaves v1 out. Prune keeps what v1 'still has', but
+    S has no row, so the chunks only S lists (v0's, now at count 0) are freed. The pack recovered and a
+    repair then find S incomplete: v1 stays left out for ever (docs/reliability.md §5 promises it back whole)."""
+    path = tmp_path / "repo"
+    image0 = det_bytes(1, 2_000_000)
+    image1 = bytearray(image0)
+    image1[300_000:300_016] = det_bytes(9, 16)
+    image1 = bytes(image1) + det_bytes(2, 1_000_000)
+    with small_repo(path) as repo:
+        v0 = snap(repo, tmp_path / "v0.img", image0)
+        v1 = snap(repo, tmp_path / "v1.img", image1)
+        new_segments = {sid for sid, _ in v1.segments} - {sid for sid, _ in v0.segments}
+        v0_chunks = {c for sid, _ in v0.segments for c in repo.segment(sid).chunk_ids()}
+        rows = {row.id: trailer(path / pack.pack_name(row.id)) for row in repo.index.pack_rows()}
+        victim = None
+        for pid, entries in rows.items():
+            ids = {e.id for e in entries}
+            if v1.id in ids or not ids & new_segments:
+                continue
+            if any(c in v0_chunks for s in ids & new_segments for c in repo.segment(s).chunk_ids()):
+                victim = pid
+                break
+        forget_and_prune(repo, [v0.hex_id], Policy())  # forgotten, not pruned
+    assert victim is not None, "no suitable pack in this world"
+    victim_file = path / pack.pack_name(victim)
+    saved = tmp_path / "copy.pack"
+    shutil.copyfile(victim_file, saved)
+    victim_file.unlink()
+
+    assert [r.id for r in repair_index(path).left_out] == [v1.id]
+    with Repository.open(path) as repo:
+        prune(repo, 0.0)
+    shutil.copyfile(saved, victim_file)
+    assert repair_index(path).left_out == []
+    with Repository.open(path) as repo:
+        assert restores(repo, v1, image1, tmp_path)
