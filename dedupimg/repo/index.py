@@ -802,10 +802,15 @@ class Index:
                 # numbers from before, and must never find another pack under one of them.
                 numbers = {bytes(k): PACK_NO.unpack(v)[0] for k, v in txn.cursor(db=self._pack_ids)}
                 next_no = txn.get(b"next_pack", db=self._meta)
+                # The marks of packs this host's repair salvaged are in no index object: a rebuild keeps them,
+                # or this host's prune would stop at such a pack's cut trailer (and never rewrite it).
+                salvaged = self._ids_under(txn, SALVAGED_KEY)
                 for db in self._dbs:
                     txn.drop(db, delete=False)
                 if next_no is not None:
                     txn.put(b"next_pack", next_no, db=self._meta)
+                for pack_id in salvaged:
+                    txn.put(SALVAGED_KEY + pack_id, b"", db=self._meta)
             todo = {n: ls for n, ls in objects.items() if txn.get(OBJECT_KEY + n.encode(), db=self._meta) is None}
             new_records: dict[bytes, bytes] = {}
             segments: dict[bytes, bytes] = {}
