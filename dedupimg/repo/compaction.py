@@ -106,7 +106,7 @@ def plan(repo: Repository, max_unused: float = DEFAULT_MAX_UNUSED) -> PrunePlan:
         raise UsageError(f"max_unused is a fraction from 0 to 1, not {max_unused}")
     result = PrunePlan(max_unused)
     dead = {i: loc for i, loc in repo.index.dead_rows()}
-    held = _held_by_left_out(repo)
+    held, lacking = _held_by_left_out(repo)
     result.held = len(held)
     _cascade(repo, dead, result, held)
     for i, loc in dead.items():
@@ -114,28 +114,34 @@ def plan(repo: Repository, max_unused: float = DEFAULT_MAX_UNUSED) -> PrunePlan:
         if loc is not None:
             result.dropped_by_type[loc.type] += 1
     _plan_packs(repo, dead, result)
-    _find_leftovers(repo, result)
+    _find_leftovers(repo, result, lacking)
     return result
 
 
-def _held_by_left_out(repo: Repository) -> set[bytes]:
+def _held_by_left_out(repo: Repository) -> tuple[set[bytes], set[bytes]]:
     """Every indexed blob a left-out snapshot still has: its record, its segments and the chunks they list
     (a segment repair could not store, some of its chunks being gone, is read from its pack). A delta chunk's
-    base needs nothing here: the delta's link counts as a reference of it while the delta's row stays."""
+    base needs nothing here: the delta's link counts as a reference of it while the delta's row stays.
+    Second: what such a snapshot lacks, as far as the index can tell (segments without a row, the chunks
+    without a row that its segments list): a pack the index does not list that holds one of these is a lost
+    pack put back, which a repair would use to list the snapshot again."""
     ids = repo.index.left_out()
     records = [i for i, known in zip(ids, repo.index.has_blobs(ids), strict=True) if known]
     if not records:
-        return set()
+        return set(), set()
     held = set(records)
     seg_ids = sorted({sid for raw in repo.read_blobs(records) for sid, _ in SnapshotRecord.decode(raw).segments})
-    seg_ids = [i for i, known in zip(seg_ids, repo.index.has_blobs(seg_ids), strict=True) if known]
+    known_segs = repo.index.has_blobs(seg_ids)
+    lacking = {i for i, known in zip(seg_ids, known_segs, strict=True) if not known}
+    seg_ids = [i for i, known in zip(seg_ids, known_segs, strict=True) if known]
     held.update(seg_ids)
     copies = [repo.index.get_segment(i) for i in seg_ids]
     unstored = [i for i, raw in zip(seg_ids, copies, strict=True) if raw is None]
     raws = [raw for raw in copies if raw is not None] + repo.read_blobs(unstored)
     chunk_ids = sorted({c for raw in raws for c in decode_segment(raw).chunk_ids()})
-    held.update(i for i, known in zip(chunk_ids, repo.index.has_blobs(chunk_ids), strict=True) if known)
-    return held
+    for i, known in zip(chunk_ids, repo.index.has_blobs(chunk_ids), strict=True):
+        (held if known else lacking).add(i)
+    return held, lacking
 
 
 def _cascade(repo: Repository, dead: dict[bytes, BlobLocation | None], result: PrunePlan,
@@ -234,7 +240,7 @@ def _plan_packs(repo: Repository, dead: dict[bytes, BlobLocation | None], result
                 result.garbage[pack_no] = dead_bytes[pack_no]
 
 
-def _find_leftovers(repo: Repository, result: PrunePlan) -> None:
+def _find_leftovers(repo: Repository, result: PrunePlan, lacking: set[bytes] | None = None) -> None:
     """Pack files the index does not list (a crash between rename and commit, or an interrupted prune) and
     temporary files: garbage, since no writer can be running while prune holds the exclusive lock."""
     store = repo.store
@@ -253,7 +259,7 @@ def _find_leftovers(repo: Repository, result: PrunePlan) -> None:
     # and its damaged trailer would otherwise make the check below refuse (docs/format.md §8.5).
     rewritten = set(repo.index.salvaged_packs())
     _refuse_if_index_lost_snapshots(repo, [n for n in orphans if integrity.pack_file_id(n) not in rewritten],
-                                    bool(ids))
+                                    bool(ids), lacking or set())
     sizes = {obj.name: obj.size for obj in found}
     for name in orphans:
         result.orphan_packs.append(name)
@@ -266,7 +272,8 @@ def _find_leftovers(repo: Repository, result: PrunePlan) -> None:
             result.tmp_bytes += obj.size
 
 
-def _refuse_if_index_lost_snapshots(repo: Repository, orphans: list[str], any_packs: bool) -> None:
+def _refuse_if_index_lost_snapshots(repo: Repository, orphans: list[str], any_packs: bool,
+                                    lacking: set[bytes] | None = None) -> None:
     """Raise IntegrityError (nothing deleted) when the index looks like it lost snapshots (issue 11 §1b).
 
     An index that was damaged or replaced by an empty one takes every pack for an orphan; deleting them would
@@ -288,6 +295,11 @@ def _refuse_if_index_lost_snapshots(repo: Repository, orphans: list[str], any_pa
             raise IntegrityError(f"{exc}; an unreadable pack the index does not list may hold snapshots, so prune "
                                  "deletes nothing: run 'dedupimg repair index' (or move the file away)") from None
         unknown += [(name, i) for i in repo.unknown_records([e.id for e in entries if e.type == pack.SNAPSHOT])]
+        if lacking and any(e.id in lacking for e in entries):
+            raise IntegrityError(
+                f"pack {name.rsplit('/', 1)[-1]} is not in the index but holds data that a snapshot left out by "
+                "'repair index' lacks (a lost pack put back?), so prune deletes nothing: run 'dedupimg repair "
+                "index' first")
     if unknown:
         name, rec_id = unknown[0]
         raise IntegrityError(
