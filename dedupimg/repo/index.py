@@ -37,6 +37,7 @@ import lmdb
 
 from dedupimg.core.errors import IntegrityError, NoSpaceError, PermissionDenied, RepositoryLocked
 from dedupimg.core.manifest import SnapshotRecord, decode_segment, decode_tombstone
+from dedupimg.repo import lmdbpages
 from dedupimg.repo.pack import RowLike
 
 BLOB_VALUE = struct.Struct("<BBIQIII")
@@ -167,13 +168,10 @@ class PackRow:
 DATABASES = (b"blobs", b"packs", b"pack_ids", b"segments", b"snapshots", b"meta", b"dead", b"garbage")
 MIN_DATA_FILE = 2 * 4096  # LMDB's two meta pages: anything shorter is not an index
 # LMDB's on-disk structs (lmdb.h / mdb.c, 64-bit): a page header of 16 bytes; MDB_meta's main database
-# record at 88 (its md_root at 128), mm_txnid at 144; an MDB_db record is 48 bytes, md_root its last field.
+# record at 88 (its md_root at 128), mm_txnid at 144 (tree pages: repo/lmdbpages.py).
 META_MAIN_ROOT = 128
 META_TXNID = 144
 META_END = 152
-DB_RECORD = 48
-DB_ROOT = 40
-NO_PAGE = (1 << 64) - 1  # P_INVALID: an empty tree
 
 
 def _damaged(path: Path, why: str) -> IntegrityError:
@@ -244,11 +242,10 @@ class Index:
 
         The meta page's ``last_pgno`` may legitimately lie many pages past the end of the file: pages that a
         large transaction allocated and freed again ("loose" pages) are never written, nor read. A cut file
-        is told apart by its trees: copy-on-write puts every commit's root pages last, so a cut that removes
-        referenced pages removes a root. Any root (of the main database or of a named one) past the end is
-        damage. Where the file can be written, the gap is then filled with zeros (posix_fallocate only ever
-        extends), so that a page there that a damaged tree did point at reads as a corrupted page (an lmdb
-        error, exit 17) rather than a fault.
+        is told apart by its trees: every page they point at must lie in the file and be a tree page (the
+        walk of repo/lmdbpages.py; it found, where the roots alone did not, a cut of pages that a commit had
+        reused from the free list). Where the file can be written, the gap is then filled with zeros
+        (posix_fallocate only ever extends): pages no tree points at.
         """
         try:
             psize = int(self._env.stat()["psize"])
@@ -258,11 +255,13 @@ class Index:
         size = os.stat(data).st_size
         if size >= needed:
             return
-        pages = size // psize
-        for name, root in self._roots(data, psize):
-            if root != NO_PAGE and root >= pages:
-                raise _damaged(self._path, f"{DATA_FILE} is {size} bytes long; the root page of {name} lies past "
-                                           "its end")
+        # Every page the trees point at must lie in the file and be a tree page (repo/lmdbpages.py): a page past
+        # the end faults, and a zeroed one read as a tree page aborts in an LMDB assertion. (Only when the file
+        # is short: the pages read are then what any full scan reads anyway.)
+        with open(data, "rb") as f:
+            found = lmdbpages.problem(f.fileno(), psize, [("the main database", self._main_root(data, psize))])
+        if found is not None:
+            raise _damaged(self._path, f"{DATA_FILE} is {size} bytes long: {found}")
         if not self.readonly:
             try:
                 fd = os.open(data, os.O_WRONLY)
@@ -273,9 +272,8 @@ class Index:
             except OSError:
                 pass  # a full disk: the gap stays, and an intact tree never reads its pages
 
-    def _roots(self, data: Path, psize: int) -> Iterator[tuple[str, int]]:
-        """Root page numbers: the main database's from the newer meta page, then each named database's from
-        its record in the main database (format of LMDB's MDB_meta and MDB_db, 64-bit)."""
+    def _main_root(self, data: Path, psize: int) -> int:
+        """The main database's root page, from the newer meta page (LMDB's MDB_meta, 64-bit)."""
         with open(data, "rb") as f:
             metas = []
             for m in (0, psize):
@@ -285,14 +283,7 @@ class Index:
                                   int.from_bytes(page[META_MAIN_ROOT : META_MAIN_ROOT + 8], "little")))
         if not metas:
             raise _damaged(self._path, "no meta page")
-        main_root = max(metas)[1]
-        yield "the main database", main_root
-        if main_root == NO_PAGE or main_root >= os.stat(data).st_size // psize:
-            return
-        with self._damage_is_integrity(), self._env.begin() as txn:
-            for key, value in txn.cursor().iternext():
-                if len(value) == DB_RECORD:
-                    yield f"database {bytes(key)!r}", int.from_bytes(value[DB_ROOT : DB_ROOT + 8], "little")
+        return max(metas)[1]
 
     def _open_db(self, name: bytes, create: bool) -> lmdb._Database:
         try:
