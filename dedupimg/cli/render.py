@@ -161,6 +161,7 @@ def prune_json(r: PruneReport) -> dict[str, object]:
         "skipped": [str(p) for p in r.skipped],
         "salvaged_packs": r.salvaged_packs,
         "held_rows": r.held_rows,
+        "chunks_kept_for_left_out": r.chunks_kept_for_left_out,
     }
     if r.outcome is not None:
         doc.update(packs_deleted=r.outcome.packs_deleted, packs_rewritten=r.outcome.packs_rewritten,
@@ -178,8 +179,9 @@ def render_prune(r: PruneReport) -> None:
     if r.salvaged_packs:
         plan += f"; {r.salvaged_packs} salvaged damaged packs among them"
     if r.held_rows:
-        plan += (f"; {r.held_rows} blobs kept for snapshots 'repair index' left out (remove those with 'forget "
-                 "--left-out')")
+        kept = "no unreferenced chunk freed while" if r.chunks_kept_for_left_out else "kept for"
+        plan += (f"; {r.held_rows} blobs {kept} snapshots 'repair index' left out lack data (put the lost packs "
+                 "back and run 'repair index', or give them up with 'forget --left-out')")
     for p in r.skipped:  # Text: a path is not rich markup
         stdout.print(Text(f"skipped {p}: a directory, not a file dedupimg writes; left alone"), soft_wrap=True)
     if r.outcome is None:

@@ -39,6 +39,7 @@ class PruneReport:
     skipped: tuple[str, ...] = ()  # where directories named like packs or temporary files are: reported, left alone
     salvaged_packs: int = 0  # damaged packs a repair salvaged: rewritten (or deleted) whatever max_unused says
     held_rows: int = 0  # rows kept for snapshots a repair left out, until 'forget --left-out'
+    chunks_kept_for_left_out: bool = False  # no chunk freed: a left-out snapshot lacks data (it may come back)
 
     @property
     def bytes_freed(self) -> int:
@@ -74,4 +75,5 @@ def prune(
         skipped=tuple(todo.skipped),
         salvaged_packs=len(todo.salvaged),
         held_rows=todo.held,
+        chunks_kept_for_left_out=todo.chunks_kept_for_left_out,
     )

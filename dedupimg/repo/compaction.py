@@ -65,6 +65,7 @@ class PrunePlan:
     garbage: dict[int, int] = field(default_factory=dict)  # pack number -> dead bytes added by this prune
     salvaged: list[str] = field(default_factory=list)  # store names of salvaged packs, rewritten or deleted
     held: int = 0  # rows kept at count 0 for snapshots a repair left out, until they are forgotten
+    chunks_kept_for_left_out: bool = False  # every chunk at count 0 kept: a left-out snapshot lacks something
     dropped_segments: list[NewSegment] = field(default_factory=list)
     dropped_blobs: list[bytes] = field(default_factory=list)
     dropped_by_type: Counter[int] = field(default_factory=Counter)
@@ -107,8 +108,17 @@ def plan(repo: Repository, max_unused: float = DEFAULT_MAX_UNUSED) -> PrunePlan:
     result = PrunePlan(max_unused)
     dead = {i: loc for i, loc in repo.index.dead_rows()}
     held, lacking = _held_by_left_out(repo)
-    result.held = len(held)
     _cascade(repo, dead, result, held)
+    if lacking:
+        # A left-out snapshot lacks a segment (nothing says which chunks it lists) or a chunk (a delta's base is
+        # named only by its lost row): any chunk at count 0 may be one it needs once the lost pack is put back.
+        # So no chunk is freed until the user decides ('forget --left-out', or the pack recovered and a repair).
+        kept = [i for i, loc in dead.items() if loc is not None and loc.type == pack.CHUNK]
+        for i in kept:
+            del dead[i]
+        held.update(kept)
+        result.chunks_kept_for_left_out = True
+    result.held = len(held)
     for i, loc in dead.items():
         result.dropped_blobs.append(i)
         if loc is not None:

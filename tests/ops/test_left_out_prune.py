@@ -6,8 +6,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
-
 from dedupimg.core.config import ChunkerParams
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.retention import Policy
@@ -89,13 +87,11 @@ def test_a_base_only_an_incomplete_segment_of_a_left_out_snapshot_lists_survives
         assert check(repo, 1.0).ok
 
 
-@pytest.mark.xfail(strict=True, reason="prune frees chunks that only a left-out snapshot's missing segment lists "
-                   "(no row says what that segment lists): the lost pack recovered later cannot bring it back")
 def test_chunks_of_a_left_out_snapshots_missing_segment_survive_prune(tmp_path):
     """v1 differs from v0 in its middle: its segment S there is new and lists v0's chunks around the change.
-    v0 is forgotten; the pack holding S is lost; repair leaves v1 out. Prune keeps what v1 'still has', but
-    S has no row, so the chunks only S lists (v0's, now at count 0) are freed. The pack recovered and a
-    repair then find S incomplete: v1 stays left out for ever (docs/reliability.md §5 promises it back whole)."""
+    v0 is forgotten; the pack holding S is lost; repair leaves v1 out. S has no row, so nothing says which
+    chunks it lists: prune must free no chunk at count 0 (v0's, which only S lists, among them), or the pack
+    recovered and a repair would find S incomplete and v1 left out for ever (docs/reliability.md §5)."""
     path = tmp_path / "repo"
     image0 = det_bytes(1, 2_000_000)
     image1 = bytearray(image0)
