@@ -49,19 +49,17 @@ from dedupimg.core.errors import (
 )
 from dedupimg.core.fsutil import (
     DIR_MODE,
-    FILE_MODE,
     atomic_write,
     fsync_dir,
     make_dirs,
     printable_utf8,
-    raise_for_space,
 )
 from dedupimg.core.manifest import Segment, SnapshotRecord, decode_segment, decode_tombstone, encode_tombstone
 from dedupimg.core.parallel import worker_count
 from dedupimg.core.password import REPOSITORY, PasswordSource
 from dedupimg.core.progress import Progress
 from dedupimg.repo import audit as audit_mod
-from dedupimg.repo import compaction, indexobjects, keys, pack, readpool
+from dedupimg.repo import compaction, create, indexobjects, keys, pack, readpool
 from dedupimg.repo.index import DATA_FILE, BlobLocation, Index, NewSegment, NewSnapshot, SealedPack, SyncReport
 from dedupimg.repo.pack import EncodedBlob
 from dedupimg.repo.readpool import Landed, ReadPool
@@ -130,14 +128,6 @@ def cache_home(cache_dir: Path | str | None, repo_id: str) -> Path:
     return home
 
 
-# init builds a new repository under a temporary name beside its path and renames it into place when it is whole,
-# so that a failure or a kill leaves no half-made repository that the next init refuses: ``.NAME.init-PID-HEX``.
-INIT_TEMP = ".{name}.init-"
-# init into an existing empty directory (a mount point, say) builds in place; this file, made first and removed
-# last, tells the next init that what it finds there is the remains of an init that did not finish.
-INIT_MARKER = ".init-unfinished"
-
-
 def _build_local(path: Path, config: Config, master: MasterKeys | None, secret: bytes) -> keys.Unlocked | None:
     """The files of a new repository in the existing, empty directory ``path``; the config is written last."""
     # tmp/, packs/ and packs/00 ... packs/ff; the 256 entries are made durable by one fsync of packs/.
@@ -151,100 +141,6 @@ def _build_local(path: Path, config: Config, master: MasterKeys | None, secret: 
     # The config is written last: a directory without it is not (yet) a repository.
     fsync_dir(path)
     atomic_write(path / CONFIG, _config_file(config, master))
-    return unlocked
-
-
-def _init_beside(path: Path, config: Config, master: MasterKeys | None, secret: bytes) -> keys.Unlocked | None:
-    """A new repository at ``path``, which does not exist: built whole under a temporary name in the same
-    directory, then renamed into place (and the directory fsynced). Until the rename there is nothing at
-    ``path``; a failure removes the temporary directory, and one that a kill left behind (its process gone) is
-    removed by the next init of the same path."""
-    parent = path.parent
-    make_dirs(parent)
-    _remove_dead_inits(parent, INIT_TEMP.format(name=path.name))
-    temp = parent / f"{INIT_TEMP.format(name=path.name)}{os.getpid()}-{os.urandom(4).hex()}"
-    try:
-        os.mkdir(temp, DIR_MODE)
-    except OSError as exc:
-        _raise_init_error(exc, path)
-        raise
-    try:
-        unlocked = _build_local(temp, config, master, secret)
-        try:
-            os.rename(temp, path)
-        except OSError as exc:
-            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-                raise RepositoryExists(f"{path} was created by someone else while init ran; refusing to "
-                                       "replace it") from None
-            raise
-    except BaseException as exc:
-        shutil.rmtree(temp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            _raise_init_error(exc, path)
-        raise
-    fsync_dir(parent)
-    return unlocked
-
-
-def _raise_init_error(exc: OSError, path: Path) -> None:
-    """init's OS errors named by the repository's path, not by the temporary name it was being built under."""
-    raise_for_space(exc, path)
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        raise PermissionDenied(f"cannot create repository {path}: {exc.strerror}") from None
-
-
-def _remove_dead_inits(parent: Path, prefix: str) -> None:
-    """Remove the temporary directories that killed inits of this path left in ``parent`` (their process, named
-    in the directory's name, is gone). Another init's, still running, stays."""
-    try:
-        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
-    except OSError:
-        return
-    for name in names:
-        pid = name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or pid == str(os.getpid()) or _process_alive(int(pid)):
-            continue
-        shutil.rmtree(parent / name, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, another user's
-        return True
-    return True
-
-
-def _init_in_place(path: Path, config: Config, master: MasterKeys | None, secret: bytes) -> keys.Unlocked | None:
-    """A new repository in the existing directory ``path`` (a mount point cannot be renamed onto): it must be
-    empty, or hold only what an init killed there left (its marker, INIT_MARKER, and init's own entries), which
-    is removed first. A failure removes what this init made; the marker is removed once the config is written."""
-    made = {TMP, PACKS, INDEX, keys.KEYS_PREFIX.rstrip("/")}
-    names = set(os.listdir(path))
-    if names and not (INIT_MARKER in names and CONFIG not in names and names <= made | {INIT_MARKER}):
-        raise RepositoryExists(f"{path} exists and is not empty; refusing to create a repository there")
-    for name in names - {INIT_MARKER}:
-        shutil.rmtree(path / name)  # an unfinished init's directories
-    os.chmod(path, DIR_MODE)
-    marker = path / INIT_MARKER
-    if INIT_MARKER not in names:
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
-    fsync_dir(path)
-    try:
-        unlocked = _build_local(path, config, master, secret)
-    except BaseException:
-        for name in made:
-            shutil.rmtree(path / name, ignore_errors=True)
-        try:  # the marker last: if anything above is left, the next init still knows it for init's
-            marker.unlink()
-            fsync_dir(path)
-        except OSError:
-            pass
-        raise
-    marker.unlink()
-    fsync_dir(path)
     return unlocked
 
 
@@ -396,11 +292,12 @@ class Repository:
                 raise RepositoryExists(f"{path} exists and is not a directory")
             if _is_repository(path):
                 raise RepositoryExists(f"{path} is a dedupimg repository already")
-            unlocked = _init_in_place(path, config, master, secret)
+            unlocked = create.in_place(path, {TMP, PACKS, INDEX, keys.KEYS_PREFIX.rstrip("/")},
+                                       lambda at: _build_local(at, config, master, secret))
         elif path.is_symlink():
             raise RepositoryExists(f"{path} is a symbolic link to nothing; refusing to create a repository there")
         else:
-            unlocked = _init_beside(path, config, master, secret)
+            unlocked = create.beside(path, lambda at: _build_local(at, config, master, secret))
         return cls(path, config, unlocked=unlocked)
 
     @classmethod
