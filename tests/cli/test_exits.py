@@ -142,7 +142,7 @@ def _with_stdout_closed(*args: str | os.PathLike[str]) -> subprocess.CompletedPr
 
 def test_a_closed_standard_output_ends_the_command_quietly_with_141(tmp_path):
     repo = tmp_path / "repo"
-    ok(run_cli("-r", repo, "init"))
+    ok(run_cli("-r", repo, "init", "--encryption", "aes-256-gcm"))  # `key list` too (the unencrypted CLI pass)
     image = tmp_path / "disk.img"
     image.write_bytes(det_bytes(6, 60_000))
     ok(run_cli("-r", repo, "snapshot", image))
@@ -159,8 +159,8 @@ def test_a_closed_standard_output_ends_the_command_quietly_with_141(tmp_path):
 
 def test_every_json_document_has_a_version(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
-    ok(run_cli("-r", src, "init"))
-    ok(run_cli("-r", dst, "init", "--copy-chunker-params-from", src))
+    ok(run_cli("-r", src, "init", "--encryption", "aes-256-gcm"))  # `key list` too (the unencrypted CLI pass)
+    ok(run_cli("-r", dst, "init", "--encryption", "aes-256-gcm", "--copy-chunker-params-from", src))
     image = tmp_path / "disk.img"
     image.write_bytes(det_bytes(7, 60_000))
     ok(run_cli("-r", src, "snapshot", image))
