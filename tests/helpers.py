@@ -19,11 +19,13 @@ from typing import IO, Any
 import blake3
 import pytest
 
-from dedupimg.core.config import ChunkerParams
+from dedupimg.core.config import ChunkerParams, Config
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.ops.restore import restore
 from dedupimg.ops.snapshot import take_snapshot
-from dedupimg.repo.repository import Repository
+from dedupimg.repo.repository import Repository, cache_home, read_remote_config
+from dedupimg.store import Store
+from dedupimg.store.memory import MemoryStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +51,32 @@ def small_repo(path: Path, avg: int = 1024, encrypted: bool = False) -> Reposito
     AES-256-GCM with the test password (tests/conftest.py)."""
     return Repository.init(path, ChunkerParams.for_average(avg), pack_size=1 << 16,
                            encryption="aes-256-gcm" if encrypted else "none")
+
+
+def open_remote(store: Store, config: Config, cache_dir: Path) -> Repository:
+    """A remote repository as a host whose caches live under ``cache_dir`` opens it for a command: synced."""
+    repo = Repository(cache_home(cache_dir, config.repo_id), config, store, owns_store=False, remote=True)
+    try:
+        repo.sync()
+    except BaseException:
+        repo.close()
+        raise
+    return repo
+
+
+class MemoryRemote:
+    """A remote repository on an in-memory store (small chunks and packs), opened by several hosts: host ``h``
+    keeps its cache under ``tmp/host<h>``."""
+
+    def __init__(self, tmp: Path, pack_size: int = 1 << 16) -> None:
+        self.tmp = tmp
+        self.store = MemoryStore()
+        Repository._init_remote(self.store, Config(chunker=ChunkerParams.for_average(1024), pack_size=pack_size),
+                                tmp / "host0").close()
+        self.config = read_remote_config(self.store)  # as every host reads it
+
+    def host(self, h: int) -> Repository:
+        return open_remote(self.store, self.config, self.tmp / f"host{h}")
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
-from dedupimg.core.config import ChunkerParams, Config
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.progress import NoProgress
 from dedupimg.core.retention import Policy
@@ -15,9 +13,8 @@ from dedupimg.ops.forget import forget_and_prune
 from dedupimg.ops.prune import prune
 from dedupimg.repo import pack
 from dedupimg.repo.repair import _repair_under_lock
-from dedupimg.repo.repository import Repository, cache_home, read_remote_config
-from dedupimg.store.memory import MemoryStore
-from tests.helpers import det_bytes, restores, snap, text_bytes
+from dedupimg.repo.repository import cache_home
+from tests.helpers import MemoryRemote, det_bytes, restores, snap, text_bytes
 
 
 def test_the_repairing_hosts_cache_rebuild_keeps_the_salvaged_mark(tmp_path: Path) -> None:
@@ -26,16 +23,8 @@ def test_the_repairing_hosts_cache_rebuild_keeps_the_salvaged_mark(tmp_path: Pat
     command, and the rebuild dropped every meta key, the salvaged mark with them. Host 0's prune then no
     longer rewrites the pack (it stays damaged), and once a is forgotten it stopped at the pack's cut trailer:
     no host could prune any more, until a new repair."""
-    store = MemoryStore()
-    config = replace(Config(chunker=ChunkerParams.for_average(1024)), pack_size=1 << 16)
-    Repository._init_remote(store, config, tmp_path / "host0").close()
-    config = read_remote_config(store)
-
-    def host(h: int) -> Repository:
-        repo = Repository(cache_home(tmp_path / f"host{h}", config.repo_id), config, store, owns_store=False,
-                          remote=True)
-        repo.sync()
-        return repo
+    world = MemoryRemote(tmp_path)
+    store, config, host = world.store, world.config, world.host
 
     images = {"a": det_bytes(10, 150_000) + text_bytes(1, 120_000), "b": det_bytes(20, 150_000),
               "c": text_bytes(1, 120_000)}

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from dedupimg.core.config import ChunkerParams, Config
+from dedupimg.core.config import ChunkerParams
 from dedupimg.core.manifest import SnapshotRecord
 from dedupimg.core.progress import NoProgress
 from dedupimg.core.retention import Policy
@@ -21,9 +20,8 @@ from dedupimg.ops.prune import prune
 from dedupimg.ops.repair import repair_index
 from dedupimg.repo import pack
 from dedupimg.repo.repair import _repair_under_lock
-from dedupimg.repo.repository import Repository, cache_home, read_remote_config
-from dedupimg.store.memory import MemoryStore
-from tests.helpers import det_bytes, restores, small_repo, snap, text_bytes
+from dedupimg.repo.repository import Repository, cache_home
+from tests.helpers import MemoryRemote, det_bytes, restores, small_repo, snap, text_bytes
 from tests.packfiles import pack_file, trailer
 
 
@@ -240,16 +238,8 @@ def test_remote_hosts_keep_a_left_out_snapshot_until_one_forgets_it(tmp_path):
     """A repair on host 0 leaves a out; host 1's cache, rebuilt from the new index object, leaves it out too
     and marks it, so host 1's prune keeps its data (it freed it before); host 1's 'forget --left-out' reaches
     host 0 through its sync, whose prune then frees it."""
-    store = MemoryStore()
-    config = replace(Config(chunker=ChunkerParams.for_average(1024)), pack_size=1 << 16)
-    Repository._init_remote(store, config, tmp_path / "host0").close()
-    config = read_remote_config(store)
-
-    def host(h: int) -> Repository:
-        repo = Repository(cache_home(tmp_path / f"host{h}", config.repo_id), config, store, owns_store=False,
-                          remote=True)
-        repo.sync()
-        return repo
+    world = MemoryRemote(tmp_path)
+    store, config, host = world.store, world.config, world.host
 
     images = {"a": det_bytes(10, 150_000) + text_bytes(1, 120_000), "b": det_bytes(20, 150_000)}
     with host(0) as repo:

@@ -15,12 +15,12 @@ from dedupimg.ops.forget import execute, plan_ids
 from dedupimg.ops.prune import prune
 from dedupimg.ops.snapshot import take_snapshot
 from dedupimg.repo import pack
-from dedupimg.repo.repository import Repository, cache_home, read_remote_config
+from dedupimg.repo.repository import Repository, read_remote_config
 from dedupimg.serve.reader import SnapshotReader
 from dedupimg.store.base import write_object
 from dedupimg.store.local import LocalStore
 from dedupimg.store.memory import MemoryStore
-from tests.helpers import det_bytes
+from tests.helpers import det_bytes, open_remote
 
 # Another process of the host, as `dedupimg snapshots` is (LMDB must not be opened twice in one process).
 LIST_SNAPSHOTS = """
@@ -37,12 +37,6 @@ repo.close()
 """
 
 
-def open_host(store: LocalStore, config: Config, cache: Path) -> Repository:
-    repo = Repository(cache_home(cache, config.repo_id), config, store, owns_store=False, remote=True)
-    repo.sync()
-    return repo
-
-
 def test_a_reader_open_across_a_cache_rebuild_reads_the_right_packs(tmp_path: Path) -> None:
     made = MemoryStore()
     Repository._init_remote(made, Config(chunker=ChunkerParams.for_average(1024), pack_size=1 << 14),
@@ -54,7 +48,7 @@ def test_a_reader_open_across_a_cache_rebuild_reads_the_right_packs(tmp_path: Pa
         write_object(store, obj.name, made.read(obj.name))
     config = read_remote_config(store)
     images = [det_bytes(1, 300_000), det_bytes(2, 300_000)]
-    b = open_host(store, config, tmp_path / "host-b")
+    b = open_remote(store, config, tmp_path / "host-b")
     records = []
     for n, data in enumerate(images):
         (tmp_path / "img").write_bytes(data)
@@ -62,12 +56,12 @@ def test_a_reader_open_across_a_cache_rebuild_reads_the_right_packs(tmp_path: Pa
                                      when=datetime(2026, 11, 1, tzinfo=UTC) + timedelta(hours=n)).record)
     b.close()
 
-    mounted = open_host(store, config, tmp_path / "host-a")  # a mount on host a, open from now on
+    mounted = open_remote(store, config, tmp_path / "host-a")  # a mount on host a, open from now on
     readers = [SnapshotReader(mounted, rec) for rec in records]
     assert [r.read(0, len(d)) for r, d in zip(readers, images, strict=True)] == images
     before = {row.id: row.pack_no for row in mounted.index.pack_rows()}
 
-    b = open_host(store, config, tmp_path / "host-b")  # host b forgets the first image and prunes its packs,
+    b = open_remote(store, config, tmp_path / "host-b")  # host b forgets the first image and prunes its packs,
     execute(b, plan_ids(b, [records[0].hex_id]))       # which rewrites the index objects host a's cache holds
     prune(b, max_unused=0.0)
     b.close()
